@@ -1,0 +1,44 @@
+# unifuse: the README's commands.
+#   make demo   set up if needed, then run the main job (tiny checkpoints, end-to-end smoke path)
+#   make test   set up if needed, then run the fast test tier (CPU, < 15 min)
+#   make test-slow   the slow learning checks
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export WANDB_MODE ?= offline
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-slow clean tiny
+
+setup: $(STAMP)
+
+# torch + torchvision first: pip takes both from local disk on this machine (the CUDA
+# build runs on the CPU); the stock Qwen2.5-VL processor, qwen-vl-utils and the Cosmos DiT
+# need torchvision. Then the project itself, whose `torch>=` range is already satisfied.
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (unifuse needs Python 3.11)"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+tiny: setup
+	$(PY) tools/make_tiny.py out_dir=checkpoints/tiny
+
+demo: setup
+	$(PY) tools/make_tiny.py out_dir=checkpoints/tiny skip_existing=true
+	$(PY) tools/demo.py
+
+test: setup
+	$(PY) -m pytest -q -m "not slow" --timeout=600
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+clean:
+	rm -rf outputs multirun checkpoints .pytest_cache

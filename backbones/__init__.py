@@ -1,0 +1,1 @@
+"""Adapters around library backbones (transformers MLLMs, diffusers generators)."""

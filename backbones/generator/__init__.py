@@ -1,0 +1,1 @@
+"""Generator (DiT + VAE + scheduler) adapters, one file per family."""

@@ -1,0 +1,1 @@
+"""MLLM adapters, one file per family."""

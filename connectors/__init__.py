@@ -1,0 +1,1 @@
+"""Connector designs (one file each) mapping MLLM hidden states to DiT text states."""

@@ -1,0 +1,1 @@
+"""unifuse.fusion: the fused model, data, flow matching, training stages, generation."""

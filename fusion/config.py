@@ -1,0 +1,282 @@
+"""Structured configs: the typed schema behind every yaml in ``conf/``.
+
+Each config group (``mllm/``, ``stage/``, ``data/``, ``deepspeed/``, ``logger/`` ...) has a
+dataclass registered in Hydra's ConfigStore as ``<group>/<name>_schema``; a yaml in the
+group names it first in its ``defaults`` list, so an unknown key or a wrong type fails at
+compose time with the key's full name, before any model loads. Impossible combinations are
+rejected by ``__post_init__`` when :func:`validate` turns the composed config into objects.
+
+Nodes that build an object name it with ``_target_`` (Hydra ``instantiate``); nothing in
+the code dispatches on a backbone's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from fusion.errors import ConfigError
+
+
+# ---------------------------------------------------------------------------- mllm
+@dataclass
+class Qwen25VLConfig:
+    """A Qwen2.5-VL checkpoint (``backbones/mllm/qwen2_5_vl.py``)."""
+
+    _target_: str = "backbones.mllm.qwen2_5_vl.Qwen25VLAdapter.from_pretrained"
+    path: str = MISSING
+    """Local checkpoint folder or hub id (hub ids need the local cache when HF_HUB_OFFLINE=1)."""
+    dtype: str = "float32"
+    """Weights dtype: float32, bfloat16 or float16."""
+    attn_implementation: str = "sdpa"
+    """transformers attention backend: sdpa, eager or flash_attention_2."""
+    hidden_layers: list[int] = field(default_factory=lambda: [-1])
+    """Layers whose hidden states feed the connector (0 = embeddings, -1 = last)."""
+    min_pixels: int | None = None
+    """Smallest image area in pixels (None: the processor's own)."""
+    max_pixels: int | None = None
+    """Largest image area in pixels (None: the processor's own)."""
+    max_length: int = 8192
+    """Longest rendered conversation in tokens; longer samples are data errors."""
+    add_bov: bool = True
+    """Add <|bov|> to tokenizer and embeddings if the checkpoint lacks it."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"mllm.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.max_length <= 0:
+            raise ConfigError(f"mllm.max_length must be positive, got {self.max_length}")
+        if not self.hidden_layers:
+            raise ConfigError("mllm.hidden_layers must name at least one layer")
+
+
+# ---------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    """Interleaved conversations, one JSONL line each (``fusion/data.py``)."""
+
+    path: str = MISSING
+    """JSONL file of conversations."""
+    image_root: str | None = None
+    """Folder that relative image paths are resolved against (default: the JSONL's folder)."""
+    on_error: str = "error"
+    """What a bad sample does: 'error' stops with file:line, 'skip' counts it and goes on."""
+    num_workers: int = 0
+    """DataLoader worker processes."""
+    seed: int = 0
+    """Seed of the sampler's shuffling."""
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("error", "skip"):
+            raise ConfigError(f"data.on_error must be 'error' or 'skip', got {self.on_error!r}")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+# ---------------------------------------------------------------------------- stage
+@dataclass
+class LoraConfig:
+    """peft LoRA settings for a part that trains with ``lora``."""
+
+    r: int = 16
+    """Rank."""
+    alpha: int = 32
+    """Scaling numerator (lora_alpha)."""
+    dropout: float = 0.0
+    """Dropout on the LoRA branch."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names LoRA wraps."""
+
+
+@dataclass
+class TrainableConfig:
+    """What trains in a stage: each part is 'full', 'lora' or 'frozen' (connector: bool)."""
+
+    mllm: str = "frozen"
+    """Language model of the MLLM: full, lora or frozen."""
+    vision_tower: bool = False
+    """Train the MLLM's vision encoder and merger too."""
+    connector: bool = False
+    """Train the connector."""
+    generator: str = "frozen"
+    """The DiT: full, lora or frozen (VAE and MLLM vision tower never train in align)."""
+
+    def __post_init__(self) -> None:
+        for key in ("mllm", "generator"):
+            v = getattr(self, key)
+            if v not in ("full", "lora", "frozen"):
+                raise ConfigError(f"stage.trainable.{key} must be full, lora or frozen, got {v!r}")
+
+
+@dataclass
+class StageConfig:
+    """One training stage (sft: MLLM next-token loss; align: connector + DiT flow matching)."""
+
+    name: str = MISSING
+    """'sft' or 'align'."""
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    """Which parts train (torchtune-style explicit trainable set)."""
+    lora_mllm: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA settings when trainable.mllm is 'lora'."""
+    lora_generator: LoraConfig = field(default_factory=lambda: LoraConfig(target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    """LoRA settings when trainable.generator is 'lora'."""
+    lr: float = 1e-4
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    max_steps: int = 100
+    """Optimizer steps."""
+    micro_batch_size: int = 1
+    """Samples per rank per forward."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    seed: int = 0
+    """Seed of initialisation, dropout and noise."""
+    log_every: int = 10
+    """Steps between logged metrics."""
+    save_every: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in ("sft", "align"):
+            raise ConfigError(f"stage.name must be 'sft' or 'align', got {self.name!r}")
+        if self.name == "align" and self.trainable.mllm != "frozen":
+            raise ConfigError("stage.trainable.mllm must be 'frozen' in stage=align (the MLLM is frozen in stage 2)")
+        if self.name == "sft" and self.trainable.mllm == "frozen" and not self.trainable.vision_tower:
+            raise ConfigError("stage=sft with stage.trainable.mllm=frozen trains nothing")
+        if self.lr <= 0 or self.max_steps <= 0 or self.micro_batch_size <= 0 or self.grad_accum <= 0:
+            raise ConfigError("stage.lr, stage.max_steps, stage.micro_batch_size and stage.grad_accum must be positive")
+
+
+# ---------------------------------------------------------------------------- deepspeed
+@dataclass
+class DeepSpeedConfig:
+    """DeepSpeed ZeRO settings; turned into a DeepSpeed json by the trainer."""
+
+    zero_stage: int = 2
+    """ZeRO stage: 0, 1, 2 or 3."""
+    offload_optimizer: str = "none"
+    """Optimizer-state offload: none, cpu or nvme."""
+    offload_param: str = "none"
+    """Parameter offload (ZeRO-3 only): none, cpu or nvme."""
+    nvme_path: str | None = None
+    """Folder for nvme offload."""
+    gradient_clipping: float = 1.0
+    """Global gradient-norm clip (every shipped config sets one)."""
+    bf16: str = "auto"
+    """bf16 mixed precision: auto (on where the device supports it), true or false."""
+    overlap_comm: bool = True
+    """Overlap reduction with backward."""
+    reduce_bucket_size: int = 50_000_000
+    """Elements per gradient-reduction bucket."""
+    stage3_gather_16bit_weights_on_model_save: bool = False
+    """ZeRO-3: gather full weights at save (off: save shards, convert with zero_to_fp32)."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        for key in ("offload_optimizer", "offload_param"):
+            if getattr(self, key) not in ("none", "cpu", "nvme"):
+                raise ConfigError(f"deepspeed.{key} must be none, cpu or nvme, got {getattr(self, key)!r}")
+        if self.offload_param != "none" and self.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_param needs deepspeed.zero_stage=3")
+        if "nvme" in (self.offload_param, self.offload_optimizer) and not self.nvme_path:
+            raise ConfigError("deepspeed.nvme_path is required for nvme offload")
+        if self.bf16 not in ("auto", "true", "false"):
+            raise ConfigError(f"deepspeed.bf16 must be auto, true or false, got {self.bf16!r}")
+        if self.gradient_clipping <= 0:
+            raise ConfigError("deepspeed.gradient_clipping must be positive (unclipped ZeRO runs diverge)")
+
+
+# ---------------------------------------------------------------------------- logger
+@dataclass
+class LoggerConfig:
+    """Metric logger (``fusion/loggers.py``)."""
+
+    _target_: str = "fusion.loggers.JsonlLogger"
+    """Logger class."""
+    project: str = "unifuse"
+    """Project name (wandb)."""
+    mode: str = "offline"
+    """wandb mode: online, offline or disabled."""
+
+
+# ---------------------------------------------------------------------------- top level
+@dataclass
+class Config:
+    """The composed run config (``conf/config.yaml``)."""
+
+    mllm: Any = MISSING
+    """MLLM backbone (group mllm/)."""
+    generator: Any = None
+    """Generator backbone (group generator/)."""
+    connector: Any = None
+    """Connector design (group connector/)."""
+    stage: StageConfig | None = None
+    """Training stage (group stage/)."""
+    data: DataConfig | None = None
+    """Data (group data/)."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed (group deepspeed/)."""
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Logger (group logger/)."""
+    tiny_dir: str = "checkpoints/tiny"
+    """Where ``tools/make_tiny.py`` wrote the tiny checkpoints (used by */tiny.yaml)."""
+    output_dir: str = "outputs/run"
+    """Run output folder."""
+    device: str = "cpu"
+    """Device for single-process tools (cpu, cuda, cuda:1 ...)."""
+    seed: int = 0
+    """Global seed."""
+    max_new_tokens: int = 32
+    """Demo: text tokens decoded per turn."""
+
+
+@dataclass
+class MakeTinyConfig:
+    """``tools/make_tiny.py``: which tiny checkpoints to write and where."""
+
+    out_dir: str = "checkpoints/tiny"
+    """Folder that receives one sub-folder per part."""
+    seed: int = 0
+    """Initialisation seed."""
+    skip_existing: bool = False
+    """Leave parts whose folder already exists untouched."""
+    parts: dict[str, Any] = field(
+        default_factory=lambda: {
+            "qwen2_5_vl": {"_target_": "backbones.mllm.tiny_qwen2_5_vl.make_tiny", "_partial_": True},
+            "demo_data": {"_target_": "fusion.demo_data.make_demo_data", "_partial_": True},
+        }
+    )
+    """Part name -> partial builder called as builder(out_dir=..., seed=..., name=part)."""
+
+
+def register_configs() -> None:
+    """Register every schema in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    cs.store(name="make_tiny_schema", node=MakeTinyConfig)
+    cs.store(group="mllm", name="qwen2_5_vl_schema", node=Qwen25VLConfig)
+    cs.store(group="data", name="data_schema", node=DataConfig)
+    cs.store(group="stage", name="stage_schema", node=StageConfig)
+    cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
+    cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Run every ``__post_init__`` check on a composed config; raise ConfigError naming the key."""
+    try:
+        for key in cfg:
+            node = cfg[key]
+            if isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None):
+                OmegaConf.to_object(node)
+    except ConfigError:
+        raise
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0] + f" (key: {getattr(e, 'full_key', '?')})") from None

@@ -1,0 +1,210 @@
+"""Interleaved conversations in the Qwen-VL chat message format, one per JSONL line.
+
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "..."},
+                                               {"type": "image", "image": "a.png"}]},
+                  {"role": "assistant", "content": [...]}]}
+
+Images in assistant turns are generation targets. Relative image paths are resolved
+against ``image_root`` (default: the folder of the JSONL file). Every problem raises a
+:class:`~fusion.errors.DataError` naming the file and line; :func:`read_jsonl` applies the
+``on_error`` policy (``error`` stops at the first bad line, ``skip`` counts and goes on).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, UnidentifiedImageError
+
+from fusion.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+CONTENT_TYPES = ("text", "image")
+
+
+@dataclass
+class Conversation:
+    """A validated conversation: messages with every image path made absolute."""
+
+    messages: list[dict[str, Any]]
+    source: str = "<memory>"
+    line: int | None = None
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}:{self.line}" if self.line is not None else self.source
+
+    def image_items(self) -> list[tuple[str, dict[str, Any]]]:
+        """(role, item) for every image, in conversation order."""
+        return [
+            (m["role"], item)
+            for m in self.messages
+            if isinstance(m["content"], list)
+            for item in m["content"]
+            if item["type"] == "image"
+        ]
+
+    def num_target_images(self) -> int:
+        return sum(1 for role, _ in self.image_items() if role == "assistant")
+
+
+def parse_conversation(
+    obj: Any, source: str = "<memory>", line: int | None = None, image_root: str | os.PathLike | None = None
+) -> Conversation:
+    """Validate one decoded JSON value and return a :class:`Conversation`.
+
+    Checks the schema (roles, content types, required keys) and that every image file
+    exists; decoding is checked when the image is loaded (:func:`open_image`).
+    """
+
+    def fail(msg: str, kind: str = "schema") -> DataError:
+        return DataError(msg, source, line, kind=kind)
+
+    if not isinstance(obj, dict) or "messages" not in obj:
+        raise fail('expected an object with a "messages" list')
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise fail('"messages" must be a non-empty list')
+    root = Path(image_root) if image_root is not None else (Path(source).parent if line is not None else Path.cwd())
+    out: list[dict[str, Any]] = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict):
+            raise fail(f"messages[{i}] must be an object")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise fail(f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
+        content = msg.get("content")
+        if isinstance(content, str):
+            out.append({"role": role, "content": [{"type": "text", "text": content}]})
+            continue
+        if not isinstance(content, list) or not content:
+            raise fail(f"messages[{i}].content must be a string or a non-empty list")
+        items = []
+        for j, item in enumerate(content):
+            key = f"messages[{i}].content[{j}]"
+            if not isinstance(item, dict):
+                raise fail(f"{key} must be an object")
+            ctype = item.get("type")
+            if ctype is None:  # qwen-vl-utils accepts items keyed by "image" / "text" alone
+                ctype = "image" if "image" in item else "text" if "text" in item else None
+            if ctype not in CONTENT_TYPES:
+                raise fail(f"{key} has unknown content type {ctype!r}; expected one of {', '.join(CONTENT_TYPES)}")
+            if ctype == "text":
+                if not isinstance(item.get("text"), str):
+                    raise fail(f'{key} is a text item without a "text" string')
+                items.append({"type": "text", "text": item["text"]})
+            else:
+                ref = item.get("image")
+                if isinstance(ref, Image.Image):
+                    items.append({"type": "image", "image": ref})
+                    continue
+                if not isinstance(ref, str) or not ref:
+                    raise fail(f'{key} is an image item without an "image" path')
+                if ref.startswith("file://"):
+                    ref = ref[len("file://") :]
+                p = Path(ref)
+                if not p.is_absolute():
+                    p = root / p
+                if not p.is_file():
+                    raise DataError(f"{key}: image file not found: {p}", source, line, kind="missing_image")
+                items.append({"type": "image", "image": str(p)})
+        out.append({"role": role, "content": items})
+    return Conversation(out, source, line)
+
+
+def open_image(ref: str | Image.Image, where: str = "") -> Image.Image:
+    """Open and fully decode an image as RGB; a file that does not decode raises DataError."""
+    if isinstance(ref, Image.Image):
+        return ref.convert("RGB")
+    try:
+        with Image.open(ref) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {ref}", where or None, kind="missing_image") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"image does not decode: {ref} ({type(e).__name__}: {e})", where or None, kind="bad_image") from None
+
+
+def load_images(conv: Conversation) -> Conversation:
+    """Return a copy of ``conv`` whose image items hold decoded PIL images."""
+    messages = []
+    for m in conv.messages:
+        items = []
+        for item in m["content"]:
+            if item["type"] == "image":
+                try:
+                    img = open_image(item["image"])
+                except DataError as e:
+                    raise DataError(e.reason, conv.source if conv.line is not None else None, conv.line, kind=e.kind) from None
+                items.append({"type": "image", "image": img, "path": item["image"] if isinstance(item["image"], str) else None})
+            else:
+                items.append(dict(item))
+        messages.append({"role": m["role"], "content": items})
+    return Conversation(messages, conv.source, conv.line)
+
+
+@dataclass
+class SkipReport:
+    """Counts of skipped lines by kind, with the first few messages kept for the summary."""
+
+    counts: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, err: DataError, keep: int = 20) -> None:
+        self.counts[err.kind] += 1
+        if len(self.examples) < keep:
+            self.examples.append(str(err))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "no samples skipped"
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(self.counts.items()))
+        return f"skipped {self.total} samples ({kinds})"
+
+
+def read_jsonl(
+    path: str | os.PathLike,
+    image_root: str | os.PathLike | None = None,
+    on_error: str = "error",
+    report: SkipReport | None = None,
+) -> Iterator[Conversation]:
+    """Yield validated conversations from a JSONL file.
+
+    ``on_error='error'`` raises the first :class:`DataError`; ``'skip'`` records it in
+    ``report`` and goes on. Blank lines are ignored.
+    """
+    if on_error not in ("error", "skip"):
+        raise ValueError(f"on_error must be 'error' or 'skip', got {on_error!r}")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("data file not found", str(path), kind="missing_file")
+    report = report if report is not None else SkipReport()
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"line is not valid UTF-8 ({e.reason} at byte {e.start})", str(path), lineno, kind="json")
+                if not text.strip():
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", str(path), lineno, kind="json")
+                yield parse_conversation(obj, str(path), lineno, image_root)
+            except DataError as e:
+                if on_error == "error":
+                    raise
+                report.add(e)
