@@ -25,8 +25,13 @@ def friendly_errors(fn: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except UnifuseError as e:
-            print(f"error: {e}", file=sys.stderr)
+        except Exception as e:  # Hydra's instantiate wraps the error raised by a _target_
+            err: BaseException | None = e
+            while err is not None and not isinstance(err, UnifuseError):
+                err = err.__cause__ or err.__context__
+            if err is None:
+                raise
+            print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
 
     return wrapper

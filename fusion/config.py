@@ -273,8 +273,8 @@ def validate(cfg: DictConfig) -> None:
     """Run every ``__post_init__`` check on a composed config; raise ConfigError naming the key."""
     try:
         for key in cfg:
-            node = cfg[key]
-            if isinstance(node, DictConfig) and OmegaConf.get_type(node) not in (dict, None):
+            node = cfg._get_node(key)  # no interpolation resolved here (output_dir needs a Hydra run)
+            if isinstance(node, DictConfig) and not node._is_none() and OmegaConf.get_type(node) not in (dict, None):
                 OmegaConf.to_object(node)
     except ConfigError:
         raise

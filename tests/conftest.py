@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny checkpoints built once per session in a temporary folder (nothing downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("WANDB_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A folder with every tiny part written by make_tiny (``qwen2_5_vl``, ``demo_data``)."""
+    from backbones.mllm.tiny_qwen2_5_vl import make_tiny
+    from fusion.demo_data import make_demo_data
+
+    out = tmp_path_factory.mktemp("tiny")
+    make_tiny(out, seed=0)
+    make_demo_data(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_mllm_path(tiny_dir) -> Path:
+    return tiny_dir / "qwen2_5_vl"
+
+
+@pytest.fixture(scope="session")
+def mllm(tiny_mllm_path):
+    """The tiny adapter, layers [0, 2, -1], in eval mode (shared: tests must not modify it)."""
+    from backbones.mllm.qwen2_5_vl import Qwen25VLAdapter
+
+    a = Qwen25VLAdapter.from_pretrained(str(tiny_mllm_path), hidden_layers=[0, 2, -1])
+    return a.eval()
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory) -> dict[str, Path]:
+    """Two small images of different sizes (square and 3:2)."""
+    from fusion.demo_data import draw_scene
+
+    d = tmp_path_factory.mktemp("images")
+    paths = {"square": d / "square.png", "wide": d / "wide.png"}
+    draw_scene([("circle", "red", 1, 1)]).save(paths["square"])
+    draw_scene([("square", "blue", 0, 2)], size=96).resize((96, 64)).save(paths["wide"])
+    return paths

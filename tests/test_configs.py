@@ -1,0 +1,98 @@
+"""Every yaml in conf/ composes; typos and impossible combinations fail early, naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from fusion.config import register_configs, validate
+from fusion.errors import ConfigError
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+OPTIONS = [(g, y.stem) for g in GROUPS for y in sorted((CONF / g).glob("*.yaml"))]
+PRIMARY = sorted(p.stem for p in CONF.glob("*.yaml"))
+
+register_configs()
+
+
+def _compose(name="config", overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def test_all_groups_exist():
+    for g in ("mllm", "generator", "connector", "stage", "data", "deepspeed", "logger", "experiment"):
+        assert (CONF / g).is_dir(), g
+
+
+@pytest.mark.parametrize("name", PRIMARY)
+def test_primary_configs_compose(name):
+    cfg = _compose(name)
+    validate(cfg)
+
+
+@pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_group_option_composes(group, option):
+    overrides = [f"{group}={option}"]
+    if group == "data":
+        overrides.append("data.path=x.jsonl")  # data/jsonl.yaml leaves the path to the user
+    cfg = _compose("config", overrides)
+    validate(cfg)
+    node = cfg[group] if group != "experiment" else cfg
+    assert node is not None
+    if group == "mllm":
+        assert cfg.mllm._target_.endswith("from_pretrained") and cfg.mllm.path
+
+
+def test_unknown_key_names_the_key():
+    with pytest.raises(ConfigCompositionException) as ei:
+        _compose("config", ["mllm.pathh=/x"])
+    assert "pathh" in str(ei.value.__cause__ or ei.value)
+
+
+def test_unknown_top_level_key_names_the_key():
+    with pytest.raises(ConfigCompositionException) as ei:
+        _compose("config", ["max_new_tokenz=3"])
+    assert "max_new_tokenz" in str(ei.value.__cause__ or ei.value)
+
+
+def test_wrong_type_names_the_key():
+    with pytest.raises(ConfigCompositionException) as ei:
+        _compose("config", ["mllm.max_length=lots"])
+    msg = str(ei.value.__cause__ or ei.value)
+    assert "max_length" in msg and "lots" in msg
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["stage=align", "stage.trainable.mllm=full"], "stage.trainable.mllm"),
+        (["stage=sft", "stage.trainable.mllm=half"], "stage.trainable.mllm"),
+        (["deepspeed=zero2", "deepspeed.offload_param=cpu"], "deepspeed.offload_param"),
+        (["deepspeed.gradient_clipping=0"], "deepspeed.gradient_clipping"),
+        (["data.on_error=ignore"], "data.on_error"),
+        (["mllm.dtype=float8"], "mllm.dtype"),
+    ],
+)
+def test_impossible_combinations_fail_validation(overrides, key):
+    cfg = _compose("config", overrides)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_published_mllm_configs_point_at_hub_ids():
+    for name, hub in (("qwen2_5_vl_3b", "Qwen/Qwen2.5-VL-3B-Instruct"), ("qwen2_5_vl_7b", "Qwen/Qwen2.5-VL-7B-Instruct")):
+        cfg = _compose("config", [f"mllm={name}"])
+        assert cfg.mllm.path == hub and cfg.mllm.dtype == "bfloat16"
+
+
+def test_tiny_dir_interpolates_into_group_paths():
+    cfg = _compose("config", ["tiny_dir=/somewhere"])
+    assert cfg.mllm.path == "/somewhere/qwen2_5_vl"
+    assert cfg.data.path == "/somewhere/demo_data/conversations.jsonl"
+    assert OmegaConf.select(cfg, "stage") is None
