@@ -1,0 +1,219 @@
+"""What every generator adapter shares: the flow-matching loss and the sampling loop.
+
+A family file (``wan.py``, ``cosmos.py``, ``sana.py``) wraps the diffusers DiT, VAE and
+scheduler and implements three things:
+
+* ``_encode(images [B,3,H,W] in [-1,1]) -> latents [B,C,h,w]`` and ``_decode`` back, with
+  the family's latent normalisation;
+* ``_frames_velocity(frames [B,F,C,h,w], t [B], n_cond, text, mask) -> v [B,F,C,h,w]``:
+  one DiT forward over the condition frames (the first ``n_cond``, clean) and the noisy
+  target (the last), each family conditioning its own native way, returning velocities
+  under the toolkit's convention (:mod:`fusion.flow`);
+* ``text_dim`` (the width its cross-attention expects, read from the model config).
+
+Everything else is here, the same for all families: :meth:`velocity` (the contract's
+``velocity(noisy_target, t, cond_latents, text_states, text_mask)``), :meth:`flow_loss`
+(condition frames never carry loss) and :meth:`sample` (one loop over a diffusers flow
+scheduler, classifier-free guidance, condition frames held clean at every step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+
+from fusion.flow import add_noise, target_velocity
+
+
+def to_tensor_images(images: Any, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """PIL image(s) or a [B,3,H,W] tensor in [-1,1] -> float tensor [B,3,H,W] in [-1,1]."""
+    if isinstance(images, torch.Tensor):
+        x = images if images.ndim == 4 else images[None]
+        if size is not None and tuple(x.shape[-2:]) != tuple(size):
+            x = nn.functional.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=True)
+        return x.float()
+    if isinstance(images, Image.Image):
+        images = [images]
+    out = []
+    for im in images:
+        im = im.convert("RGB")
+        if size is not None and (im.height, im.width) != tuple(size):
+            im = im.resize((size[1], size[0]), Image.BICUBIC)
+        t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(im.height, im.width, 3)
+        out.append(t.permute(2, 0, 1).float() / 127.5 - 1.0)
+    return torch.stack(out)
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B,3,H,W] in [-1,1] -> PIL images."""
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in x]
+
+
+class FlowGenerator(nn.Module):
+    """Base class of the generator adapters (see the module docstring)."""
+
+    #: whether condition frames reach the DiT (False for SANA's ``mllm_only``)
+    uses_condition_frames: bool = True
+
+    def __init__(self, transformer: nn.Module, vae: nn.Module, scheduler_config: dict[str, Any] | None = None):
+        super().__init__()
+        self.transformer = transformer
+        self.vae = vae
+        self.vae.requires_grad_(False)
+        self.scheduler_config = dict(scheduler_config or {})
+
+    # ---- family hooks --------------------------------------------------------------
+    @property
+    def text_dim(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def latent_channels(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def spatial_factor(self) -> int:
+        """Pixels per latent cell along each side."""
+        raise NotImplementedError
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _frames_velocity(self, frames, t, n_cond, text_states, text_mask) -> torch.Tensor:
+        raise NotImplementedError
+
+    # ---- shared API ----------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    @torch.no_grad()
+    def encode(self, images: Any, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Images (PIL or [-1,1] tensor) -> normalised latents [B,C,h,w]. ``size`` resizes first."""
+        x = to_tensor_images(images, size).to(self.device, self.vae.dtype)
+        return self._encode(x).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents [B,C,h,w] -> images [B,3,H,W] in [-1,1]."""
+        return self._decode(latents.to(self.device, self.vae.dtype)).float().clamp(-1, 1)
+
+    def _frames(self, target: torch.Tensor, cond_latents: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        if cond_latents is None or not self.uses_condition_frames or cond_latents.shape[1] == 0:
+            return target[:, None], 0
+        if cond_latents.shape[-2:] != target.shape[-2:]:
+            raise ValueError(
+                f"condition latents {tuple(cond_latents.shape[-2:])} and target {tuple(target.shape[-2:])} differ in size; "
+                "encode earlier images with encode(images, size=target size)"
+            )
+        return torch.cat([cond_latents.to(target.dtype), target[:, None]], dim=1), cond_latents.shape[1]
+
+    def velocity(
+        self,
+        noisy_target: torch.Tensor,
+        t: torch.Tensor,
+        cond_latents: torch.Tensor | None,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Velocity (``eps - x0``) of the noisy target [B,C,h,w] at ``t`` [B] in [0,1]."""
+        frames, n_cond = self._frames(noisy_target, cond_latents)
+        t = torch.as_tensor(t, device=frames.device, dtype=torch.float32).reshape(-1).expand(frames.shape[0])
+        if text_mask is None:
+            text_mask = torch.ones(text_states.shape[:2], dtype=torch.long, device=text_states.device)
+        return self._frames_velocity(frames, t, n_cond, text_states, text_mask)[:, -1]
+
+    def flow_loss(
+        self,
+        target: torch.Tensor,
+        cond_latents: torch.Tensor | None,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mean squared velocity error on the target frame.
+
+        ``noise`` is either [B,C,h,w] (the target's) or [B,F,C,h,w] with one slice per
+        frame, condition frames first as a family's native pipeline draws it; condition
+        frames always enter clean, so their noise never changes the loss.
+        """
+        eps = noise[:, -1] if noise.ndim == target.ndim + 1 else noise
+        x_t = add_noise(target, eps, t)
+        v = self.velocity(x_t, t, cond_latents, text_states, text_mask)
+        return torch.nn.functional.mse_loss(v.float(), target_velocity(target, eps).float())
+
+    def make_scheduler(self):
+        """A fresh diffusers scheduler from ``scheduler_config`` (``_target_`` + kwargs)."""
+        from hydra.utils import instantiate
+
+        return instantiate(self.scheduler_config)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        text_states: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+        cond_latents: torch.Tensor | None = None,
+        steps: int = 20,
+        guidance: float = 1.0,
+        negative: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        generator: torch.Generator | None = None,
+        height: int = 64,
+        width: int = 64,
+        image_guidance: float = 1.0,
+        decode: bool = True,
+        callback: Any = None,
+    ) -> torch.Tensor:
+        """Draw images [B,3,H,W] in [-1,1] (or latents if ``decode=False``).
+
+        Classifier-free guidance: ``v = v_neg + guidance * (v_pos - v_neg)`` where the
+        negative is ``negative=(states, mask)`` with the *same* condition frames (DuoGen:
+        the negative drops the final text chunk, keeps the visual conditions); zeros if
+        not given. ``image_guidance > 1`` adds a third pass without condition frames:
+        ``v = v_uncond_img + image_guidance * (v_neg - v_uncond_img) + guidance * (v_pos - v_neg)``.
+        Condition frames enter clean at every step; only the target evolves.
+        """
+        device = self.device
+        b = text_states.shape[0]
+        f = self.spatial_factor
+        if height % f or width % f:
+            raise ValueError(f"height and width must be multiples of {f} for this generator, got {height}x{width}")
+        shape = (b, self.latent_channels, height // f, width // f)
+        x = torch.randn(shape, generator=generator, device="cpu" if generator is None else generator.device).to(device)
+        if text_mask is None:
+            text_mask = torch.ones(text_states.shape[:2], dtype=torch.long, device=text_states.device)
+        if guidance != 1.0 or image_guidance != 1.0:
+            if negative is None:
+                negative = (torch.zeros_like(text_states), text_mask)
+            neg_states, neg_mask = negative
+            if neg_mask is None:
+                neg_mask = torch.ones(neg_states.shape[:2], dtype=torch.long, device=neg_states.device)
+        sched = self.make_scheduler()
+        sched.set_timesteps(steps, device=device)
+        sigmas = sched.sigmas
+        for i, ts in enumerate(sched.timesteps):
+            t = sigmas[i].reshape(1).expand(b).to(device)
+            v = self.velocity(x, t, cond_latents, text_states, text_mask)
+            if guidance != 1.0 or image_guidance != 1.0:
+                v_neg = self.velocity(x, t, cond_latents, neg_states, neg_mask)
+                if image_guidance != 1.0 and cond_latents is not None:
+                    v_none = self.velocity(x, t, None, neg_states, neg_mask)
+                    v = v_none + image_guidance * (v_neg - v_none) + guidance * (v - v_neg)
+                else:
+                    v = v_neg + guidance * (v - v_neg)
+            x = sched.step(v.to(x.dtype), ts, x, return_dict=False)[0]
+            if callback is not None:
+                callback(i, t, x)
+        return self.decode(x) if decode else x
