@@ -19,6 +19,7 @@ scheduler, classifier-free guidance, condition frames held clean at every step).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -217,3 +218,43 @@ class FlowGenerator(nn.Module):
             if callback is not None:
                 callback(i, t, x)
         return self.decode(x) if decode else x
+
+
+def load_transformer(cls: type, path: str, width_key: str, width: int | None, dtype: torch.dtype = torch.float32, subfolder: str = "transformer"):
+    """``cls.from_pretrained(path, subfolder)``; if ``width`` differs from the checkpoint's
+    ``width_key``, re-initialise only the tensors whose shape depends on it.
+
+    diffusers' ``ignore_mismatched_sizes=True`` loads every other tensor but leaves the
+    mismatched ones on the meta device (no values); here each module owning such a tensor
+    is materialised, reset with its own ``reset_parameters`` and given back every tensor
+    that did load, so all other weights stay bit-identical to the checkpoint.
+    """
+    from fusion.errors import CheckpointError
+
+    local = Path(path).expanduser()
+    if (path.startswith(("/", ".", "~")) or path.count("/") != 1) and not local.is_dir():
+        raise CheckpointError(f"generator.path: checkpoint folder not found: {local}")
+    try:
+        config = cls.load_config(path, subfolder=subfolder)
+        if width is None or config.get(width_key) == width:
+            return cls.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype)
+        model = cls.from_pretrained(path, subfolder=subfolder, torch_dtype=dtype, ignore_mismatched_sizes=True, **{width_key: width})
+    except OSError as e:
+        raise CheckpointError(f"generator.path: could not load {subfolder!r} from {path!r}: {str(e).splitlines()[0]}") from None
+    for module in model.modules():
+        own = dict(module.named_parameters(recurse=False))
+        if not any(p.is_meta for p in own.values()):
+            continue
+        loaded = {n: p.detach().clone() for n, p in own.items() if not p.is_meta}
+        module.to_empty(device="cpu", recurse=False)
+        module.reset_parameters()
+        with torch.no_grad():
+            for n, v in loaded.items():
+                getattr(module, n).copy_(v)
+        module.to(dtype)
+    return model
+
+
+def reinitialised_keys(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[str]:
+    """Keys whose tensors differ (shape or value) between two state dicts."""
+    return sorted(k for k in after if k not in before or before[k].shape != after[k].shape or not torch.equal(before[k], after[k]))
