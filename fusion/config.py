@@ -54,6 +54,61 @@ class Qwen25VLConfig:
             raise ConfigError("mllm.hidden_layers must name at least one layer")
 
 
+# ---------------------------------------------------------------------------- generator
+@dataclass
+class GeneratorConfig:
+    """Fields every generator adapter takes (``backbones/generator/``)."""
+
+    _target_: str = MISSING
+    """Adapter constructor, e.g. backbones.generator.wan.WanGenerator.from_pretrained."""
+    path: str = MISSING
+    """Diffusers pipeline folder (transformer/, vae/) or hub id."""
+    dtype: str = "float32"
+    """DiT weights dtype: float32, bfloat16 or float16 (the VAE stays float32)."""
+    text_dim: int | None = None
+    """Text width fed to the DiT; None keeps the checkpoint's. Another value re-initialises only the text projection."""
+    scheduler: dict[str, Any] = MISSING
+    """Diffusers flow scheduler for sampling (_target_ + kwargs)."""
+    image_size: int = 512
+    """Default square image side in pixels for generation."""
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"generator.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.text_dim is not None and self.text_dim <= 0:
+            raise ConfigError(f"generator.text_dim must be positive, got {self.text_dim}")
+
+
+@dataclass
+class WanGeneratorConfig(GeneratorConfig):
+    """Wan2.1 T2V / Wan2.2 TI2V: condition frames by temporal concat with per-token timesteps."""
+
+    _target_: str = "backbones.generator.wan.WanGenerator.from_pretrained"
+
+
+@dataclass
+class CosmosGeneratorConfig(GeneratorConfig):
+    """Cosmos-Predict2 / 2.5: condition frames by the condition_mask channel, per-frame timesteps."""
+
+    _target_: str = "backbones.generator.cosmos.CosmosGenerator.from_pretrained"
+    cond_timestep: float = 1e-4
+    """Timestep given to clean condition frames (the pipelines' conditional-frame timestep)."""
+
+
+@dataclass
+class SanaGeneratorConfig(GeneratorConfig):
+    """SANA: images through the MLLM only, or in-context side by side."""
+
+    _target_: str = "backbones.generator.sana.SanaGenerator.from_pretrained"
+    condition_mode: str = "mllm_only"
+    """mllm_only (earlier images reach the DiT through the MLLM) or spatial_concat (in-context)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.condition_mode not in ("mllm_only", "spatial_concat"):
+            raise ConfigError(f"generator.condition_mode must be mllm_only or spatial_concat, got {self.condition_mode!r}")
+
+
 # ---------------------------------------------------------------------------- data
 @dataclass
 class DataConfig:
@@ -251,6 +306,11 @@ class MakeTinyConfig:
     parts: dict[str, Any] = field(
         default_factory=lambda: {
             "qwen2_5_vl": {"_target_": "backbones.mllm.tiny_qwen2_5_vl.make_tiny", "_partial_": True},
+            "wan": {"_target_": "backbones.generator.wan.make_tiny", "_partial_": True},
+            "wan2_2": {"_target_": "backbones.generator.wan.make_tiny", "_partial_": True, "variant": "2.2"},
+            "cosmos": {"_target_": "backbones.generator.cosmos.make_tiny", "_partial_": True, "variant": "2.5"},
+            "cosmos2": {"_target_": "backbones.generator.cosmos.make_tiny", "_partial_": True, "variant": "2"},
+            "sana": {"_target_": "backbones.generator.sana.make_tiny", "_partial_": True},
             "demo_data": {"_target_": "fusion.demo_data.make_demo_data", "_partial_": True},
         }
     )
@@ -263,6 +323,9 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     cs.store(name="make_tiny_schema", node=MakeTinyConfig)
     cs.store(group="mllm", name="qwen2_5_vl_schema", node=Qwen25VLConfig)
+    cs.store(group="generator", name="wan_schema", node=WanGeneratorConfig)
+    cs.store(group="generator", name="cosmos_schema", node=CosmosGeneratorConfig)
+    cs.store(group="generator", name="sana_schema", node=SanaGeneratorConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="stage", name="stage_schema", node=StageConfig)
     cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)

@@ -31,10 +31,27 @@ def tiny_dir(tmp_path_factory) -> Path:
     from backbones.mllm.tiny_qwen2_5_vl import make_tiny
     from fusion.demo_data import make_demo_data
 
+    from backbones.generator import cosmos, sana, wan
+
     out = tmp_path_factory.mktemp("tiny")
     make_tiny(out, seed=0)
     make_demo_data(out)
+    wan.make_tiny(out, seed=0, name="wan")
+    cosmos.make_tiny(out, seed=0, name="cosmos", variant="2.5")
+    cosmos.make_tiny(out, seed=0, name="cosmos2", variant="2")
+    sana.make_tiny(out, seed=0, name="sana")
     return out
+
+
+def compose_config(overrides=(), name="config"):
+    """Compose the repo's Hydra config like a tool does."""
+    from hydra import compose, initialize_config_dir
+
+    from fusion.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
 
 
 @pytest.fixture(scope="session")

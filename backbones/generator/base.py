@@ -60,12 +60,19 @@ class FlowGenerator(nn.Module):
     #: whether condition frames reach the DiT (False for SANA's ``mllm_only``)
     uses_condition_frames: bool = True
 
-    def __init__(self, transformer: nn.Module, vae: nn.Module, scheduler_config: dict[str, Any] | None = None):
+    def __init__(self, transformer: nn.Module, vae: nn.Module, scheduler: Any = None, image_size: int = 512):
         super().__init__()
         self.transformer = transformer
         self.vae = vae
         self.vae.requires_grad_(False)
-        self.scheduler_config = dict(scheduler_config or {})
+        self.image_size = image_size
+        if scheduler is None:
+            raise ValueError("generator.scheduler is required (a diffusers flow scheduler: _target_ + kwargs)")
+        if not hasattr(scheduler, "from_config"):  # a config dict: build it once
+            from hydra.utils import instantiate
+
+            scheduler = instantiate(scheduler)
+        self._scheduler_cls, self._scheduler_cfg = type(scheduler), scheduler.config
 
     # ---- family hooks --------------------------------------------------------------
     @property
@@ -156,10 +163,8 @@ class FlowGenerator(nn.Module):
         return torch.nn.functional.mse_loss(v.float(), target_velocity(target, eps).float())
 
     def make_scheduler(self):
-        """A fresh diffusers scheduler from ``scheduler_config`` (``_target_`` + kwargs)."""
-        from hydra.utils import instantiate
-
-        return instantiate(self.scheduler_config)
+        """A fresh diffusers scheduler (schedulers keep per-run state)."""
+        return self._scheduler_cls.from_config(self._scheduler_cfg)
 
     @torch.no_grad()
     def sample(
@@ -171,8 +176,8 @@ class FlowGenerator(nn.Module):
         guidance: float = 1.0,
         negative: tuple[torch.Tensor, torch.Tensor | None] | None = None,
         generator: torch.Generator | None = None,
-        height: int = 64,
-        width: int = 64,
+        height: int | None = None,
+        width: int | None = None,
         image_guidance: float = 1.0,
         decode: bool = True,
         callback: Any = None,
@@ -187,6 +192,7 @@ class FlowGenerator(nn.Module):
         Condition frames enter clean at every step; only the target evolves.
         """
         device = self.device
+        height, width = height or self.image_size, width or self.image_size
         b = text_states.shape[0]
         f = self.spatial_factor
         if height % f or width % f:

@@ -38,8 +38,8 @@ def _width_key(config) -> str:
 class CosmosGenerator(FlowGenerator):
     """Cosmos-Predict DiT + Wan2.1 VAE under the toolkit's flow convention."""
 
-    def __init__(self, transformer, vae, scheduler_config: dict[str, Any] | None = None, cond_timestep: float = 1e-4):
-        super().__init__(transformer, vae, scheduler_config)
+    def __init__(self, transformer, vae, scheduler: Any = None, image_size: int = 512, cond_timestep: float = 1e-4):
+        super().__init__(transformer, vae, scheduler, image_size)
         self.cond_timestep = cond_timestep
         self.register_buffer("latents_mean", torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("latents_std", torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1), persistent=False)
@@ -50,7 +50,8 @@ class CosmosGenerator(FlowGenerator):
         path: str,
         text_dim: int | None = None,
         dtype: str = "float32",
-        scheduler: dict[str, Any] | None = None,
+        scheduler: Any = None,
+        image_size: int = 512,
         cond_timestep: float = 1e-4,
         device: str | None = None,
     ) -> CosmosGenerator:
@@ -59,7 +60,7 @@ class CosmosGenerator(FlowGenerator):
         key = _width_key(CosmosTransformer3DModel.load_config(path, subfolder="transformer"))
         transformer = load_transformer(CosmosTransformer3DModel, path, key, text_dim, DTYPES[dtype])
         vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
-        gen = cls(transformer, vae, scheduler, cond_timestep)
+        gen = cls(transformer, vae, scheduler, image_size, cond_timestep)
         return gen.to(device) if device else gen
 
     @property

@@ -35,8 +35,8 @@ class SanaGenerator(FlowGenerator):
 
     timestep_scale = 1000.0
 
-    def __init__(self, transformer, vae, scheduler_config: dict[str, Any] | None = None, condition_mode: str = "mllm_only"):
-        super().__init__(transformer, vae, scheduler_config)
+    def __init__(self, transformer, vae, scheduler: Any = None, image_size: int = 512, condition_mode: str = "mllm_only"):
+        super().__init__(transformer, vae, scheduler, image_size)
         if condition_mode not in CONDITION_MODES:
             raise ValueError(f"generator.condition_mode must be one of {CONDITION_MODES}, got {condition_mode!r}")
         self.condition_mode = condition_mode
@@ -48,7 +48,8 @@ class SanaGenerator(FlowGenerator):
         path: str,
         text_dim: int | None = None,
         dtype: str = "float32",
-        scheduler: dict[str, Any] | None = None,
+        scheduler: Any = None,
+        image_size: int = 512,
         condition_mode: str = "mllm_only",
         device: str | None = None,
     ) -> SanaGenerator:
@@ -56,7 +57,7 @@ class SanaGenerator(FlowGenerator):
 
         transformer = load_transformer(SanaTransformer2DModel, path, "caption_channels", text_dim, DTYPES[dtype])
         vae = AutoencoderDC.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
-        gen = cls(transformer, vae, scheduler, condition_mode)
+        gen = cls(transformer, vae, scheduler, image_size, condition_mode)
         return gen.to(device) if device else gen
 
     @property

@@ -34,8 +34,8 @@ class WanGenerator(FlowGenerator):
 
     timestep_scale = 1000.0
 
-    def __init__(self, transformer, vae, scheduler_config: dict[str, Any] | None = None):
-        super().__init__(transformer, vae, scheduler_config)
+    def __init__(self, transformer, vae, scheduler: Any = None, image_size: int = 512):
+        super().__init__(transformer, vae, scheduler, image_size)
         self.register_buffer("latents_mean", torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("latents_std", torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1), persistent=False)
 
@@ -45,14 +45,15 @@ class WanGenerator(FlowGenerator):
         path: str,
         text_dim: int | None = None,
         dtype: str = "float32",
-        scheduler: dict[str, Any] | None = None,
+        scheduler: Any = None,
+        image_size: int = 512,
         device: str | None = None,
     ) -> WanGenerator:
         from diffusers import AutoencoderKLWan, WanTransformer3DModel
 
         transformer = load_transformer(WanTransformer3DModel, path, "text_dim", text_dim, DTYPES[dtype])
         vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
-        gen = cls(transformer, vae, scheduler)
+        gen = cls(transformer, vae, scheduler, image_size)
         return gen.to(device) if device else gen
 
     @property
