@@ -37,6 +37,7 @@ def tiny_dir(tmp_path_factory) -> Path:
     make_tiny(out, seed=0)
     make_demo_data(out)
     wan.make_tiny(out, seed=0, name="wan")
+    wan.make_tiny(out, seed=0, name="wan2_2", variant="2.2")
     cosmos.make_tiny(out, seed=0, name="cosmos", variant="2.5")
     cosmos.make_tiny(out, seed=0, name="cosmos2", variant="2")
     sana.make_tiny(out, seed=0, name="sana")

@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 
+from backbones.generator.base import to_pil
 from fusion.cli import friendly_errors, setup_environment
 from fusion.config import register_configs, validate
 from fusion.data import SkipReport, read_jsonl
@@ -91,11 +92,48 @@ def main(cfg: DictConfig) -> None:
         "cached_vs_full_max_abs_diff": diff,
         "images_in_cache": len(state.image_grids),
     }
+    if cfg.generator is not None:
+        summary["generator"] = generator_step(cfg, mllm, state, conv, out)
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     console.print(summary)
     console.print(f"[green]ok[/]: wrote {out / 'demo_summary.json'}")
     if diff > 1e-3:
         raise SystemExit(f"cached decoding disagrees with a full forward (max abs diff {diff:.2e})")
+
+
+def generator_step(cfg: DictConfig, mllm, state, conv, out: Path) -> dict:
+    """One flow-matching training step and one sampling call of the configured generator.
+
+    Until the connectors land, the MLLM's last selected layer feeds the DiT directly: the
+    generator is loaded with ``text_dim`` = the MLLM width, which re-initialises only its
+    text projection.
+    """
+    from fusion.flow import sample_t
+
+    gen = instantiate(cfg.generator, text_dim=mllm.hidden_size, device=cfg.device)
+    size = (cfg.generator.image_size, cfg.generator.image_size)
+    images = [item["image"] for _, item in conv.image_items()]
+    target = gen.encode(load_image(images[-1]), size=size)
+    cond = gen.encode([load_image(p) for p in images[:-1]], size=size)[None] if len(images) > 1 else None
+    text = state.hidden_states()[-1][None].to(gen.device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW([p for p in gen.transformer.parameters() if p.requires_grad], lr=1e-4)
+    gen.train()
+    loss = gen.flow_loss(target, cond, text, None, sample_t(1, generator=g), torch.randn(target.shape, generator=g))
+    loss.backward()
+    opt.step()
+    gen.eval()
+    img = gen.sample(text, None, cond, steps=4, guidance=2.0, generator=torch.Generator().manual_seed(cfg.seed))
+    path = out / f"sample_{type(gen).__name__}.png"
+    to_pil(img)[0].save(path)
+    console.print(f"[bold]{type(gen).__name__}[/] text_dim {gen.text_dim}: train loss {loss.item():.4f}, sample -> {path}")
+    return {"class": type(gen).__name__, "loss": loss.item(), "sample": str(path), "condition_frames": 0 if cond is None else cond.shape[1]}
+
+
+def load_image(path):
+    from fusion.data import open_image
+
+    return open_image(path)
 
 
 if __name__ == "__main__":

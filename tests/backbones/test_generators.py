@@ -188,3 +188,14 @@ def test_missing_generator_folder_is_a_clear_error(tiny_dir, tmp_path):
         build(tiny_dir, "tiny_wan", path=str(tmp_path / "nothing"))
     cause = ei.value.__cause__
     assert isinstance(cause, CheckpointError) and "generator.path: checkpoint folder not found" in str(cause)
+
+
+def test_wan2_2_ti2v_layout_runs_through_the_same_adapter(tiny_dir):
+    g = build(tiny_dir, "tiny_wan", path=str(tiny_dir / "wan2_2")).eval()
+    assert g.spatial_factor == 16 and g.latent_channels == 48
+    z = g.encode(torch.rand(1, 3, 64, 64) * 2 - 1)
+    assert z.shape == (1, 48, 4, 4)
+    x, cond, text, mask, t = inputs(g, b=1, n_cond=1)
+    with torch.no_grad():
+        torch.testing.assert_close(g.velocity(x, t, cond, text, mask), raw_forward(g, x, cond, text, mask, t), atol=1e-5, rtol=1e-5)
+    assert g.sample(text, mask, cond, steps=2, height=64, width=64).shape == (1, 3, 64, 64)

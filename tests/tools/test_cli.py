@@ -56,6 +56,18 @@ def test_demo_runs_end_to_end(made, tmp_path):
     assert summary["images_in_cache"] == 1
 
 
+@pytest.mark.parametrize("generator", ["tiny_wan", "tiny_cosmos", "tiny_sana"])
+def test_demo_with_each_generator_needs_no_code_change(made, tmp_path, generator):
+    out, _ = made
+    p = run("demo.py", f"tiny_dir={out}", "max_new_tokens=2", f"generator={generator}", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    g = json.loads((tmp_path / "demo_summary.json").read_text())["generator"]
+    from PIL import Image
+
+    assert Image.open(g["sample"]).size == (64, 64)
+    assert g["loss"] > 0
+
+
 def test_unknown_key_is_one_clear_message(made, tmp_path):
     out, _ = made
     p = run("demo.py", f"tiny_dir={out}", "mllm.pathh=/x", f"hydra.run.dir={tmp_path}")
