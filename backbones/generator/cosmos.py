@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from backbones.generator.base import FlowGenerator, load_transformer
-from backbones.generator.wan import DTYPES
+from backbones.generator.wan import DTYPES, wan_vae_decode, wan_vae_encode
 
 
 def _width_key(config) -> str:
@@ -85,12 +85,10 @@ class CosmosGenerator(FlowGenerator):
         return 2 ** (len(self.vae.config.dim_mult) - 1)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.vae.encode(x[:, :, None]).latent_dist.mode()
-        return ((z - self.latents_mean.to(z)) / self.latents_std.to(z))[:, :, 0]
+        return wan_vae_encode(self.vae, self.latents_mean, self.latents_std, x)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        z = z[:, :, None] * self.latents_std.to(z) + self.latents_mean.to(z)
-        return self.vae.decode(z).sample[:, :, 0]
+        return wan_vae_decode(self.vae, self.latents_mean, self.latents_std, z)
 
     def _frames_velocity(self, frames, t, n_cond, text_states, text_mask):
         b, f, c, h, w = frames.shape

@@ -29,6 +29,17 @@ from backbones.generator.base import FlowGenerator, load_transformer
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def wan_vae_encode(vae, mean: torch.Tensor, std: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Images [B,3,H,W] -> ``(mode - mean) / std`` latents [B,C,h,w] (one latent frame per image)."""
+    z = vae.encode(x[:, :, None]).latent_dist.mode()
+    return ((z - mean.to(z)) / std.to(z))[:, :, 0]
+
+
+def wan_vae_decode(vae, mean: torch.Tensor, std: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Normalised latents [B,C,h,w] -> images [B,3,H,W]."""
+    return vae.decode(z[:, :, None] * std.to(z) + mean.to(z)).sample[:, :, 0]
+
+
 class WanGenerator(FlowGenerator):
     """Wan DiT + VAE under the toolkit's flow convention."""
 
@@ -70,12 +81,10 @@ class WanGenerator(FlowGenerator):
         return 2 ** (len(c.dim_mult) - 1) * (c.patch_size or 1)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.vae.encode(x[:, :, None]).latent_dist.mode()
-        return ((z - self.latents_mean.to(z)) / self.latents_std.to(z))[:, :, 0]
+        return wan_vae_encode(self.vae, self.latents_mean, self.latents_std, x)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        z = z[:, :, None] * self.latents_std.to(z) + self.latents_mean.to(z)
-        return self.vae.decode(z).sample[:, :, 0]
+        return wan_vae_decode(self.vae, self.latents_mean, self.latents_std, z)
 
     def _frames_velocity(self, frames, t, n_cond, text_states, text_mask):
         b, f, c, h, w = frames.shape
