@@ -109,6 +109,94 @@ class SanaGeneratorConfig(GeneratorConfig):
             raise ConfigError(f"generator.condition_mode must be mllm_only or spatial_concat, got {self.condition_mode!r}")
 
 
+# ---------------------------------------------------------------------------- connector
+@dataclass
+class ConnectorBase:
+    """Fields every connector takes; widths come from the backbones at build time."""
+
+    _target_: str = MISSING
+    """Connector class under connectors/."""
+    out_norm: str = "rms"
+    """Output norm matching the statistics the DiT expects: rms (RMSNorm with gain out_gain) or none."""
+    out_gain: float = 1.0
+    """Initial gain of the output RMSNorm."""
+
+    def __post_init__(self) -> None:
+        if self.out_norm not in ("rms", "none"):
+            raise ConfigError(f"connector.out_norm must be rms or none, got {self.out_norm!r}")
+
+
+@dataclass
+class LastMLPConfig(ConnectorBase):
+    """last_mlp: last-layer hidden states -> MLP -> text_dim."""
+
+    _target_: str = "connectors.last_mlp.LastMLP"
+    hidden_mult: float = 1.0
+    """MLP hidden width as a multiple of text_dim."""
+    mlp_depth: int = 2
+    """Linear layers in the MLP."""
+
+
+@dataclass
+class MultilayerConcatConfig(ConnectorBase):
+    """multilayer_concat: per-token-normalised layers concatenated along channels, projected."""
+
+    _target_: str = "connectors.multilayer_concat.MultilayerConcat"
+    layers: list[int] | None = None
+    """MLLM layers to concatenate (None: every decoder layer, 1..N)."""
+    projection: str = "linear"
+    """identity (the DiT's text width is the concatenation), linear or mlp."""
+    hidden_mult: float = 1.0
+    """Hidden width of the mlp projection as a multiple of text_dim."""
+
+
+@dataclass
+class LayerMixConfig(ConnectorBase):
+    """layer_mix: learned softmax weights over layers, then an MLP."""
+
+    _target_: str = "connectors.layer_mix.LayerMix"
+    layers: list[int] | None = None
+    """MLLM layers to mix (None: every decoder layer)."""
+    hidden_mult: float = 1.0
+    """MLP hidden width as a multiple of text_dim."""
+    mlp_depth: int = 2
+    """Linear layers in the MLP."""
+
+
+@dataclass
+class QueriesConfig(ConnectorBase):
+    """queries: learnable queries after <|bov|> + bidirectional encoder (MetaQuery / BLIP3-o)."""
+
+    _target_: str = "connectors.queries.Queries"
+    num_queries: int = 64
+    """Number of learnable query embeddings."""
+    encoder_layers: int = 2
+    """Layers of the bidirectional transformer encoder."""
+    encoder_heads: int = 4
+    """Attention heads of the encoder (must divide the MLLM width)."""
+    layers: list[int] | None = None
+    """MLLM layers read at the query positions (None: the last)."""
+
+
+@dataclass
+class MultiscaleQueriesConfig(ConnectorBase):
+    """multiscale_queries: per-grid query groups with start/end markers + alignment loss (Ming-Lite-Uni)."""
+
+    _target_: str = "connectors.multiscale_queries.MultiscaleQueries"
+    scales: list[int] = field(default_factory=lambda: [4, 8, 16])
+    """Grid side of each query group."""
+    encoder_layers: int = 2
+    """Layers of the bidirectional transformer encoder."""
+    encoder_heads: int = 4
+    """Attention heads of the encoder."""
+    layers: list[int] | None = None
+    """MLLM layers read at the query positions (None: the last)."""
+    align_layer: int = 1
+    """DiT block whose output is aligned with the MLLM's semantic states."""
+    align_weight: float = 0.5
+    """Weight of the multi-scale representation alignment loss (0: off)."""
+
+
 # ---------------------------------------------------------------------------- data
 @dataclass
 class DataConfig:
@@ -197,6 +285,28 @@ class StageConfig:
     """Steps between logged metrics."""
     save_every: int = 0
     """Steps between checkpoints (0: only at the end)."""
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    """Per-part learning-rate multipliers: mllm, vision_tower, connector, generator (default 1)."""
+    timestep_sampling: str = "logit_normal"
+    """align: training t ~ uniform, logit_normal (SD3) or shifted (uniform, then shifted by time_shift)."""
+    logit_mean: float = 0.0
+    """align: mean of the logit-normal."""
+    logit_std: float = 1.0
+    """align: std of the logit-normal."""
+    time_shift: float = 1.0
+    """align: shift of the 'shifted' sampling."""
+    p_drop_text: float = 0.1
+    """align: probability that a sample's text condition is dropped (classifier-free guidance)."""
+    p_drop_cond: float = 0.1
+    """align: probability that a sample's condition frames are dropped."""
+    text_dropout_form: str = "null"
+    """align: what a dropped text condition becomes: null (zeros) or duogen (context without its final text chunk)."""
+    include_bov: bool = True
+    """align: whether the context given to the connector ends with <|bov|>."""
+    target_image: str = "last"
+    """align: which assistant image of a sample is the target: last or random."""
+    image_size: int | None = None
+    """align: target side in pixels (None: the generator's image_size)."""
 
     def __post_init__(self) -> None:
         if self.name not in ("sft", "align"):
@@ -205,6 +315,18 @@ class StageConfig:
             raise ConfigError("stage.trainable.mllm must be 'frozen' in stage=align (the MLLM is frozen in stage 2)")
         if self.name == "sft" and self.trainable.mllm == "frozen" and not self.trainable.vision_tower:
             raise ConfigError("stage=sft with stage.trainable.mllm=frozen trains nothing")
+        if self.timestep_sampling not in ("uniform", "logit_normal", "shifted"):
+            raise ConfigError(f"stage.timestep_sampling must be uniform, logit_normal or shifted, got {self.timestep_sampling!r}")
+        for key in ("p_drop_text", "p_drop_cond"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"stage.{key} must be in [0, 1], got {getattr(self, key)}")
+        if self.text_dropout_form not in ("null", "duogen"):
+            raise ConfigError(f"stage.text_dropout_form must be null or duogen, got {self.text_dropout_form!r}")
+        if self.target_image not in ("last", "random"):
+            raise ConfigError(f"stage.target_image must be last or random, got {self.target_image!r}")
+        unknown = set(self.lr_scale) - {"mllm", "vision_tower", "connector", "generator"}
+        if unknown:
+            raise ConfigError(f"stage.lr_scale has unknown parts {sorted(unknown)}; use mllm, vision_tower, connector, generator")
         if self.lr <= 0 or self.max_steps <= 0 or self.micro_batch_size <= 0 or self.grad_accum <= 0:
             raise ConfigError("stage.lr, stage.max_steps, stage.micro_batch_size and stage.grad_accum must be positive")
 
@@ -326,6 +448,11 @@ def register_configs() -> None:
     cs.store(group="generator", name="wan_schema", node=WanGeneratorConfig)
     cs.store(group="generator", name="cosmos_schema", node=CosmosGeneratorConfig)
     cs.store(group="generator", name="sana_schema", node=SanaGeneratorConfig)
+    cs.store(group="connector", name="last_mlp_schema", node=LastMLPConfig)
+    cs.store(group="connector", name="multilayer_concat_schema", node=MultilayerConcatConfig)
+    cs.store(group="connector", name="layer_mix_schema", node=LayerMixConfig)
+    cs.store(group="connector", name="queries_schema", node=QueriesConfig)
+    cs.store(group="connector", name="multiscale_queries_schema", node=MultiscaleQueriesConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="stage", name="stage_schema", node=StageConfig)
     cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)

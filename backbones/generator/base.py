@@ -20,6 +20,7 @@ scheduler, classifier-free guidance, condition frames held clean at every step).
 from __future__ import annotations
 
 from pathlib import Path
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -97,6 +98,38 @@ class FlowGenerator(nn.Module):
     def _frames_velocity(self, frames, t, n_cond, text_states, text_mask) -> torch.Tensor:
         raise NotImplementedError
 
+    def dit_blocks(self) -> nn.ModuleList:
+        """The DiT's transformer blocks (for feature hooks such as representation alignment)."""
+        raise NotImplementedError
+
+    @property
+    def dit_hidden_size(self) -> int:
+        c = self.transformer.config
+        return c.num_attention_heads * c.attention_head_dim
+
+    def target_grid(self, tokens: torch.Tensor, frames_shape: tuple[int, ...]) -> torch.Tensor:
+        """A block's token states [B, N, C] -> the target frame's tokens as a grid [B, gh, gw, C]."""
+        raise NotImplementedError
+
+    @contextmanager
+    def capture_block(self, index: int):
+        """Keep the output of DiT block ``index`` of the next forward: yields a dict with ``grid``."""
+        blocks = self.dit_blocks()
+        if not -len(blocks) <= index < len(blocks):
+            raise ValueError(f"connector.align_layer={index} is out of range for a DiT with {len(blocks)} blocks")
+        store: dict[str, Any] = {}
+
+        def hook(module, args, out):
+            store["tokens"] = out[0] if isinstance(out, tuple) else out
+
+        handle = blocks[index].register_forward_hook(hook)
+        try:
+            yield store
+        finally:
+            handle.remove()
+            if "tokens" in store:
+                store["grid"] = self.target_grid(store.pop("tokens"), self._last_frames_shape)
+
     # ---- shared API ----------------------------------------------------------------
     @property
     def device(self) -> torch.device:
@@ -137,6 +170,7 @@ class FlowGenerator(nn.Module):
     ) -> torch.Tensor:
         """Velocity (``eps - x0``) of the noisy target [B,C,h,w] at ``t`` [B] in [0,1]."""
         frames, n_cond = self._frames(noisy_target, cond_latents)
+        self._last_frames_shape = tuple(frames.shape)
         t = torch.as_tensor(t, device=frames.device, dtype=torch.float32).reshape(-1).expand(frames.shape[0])
         if text_mask is None:
             text_mask = torch.ones(text_states.shape[:2], dtype=torch.long, device=text_states.device)

@@ -90,6 +90,14 @@ class CosmosGenerator(FlowGenerator):
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return wan_vae_decode(self.vae, self.latents_mean, self.latents_std, z)
 
+    def dit_blocks(self):
+        return self.transformer.transformer_blocks
+
+    def target_grid(self, tokens, frames_shape):
+        b, f, c, h, w = frames_shape
+        _, ph, pw = self.transformer.config.patch_size
+        return tokens.reshape(b, f, h // ph, w // pw, tokens.shape[-1])[:, -1]
+
     def _frames_velocity(self, frames, t, n_cond, text_states, text_mask):
         b, f, c, h, w = frames.shape
         x = frames.permute(0, 2, 1, 3, 4).to(self.dtype)

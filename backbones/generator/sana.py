@@ -78,6 +78,14 @@ class SanaGenerator(FlowGenerator):
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(z / self.vae.config.scaling_factor).sample
 
+    def dit_blocks(self):
+        return self.transformer.transformer_blocks
+
+    def target_grid(self, tokens, frames_shape):
+        b, f, c, h, w = frames_shape
+        p = self.transformer.config.patch_size
+        return tokens.reshape(b, h // p, f * w // p, tokens.shape[-1])[:, :, -(w // p):]
+
     def _frames_velocity(self, frames, t, n_cond, text_states, text_mask):
         b, f, c, h, w = frames.shape
         x = frames.permute(0, 2, 3, 1, 4).reshape(b, c, h, f * w)  # side by side along the width

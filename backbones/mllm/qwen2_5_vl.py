@@ -103,6 +103,9 @@ def _looks_local(path: str) -> bool:
 class Qwen25VLAdapter(nn.Module):
     """Qwen2.5-VL with ``<|bov|>``, conversation rendering, layer selection and cached decoding."""
 
+    #: query connectors may append learned embeddings after ``<|bov|>`` (``forward(inputs_embeds=...)``)
+    supports_query_embeddings = True
+
     def __init__(
         self,
         model: nn.Module,
@@ -352,7 +355,7 @@ class Qwen25VLAdapter(nn.Module):
         if mm_token_type_ids is None and input_ids is not None:
             mm_token_type_ids = (input_ids == self.image_token_id).int()
         kwargs = dict(
-            input_ids=input_ids if inputs_embeds is None else None,
+            input_ids=input_ids,  # with inputs_embeds too: the ids place the image features
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             pixel_values=pixel_values,

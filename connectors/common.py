@@ -1,0 +1,75 @@
+"""Pieces the connector designs share: the output norm, an MLP, 2-D position encodings.
+
+Every connector maps MLLM hidden states (layers x tokens x width, with a mask) to DiT text
+states (tokens x ``text_dim``, with a mask). Constructors take the widths from the two
+backbones (``mllm_dim``, ``text_dim``, ``dit_dim``, ``num_mllm_layers``), never from a
+config written by hand; the design's own knobs come from ``conf/connector/<name>.yaml``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class ConnectorOutput(NamedTuple):
+    states: torch.Tensor  # [B, T, text_dim]
+    mask: torch.Tensor  # [B, T], 1 = keep
+
+
+class OutputNorm(nn.Module):
+    """RMSNorm with its gain initialised to ``gain`` (``kind='rms'``), or nothing (``'none'``).
+
+    DiTs were trained on text-encoder states of a particular scale (T5/UMT5 and Gemma
+    outputs are roughly unit-RMS per token); the gain sets where training starts from.
+    """
+
+    def __init__(self, dim: int, kind: str = "rms", gain: float = 1.0, eps: float = 1e-6):
+        super().__init__()
+        if kind not in ("rms", "none"):
+            raise ValueError(f"connector.out_norm must be 'rms' or 'none', got {kind!r}")
+        self.norm = nn.RMSNorm(dim, eps=eps) if kind == "rms" else nn.Identity()
+        if kind == "rms":
+            nn.init.constant_(self.norm.weight, gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, depth: int = 2) -> nn.Sequential:
+    """Linear (-> GELU -> Linear) x (depth - 1)."""
+    if depth < 1:
+        raise ValueError(f"connector.mlp_depth must be >= 1, got {depth}")
+    layers: list[nn.Module] = []
+    d = in_dim
+    for _ in range(depth - 1):
+        layers += [nn.Linear(d, hidden_dim), nn.GELU(approximate="tanh")]
+        d = hidden_dim
+    layers.append(nn.Linear(d, out_dim))
+    return nn.Sequential(*layers)
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """Fixed 2-D sine-cosine position encodings of a ``grid x grid`` lattice: [grid*grid, dim]."""
+    if dim % 4:
+        raise ValueError(f"2-D position encodings need a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    out = []
+    for pos in (ys.reshape(-1), xs.reshape(-1)):
+        ang = pos[:, None] * omega[None]
+        out += [torch.sin(ang), torch.cos(ang)]
+    return torch.cat(out, dim=1).float() / math.sqrt(2)
+
+
+def encoder(dim: int, layers: int, heads: int) -> nn.TransformerEncoder:
+    """A small bidirectional (unmasked) pre-norm transformer encoder."""
+    if dim % heads:
+        raise ValueError(f"connector.encoder_heads={heads} must divide the MLLM width {dim}")
+    layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)

@@ -1,0 +1,396 @@
+"""The fused model: MLLM + connector + generator, what trains in each stage, the two losses,
+and save/load of the whole thing as plain library folders.
+
+* :meth:`FusedModel.build` instantiates the three parts from a composed Hydra config,
+  reading the connector's widths from the two backbones.
+* :meth:`FusedModel.apply_trainable` turns ``stage.trainable`` into ``requires_grad``
+  flags (LoRA through peft where a part says ``lora``); :meth:`param_groups` gives the
+  optimizer one group per part with its own learning rate.
+* :meth:`sft_loss` (stage 1): next-token loss on assistant text, ``<|bov|>`` and end of turn.
+* :meth:`align_loss` (stage 2): one target assistant image per sample; context = MLLM hidden
+  states of the tokens before its ``<|bov|>`` (or through it); condition frames = every
+  earlier image; flow matching on the target only; classifier-free-guidance dropout of the
+  text and of the condition frames; the multi-scale alignment loss when the connector has one.
+* :meth:`save_pretrained` / :meth:`from_pretrained`: ``mllm/`` (transformers), ``generator/``
+  (diffusers), ``connector/`` (safetensors + config), ``lora/<part>/`` (peft) and
+  ``unifuse.json``, the manifest that rebuilds the model with no Hydra config at hand.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fusion.data import Conversation, load_images
+from fusion.errors import CheckpointError, ConfigError, DataError
+from fusion.flow import sample_t
+
+MANIFEST = "unifuse.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class AlignSample:
+    """One stage-2 sample: the context before the target's ``<|bov|>``, the target and its conditions."""
+
+    ctx_ids: torch.Tensor  # [L]
+    ctx_pixel_values: torch.Tensor | None
+    ctx_grids: torch.Tensor | None
+    neg_len: int  # DuoGen negative: context length with the final text chunk dropped (0: none left)
+    target: torch.Tensor  # [C, h, w] latent
+    cond: torch.Tensor | None  # [N, C, h, w] latents of every earlier image
+    where: str = ""
+
+
+def _to_container(node: Any) -> Any:
+    if not isinstance(node, DictConfig):
+        return node
+    try:
+        return OmegaConf.to_container(node, resolve=True)
+    except Exception:  # e.g. ${hydra:...} outside a Hydra run: keep the interpolation text
+        return OmegaConf.to_container(node, resolve=False)
+
+
+def _spec(node: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
+    d = dict(_to_container(node))
+    return {k: v for k, v in d.items() if k not in drop}
+
+
+class FusedModel(nn.Module):
+    """MLLM + connector + generator (either of the last two may be absent for stage=sft)."""
+
+    def __init__(self, mllm, generator=None, connector=None, specs: dict[str, dict] | None = None, settings: dict | None = None):
+        super().__init__()
+        self.mllm = mllm
+        self.generator = generator
+        self.connector = connector
+        self.specs = specs or {}
+        self.settings = dict(settings or {})
+        self.lora: dict[str, dict] = {}
+        if connector is not None:
+            self.mllm.hidden_layers = self._resolve_layers(connector.layers)
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def build(cls, cfg: DictConfig, device: str | None = None) -> FusedModel:
+        """Instantiate the parts of a composed config; the connector's widths come from the backbones."""
+        device = device or cfg.get("device", "cpu")
+        mllm = instantiate(cfg.mllm, device=device)
+        generator = connector = None
+        specs = {"mllm": _spec(cfg.mllm, drop=("path",))}
+        if cfg.get("generator") is not None:
+            generator = instantiate(cfg.generator, device=device)
+            specs["generator"] = _spec(cfg.generator, drop=("path", "text_dim"))
+        if cfg.get("connector") is not None:
+            if generator is None:
+                raise ConfigError("connector is set but generator is not: a connector maps MLLM states to a generator's text width")
+            widths = dict(mllm_dim=mllm.hidden_size, text_dim=generator.text_dim,
+                          num_mllm_layers=mllm.num_layers, dit_dim=generator.dit_hidden_size)
+            try:
+                connector = instantiate(cfg.connector, **widths)
+            except Exception as e:  # width mismatches etc. raised by the design's constructor
+                cause = e.__cause__ or e
+                if isinstance(cause, (ValueError, TypeError)):
+                    raise ConfigError(f"connector={cfg.connector._target_.rsplit('.', 1)[-1]}: {cause}") from None
+                raise
+            specs["connector"] = {**_spec(cfg.connector), **widths}
+            if getattr(connector, "uses_queries", False) and not getattr(mllm, "supports_query_embeddings", False):
+                raise ConfigError(f"connector={cfg.connector._target_}: this MLLM adapter cannot take extra query embeddings")
+        settings = _to_container(cfg.stage) if cfg.get("stage") is not None else {}
+        model = cls(mllm, generator, connector, specs, settings)
+        return model.to(device)
+
+    def _resolve_layers(self, layers: list[int]) -> list[int]:
+        n = self.mllm.num_layers
+        out = []
+        for i in layers:
+            j = i + n + 1 if i < 0 else i
+            if not 0 <= j <= n:
+                raise ConfigError(f"connector.layers: layer {i} is out of range for an MLLM with {n} layers (0..{n}, or -1..-{n + 1})")
+            out.append(j)
+        return out
+
+    # ------------------------------------------------------------------ what trains
+    def parts(self) -> dict[str, nn.Module]:
+        """Named parameter groups: mllm (language model + head), vision_tower, connector, generator (DiT)."""
+        hf = self.mllm.model
+        lm = nn.ModuleList([hf.model.language_model, hf.lm_head])
+        out = {"mllm": lm, "vision_tower": hf.model.visual}
+        if self.connector is not None:
+            out["connector"] = self.connector
+        if self.generator is not None:
+            out["generator"] = self.generator.transformer
+        return out
+
+    def apply_trainable(self, stage: dict | DictConfig) -> dict[str, tuple[int, int]]:
+        """Set ``requires_grad`` from ``stage.trainable``; inject LoRA where a part says ``lora``.
+
+        Returns {part: (trainable, total)} parameter counts. Frozen parts go to eval mode.
+        """
+        stage = _to_container(stage)
+        tr = stage["trainable"]
+        self.requires_grad_(False)
+        parts = self.parts()
+        if tr["mllm"] == "full":
+            parts["mllm"].requires_grad_(True)
+        elif tr["mllm"] == "lora":
+            self._inject_lora("mllm", self.mllm.model.model.language_model, stage["lora_mllm"])
+        if tr.get("vision_tower"):
+            parts["vision_tower"].requires_grad_(True)
+        if self.connector is not None and tr.get("connector"):
+            self.connector.requires_grad_(True)
+        elif tr.get("connector") and self.connector is None:
+            raise ConfigError("stage.trainable.connector=true but no connector is configured (connector=...)")
+        if self.generator is not None:
+            if tr["generator"] == "full":
+                self.generator.transformer.requires_grad_(True)
+            elif tr["generator"] == "lora":
+                self._inject_lora("generator", self.generator.transformer, stage["lora_generator"])
+        elif tr["generator"] != "frozen":
+            raise ConfigError(f"stage.trainable.generator={tr['generator']} but no generator is configured (generator=...)")
+        for name, module in parts.items():
+            module.train(any(p.requires_grad for p in module.parameters()))
+        if self.generator is not None:
+            self.generator.vae.eval()
+        return self.trainable_report()
+
+    def _inject_lora(self, part: str, module: nn.Module, lora: dict) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        cfg = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"], target_modules=list(lora["target_modules"]))
+        try:
+            inject_adapter_in_model(cfg, module)
+        except ValueError as e:
+            raise ConfigError(f"stage.lora_{part}.target_modules={lora['target_modules']}: {e}") from None
+        for n, p in module.named_parameters():
+            p.requires_grad_("lora_" in n)
+        self.lora[part] = {"config": cfg, "module": module}
+
+    def trainable_report(self) -> dict[str, tuple[int, int]]:
+        return {name: (sum(p.numel() for p in m.parameters() if p.requires_grad), sum(p.numel() for p in m.parameters()))
+                for name, m in self.parts().items()}
+
+    def param_groups(self, stage: dict | DictConfig) -> list[dict[str, Any]]:
+        """One optimizer group per part that trains: lr = stage.lr * stage.lr_scale[part]."""
+        stage = _to_container(stage)
+        scale = stage.get("lr_scale") or {}
+        groups = []
+        for name, module in self.parts().items():
+            params = [p for p in module.parameters() if p.requires_grad]
+            if params:
+                groups.append({"name": name, "params": params, "lr": stage["lr"] * float(scale.get(name, 1.0)),
+                               "weight_decay": stage.get("weight_decay", 0.0)})
+        return groups
+
+    # ------------------------------------------------------------------ stage 1
+    def sft_loss(self, conversations: list[Conversation]) -> torch.Tensor:
+        """Mean next-token loss over the samples (labels from the adapter's renderer)."""
+        losses = []
+        for conv in conversations:
+            r = self.mllm.render(conv)
+            inputs = {k: (v.to(self.mllm.device) if isinstance(v, torch.Tensor) else v) for k, v in r.model_inputs().items()}
+            out = self.mllm(**inputs, labels=r.labels.to(self.mllm.device))
+            losses.append(out["loss"])
+        return torch.stack(losses).mean()
+
+    # ------------------------------------------------------------------ stage 2
+    def prepare_align_sample(self, conv: Conversation, generator: torch.Generator | None = None) -> AlignSample:
+        """Render a conversation and cut it at one target assistant image (``stage.target_image``)."""
+        s = self.settings
+        r = self.mllm.render(conv)
+        targets = [i for i, role in enumerate(r.image_roles) if role == "assistant"]
+        if not targets:
+            raise DataError("stage=align sample has no assistant image to learn from", conv.source if conv.line else None, conv.line, kind="no_target")
+        if s.get("target_image", "last") == "random":
+            k = targets[int(torch.randint(len(targets), (1,), generator=generator))]
+        else:
+            k = targets[-1]
+        ids = r.input_ids[0]
+        starts = (ids == self.mllm.token_id("<|vision_start|>")).nonzero().flatten().tolist()
+        ends = (ids == self.mllm.token_id("<|vision_end|>")).nonzero().flatten().tolist()
+        ctx_end = starts[k] if s.get("include_bov", True) else starts[k] - 1  # ids[starts[k] - 1] is <|bov|>
+        rows = [int(g.prod()) for g in r.image_grid_thw] if r.image_grid_thw is not None else []
+        pv = r.pixel_values[: sum(rows[:k])] if k else None
+        grids = r.image_grid_thw[:k] if k else None
+        neg_len = ends[k - 1] + 1 if k else 0
+        images = [item["image"] for _, item in load_images(conv).image_items()]
+        gen = self.generator
+        size = (gen.image_size, gen.image_size) if s.get("image_size") is None else (s["image_size"], s["image_size"])
+        target = gen.encode(images[k], size=size)[0]
+        cond = gen.encode(images[:k], size=size) if k else None
+        return AlignSample(ids[:ctx_end], pv, grids, neg_len, target, cond, conv.where)
+
+    def context_states(self, ctx_ids: torch.Tensor, pixel_values=None, grids=None):
+        """Connector output for one context: (states [1, T, text_dim], mask [1, T], query_hidden or None)."""
+        mllm, dev = self.mllm, self.mllm.device
+        ids = ctx_ids.to(dev)[None]
+        pv = pixel_values.to(dev, mllm.model.dtype) if pixel_values is not None else None
+        grids = grids.to(dev) if grids is not None else None
+        if getattr(self.connector, "uses_queries", False):
+            q = self.connector.query_embeds()
+            pad = torch.full((1, q.shape[0]), self.mllm.tokenizer.pad_token_id, dtype=ids.dtype, device=dev)
+            full_ids = torch.cat([ids, pad], dim=1)
+            emb = mllm.model.get_input_embeddings()(full_ids)
+            emb = torch.cat([emb[:, : ids.shape[1]], q[None].to(emb.dtype)], dim=1)
+            pos = mllm.rope_positions(full_ids, grids)
+            hidden = mllm(full_ids, pixel_values=pv, image_grid_thw=grids, position_ids=pos, inputs_embeds=emb, compute_logits=False)["hidden"]
+            query_hidden = hidden[:, :, ids.shape[1]:]
+            out = self.connector(query_hidden)
+            return out.states, out.mask, query_hidden
+        grad = any(p.requires_grad for p in mllm.parameters())
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            hidden = mllm(ids, pixel_values=pv, image_grid_thw=grids, compute_logits=False)["hidden"]
+        out = self.connector(hidden, torch.ones(ids.shape, dtype=torch.long, device=dev))
+        return out.states, out.mask, None
+
+    def draw_dropout(self, generator: torch.Generator | None = None) -> tuple[bool, bool]:
+        """(drop the text condition, drop the condition frames) for one sample."""
+        u = torch.rand(2, generator=generator)
+        return bool(u[0] < self.settings.get("p_drop_text", 0.0)), bool(u[1] < self.settings.get("p_drop_cond", 0.0))
+
+    def negative_states(self, sample: AlignSample, like: torch.Tensor, like_mask: torch.Tensor):
+        """The text condition when it is dropped: zeros (``null``) or the DuoGen negative."""
+        if self.settings.get("text_dropout_form", "null") == "duogen" and sample.neg_len > 0:
+            n_img = sample.ctx_grids.shape[0] if sample.ctx_grids is not None else 0
+            rows = int(sample.ctx_grids.prod(-1).sum()) if n_img else 0
+            states, mask, _ = self.context_states(sample.ctx_ids[: sample.neg_len], sample.ctx_pixel_values[:rows] if n_img else None, sample.ctx_grids)
+            return states, mask
+        return torch.zeros_like(like), like_mask
+
+    def align_loss(self, samples: list[AlignSample], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Stage-2 loss averaged over samples: flow matching on the target (+ alignment loss)."""
+        s = self.settings
+        gen, dev = self.generator, self.generator.device
+        flows, aligns, drops = [], [], torch.zeros(2)
+        for sample in samples:
+            states, mask, query_hidden = self.context_states(sample.ctx_ids, sample.ctx_pixel_values, sample.ctx_grids)
+            drop_text, drop_cond = self.draw_dropout(generator)
+            drops += torch.tensor([drop_text, drop_cond], dtype=torch.float)
+            if drop_text:
+                states, mask = self.negative_states(sample, states, mask)
+            cond = None if (drop_cond or sample.cond is None) else sample.cond[None].to(dev)
+            target = sample.target[None].to(dev)
+            t = sample_t(1, s.get("timestep_sampling", "logit_normal"), generator, dev,
+                         s.get("logit_mean", 0.0), s.get("logit_std", 1.0), s.get("time_shift", 1.0))
+            noise = torch.randn(target.shape, generator=generator).to(dev)
+            align_w = getattr(self.connector, "align_weight", 0.0)
+            if align_w > 0 and query_hidden is not None:
+                with gen.capture_block(self.connector.align_layer) as store:
+                    flows.append(gen.flow_loss(target, cond, states.to(gen.dtype), mask, t, noise))
+                aligns.append(self.connector.alignment_loss(store["grid"], query_hidden))
+            else:
+                flows.append(gen.flow_loss(target, cond, states.to(gen.dtype), mask, t, noise))
+        flow = torch.stack(flows).mean()
+        out = {"flow": flow, "drop_text": drops[0], "drop_cond": drops[1]}
+        if aligns:
+            out["align"] = torch.stack(aligns).mean()
+            out["loss"] = flow + self.connector.align_weight * out["align"]
+        else:
+            out["loss"] = flow
+        return out
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, path: str | Path, config: dict | DictConfig | None = None) -> Path:
+        """Write the whole model to ``path`` atomically (a temporary sibling renamed into place)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+        try:
+            manifest: dict[str, Any] = {"format": "unifuse-fused-model", "version": FORMAT_VERSION, "parts": {}, "lora": {}}
+            self._save_mllm(tmp / "mllm")
+            manifest["parts"]["mllm"] = {"folder": "mllm", "spec": {**self.specs.get("mllm", {}), "hidden_layers": self.mllm.hidden_layers}}
+            if self.generator is not None:
+                self._save_generator(tmp / "generator")
+                spec = self.specs.get("generator") or {"_target_": f"{type(self.generator).__module__}.{type(self.generator).__name__}.from_pretrained"}
+                manifest["parts"]["generator"] = {"folder": "generator", "spec": spec}
+            if self.connector is not None:
+                (tmp / "connector").mkdir()
+                save_file({k: v.detach().contiguous().cpu() for k, v in self.connector.state_dict().items()}, str(tmp / "connector" / "model.safetensors"))
+                (tmp / "connector" / "config.json").write_text(json.dumps(self.specs.get("connector", {}), indent=2))
+                manifest["parts"]["connector"] = {"folder": "connector", "spec": self.specs.get("connector", {})}
+            for part, entry in self.lora.items():
+                from peft import get_peft_model_state_dict
+
+                d = tmp / "lora" / part
+                d.mkdir(parents=True)
+                entry["config"].save_pretrained(str(d))
+                save_file({k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(entry["module"]).items()}, str(d / "adapter_model.safetensors"))
+                manifest["lora"][part] = f"lora/{part}"
+            manifest["settings"] = self.settings
+            manifest["config"] = _to_container(config) if config is not None else None
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.rename(path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return path
+
+    @staticmethod
+    def _base_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+        """A module's weights without LoRA tensors, under the names of the un-adapted model."""
+        return {k.replace(".base_layer.", "."): v.detach().contiguous() for k, v in module.state_dict().items() if "lora_" not in k}
+
+    def _save_mllm(self, d: Path) -> None:
+        if "mllm" in self.lora:  # base weights under their own names; the adapter goes to lora/mllm
+            self.mllm.model.save_pretrained(d, state_dict=self._base_state_dict(self.mllm.model))
+            self.mllm.processor.save_pretrained(d)
+        else:
+            self.mllm.save_pretrained(d)
+
+    def _save_generator(self, d: Path) -> None:
+        gen = self.generator
+        if "generator" in self.lora:
+            (d / "transformer").mkdir(parents=True)
+            gen.transformer.save_config(d / "transformer")
+            save_file(self._base_state_dict(gen.transformer), str(d / "transformer" / "diffusion_pytorch_model.safetensors"))
+        else:
+            gen.transformer.save_pretrained(d / "transformer")
+        gen.vae.save_pretrained(d / "vae")
+        gen.make_scheduler().save_pretrained(d / "scheduler")
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> FusedModel:
+        """Rebuild a model written by :meth:`save_pretrained` (no Hydra config needed)."""
+        path = Path(path)
+        mf = path / MANIFEST
+        if not mf.is_file():
+            raise CheckpointError(f"{path}: no {MANIFEST}; not a unifuse fused-model folder")
+        manifest = json.loads(mf.read_text())
+        if manifest.get("version", 0) > FORMAT_VERSION:
+            raise CheckpointError(f"{mf}: format version {manifest['version']} is newer than this unifuse ({FORMAT_VERSION})")
+        parts = manifest["parts"]
+        mspec = dict(parts["mllm"]["spec"])
+        target = mspec.pop("_target_", "backbones.mllm.qwen2_5_vl.Qwen25VLAdapter.from_pretrained")
+        mllm = instantiate({"_target_": target, "path": str(path / parts["mllm"]["folder"]), **mspec}, device=device)
+        generator = connector = None
+        if "generator" in parts:
+            gspec = dict(parts["generator"]["spec"])
+            generator = instantiate({**gspec, "path": str(path / parts["generator"]["folder"])}, device=device)
+        if "connector" in parts:
+            cspec = dict(parts["connector"]["spec"])
+            connector = get_class(cspec.pop("_target_"))(**cspec)
+            connector.load_state_dict(load_file(str(path / parts["connector"]["folder"] / "model.safetensors")))
+        specs = {k: v["spec"] for k, v in parts.items()}
+        model = cls(mllm, generator, connector, specs, manifest.get("settings"))
+        model.mllm.hidden_layers = parts["mllm"]["spec"]["hidden_layers"]
+        for part, folder in manifest.get("lora", {}).items():
+            from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+            module = model.mllm.model.model.language_model if part == "mllm" else model.generator.transformer
+            cfg = LoraConfig.from_pretrained(str(path / folder))
+            inject_adapter_in_model(cfg, module)
+            set_peft_model_state_dict(module, load_file(str(path / folder / "adapter_model.safetensors")))
+            model.lora[part] = {"config": cfg, "module": module}
+        return model.to(device).eval()
