@@ -32,7 +32,7 @@ tiny: setup
 
 demo: setup
 	$(PY) tools/make_tiny.py out_dir=checkpoints/tiny skip_existing=true
-	$(PY) tools/demo.py -m generator=tiny_wan,tiny_cosmos,tiny_sana
+	$(PY) tools/demo.py -m stage=align generator=tiny_wan,tiny_cosmos,tiny_sana connector=last_mlp,multiscale_queries
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" --timeout=600

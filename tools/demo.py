@@ -27,6 +27,7 @@ from rich.table import Table
 from backbones.generator.base import to_pil
 from fusion.cli import friendly_errors, setup_environment
 from fusion.config import register_configs, validate
+from fusion.errors import ConfigError
 from fusion.data import SkipReport, read_jsonl
 
 register_configs()
@@ -93,7 +94,7 @@ def main(cfg: DictConfig) -> None:
         "images_in_cache": len(state.image_grids),
     }
     if cfg.generator is not None:
-        summary["generator"] = generator_step(cfg, mllm, state, conv, out)
+        summary["fused"] = fused_step(cfg, out)
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2))
     console.print(summary)
     console.print(f"[green]ok[/]: wrote {out / 'demo_summary.json'}")
@@ -101,33 +102,37 @@ def main(cfg: DictConfig) -> None:
         raise SystemExit(f"cached decoding disagrees with a full forward (max abs diff {diff:.2e})")
 
 
-def generator_step(cfg: DictConfig, mllm, state, conv, out: Path) -> dict:
-    """One flow-matching training step and one sampling call of the configured generator.
+def fused_step(cfg: DictConfig, out: Path) -> dict:
+    """Build the fused model, run one stage-2 step on the demo data, draw one image, save the model."""
+    from fusion.model import FusedModel
 
-    Until the connectors land, the MLLM's last selected layer feeds the DiT directly: the
-    generator is loaded with ``text_dim`` = the MLLM width, which re-initialises only its
-    text projection.
-    """
-    from fusion.flow import sample_t
-
-    gen = instantiate(cfg.generator, text_dim=mllm.hidden_size, device=cfg.device)
-    size = (cfg.generator.image_size, cfg.generator.image_size)
-    images = [item["image"] for _, item in conv.image_items()]
-    target = gen.encode(load_image(images[-1]), size=size)
-    cond = gen.encode([load_image(p) for p in images[:-1]], size=size)[None] if len(images) > 1 else None
-    text = state.hidden_states()[-1][None].to(gen.device)
+    if cfg.connector is None or cfg.stage is None or cfg.stage.name != "align":
+        raise ConfigError("generator=... in the demo needs connector=<name> and stage=align "
+                          "(e.g. python tools/demo.py stage=align generator=tiny_wan connector=last_mlp)")
+    model = FusedModel.build(cfg)
+    report = model.apply_trainable(cfg.stage)
     g = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW([p for p in gen.transformer.parameters() if p.requires_grad], lr=1e-4)
-    gen.train()
-    loss = gen.flow_loss(target, cond, text, None, sample_t(1, generator=g), torch.randn(target.shape, generator=g))
-    loss.backward()
+    convs = [c for c in read_jsonl(cfg.data.path, cfg.data.image_root, cfg.data.on_error) if c.num_target_images()]
+    samples = [model.prepare_align_sample(c, g) for c in convs]
+    opt = torch.optim.AdamW(model.param_groups(cfg.stage))
+    losses = model.align_loss(samples, g)
+    losses["loss"].backward()
     opt.step()
-    gen.eval()
-    img = gen.sample(text, None, cond, steps=4, guidance=2.0, generator=torch.Generator().manual_seed(cfg.seed))
-    path = out / f"sample_{type(gen).__name__}.png"
+    model.eval()
+    s = max(samples, key=lambda x: 0 if x.cond is None else x.cond.shape[0])  # one with condition frames
+    with torch.no_grad():
+        states, mask, _ = model.context_states(s.ctx_ids, s.ctx_pixel_values, s.ctx_grids)
+        img = model.generator.sample(states, mask, None if s.cond is None else s.cond[None], steps=4, guidance=2.0,
+                                     generator=torch.Generator().manual_seed(cfg.seed))
+    name = f"{type(model.generator).__name__}_{type(model.connector).__name__}"
+    path = out / f"sample_{name}.png"
     to_pil(img)[0].save(path)
-    console.print(f"[bold]{type(gen).__name__}[/] text_dim {gen.text_dim}: train loss {loss.item():.4f}, sample -> {path}")
-    return {"class": type(gen).__name__, "loss": loss.item(), "sample": str(path), "condition_frames": 0 if cond is None else cond.shape[1]}
+    saved = model.save_pretrained(out / "fused_model", config=cfg)
+    trainable = {k: v[0] for k, v in report.items()}
+    console.print(f"[bold]{name}[/]: trainable {trainable}; align loss {losses['loss'].item():.4f} -> {path}; model -> {saved}")
+    return {"generator": type(model.generator).__name__, "connector": type(model.connector).__name__,
+            "loss": losses["loss"].item(), "trainable": trainable, "sample": str(path), "saved": str(saved),
+            "condition_frames": 0 if s.cond is None else s.cond.shape[0]}
 
 
 def load_image(path):

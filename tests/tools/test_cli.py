@@ -56,16 +56,26 @@ def test_demo_runs_end_to_end(made, tmp_path):
     assert summary["images_in_cache"] == 1
 
 
-@pytest.mark.parametrize("generator", ["tiny_wan", "tiny_cosmos", "tiny_sana"])
-def test_demo_with_each_generator_needs_no_code_change(made, tmp_path, generator):
+@pytest.mark.parametrize("generator, connector", [("tiny_wan", "last_mlp"), ("tiny_cosmos", "queries"), ("tiny_sana", "multiscale_queries")])
+def test_demo_fused_step_with_each_generator_needs_no_code_change(made, tmp_path, generator, connector):
     out, _ = made
-    p = run("demo.py", f"tiny_dir={out}", "max_new_tokens=2", f"generator={generator}", f"hydra.run.dir={tmp_path}")
+    p = run("demo.py", f"tiny_dir={out}", "max_new_tokens=2", "stage=align", f"generator={generator}", f"connector={connector}",
+            f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
-    g = json.loads((tmp_path / "demo_summary.json").read_text())["generator"]
+    g = json.loads((tmp_path / "demo_summary.json").read_text())["fused"]
     from PIL import Image
 
     assert Image.open(g["sample"]).size == (64, 64)
-    assert g["loss"] > 0
+    assert g["loss"] > 0 and g["trainable"]["mllm"] == 0 and g["trainable"]["connector"] > 0
+    from fusion.model import FusedModel
+
+    assert FusedModel.from_pretrained(g["saved"]).connector is not None
+
+
+def test_demo_generator_without_connector_is_a_clear_error(made, tmp_path):
+    out, _ = made
+    p = run("demo.py", f"tiny_dir={out}", "generator=tiny_wan", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 2 and "needs connector=<name> and stage=align" in p.stderr
 
 
 def test_unknown_key_is_one_clear_message(made, tmp_path):
