@@ -212,6 +212,8 @@ class DataConfig:
     """DataLoader worker processes."""
     seed: int = 0
     """Seed of the sampler's shuffling."""
+    prevalidate: bool = True
+    """Decode every image and render every sample once before the first step (set false for huge data: checks then run lazily)."""
 
     def __post_init__(self) -> None:
         if self.on_error not in ("error", "skip"):
@@ -307,6 +309,20 @@ class StageConfig:
     """align: which assistant image of a sample is the target: last or random."""
     image_size: int | None = None
     """align: target side in pixels (None: the generator's image_size)."""
+    lr_schedule: str = "constant"
+    """After warm-up: constant or cosine (to 0 at max_steps)."""
+    ema_decay: float = 0.0
+    """EMA of the trained weights (0: off); the export uses the EMA weights. ZeRO 0-2 only."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept (0: all)."""
+    sample_every: int = 0
+    """align: draw an image every N steps into samples/ and the logger (0: never)."""
+    sample_steps: int = 8
+    """align: sampler steps of those images."""
+    sample_guidance: float = 3.0
+    """align: guidance scale of those images."""
+    merge_lora_on_export: bool = True
+    """sft: merge an MLLM LoRA into its weights in the final export (stage 2 reads plain weights)."""
 
     def __post_init__(self) -> None:
         if self.name not in ("sft", "align"):
@@ -327,6 +343,10 @@ class StageConfig:
         unknown = set(self.lr_scale) - {"mllm", "vision_tower", "connector", "generator"}
         if unknown:
             raise ConfigError(f"stage.lr_scale has unknown parts {sorted(unknown)}; use mllm, vision_tower, connector, generator")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ConfigError(f"stage.lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"stage.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.lr <= 0 or self.max_steps <= 0 or self.micro_batch_size <= 0 or self.grad_accum <= 0:
             raise ConfigError("stage.lr, stage.max_steps, stage.micro_batch_size and stage.grad_accum must be positive")
 
@@ -413,6 +433,10 @@ class Config:
     """Global seed."""
     max_new_tokens: int = 32
     """Demo: text tokens decoded per turn."""
+    init_from: str | None = None
+    """stage=align: the stage-1 output (run folder or its final/ export), or 'base' to align the base MLLM."""
+    resume: str = "auto"
+    """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint folder."""
 
 
 @dataclass

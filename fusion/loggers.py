@@ -15,7 +15,7 @@ from typing import Any
 class JsonlLogger:
     """Append one json object per ``log`` call to ``<output_dir>/metrics.jsonl``."""
 
-    def __init__(self, output_dir: str | Path = ".", config: dict | None = None, **_: Any):
+    def __init__(self, output_dir: str | Path = ".", run_config: dict | None = None, **_: Any):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._start = time.time()
@@ -36,12 +36,12 @@ class JsonlLogger:
 class WandbLogger(JsonlLogger):
     """Weights & Biases run (``mode`` online / offline / disabled) plus metrics.jsonl."""
 
-    def __init__(self, output_dir: str | Path = ".", config: dict | None = None, project: str = "unifuse", mode: str = "offline", **_: Any):
+    def __init__(self, output_dir: str | Path = ".", run_config: dict | None = None, project: str = "unifuse", mode: str = "offline", **_: Any):
         super().__init__(output_dir)
         import wandb
 
         self._wandb = wandb
-        self.run = wandb.init(project=project, mode=mode, dir=str(output_dir), config=config or {})
+        self.run = wandb.init(project=project, mode=mode, dir=str(output_dir), config=run_config or {})
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         super().log(metrics, step)

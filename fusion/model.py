@@ -176,6 +176,17 @@ class FusedModel(nn.Module):
             p.requires_grad_("lora_" in n)
         self.lora[part] = {"config": cfg, "module": module}
 
+    def merge_lora(self, part: str) -> None:
+        """Fold a part's LoRA into its base weights and drop the adapter layers."""
+        from peft.tuners.lora import LoraLayer
+
+        module = self.lora.pop(part)["module"]
+        for name, child in list(module.named_modules()):
+            if isinstance(child, LoraLayer):
+                child.merge()
+                parent = module.get_submodule(name.rsplit(".", 1)[0]) if "." in name else module
+                setattr(parent, name.rsplit(".", 1)[-1], child.get_base_layer())
+
     def trainable_report(self) -> dict[str, tuple[int, int]]:
         return {name: (sum(p.numel() for p in m.parameters() if p.requires_grad), sum(p.numel() for p in m.parameters()))
                 for name, m in self.parts().items()}

@@ -1,0 +1,469 @@
+"""The training recipe for both stages, under DeepSpeed ZeRO.
+
+Run as (see ``tools/train.py``):
+    python tools/train.py stage=sft
+    python tools/train.py stage=align generator=tiny_wan connector=last_mlp init_from=<stage-1 output>/final
+
+One process without a launcher sets up a single-rank gloo group itself; ``torchrun`` and
+the ``deepspeed`` launcher provide the rank environment (gloo on CPU, nccl on GPUs).
+
+The recipe in short named steps (torchtune style): ``_setup_distributed``, ``_setup_model``,
+``_setup_data``, ``_setup_engine``, ``_maybe_resume``, then ``train()``. Only the parts that
+train go into the DeepSpeed engine (stage align: connector + DiT; stage sft: the MLLM);
+frozen parts stay outside it, replicated, in eval mode, never gathered or optimised.
+
+Exact resume: every random draw of step ``k`` (data order aside) comes from a generator
+seeded with (seed, k, rank), the sampler is a seeded permutation per epoch, and a
+checkpoint stores engine, optimizer, LR schedule and the data position. A checkpoint is
+written into a hidden ``.partial-*`` folder and renamed to ``step-NNNNNNN`` only when
+complete, so a crash mid-write never leaves a folder that ``resume=auto`` would pick.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+from fusion.data import Conversation, SkipReport, load_images, read_jsonl
+from fusion.errors import CheckpointError, ConfigError, DataError
+from fusion.model import MANIFEST, FusedModel
+
+log = logging.getLogger(__name__)
+CKPT_PREFIX = "step-"
+COMPLETE = "complete.json"
+
+
+# ---------------------------------------------------------------------------- distributed
+def setup_distributed() -> tuple[int, int, str]:
+    """(rank, world size, device). Without a launcher: a single-rank gloo group on a free port."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu"
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def deepspeed_config(ds: DictConfig, stage: DictConfig, device: str) -> dict[str, Any]:
+    """The DeepSpeed json for a run: ZeRO stage, offload, clipping, bf16 where supported."""
+    bf16 = {"auto": device.startswith("cuda") and torch.cuda.is_bf16_supported(), "true": True, "false": False}[ds.bf16]
+    zero: dict[str, Any] = {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm and device.startswith("cuda"),
+                            "reduce_bucket_size": ds.reduce_bucket_size, "contiguous_gradients": True}
+    for key in ("offload_optimizer", "offload_param"):
+        dev = getattr(ds, key)
+        if dev != "none":
+            zero[key] = {"device": dev, "pin_memory": device.startswith("cuda"), **({"nvme_path": ds.nvme_path} if dev == "nvme" else {})}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = ds.stage3_gather_16bit_weights_on_model_save
+    return {
+        "train_micro_batch_size_per_gpu": stage.micro_batch_size,
+        "gradient_accumulation_steps": stage.grad_accum,
+        "gradient_clipping": ds.gradient_clipping,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(bf16)},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+# ---------------------------------------------------------------------------- data
+class ConversationDataset(torch.utils.data.Dataset):
+    """Validated conversations; ``__getitem__`` decodes the images (in loader workers)."""
+
+    def __init__(self, convs: list[Conversation]):
+        self.convs = convs
+
+    def __len__(self) -> int:
+        return len(self.convs)
+
+    def __getitem__(self, i: int) -> Conversation | DataError:
+        try:
+            return load_images(self.convs[i])
+        except DataError as e:  # reported by the main process under the run's policy
+            return e
+
+
+class SeededSampler(torch.utils.data.Sampler):
+    """A permutation per epoch from (seed, epoch), sharded by rank; resumable at any position."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch, self.start = 0, 0
+
+    def indices(self, epoch: int) -> list[int]:
+        perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
+        return perm[self.rank :: self.world]
+
+    def __iter__(self):
+        return iter(self.indices(self.epoch)[self.start :])
+
+    def __len__(self) -> int:
+        return len(self.indices(self.epoch)) - self.start
+
+
+def collate(items):
+    return items
+
+
+# ---------------------------------------------------------------------------- the trainable module
+class StageModule(nn.Module):
+    """What DeepSpeed wraps: only the parts that train; the fused model is held, not registered."""
+
+    def __init__(self, fused: FusedModel, stage_name: str):
+        super().__init__()
+        object.__setattr__(self, "fused", fused)
+        self.stage_name = stage_name
+        if stage_name == "sft":
+            self.mllm = fused.mllm.model
+        else:
+            self.connector = fused.connector
+            self.dit = fused.generator.transformer
+
+    def forward(self, batch: list, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        if self.stage_name == "sft":
+            return {"loss": self.fused.sft_loss(batch)}
+        return self.fused.align_loss(batch, generator)
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # samples of this rank's epoch already consumed
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- the recipe
+class Trainer:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.state = TrainState()
+        self.report = SkipReport()
+
+    # -- setup ---------------------------------------------------------------------
+    def _setup_distributed(self) -> None:
+        self.rank, self.world, self.device = setup_distributed()
+        self.is_main = self.rank == 0
+        torch.manual_seed(self.cfg.stage.seed)
+
+    def _check_init_from(self) -> str | None:
+        cfg = self.cfg
+        init = cfg.get("init_from")
+        if cfg.stage.name != "align":
+            return None if init in (None, "base") else self._stage1_mllm(init)
+        if init is None:
+            raise ConfigError("stage=align needs init_from=<stage-1 output folder> (or init_from=base to align the base MLLM)")
+        return None if init == "base" else self._stage1_mllm(init)
+
+    def _stage1_mllm(self, init: str) -> str:
+        p = Path(init)
+        if (p / "final" / MANIFEST).is_file():  # a run folder: take its export
+            p = p / "final"
+        if not (p / MANIFEST).is_file():
+            raise CheckpointError(f"init_from={init}: no {MANIFEST} here (expected a stage-1 run folder or its final/ export)")
+        manifest = json.loads((p / MANIFEST).read_text())
+        if "mllm" not in manifest.get("parts", {}):
+            raise CheckpointError(f"init_from={init}: the saved model has no MLLM part")
+        tok = p / manifest["parts"]["mllm"]["folder"]
+        vocab = json.loads((tok / "tokenizer.json").read_text()).get("added_tokens", []) if (tok / "tokenizer.json").is_file() else []
+        if not any(t.get("content") == "<|bov|>" for t in vocab):
+            raise CheckpointError(f"init_from={init}: its MLLM has no <|bov|> token; not a unifuse stage-1 output")
+        if manifest.get("lora", {}).get("mllm"):
+            raise CheckpointError(f"init_from={init}: the MLLM carries a LoRA adapter; export stage 1 with merged weights (stage.merge_lora_on_export=true)")
+        return str(p)
+
+    def _setup_model(self) -> None:
+        cfg = self.cfg
+        init = self._check_init_from()
+        if init is not None:
+            cfg = cfg.copy()
+            OmegaConf.set_struct(cfg, False)
+            cfg.mllm.path = str(Path(init) / "mllm")
+            cfg.mllm.add_bov = False
+        self.model = FusedModel.build(cfg, device=self.device)
+        report = self.model.apply_trainable(cfg.stage)
+        if self.is_main:
+            for part, (n_train, n_all) in report.items():
+                log.info("%-12s trainable %11d / %11d", part, n_train, n_all)
+        if cfg.stage.name == "align" and (self.model.generator is None or self.model.connector is None):
+            raise ConfigError("stage=align needs generator=<name> and connector=<name>")
+
+    def _setup_data(self) -> None:
+        d = self.cfg.data
+        convs = []
+        for conv in read_jsonl(d.path, d.image_root, d.on_error, self.report):
+            try:
+                if d.prevalidate:
+                    self._prepare(load_images(conv))  # decode + render + length check before the first step
+                convs.append(conv)
+            except DataError as e:
+                if d.on_error == "error":
+                    raise
+                self.report.add(e)
+        if not convs:
+            raise DataError(f"no usable samples ({self.report.summary()})", d.path)
+        if self.is_main:
+            log.info("data: %d samples from %s; %s", len(convs), d.path, self.report.summary())
+        self.dataset = ConversationDataset(convs)
+        self.sampler = SeededSampler(len(convs), d.seed, self.rank, self.world)
+
+    def _loader(self):
+        return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.stage.micro_batch_size, sampler=self.sampler,
+                                           num_workers=self.cfg.data.num_workers, collate_fn=collate,
+                                           persistent_workers=False)
+
+    def _setup_engine(self) -> None:
+        import deepspeed
+
+        st = self.cfg.stage
+        self.module = StageModule(self.model, st.name)
+        groups = self.model.param_groups(st)
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+        warm, total = st.warmup_steps, st.max_steps
+
+        def schedule(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            if st.lr_schedule == "cosine":
+                return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+            return 1.0
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        ds = deepspeed_config(self.cfg.deepspeed, st, self.device)
+        if ds["bf16"]["enabled"]:
+            log.info("bf16 mixed precision on")
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+        self.ema = None
+        if st.ema_decay > 0:
+            if self.cfg.deepspeed.zero_stage == 3:
+                raise ConfigError("stage.ema_decay with deepspeed.zero_stage=3 is not supported (partitioned weights)")
+            self.ema = {n: p.detach().float().clone() for n, p in self.module.named_parameters() if p.requires_grad}
+        self.logger = instantiate(self.cfg.logger, output_dir=str(self.out), run_config=OmegaConf.to_container(self.cfg, resolve=True), _recursive_=False) if self.is_main else None
+
+    # -- checkpoints ---------------------------------------------------------------
+    def complete_checkpoints(self) -> list[Path]:
+        if not self.ckpt_dir.is_dir():
+            return []
+        found = [p for p in self.ckpt_dir.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / COMPLETE).is_file()]
+        return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
+
+    def save_checkpoint(self) -> Path:
+        step = self.state.step
+        final = self.ckpt_dir / f"{CKPT_PREFIX}{step:07d}"
+        partial = self.ckpt_dir / f".partial-{step:07d}"
+        if self.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        torch.distributed.barrier()
+        client = {"train_state": self.state.__dict__, "report": dict(self.report.counts)}
+        self.engine.save_checkpoint(str(partial), tag="state", client_state=client, save_latest=False)
+        if self.ema is not None:
+            torch.save(self.ema, partial / f"ema_rank{self.rank}.pt")
+        torch.distributed.barrier()
+        if self.is_main:
+            (partial / COMPLETE).write_text(json.dumps({"step": step, "world_size": self.world}))
+            if final.exists():
+                shutil.rmtree(final)
+            partial.rename(final)
+            keep = self.cfg.stage.keep_checkpoints
+            if keep > 0:
+                for old in self.complete_checkpoints()[:-keep]:
+                    shutil.rmtree(old, ignore_errors=True)
+        torch.distributed.barrier()
+        return final
+
+    def _maybe_resume(self) -> None:
+        mode = self.cfg.resume
+        if mode == "never":
+            return
+        if mode == "auto":
+            found = self.complete_checkpoints()
+            if not found:
+                return
+            ckpt = found[-1]
+        else:
+            ckpt = Path(mode)
+            if not (ckpt / COMPLETE).is_file():
+                raise CheckpointError(f"resume={mode}: not a complete checkpoint folder (no {COMPLETE})")
+        meta = json.loads((ckpt / COMPLETE).read_text())
+        if meta.get("world_size") != self.world:
+            raise CheckpointError(f"resume: {ckpt} was written by {meta.get('world_size')} ranks; this run has {self.world}")
+        _, client = self.engine.load_checkpoint(str(ckpt), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True)
+        self.state = TrainState(**client["train_state"])
+        self.report.counts.update(client.get("report", {}))
+        self.sampler.epoch, self.sampler.start = self.state.epoch, self.state.position
+        if self.ema is not None and (ckpt / f"ema_rank{self.rank}.pt").is_file():
+            self.ema = torch.load(ckpt / f"ema_rank{self.rank}.pt")
+        if self.is_main:
+            log.info("resumed from %s at step %d", ckpt, self.state.step)
+
+    # -- steps ---------------------------------------------------------------------
+    def _prepare(self, conv: Conversation, generator: torch.Generator | None = None):
+        if self.cfg.stage.name == "sft":
+            self.model.mllm.render(conv)  # length check; the loss renders again
+            return conv
+        return self.model.prepare_align_sample(conv, generator)
+
+    def _next_batch(self, it, generator: torch.Generator):
+        """The next micro-batch of prepared samples, applying the data policy to lazy errors."""
+        while True:
+            try:
+                items = next(it)
+            except StopIteration:
+                self.state.epoch += 1
+                self.state.position = 0
+                self.sampler.epoch, self.sampler.start = self.state.epoch, 0
+                it = iter(self._loader())
+                items = next(it)
+            self.state.position += len(items)
+            batch = []
+            for item in items:
+                try:
+                    if isinstance(item, DataError):
+                        raise item
+                    batch.append(self._prepare(item, generator))
+                except DataError as e:
+                    if self.cfg.data.on_error == "error":
+                        raise
+                    self.report.add(e)
+            if batch:
+                return batch, it
+
+    def _step_generator(self, micro: int) -> torch.Generator:
+        seed = (self.cfg.stage.seed * 1_000_003 + self.state.step * 1009 + micro) * 131 + self.rank
+        torch.manual_seed(seed)  # dropout and anything else drawing from the global generator
+        return torch.Generator().manual_seed(seed)
+
+    def _update_ema(self) -> None:
+        d = self.cfg.stage.ema_decay
+        with torch.no_grad():
+            for n, p in self.module.named_parameters():
+                if n in self.ema:
+                    self.ema[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
+
+    def _draw_samples(self) -> None:
+        """Draw one image for a fixed sample into samples/step-N.png (and the logger)."""
+        from backbones.generator.base import to_pil
+
+        m = self.model
+        was = m.connector.training, m.generator.transformer.training
+        m.connector.eval()
+        m.generator.transformer.eval()
+        try:
+            sample = self.model.prepare_align_sample(load_images(self.dataset.convs[0]))
+            with torch.no_grad():
+                states, mask, _ = m.context_states(sample.ctx_ids, sample.ctx_pixel_values, sample.ctx_grids)
+                cond = None if sample.cond is None else sample.cond[None]
+                img = m.generator.sample(states, mask, cond, steps=self.cfg.stage.sample_steps, guidance=self.cfg.stage.sample_guidance,
+                                         generator=torch.Generator().manual_seed(0))
+        finally:
+            m.connector.train(was[0])
+            m.generator.transformer.train(was[1])
+        path = self.out / "samples" / f"step-{self.state.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pil = to_pil(img)[0]
+        pil.save(path)
+        self.logger.log_images({"sample": pil}, step=self.state.step)
+
+    def train(self) -> dict[str, Any]:
+        self._setup_distributed()
+        self._setup_model()
+        self._setup_data()
+        self._setup_engine()
+        self._maybe_resume()
+        st = self.cfg.stage
+        it = iter(self._loader())
+        bar = tqdm(total=st.max_steps, initial=self.state.step, disable=not self.is_main, desc=f"{st.name}", dynamic_ncols=True)
+        losses: list[float] = []
+        t0 = time.time()
+        while self.state.step < st.max_steps:
+            metrics: dict[str, float] = {}
+            for micro in range(st.grad_accum):
+                batch, it = self._next_batch(it, self._step_generator(micro))
+                out = self.engine(batch, self._step_generator(micro))
+                self.engine.backward(out["loss"])
+                for k, v in out.items():
+                    metrics[k] = metrics.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) / st.grad_accum
+                self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
+            self.state.step += 1
+            if self.ema is not None:
+                self._update_ema()
+            loss = torch.tensor(metrics["loss"])
+            torch.distributed.all_reduce(loss)
+            metrics["loss"] = loss.item() / self.world
+            metrics["lr"] = self.scheduler.get_last_lr()[0]
+            metrics["skipped"] = self.report.total
+            losses.append(metrics["loss"])
+            if self.is_main:
+                self.logger.log(metrics, step=self.state.step)
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", skipped=self.report.total)
+                bar.update(1)
+            if st.name == "align" and st.sample_every and self.state.step % st.sample_every == 0 and self.is_main:
+                self._draw_samples()
+            if st.save_every and self.state.step % st.save_every == 0 and self.state.step < st.max_steps:
+                self.save_checkpoint()
+        bar.close()
+        final = self.export()
+        summary = {"steps": self.state.step, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+                   "seconds": round(time.time() - t0, 2), "skipped": dict(self.report.counts), "export": str(final),
+                   "skip_examples": self.report.examples[:5]}
+        if self.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+            log.info("done: %d steps, %s; exported %s", self.state.step, self.report.summary(), final)
+            self.logger.finish()
+        return summary
+
+    def export(self) -> Path:
+        """Save the fused model to <output_dir>/final (ZeRO-3 shards gathered; EMA weights if enabled)."""
+        import deepspeed
+
+        params = list(self.module.parameters())
+        final = self.out / "final"
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.cfg.deepspeed.zero_stage == 3):
+            if self.is_main:
+                backup = None
+                if self.ema is not None:
+                    backup = {n: p.detach().clone() for n, p in self.module.named_parameters() if n in self.ema}
+                    with torch.no_grad():
+                        for n, p in self.module.named_parameters():
+                            if n in self.ema:
+                                p.copy_(self.ema[n].to(p.dtype))
+                if self.cfg.stage.merge_lora_on_export and "mllm" in self.model.lora:
+                    self.model.merge_lora("mllm")
+                self.model.save_pretrained(final, config=self.cfg)
+                if backup is not None:
+                    with torch.no_grad():
+                        for n, p in self.module.named_parameters():
+                            if n in backup:
+                                p.copy_(backup[n])
+        torch.distributed.barrier()
+        return final

@@ -1,0 +1,43 @@
+"""Train either stage under DeepSpeed ZeRO.
+
+Run as:
+    python tools/train.py stage=sft                                   # stage 1 on the demo data, tiny MLLM
+    python tools/train.py stage=align generator=tiny_wan connector=last_mlp init_from=outputs/sft
+    python tools/train.py -m stage=align generator=tiny_sana connector=last_mlp,multilayer_concat,queries init_from=outputs/sft
+    torchrun --nproc_per_node=2 tools/train.py stage=sft              # two processes (gloo on CPU, nccl on GPUs)
+    python tools/train.py experiment=tiny_sft                          # replay an experiment file
+
+Writes to the run folder (hydra.run.dir, default outputs/<date>/<time>): metrics.jsonl,
+train.log, checkpoints/step-NNNNNNN/ (resume=auto picks the newest complete one),
+samples/ (stage=align with stage.sample_every), final/ (the exported fused model) and
+summary.json.
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from fusion.cli import friendly_errors, setup_environment
+from fusion.config import register_configs, validate
+from fusion.errors import ConfigError
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="config", version_base="1.3")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    setup_environment()
+    validate(cfg)
+    if cfg.stage is None:
+        raise ConfigError("choose a stage: stage=sft or stage=align")
+    from fusion.train import Trainer
+
+    summary = Trainer(cfg).train()
+    print(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} over {summary['steps']} steps; "
+          f"skipped {sum(summary['skipped'].values())}; model: {summary['export']}")
+
+
+if __name__ == "__main__":
+    main()
