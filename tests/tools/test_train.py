@@ -1,0 +1,181 @@
+"""tools/train.py as a user runs it: both stages, ZeRO-2 and ZeRO-3, resume after SIGKILL, bad data, init_from."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cmd(*overrides):
+    return [sys.executable, str(REPO / "tools" / "train.py"), *overrides]
+
+
+def env():
+    e = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        e.pop(k, None)
+    return e
+
+
+def train(*overrides, check=True):
+    p = subprocess.run(cmd(*overrides), cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    if check:
+        assert p.returncode == 0, p.stderr[-4000:]
+    return p
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows}
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    return f"tiny_dir={tiny_dir}"
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    train(tiny, "stage=sft", "stage.max_steps=12", "stage.lr=1e-3", "stage.warmup_steps=0", f"hydra.run.dir={out}")
+    return out
+
+
+def test_stage1_sft_zero2_runs_lowers_loss_and_exports(sft_run):
+    ls = losses(sft_run)
+    assert sorted(ls) == list(range(1, 13))
+    assert sum(ls[s] for s in (10, 11, 12)) < sum(ls[s] for s in (1, 2, 3))
+    summary = json.loads((sft_run / "summary.json").read_text())
+    assert summary["steps"] == 12 and summary["skipped"] == {}
+    from fusion.model import FusedModel
+
+    m = FusedModel.from_pretrained(sft_run / "final")
+    assert m.generator is None and m.mllm.bov_token_id > 0
+    assert (sft_run / "train.log").is_file()
+
+
+def test_stage2_align_zero3_from_stage1_lowers_loss_and_reloads(tiny, sft_run, tmp_path):
+    train(tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", "deepspeed=zero3",
+          "stage.max_steps=16", "stage.lr=2e-3", "stage.warmup_steps=0", "stage.sample_every=8", f"hydra.run.dir={tmp_path}")
+    ls = losses(tmp_path)
+    first, last = [ls[s] for s in range(1, 5)], [ls[s] for s in range(13, 17)]
+    assert sum(last) < sum(first), ls
+    assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == ["step-0000008.png", "step-0000016.png"]
+    from fusion.model import FusedModel
+
+    m = FusedModel.from_pretrained(tmp_path / "final")
+    assert type(m.connector).__name__ == "LastMLP" and m.generator is not None
+    for p in m.generator.transformer.parameters():  # ZeRO-3 shards were gathered for the export
+        assert p.numel() > 0
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tiny, sft_run, tmp_path):
+    common = [tiny, "stage=align", "generator=tiny_cosmos", "connector=queries", f"init_from={sft_run}", "stage.max_steps=10",
+              "stage.save_every=2", "stage.lr=1e-3", "stage.warmup_steps=3", "stage.lr_schedule=cosine", "data.seed=3"]
+    train(*common, f"hydra.run.dir={tmp_path / 'full'}")
+    full = losses(tmp_path / "full")
+
+    run = tmp_path / "killed"
+    p = subprocess.Popen(cmd(*common, f"hydra.run.dir={run}"), cwd=REPO, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        ckpts = list((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else []
+        if ckpts and max(losses(run)) >= 5:
+            break
+        time.sleep(0.05)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    killed_at = max(losses(run))
+    assert killed_at < 10, "the run finished before it could be killed"
+    train(*common, f"hydra.run.dir={run}")  # resume=auto
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    resumed = [r for r in rows[killed_at:]]  # rows appended by the resumed process
+    assert resumed and resumed[-1]["step"] == 10
+    for r in resumed:
+        assert abs(r["loss"] - full[r["step"]]) < 1e-5, (r, full[r["step"]])
+    assert json.loads((run / "summary.json").read_text())["steps"] == 10
+
+
+def test_partial_checkpoint_is_never_resumed(tiny, sft_run, tmp_path):
+    common = [tiny, "stage=sft", "stage.max_steps=4", "stage.save_every=2", f"hydra.run.dir={tmp_path}"]
+    train(*common)
+    ck = tmp_path / "checkpoints"
+    (ck / "step-0000002" / "complete.json").unlink()  # as if the process died before marking it complete
+    (ck / ".partial-0000004").mkdir()
+    from fusion.train import Trainer
+    from omegaconf import OmegaConf
+
+    t = Trainer(OmegaConf.create({"output_dir": str(tmp_path)}))
+    assert t.complete_checkpoints() == []
+
+
+def write_bad_data(tiny_dir: Path, folder: Path) -> Path:
+    src = (tiny_dir / "demo_data" / "conversations.jsonl").read_text().splitlines()
+    (folder / "images").mkdir(parents=True)
+    for png in (tiny_dir / "demo_data" / "images").iterdir():
+        (folder / "images" / png.name).write_bytes(png.read_bytes())
+    (folder / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    bad = [
+        "{not json",
+        src[0].replace("red_circle.png", "missing.png"),
+        src[0].replace("red_circle.png", "corrupt.png"),
+        json.dumps({"messages": [{"role": "user", "content": "word " * 3000},
+                                 {"role": "assistant", "content": [{"type": "image", "image": "images/red_circle.png"}]}]}),
+    ]
+    path = folder / "data.jsonl"
+    path.write_text("\n".join(src + bad) + "\n")
+    return path
+
+
+def test_bad_data_skip_finishes_and_counts_each_kind(tiny, tiny_dir, tmp_path):
+    data = write_bad_data(tiny_dir, tmp_path / "data")
+    p = train(tiny, "stage=sft", "stage.max_steps=3", f"data.path={data}", "data.on_error=skip", f"hydra.run.dir={tmp_path / 'run'}")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped"] == {"json": 1, "missing_image": 1, "bad_image": 1, "too_long": 1}
+    assert summary["steps"] == 3
+    assert "skipped 4 samples" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_bad_data_error_stops_before_the_first_step(tiny, tiny_dir, tmp_path):
+    data = write_bad_data(tiny_dir, tmp_path / "data")
+    p = train(tiny, "stage=sft", f"data.path={data}", "data.on_error=error", f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert p.returncode == 2
+    assert f"error: {data}:4: not valid JSON" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_align_without_or_with_wrong_init_from_fails_early(tiny, tmp_path):
+    p = train(tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"hydra.run.dir={tmp_path}", check=False)
+    assert p.returncode == 2 and "stage=align needs init_from=" in p.stderr
+    p = train(tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={tmp_path}", f"hydra.run.dir={tmp_path}", check=False)
+    assert p.returncode == 2 and "no unifuse.json" in p.stderr
+
+
+def test_connector_sweep_writes_one_folder_per_run(tiny, sft_run, tmp_path):
+    train("-m", tiny, "stage=align", "generator=tiny_sana", "connector=last_mlp,layer_mix", f"init_from={sft_run}", "stage.max_steps=2",
+          f"hydra.sweep.dir={tmp_path}")
+    runs = sorted(p for p in tmp_path.iterdir() if p.is_dir() and (p / "summary.json").is_file())
+    assert len(runs) == 2
+    kinds = {json.loads((r / "final" / "unifuse.json").read_text())["parts"]["connector"]["spec"]["_target_"] for r in runs}
+    assert kinds == {"connectors.last_mlp.LastMLP", "connectors.layer_mix.LayerMix"}
+
+
+@pytest.mark.slow
+def test_two_processes_with_torchrun_gloo(tiny, sft_run, tmp_path):
+    e = env()
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(REPO / "tools" / "train.py"), tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp",
+                        f"init_from={sft_run}", "stage.max_steps=4", "stage.save_every=2", "deepspeed=zero3", f"hydra.run.dir={tmp_path}"],
+                       cwd=REPO, env=e, capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-4000:]
+    assert json.loads((tmp_path / "checkpoints" / "step-0000002" / "complete.json").read_text())["world_size"] == 2
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
