@@ -1,5 +1,5 @@
 # unifuse: the README's commands.
-#   make demo   set up if needed, then run the main job (tiny checkpoints, end-to-end smoke path)
+#   make demo   set up if needed, then run the main job (tiny checkpoints: stage 1, stage 2, fused smoke runs)
 #   make test   set up if needed, then run the fast test tier (CPU, < 15 min)
 #   make test-slow   the slow learning checks
 SHELL := /bin/bash
@@ -32,6 +32,8 @@ tiny: setup
 
 demo: setup
 	$(PY) tools/make_tiny.py out_dir=checkpoints/tiny skip_existing=true
+	$(PY) tools/train.py experiment=tiny_sft hydra.run.dir=outputs/demo/sft resume=never
+	$(PY) tools/train.py experiment=tiny_align init_from=outputs/demo/sft hydra.run.dir=outputs/demo/align resume=never
 	$(PY) tools/demo.py -m stage=align generator=tiny_wan,tiny_cosmos,tiny_sana connector=last_mlp,multiscale_queries
 
 test: setup

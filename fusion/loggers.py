@@ -15,10 +15,27 @@ from typing import Any
 class JsonlLogger:
     """Append one json object per ``log`` call to ``<output_dir>/metrics.jsonl``."""
 
-    def __init__(self, output_dir: str | Path = ".", run_config: dict | None = None, **_: Any):
+    def __init__(self, output_dir: str | Path = ".", run_config: dict | None = None, start_step: int = 0, **_: Any):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._start = time.time()
+        self._truncate(start_step)
+
+    def _truncate(self, start_step: int) -> None:
+        """Keep only rows up to ``start_step`` (a fresh run: none; a resumed run: those before its checkpoint)."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if row.get("step") is not None and row["step"] <= start_step:
+                keep.append(line)
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(k + "\n" for k in keep))
+        tmp.replace(self.path)
 
     def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
         row = {"step": step, "time": round(time.time() - self._start, 3)}
@@ -36,8 +53,9 @@ class JsonlLogger:
 class WandbLogger(JsonlLogger):
     """Weights & Biases run (``mode`` online / offline / disabled) plus metrics.jsonl."""
 
-    def __init__(self, output_dir: str | Path = ".", run_config: dict | None = None, project: str = "unifuse", mode: str = "offline", **_: Any):
-        super().__init__(output_dir)
+    def __init__(self, output_dir: str | Path = ".", run_config: dict | None = None, start_step: int = 0, project: str = "unifuse",
+                 mode: str = "offline", **_: Any):
+        super().__init__(output_dir, start_step=start_step)
         import wandb
 
         self._wandb = wandb

@@ -267,7 +267,6 @@ class Trainer:
             if self.cfg.deepspeed.zero_stage == 3:
                 raise ConfigError("stage.ema_decay with deepspeed.zero_stage=3 is not supported (partitioned weights)")
             self.ema = {n: p.detach().float().clone() for n, p in self.module.named_parameters() if p.requires_grad}
-        self.logger = instantiate(self.cfg.logger, output_dir=str(self.out), run_config=OmegaConf.to_container(self.cfg, resolve=True), _recursive_=False) if self.is_main else None
 
     # -- checkpoints ---------------------------------------------------------------
     def complete_checkpoints(self) -> list[Path]:
@@ -400,6 +399,8 @@ class Trainer:
         self._setup_data()
         self._setup_engine()
         self._maybe_resume()
+        self.logger = instantiate(self.cfg.logger, output_dir=str(self.out), run_config=OmegaConf.to_container(self.cfg, resolve=True),
+                                  start_step=self.state.step, _recursive_=False) if self.is_main else None
         st = self.cfg.stage
         it = iter(self._loader())
         bar = tqdm(total=st.max_steps, initial=self.state.step, disable=not self.is_main, desc=f"{st.name}", dynamic_ncols=True)
