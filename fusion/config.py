@@ -463,11 +463,62 @@ class MakeTinyConfig:
     """Part name -> partial builder called as builder(out_dir=..., seed=..., name=part)."""
 
 
+@dataclass
+class GenerateConfig:
+    """``tools/generate.py``: one prompt or a scripted multi-turn chat with a saved fused model."""
+
+    model: str = MISSING
+    """A fused-model folder written by save_pretrained (e.g. a run's final/)."""
+    prompt: str | None = None
+    """One user turn."""
+    image: list[str] = field(default_factory=list)
+    """Images attached to the prompt (image=a.png or image=[a.png,b.png])."""
+    conversation: str | None = None
+    """A JSONL file; the user turns of one line are sent in order (assistant turns are ignored)."""
+    conversation_line: int = 1
+    """Which line of the conversation file to play."""
+    system: str | None = None
+    """System prompt (None: the chat template's default)."""
+    output_dir: str = "outputs/generate"
+    """Where PNGs and transcript.{md,html,json} go."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:1 ..."""
+    max_new_tokens: int = 256
+    """Text tokens per assistant turn."""
+    max_images_per_turn: int = 4
+    """Images per assistant turn."""
+    steps: int = 20
+    """DiT sampler steps."""
+    guidance: float = 4.0
+    """Text guidance scale."""
+    image_guidance: float = 1.0
+    """Condition-frame guidance scale (1: off)."""
+    negative: str = "duogen"
+    """Text-guidance negative: duogen or null."""
+    seed: int = 0
+    """Seed of the images (and of text sampling)."""
+    temperature: float = 0.0
+    """0: greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    height: int | None = None
+    """Image height (None: the generator's image_size)."""
+    width: int | None = None
+    """Image width (None: the generator's image_size)."""
+
+    def __post_init__(self) -> None:
+        if self.negative not in ("duogen", "null"):
+            raise ConfigError(f"negative must be duogen or null, got {self.negative!r}")
+        if self.steps <= 0 or self.max_new_tokens <= 0 or self.max_images_per_turn < 0:
+            raise ConfigError("steps and max_new_tokens must be positive, max_images_per_turn >= 0")
+
+
 def register_configs() -> None:
     """Register every schema in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="make_tiny_schema", node=MakeTinyConfig)
+    cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(group="mllm", name="qwen2_5_vl_schema", node=Qwen25VLConfig)
     cs.store(group="generator", name="wan_schema", node=WanGeneratorConfig)
     cs.store(group="generator", name="cosmos_schema", node=CosmosGeneratorConfig)

@@ -2,7 +2,8 @@
 
 Written by ``python tools/make_tiny.py`` to ``<out_dir>/demo_data/`` (``conversations.jsonl``
 plus PNGs). It covers the message kinds the renderer must handle: a text-to-image request,
-an edit of a user image, a text-only answer, and a multi-image answer. The full procedural
+an edit of a user image, a text-only answer, a multi-image answer, and a three-turn chat
+whose last turn refers back to the first image. The full procedural
 toy world (with ground truth and an evaluator) replaces it as the main job later.
 """
 
@@ -70,6 +71,14 @@ def make_demo_data(out_dir: str | Path, seed: int = 0, name: str = "demo_data") 
                 "role": "assistant",
                 "content": [text("First the square:"), img("blue_square"), text("then the triangle:"), img("blue_square_green_tri")],
             },
+        ],
+        [
+            {"role": "user", "content": [text("Draw a blue square at the top right.")]},
+            {"role": "assistant", "content": [text("Here is the square."), img("blue_square")]},
+            {"role": "user", "content": [text("What shape is it?")]},
+            {"role": "assistant", "content": [text("It is a square.")]},
+            {"role": "user", "content": [text("Add a green triangle to the first image.")]},
+            {"role": "assistant", "content": [text("Done."), img("blue_square_green_tri")]},
         ],
     ]
     with open(root / "conversations.jsonl", "w") as f:

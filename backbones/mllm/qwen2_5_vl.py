@@ -85,7 +85,9 @@ class DecodeState:
     hidden_chunks: list[torch.Tensor] = field(default_factory=list)  # each [n_layers, chunk_len, D]
     last_logits: torch.Tensor | None = None  # [vocab] logits after the last token
     image_grids: list[torch.Tensor] = field(default_factory=list)
+    pixel_chunks: list[torch.Tensor] = field(default_factory=list)  # kept for the recompute baselines
     tokens_forwarded: int = 0  # every token run through the language model, for the 1.00 check
+    recompute: str = "never"  # baselines: "images" re-encodes the full context at each image, "always" at every span
 
     @property
     def length(self) -> int:
@@ -407,10 +409,19 @@ class Qwen25VLAdapter(nn.Module):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.Tensor | None = None,
     ) -> DecodeState:
-        """Run a span of new tokens (text and/or whole images) through the cache."""
+        """Run a span of new tokens (text and/or whole images) through the cache.
+
+        With ``state.recompute`` set (the naive baselines the benchmark compares against),
+        the span is instead appended and the *whole* context is re-encoded from scratch.
+        """
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(1, -1)
         if ids.shape[1] == 0:
             return state
+        if image_grid_thw is not None:
+            state.image_grids.extend(image_grid_thw)
+            state.pixel_chunks.append(pixel_values)
+        if state.recompute == "always" or (state.recompute == "images" and image_grid_thw is not None):
+            return self._reencode(state, ids)
         pos = self.rope_positions(ids, image_grid_thw, start=state.next_position)
         out = self.forward(
             ids,
@@ -426,9 +437,41 @@ class Qwen25VLAdapter(nn.Module):
         state.hidden_chunks.append(out["hidden"][0])
         state.last_logits = out["logits"][0, -1].float()
         state.tokens_forwarded += ids.shape[1]
-        if image_grid_thw is not None:
-            state.image_grids.extend(image_grid_thw)
         return state
+
+    def _reencode(self, state: DecodeState, ids: torch.Tensor) -> DecodeState:
+        """Baseline: forget the cache and run every token of the context again."""
+        from transformers import DynamicCache
+
+        all_ids = torch.tensor([state.ids + ids[0].tolist()], device=self.device)
+        grids = torch.stack(state.image_grids).to(self.device) if state.image_grids else None
+        pv = torch.cat(state.pixel_chunks).to(self.device, self.model.dtype) if state.pixel_chunks else None
+        pos = self.rope_positions(all_ids, grids)
+        cache = DynamicCache(config=self.model.config)
+        out = self.forward(all_ids, pixel_values=pv, image_grid_thw=grids, position_ids=pos, past_key_values=cache, use_cache=True)
+        state.cache = out["past_key_values"]
+        state.ids = all_ids[0].tolist()
+        state.next_position = int(pos.max()) + 1
+        state.hidden_chunks = [out["hidden"][0]]
+        state.last_logits = out["logits"][0, -1].float()
+        state.tokens_forwarded += all_ids.shape[1]
+        return state
+
+    @torch.no_grad()
+    def run_queries(self, state: DecodeState, query_embeds: torch.Tensor) -> torch.Tensor:
+        """Hidden states [1, n_layers, N, D] of query embeddings appended after the cache.
+
+        The queries attend to the whole prefix through the cache, which is then cropped
+        back: they are not part of the conversation and never count as tokens of it.
+        """
+        n = query_embeds.shape[0]
+        pad = torch.full((1, n), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        pos = self.rope_positions(pad, start=state.next_position)
+        out = self.forward(pad, inputs_embeds=query_embeds[None].to(self.device, self.model.dtype), position_ids=pos,
+                           past_key_values=state.cache, use_cache=True, compute_logits=False)
+        state.cache = out["past_key_values"]
+        state.cache.crop(-n)
+        return out["hidden"]
 
     def prefill(self, state: DecodeState, rendered: RenderedConversation) -> DecodeState:
         """Run a rendered prompt (e.g. ``render(..., add_generation_prompt=True)``) into the cache."""
@@ -443,12 +486,17 @@ class Qwen25VLAdapter(nn.Module):
         top_p: float = 1.0,
         generator: torch.Generator | None = None,
         stop_ids: Sequence[int] | None = None,
+        logits_processor: Any = None,
+        suppress_ids: Sequence[int] = (),
+        on_token: Any = None,
     ) -> tuple[list[int], str]:
         """Decode until ``<|bov|>``, end of turn or ``max_new_tokens``.
 
         The stop token itself is run through the cache (its hidden state is part of the
-        prefix the connector reads). Returns the new ids and the reason: ``"bov"``,
-        ``"end_of_turn"`` or ``"length"``.
+        prefix the connector reads). ``logits_processor(ids [1, L], scores [1, V])`` follows
+        the transformers ``LogitsProcessor`` interface; ``suppress_ids`` can never be drawn
+        (e.g. ``<|bov|>`` once a turn has its maximum of images); ``on_token(id)`` streams.
+        Returns the new ids and the reason: ``"bov"``, ``"end_of_turn"`` or ``"length"``.
         """
         from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
@@ -457,7 +505,11 @@ class Qwen25VLAdapter(nn.Module):
         stops = set(stop_ids) if stop_ids is not None else {self.bov_token_id, self.end_of_turn_id}
         new: list[int] = []
         for _ in range(max_new_tokens):
-            logits = state.last_logits[None]
+            logits = state.last_logits[None].clone()
+            if logits_processor is not None:
+                logits = logits_processor(torch.tensor([state.ids]), logits)
+            if suppress_ids:
+                logits[:, list(suppress_ids)] = float("-inf")
             if temperature > 0:
                 logits = TemperatureLogitsWarper(temperature)(None, logits)
                 if top_p < 1.0:
@@ -468,6 +520,8 @@ class Qwen25VLAdapter(nn.Module):
                 nxt = int(logits.argmax(-1))
             new.append(nxt)
             self.extend(state, [nxt])
+            if on_token is not None:
+                on_token(nxt)
             if nxt in stops:
                 return new, "bov" if nxt == self.bov_token_id else "end_of_turn"
         return new, "length"

@@ -32,8 +32,8 @@ def test_connector_x_generator_trains_a_step(tiny_dir, convs, connector, generat
     torch.manual_seed(0)
     model, cfg = build(tiny_dir, connector, generator, extra=["stage.p_drop_text=0", "stage.p_drop_cond=0"])
     model.apply_trainable(cfg.stage)
-    samples = [model.prepare_align_sample(c) for c in convs]  # lines 2 and 3 carry condition frames
-    assert [0 if s.cond is None else s.cond.shape[0] for s in samples] == [0, 1, 1]
+    samples = [model.prepare_align_sample(c) for c in convs]  # lines 2-4 carry condition frames
+    assert [0 if s.cond is None else s.cond.shape[0] for s in samples] == [0, 1, 1, 1]
 
     states, mask, _ = model.context_states(samples[1].ctx_ids, samples[1].ctx_pixel_values, samples[1].ctx_grids)
     expected_len = model.connector.num_queries if model.connector.uses_queries else len(samples[1].ctx_ids)

@@ -150,7 +150,7 @@ def test_bad_data_error_stops_before_the_first_step(tiny, tiny_dir, tmp_path):
     data = write_bad_data(tiny_dir, tmp_path / "data")
     p = train(tiny, "stage=sft", f"data.path={data}", "data.on_error=error", f"hydra.run.dir={tmp_path / 'run'}", check=False)
     assert p.returncode == 2
-    assert f"error: {data}:4: not valid JSON" in p.stderr and "Traceback" not in p.stderr
+    assert f"error: {data}:{len(src_lines(tiny_dir)) + 1}: not valid JSON" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
@@ -180,3 +180,7 @@ def test_two_processes_with_torchrun_gloo(tiny, sft_run, tmp_path):
     assert p.returncode == 0, p.stderr[-4000:]
     assert json.loads((tmp_path / "checkpoints" / "step-0000002" / "complete.json").read_text())["world_size"] == 2
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+
+
+def src_lines(tiny_dir: Path) -> list[str]:
+    return (tiny_dir / "demo_data" / "conversations.jsonl").read_text().splitlines()

@@ -1,0 +1,252 @@
+"""Interleaved generation: the MLLM writes, ``<|bov|>`` makes the DiT draw, the chat goes on.
+
+One turn (:meth:`Chat.send`):
+
+1. the user's turn (text and images) is appended to the MLLM's KV cache;
+2. the MLLM decodes until ``<|bov|>`` or end of turn;
+3. at ``<|bov|>``: the selected-layer hidden states of the whole prefix, already kept by
+   the decoding (never recomputed), go through the connector (query connectors run their
+   queries after the cache, which is cropped back); every earlier image of the conversation
+   (the user's and the generated ones, latents cached) becomes a condition frame; the DiT
+   samples with classifier-free guidance whose negative keeps the visual conditions and
+   drops the final text chunk (DuoGen: the prefix up to the last image); the image is
+   decoded and appended to the MLLM's cache as vision tokens; decoding goes on;
+4. limits: ``max_new_tokens`` text tokens and ``max_images_per_turn`` images per turn
+   (past it ``<|bov|>`` is suppressed).
+
+The :class:`Chat` keeps the whole history (text, user images, generated images, the cache),
+so turn 5 can edit the image of turn 1. ``recompute="images"`` is the naive baseline the
+benchmark compares against (the full context re-encoded at each image).
+
+Run as: ``python tools/generate.py model=outputs/demo/align/final prompt="Draw a red circle"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from PIL import Image
+
+from backbones.generator.base import to_pil
+from fusion.data import Conversation, open_image
+from fusion.errors import CheckpointError, DataError
+from fusion.model import FusedModel
+
+
+@dataclass
+class GenerationSettings:
+    """How a chat decodes text and draws images."""
+
+    max_new_tokens: int = 256
+    """Text tokens per assistant turn (the turn is closed when reached)."""
+    max_images_per_turn: int = 4
+    """Images per assistant turn; past it <|bov|> cannot be drawn."""
+    steps: int = 20
+    """DiT sampler steps."""
+    guidance: float = 4.0
+    """Text guidance scale."""
+    image_guidance: float = 1.0
+    """Image (condition-frame) guidance scale; 1 disables the extra pass."""
+    negative: str = "duogen"
+    """Text-guidance negative: duogen (prefix up to the last image) or null (zeros)."""
+    seed: int = 0
+    """Seed of image i is seed + i; text sampling uses its own generator from seed."""
+    temperature: float = 0.0
+    """0: greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling when temperature > 0."""
+    height: int | None = None
+    """Image height (None: the generator's image_size)."""
+    width: int | None = None
+    """Image width (None: the generator's image_size)."""
+    max_condition_frames: int | None = None
+    """Use only the most recent N earlier images as condition frames (None: all)."""
+
+
+@dataclass
+class Segment:
+    """One piece of the transcript."""
+
+    turn: int
+    role: str
+    kind: str  # "text" or "image"
+    text: str = ""
+    image: Image.Image | None = None
+    path: str | None = None
+
+
+@dataclass
+class DrawRecord:
+    """What the DiT saw for one drawn image (for tests and inspection)."""
+
+    context_tokens: int
+    negative_tokens: int
+    condition_images: list[int] = field(default_factory=list)  # indices into Chat.images
+
+
+class ForceTokens:
+    """A logits processor forcing ``token`` at the given decode calls (0-based), for tests and benchmarks."""
+
+    def __init__(self, schedule: dict[int, int]):
+        self.schedule = dict(schedule)
+        self.calls = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        token = self.schedule.get(self.calls)
+        self.calls += 1
+        if token is not None:
+            scores = torch.full_like(scores, float("-inf"))
+            scores[:, token] = 0.0
+        return scores
+
+
+class Chat:
+    """A multi-turn interleaved conversation with a fused model."""
+
+    def __init__(self, model: FusedModel, settings: GenerationSettings | None = None, system: str | None = None,
+                 recompute: str = "never", logits_processor: Any = None, on_text: Callable[[str], None] | None = None):
+        if model.generator is None or model.connector is None:
+            raise CheckpointError("this fused model has no generator or connector part, so it cannot draw images")
+        self.model = model.eval()
+        self.mllm = model.mllm
+        self.settings = settings or GenerationSettings()
+        self.system = system
+        self.logits_processor = logits_processor
+        self.on_text = on_text
+        self.state = self.mllm.new_state()
+        self.state.recompute = recompute
+        self.turn = 0
+        self.images: list[Image.Image] = []  # every image of the conversation, in order
+        self._latents: list[torch.Tensor] = []  # their latents at the target size, cached
+        self.segments: list[Segment] = []
+        self.draws: list[DrawRecord] = []
+        self._text_rng = torch.Generator().manual_seed(self.settings.seed)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", **kwargs) -> Chat:
+        return cls(FusedModel.from_pretrained(path, device=device), **kwargs)
+
+    # ------------------------------------------------------------------ sizes and latents
+    @property
+    def size(self) -> tuple[int, int]:
+        g = self.model.generator
+        return (self.settings.height or g.image_size, self.settings.width or g.image_size)
+
+    def _add_image(self, image: Image.Image, latent: torch.Tensor | None = None) -> int:
+        self.images.append(image)
+        if latent is None:
+            latent = self.model.generator.encode(image, size=self.size)[0]
+        self._latents.append(latent)
+        return len(self.images) - 1
+
+    # ------------------------------------------------------------------ one turn
+    def send(self, text: str, images: list[str | Image.Image] = ()) -> list[Segment]:
+        """Add a user turn and generate the assistant's answer; returns the new segments."""
+        if not text or not text.strip():
+            raise DataError("the prompt is empty")
+        loaded = []
+        for ref in images:
+            loaded.append(open_image(ref, where=str(ref) if isinstance(ref, str) else "image"))
+        self.turn += 1
+        start = len(self.segments)
+        for img in loaded:
+            self._add_image(img)
+            self.segments.append(Segment(self.turn, "user", "image", image=img))
+        self.segments.append(Segment(self.turn, "user", "text", text=text))
+        self._append_user_turn(text, loaded)
+        self._assistant_turn()
+        return self.segments[start:]
+
+    def _append_user_turn(self, text: str, images: list[Image.Image]) -> None:
+        content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
+        first = self.state.length == 0
+        messages = ([{"role": "system", "content": [{"type": "text", "text": self.system}]}] if self.system and first else [])
+        if not first:  # a placeholder system turn, cut off below: only the new user turn is appended
+            messages = [{"role": "system", "content": [{"type": "text", "text": "-"}]}]
+        messages.append({"role": "user", "content": content})
+        r = self.mllm.render(Conversation(messages), add_generation_prompt=True, check_length=False)
+        ids = r.input_ids[0]
+        if not first:
+            cut = int((ids == self.mllm.end_of_turn_id).nonzero()[0]) + 1  # after the placeholder's <|im_end|>
+            ids = ids[cut:]
+        if self.state.length + len(ids) > self.mllm.max_length:
+            raise DataError(f"the conversation would exceed mllm.max_length={self.mllm.max_length} tokens")
+        self.mllm.extend(self.state, ids, r.pixel_values, r.image_grid_thw)
+
+    def _assistant_turn(self) -> None:
+        s, mllm = self.settings, self.mllm
+        bov, eot = mllm.bov_token_id, mllm.end_of_turn_id
+        used, drawn = 0, 0
+        while True:
+            suppress = [bov] if drawn >= s.max_images_per_turn else []
+            budget = s.max_new_tokens - used
+            if budget <= 0:
+                mllm.extend(self.state, [eot])  # close the turn so the history stays well formed
+                break
+            streamed: list[int] = []
+
+            def on_token(tok: int) -> None:
+                if tok not in (bov, eot):
+                    streamed.append(tok)
+                    if self.on_text is not None:
+                        self.on_text(mllm.tokenizer.decode([tok]))
+
+            new, reason = mllm.decode(self.state, budget, s.temperature, s.top_p, self._text_rng,
+                                      logits_processor=self.logits_processor, suppress_ids=suppress, on_token=on_token)
+            used += len(new)
+            text = mllm.tokenizer.decode(streamed, skip_special_tokens=True)
+            if text:
+                self.segments.append(Segment(self.turn, "assistant", "text", text=text))
+            if reason == "bov":
+                image, latent = self._draw()
+                self._add_image(image, latent)
+                self.segments.append(Segment(self.turn, "assistant", "image", image=image))
+                mllm.append_image(self.state, image)
+                drawn += 1
+                continue
+            if reason == "length":
+                mllm.extend(self.state, [eot])
+            break
+
+    # ------------------------------------------------------------------ drawing
+    def _connector_states(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.state.hidden_states()[None, :, :length]
+        out = self.model.connector(hidden, torch.ones(1, length, dtype=torch.long, device=hidden.device))
+        return out.states, out.mask
+
+    @torch.no_grad()
+    def _draw(self) -> tuple[Image.Image, torch.Tensor]:
+        s, m = self.settings, self.model
+        ids = self.state.ids
+        if m.connector.uses_queries:
+            qh = self.mllm.run_queries(self.state, m.connector.query_embeds())
+            out = m.connector(qh)
+            states, mask, ctx = out.states, out.mask, len(ids)
+        else:
+            ctx = len(ids) if m.settings.get("include_bov", True) else len(ids) - 1
+            states, mask = self._connector_states(ctx)
+        vision_end = self.mllm.token_id("<|vision_end|>")
+        neg_len = max((i + 1 for i in range(ctx) if ids[i] == vision_end), default=0)
+        if s.negative == "duogen" and neg_len > 0 and not m.connector.uses_queries:
+            neg_states, neg_mask = self._connector_states(neg_len)
+        else:
+            neg_states, neg_mask, neg_len = torch.zeros_like(states), mask, 0
+        cond_idx = list(range(len(self.images)))
+        if s.max_condition_frames is not None:
+            cond_idx = cond_idx[-s.max_condition_frames:] if s.max_condition_frames > 0 else []
+        gen = m.generator
+        cond = torch.stack([self._latents[i] for i in cond_idx])[None] if cond_idx and gen.uses_condition_frames else None
+        self.draws.append(DrawRecord(ctx, neg_len, cond_idx if cond is not None else []))
+        h, w = self.size
+        latent = gen.sample(states.to(gen.dtype), mask, cond, steps=s.steps, guidance=s.guidance,
+                            negative=(neg_states.to(gen.dtype), neg_mask), image_guidance=s.image_guidance,
+                            generator=torch.Generator().manual_seed(s.seed + len(self.draws) - 1), height=h, width=w, decode=False)
+        image = to_pil(gen.decode(latent))[0]
+        return image, latent[0]
+
+    # ------------------------------------------------------------------ transcript
+    def text(self) -> str:
+        return "\n".join(f"[{x.turn} {x.role}] " + (x.text if x.kind == "text" else "<image>") for x in self.segments)
