@@ -34,6 +34,8 @@ demo: setup
 	$(PY) tools/make_tiny.py out_dir=checkpoints/tiny skip_existing=true
 	$(PY) tools/train.py experiment=tiny_sft hydra.run.dir=outputs/demo/sft resume=never
 	$(PY) tools/train.py experiment=tiny_align init_from=outputs/demo/sft hydra.run.dir=outputs/demo/align resume=never
+	$(PY) tools/generate.py model=outputs/demo/align/final conversation=checkpoints/tiny/demo_data/conversations.jsonl \
+	    conversation_line=4 steps=8 hydra.run.dir=outputs/demo/chat
 	$(PY) tools/demo.py -m stage=align generator=tiny_wan,tiny_cosmos,tiny_sana connector=last_mlp,multiscale_queries
 
 test: setup

@@ -471,8 +471,8 @@ class GenerateConfig:
     """A fused-model folder written by save_pretrained (e.g. a run's final/)."""
     prompt: str | None = None
     """One user turn."""
-    image: list[str] = field(default_factory=list)
-    """Images attached to the prompt (image=a.png or image=[a.png,b.png])."""
+    image: Any = None
+    """Images attached to the prompt: image=a.png or image=[a.png,b.png]."""
     conversation: str | None = None
     """A JSONL file; the user turns of one line are sent in order (assistant turns are ignored)."""
     conversation_line: int = 1
@@ -513,12 +513,43 @@ class GenerateConfig:
             raise ConfigError("steps and max_new_tokens must be positive, max_images_per_turn >= 0")
 
 
+@dataclass
+class BenchConfig:
+    """``tools/bench.py``: side-by-side measurements in one process (ratios, never absolute pass/fail)."""
+
+    model: str | None = None
+    """A saved fused model; None builds an untrained one from the tiny checkpoints (generator/connector below)."""
+    tiny_dir: str = "checkpoints/tiny"
+    """Where make_tiny wrote the tiny checkpoints."""
+    generator: str = "tiny_wan"
+    """Generator config used when model is None."""
+    connector: str = "last_mlp"
+    """Connector config used when model is None."""
+    mllm_hidden: int = 384
+    """Width of the random-init Qwen2.5-VL the benchmark builds (0: the tiny checkpoint's own MLLM)."""
+    mllm_layers: int = 8
+    """Layers of that MLLM."""
+    images: int = 4
+    """Images in the benchmarked answer."""
+    history_turns: int = 6
+    """Earlier turns (each with a user image and a paragraph) before the benchmarked one."""
+    words_per_turn: int = 120
+    """Words of user text per history turn."""
+    steps: int = 4
+    """DiT sampler steps per image."""
+    repeats: int = 3
+    """Timed repetitions per variant (the median is reported)."""
+    output_dir: str = "outputs/bench"
+    """Where bench.json and bench.md go."""
+
+
 def register_configs() -> None:
     """Register every schema in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="make_tiny_schema", node=MakeTinyConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="bench_schema", node=BenchConfig)
     cs.store(group="mllm", name="qwen2_5_vl_schema", node=Qwen25VLConfig)
     cs.store(group="generator", name="wan_schema", node=WanGeneratorConfig)
     cs.store(group="generator", name="cosmos_schema", node=CosmosGeneratorConfig)

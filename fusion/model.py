@@ -378,10 +378,20 @@ class FusedModel(nn.Module):
         mf = path / MANIFEST
         if not mf.is_file():
             raise CheckpointError(f"{path}: no {MANIFEST}; not a unifuse fused-model folder")
-        manifest = json.loads(mf.read_text())
+        try:
+            manifest = json.loads(mf.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{mf}: not valid JSON ({e.msg})") from None
         if manifest.get("version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{mf}: format version {manifest['version']} is newer than this unifuse ({FORMAT_VERSION})")
-        parts = manifest["parts"]
+        parts = manifest.get("parts", {})
+        required = {"mllm": "config.json", "generator": "transformer/config.json", "connector": "model.safetensors"}
+        if "mllm" not in parts:
+            raise CheckpointError(f"{mf}: names no mllm part")
+        for name, entry in parts.items():
+            needed = path / entry["folder"] / required.get(name, "")
+            if not needed.exists():
+                raise CheckpointError(f"{path}: part '{name}' is incomplete or missing ({needed} not found)")
         mspec = dict(parts["mllm"]["spec"])
         target = mspec.pop("_target_", "backbones.mllm.qwen2_5_vl.Qwen25VLAdapter.from_pretrained")
         mllm = instantiate({"_target_": target, "path": str(path / parts["mllm"]["folder"]), **mspec}, device=device)

@@ -56,7 +56,8 @@ def main(cfg: DictConfig) -> None:
     from fusion.generate import Chat, GenerationSettings
     from fusion.transcript import write_transcript
 
-    turns = [(cfg.prompt, list(cfg.image))] if cfg.prompt is not None else user_turns(cfg.conversation, cfg.conversation_line)
+    attached = [] if cfg.image is None else [str(cfg.image)] if isinstance(cfg.image, str) else [str(x) for x in cfg.image]
+    turns = [(cfg.prompt, attached)] if cfg.prompt is not None else user_turns(cfg.conversation, cfg.conversation_line)
     for text, _ in turns:
         if not text or not text.strip():
             raise DataError("the prompt is empty")

@@ -136,6 +136,9 @@ def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4):
     vocab = len(tokenizer)
     vocab = (vocab + 63) // 64 * 64  # padded like the published 152064-row embeddings
     heads = 4
+    half = hidden_size // heads // 2
+    hw = half * 3 // 8
+    mrope = [half - 2 * hw, hw, hw]  # must sum to head_dim / 2 (2+3+3 for the default 64 / 4 heads)
     return Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=vocab,
@@ -146,7 +149,7 @@ def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4):
             num_key_value_heads=2,
             max_position_embeddings=4096,
             rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
@@ -174,7 +177,7 @@ def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4):
     )
 
 
-def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "qwen2_5_vl") -> Path:
+def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "qwen2_5_vl", hidden_size: int = 64, num_layers: int = 4) -> Path:
     """Write a tiny Qwen2.5-VL (model, tokenizer, processor) to ``<out_dir>/<name>``."""
     from transformers import (
         Qwen2_5_VLForConditionalGeneration,
@@ -195,7 +198,7 @@ def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "qwen2_5_vl") -> P
         chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer))
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, hidden_size, num_layers))
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     model.save_pretrained(target)
     processor.save_pretrained(target)

@@ -100,3 +100,67 @@ def test_bad_data_line_is_one_clear_message(made, tmp_path):
     assert p.returncode == 2
     assert f"error: {bad}:2: messages[0].content[0]: image file not found" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+@pytest.fixture(scope="module")
+def fused_dir(made, tmp_path_factory):
+    """An untrained tiny fused model saved to disk."""
+    out, _ = made
+    from fusion.model import FusedModel
+    from tests.conftest import compose_config
+
+    cfg = compose_config([f"tiny_dir={out}", "stage=align", "generator=tiny_cosmos", "connector=last_mlp"])
+    path = tmp_path_factory.mktemp("fused") / "model"
+    FusedModel.build(cfg).save_pretrained(path)
+    return path
+
+
+def test_generate_one_prompt_writes_a_transcript(fused_dir, images, tmp_path):
+    p = run("generate.py", f"model={fused_dir}", "prompt=Move the circle.", f"image={images['square']}", "steps=2",
+            "max_new_tokens=6", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "[assistant]" in p.stdout and "transcript:" in p.stdout
+    data = json.loads((tmp_path / "transcript.json").read_text())
+    kinds = [(s["role"], s["kind"]) for s in data["segments"]]
+    assert kinds[:2] == [("user", "image"), ("user", "text")]
+    assert (tmp_path / "transcript.md").is_file() and (tmp_path / "turn01_user_1.png").is_file()
+
+
+def test_generate_scripted_three_turn_chat(made, fused_dir, tmp_path):
+    out, _ = made
+    conv = out / "demo_data" / "conversations.jsonl"
+    p = run("generate.py", f"model={fused_dir}", f"conversation={conv}", "conversation_line=4", "steps=2", "max_new_tokens=6",
+            f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = json.loads((tmp_path / "transcript.json").read_text())
+    user_texts = [s["text"] for s in data["segments"] if s["role"] == "user" and s["kind"] == "text"]
+    assert user_texts == ["Draw a blue square at the top right.", "What shape is it?", "Add a green triangle to the first image."]
+    assert {s["turn"] for s in data["segments"]} == {1, 2, 3}
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["prompt=   "], "the prompt is empty"),
+    (["prompt=hi", "image=/nonexistent.png"], "image file not found"),
+    ([], "give either prompt="),
+])
+def test_generate_bad_input_is_one_clear_message_and_no_transcript(fused_dir, tmp_path, args, needle):
+    p = run("generate.py", f"model={fused_dir}", *args, f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "transcript.md").exists()
+
+
+def test_generate_missing_model_folder(tmp_path):
+    p = run("generate.py", f"model={tmp_path}/nothing", "prompt=hi", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 2 and "no unifuse.json" in p.stderr
+
+
+def test_bench_generation_reports_ratios(made, tmp_path):
+    out, _ = made
+    p = run("bench.py", f"tiny_dir={out}", "mllm_hidden=0", "history_turns=1", "words_per_turn=10", "repeats=1", "steps=1",
+            f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "bench.json").read_text())["generation"]
+    assert r["cached"]["forwards_per_token"] == 1.0 and r["cached"]["images"] == 4
+    assert r["reencode_at_images"]["same_tokens_as_cached"] and r["uncached"]["same_tokens_as_cached"]
+    assert r["reencode_at_images"]["forwards_per_token"] > 1.0
+    assert (tmp_path / "bench.md").is_file()
