@@ -1,0 +1,98 @@
+"""Score what a fused model produced on toy-world conversations against their ground truth.
+
+Per assistant turn the model's output is (images drawn, text). Metrics (all in [0, 1]):
+
+* ``trigger_precision`` / ``trigger_recall`` / ``trigger_f1``: images drawn vs images due,
+  counted per turn (a text-only answer that draws is a false positive);
+* ``exact_scene``: drawn image read back (``reader.read_scene``) equals the ground truth;
+  also by kind and, for text-to-image, by object count (``t2i_1obj``, ``t2i_multi``);
+* ``attr_shape`` / ``attr_colour`` / ``attr_position`` / ``attr_count``: per ground-truth
+  object (matched by cell) and per image (count);
+* ``edit_applied`` / ``edit_preserved`` and per operation (``edit_<op>_applied``...);
+* ``tracking``: exact scene of the edit that refers back to an image before distractors;
+* ``text_answer``: the expected answer word is in the text (questions and distractors).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from fusion.toyworld.reader import read_scene
+from fusion.toyworld.scenes import Obj, scene_from_dicts
+
+
+@dataclass
+class TurnOutput:
+    images: list[Image.Image] = field(default_factory=list)
+    text: str = ""
+
+
+class Scorer:
+    """Accumulates hits/totals per metric over many conversations."""
+
+    def __init__(self):
+        self.hits: dict[str, float] = defaultdict(float)
+        self.totals: dict[str, float] = defaultdict(float)
+        self.tp = self.fp = self.fn = 0
+
+    def add(self, key: str, ok: bool) -> None:
+        self.hits[key] += float(ok)
+        self.totals[key] += 1
+
+    def score(self, meta: dict, outputs: list[TurnOutput]) -> None:
+        kind = meta["kind"]
+        for turn, out in zip(meta["turns"], outputs):
+            due = [scene_from_dicts(s) for s in turn["images"]]
+            self.tp += min(len(due), len(out.images))
+            self.fp += max(0, len(out.images) - len(due))
+            self.fn += max(0, len(due) - len(out.images))
+            for i, gt in enumerate(due):
+                pred = read_scene(out.images[i]) if i < len(out.images) else None
+                self._image(kind, gt, pred)
+                if "edit" in turn and i == len(due) - 1:
+                    self._edit(turn["edit"], gt, pred)
+                    if turn.get("refers_back"):
+                        self.add("tracking", pred == gt)
+            if turn.get("answer") is not None:
+                words = re.findall(r"[a-z]+", out.text.lower())
+                key = turn["answer"].lower()
+                self.add("text_answer", all(w in words for w in key.split()) if key else False)
+
+    def _image(self, kind: str, gt, pred) -> None:
+        exact = pred == gt
+        self.add("exact_scene", exact)
+        self.add(f"exact_scene_{kind}", exact)
+        if kind == "t2i":
+            self.add("t2i_1obj" if len(gt) == 1 else "t2i_multi", exact)
+        by_cell = {o.cell: o for o in (pred or ())}
+        self.add("attr_count", pred is not None and len(pred) == len(gt))
+        for o in gt:
+            p = by_cell.get(o.cell)
+            self.add("attr_position", p is not None)
+            self.add("attr_shape", p is not None and p.shape == o.shape)
+            self.add("attr_colour", p is not None and p.colour == o.colour)
+
+    def _edit(self, edit: dict, gt, pred) -> None:
+        op = edit["op"]
+        target = Obj(**edit["target"])
+        source = scene_from_dicts(edit["source"])
+        pred = pred or ()
+        applied = (target not in pred) if op == "remove" else (target in pred)
+        kept = [o for o in gt if o in source and o != target]  # what the edit must leave alone
+        preserved = all(o in pred for o in kept) and len(pred) == len(gt)
+        for key in ("edit", f"edit_{op}"):
+            self.add(f"{key}_applied", applied)
+            self.add(f"{key}_preserved", preserved)
+
+    def report(self) -> dict[str, float]:
+        p = self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0
+        r = self.tp / (self.tp + self.fn) if self.tp + self.fn else 0.0
+        out = {"trigger_precision": p, "trigger_recall": r, "trigger_f1": 2 * p * r / (p + r) if p + r else 0.0}
+        for k in sorted(self.totals):
+            out[k] = self.hits[k] / self.totals[k]
+        out["n"] = {k: int(v) for k, v in sorted(self.totals.items())}
+        return out

@@ -1,0 +1,114 @@
+"""The toy world: determinism, every kind through the loader, the reader on ground truth, the scorer."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from fusion.data import load_images, read_jsonl
+from fusion.toyworld.conversations import HELD_OUT, KINDS, write_split
+from fusion.toyworld.evaluate import Scorer, TurnOutput
+from fusion.toyworld.reader import read_scene
+from fusion.toyworld.scenes import CELLS, COLOURS, SHAPES, Obj, make_scene, random_scene, render, scene_from_dicts
+
+
+def test_reader_scores_every_ground_truth_render_exactly():
+    for shape in SHAPES:
+        for colour in COLOURS:
+            for cell in CELLS:
+                s = make_scene([Obj(shape, colour, *cell)])
+                assert read_scene(render(s)) == s
+    rng = random.Random(123)
+    for _ in range(300):
+        s = random_scene(rng, rng.randint(0, 3))
+        assert read_scene(render(s)) == s
+        assert read_scene(render(s, size=96)) == s  # other resolutions too
+
+
+def test_reader_ignores_small_noise_and_reports_wrong_colour():
+    from PIL import ImageDraw
+
+    s = make_scene([Obj("circle", "red", 1, 1)])
+    img = render(s)
+    ImageDraw.Draw(img).point([(2, 2), (3, 3)], fill=(40, 80, 220))
+    assert read_scene(img) == s
+    assert read_scene(render(make_scene([Obj("circle", "blue", 1, 1)]))) != s
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    return root, {split: write_split(root, split, 36) for split in ("train", "test")}
+
+
+def test_generation_is_deterministic_per_seed(tmp_path, world):
+    root, paths = world
+    again = write_split(tmp_path, "train", 36)
+    assert again.read_text() == paths["train"].read_text()
+    assert write_split(tmp_path, "train", 36, seed=1).read_text() != paths["train"].read_text()
+    assert paths["test"].read_text() != paths["train"].read_text()  # disjoint seeds
+
+
+def test_every_kind_round_trips_through_the_loader(world):
+    root, paths = world
+    convs = list(read_jsonl(paths["train"]))
+    metas = [json.loads(line)["meta"] for line in paths["train"].read_text().splitlines()]
+    assert {m["kind"] for m in metas} == set(KINDS) and len(convs) == 36
+    for conv, meta in zip(convs, metas):
+        loaded = load_images(conv)
+        assistant_turns = [m for m in conv.messages if m["role"] == "assistant"]
+        assert len(assistant_turns) == len(meta["turns"])
+        for msg, turn in zip(assistant_turns, meta["turns"]):
+            drawn = [i["image"] for i in msg["content"] if i["type"] == "image"]
+            assert len(drawn) == len(turn["images"])
+            for path, scene in zip(drawn, turn["images"]):  # the stored image shows the ground-truth scene
+                from PIL import Image
+
+                assert read_scene(Image.open(path)) == scene_from_dicts(scene)
+        assert loaded.messages
+
+
+def test_held_out_combinations_never_appear_in_train(world):
+    root, paths = world
+    for line in paths["train"].read_text().splitlines():
+        for turn in json.loads(line)["meta"]["turns"]:
+            for scene in turn["images"]:
+                assert not any((o["colour"], o["shape"]) in HELD_OUT for o in scene)
+
+
+def perfect_outputs(meta):
+    from PIL import Image  # noqa: F401
+
+    return [TurnOutput([render(scene_from_dicts(s)) for s in t["images"]], t.get("answer") or "") for t in meta["turns"]]
+
+
+def test_scorer_gives_perfect_outputs_full_marks_and_penalises_mistakes(world):
+    root, paths = world
+    metas = [json.loads(line)["meta"] for line in paths["test"].read_text().splitlines()]
+    perfect = Scorer()
+    for m in metas:
+        perfect.score(m, perfect_outputs(m))
+    r = perfect.report()
+    for k, v in r.items():
+        if k != "n":
+            assert v == 1.0, k
+    assert {"trigger_f1", "exact_scene", "edit_applied", "edit_preserved", "tracking", "text_answer", "t2i_1obj"} <= set(r)
+
+    lazy = Scorer()  # never draws, always says "yes"
+    for m in metas:
+        lazy.score(m, [TurnOutput([], "yes") for _ in m["turns"]])
+    r = lazy.report()
+    assert r["trigger_recall"] == 0.0 and r["exact_scene"] == 0.0 and r["text_answer"] < 0.5
+
+    copier = Scorer()  # edits that return the source unchanged: applied 0, preserved 1
+    for m in metas:
+        outs = perfect_outputs(m)
+        for t, o in zip(m["turns"], outs):
+            if "edit" in t:
+                o.images[-1] = render(scene_from_dicts(t["edit"]["source"]))
+        copier.score(m, outs)
+    r = copier.report()
+    assert r["edit_applied"] == 0.0
+    assert r["edit_recolour_preserved"] == 1.0 and r.get("edit_add_preserved", 0.0) == 0.0  # same size vs. a missing object
