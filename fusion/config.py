@@ -543,6 +543,60 @@ class BenchConfig:
     """Where bench.json and bench.md go."""
 
 
+@dataclass
+class EvaluateConfig:
+    """``tools/evaluate.py``: toy-world metrics of a saved fused model."""
+
+    model: str = MISSING
+    """A fused-model folder (e.g. a run's final/)."""
+    data_dir: str = "checkpoints/toy/toyworld"
+    """The toy world (train.jsonl, val.jsonl, test.jsonl, images/)."""
+    split: str = "test"
+    """val or test."""
+    n: int | None = None
+    """Evaluate the first n conversations (None: all)."""
+    seed: int | None = None
+    """None: the stored split; an int: a fresh split drawn with this seed (written to the run folder)."""
+    fresh_n: int = 60
+    """Conversations in a fresh split."""
+    steps: int = 20
+    """DiT sampler steps."""
+    guidance: float = 3.0
+    """Text guidance scale."""
+    max_new_tokens: int = 64
+    """Text tokens per assistant turn."""
+    transcripts: int = 3
+    """Conversations written as transcripts."""
+    output_dir: str = "outputs/evaluate"
+    """Where report.json, report.md and transcripts/ go."""
+    device: str = "cpu"
+    """cpu, cuda ..."""
+
+    def __post_init__(self) -> None:
+        if self.split not in ("val", "test"):
+            raise ConfigError(f"split must be val or test, got {self.split!r}")
+
+
+@dataclass
+class MakeToyConfig:
+    """``tools/make_toy.py``: the toy world's data splits (toy-pretrained backbones come next)."""
+
+    out_dir: str = "checkpoints/toy"
+    """Folder that receives toyworld/ (train.jsonl, val.jsonl, test.jsonl, images/)."""
+    n_train: int = 600
+    """Training conversations (kinds in rotation)."""
+    n_val: int = 60
+    """Validation conversations."""
+    n_test: int = 60
+    """Test conversations."""
+    seed: int = 0
+    """Added to each split's own seed (splits stay disjoint)."""
+    image_size: int = 64
+    """Image side in pixels."""
+    skip_existing: bool = False
+    """Keep an existing toyworld/ folder."""
+
+
 def register_configs() -> None:
     """Register every schema in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
@@ -550,6 +604,8 @@ def register_configs() -> None:
     cs.store(name="make_tiny_schema", node=MakeTinyConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="bench_schema", node=BenchConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+    cs.store(name="make_toy_schema", node=MakeToyConfig)
     cs.store(group="mllm", name="qwen2_5_vl_schema", node=Qwen25VLConfig)
     cs.store(group="generator", name="wan_schema", node=WanGeneratorConfig)
     cs.store(group="generator", name="cosmos_schema", node=CosmosGeneratorConfig)

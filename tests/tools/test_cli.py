@@ -164,3 +164,25 @@ def test_bench_generation_reports_ratios(made, tmp_path):
     assert r["reencode_at_images"]["same_tokens_as_cached"] and r["uncached"]["same_tokens_as_cached"]
     assert r["reencode_at_images"]["forwards_per_token"] > 1.0
     assert (tmp_path / "bench.md").is_file()
+
+
+def test_make_toy_writes_three_splits(tmp_path):
+    p = run("make_toy.py", f"out_dir={tmp_path}", "n_train=12", "n_val=6", "n_test=6", f"hydra.run.dir={tmp_path}/h")
+    assert p.returncode == 0, p.stderr[-3000:]
+    for split, n in (("train", 12), ("val", 6), ("test", 6)):
+        assert len((tmp_path / "toyworld" / f"{split}.jsonl").read_text().splitlines()) == n
+    assert "train: 12 conversations" in p.stdout
+    assert not [q for q in tmp_path.iterdir() if q.name.startswith(".toyworld")]
+
+
+def test_evaluate_on_a_fresh_split_reports_every_metric(fused_dir, tmp_path):
+    p = run("evaluate.py", f"model={fused_dir}", "seed=5", "fresh_n=6", "steps=1", "max_new_tokens=6", "transcripts=1",
+            f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "report.json").read_text())
+    assert r["conversations"] == 6
+    for k in ("trigger_precision", "trigger_recall", "trigger_f1", "exact_scene", "attr_shape", "attr_colour", "attr_position",
+              "attr_count", "text_answer"):
+        assert 0.0 <= r[k] <= 1.0, k
+    assert set(r["by_kind"]) == {"t2i", "edit_user", "edit_generated", "steps", "question", "distractor"}
+    assert (tmp_path / "report.md").is_file() and any((tmp_path / "transcripts").iterdir())

@@ -1,0 +1,55 @@
+"""Toy-world metrics of a fused model: no learned judge, the ground truth of every turn.
+
+Run as:
+    python tools/evaluate.py model=outputs/demo/align/final split=test
+    python tools/evaluate.py model=... seed=7 fresh_n=100       # a fresh test set drawn with seed 7
+
+Writes report.json (every metric, overall and by conversation kind), report.md (the table)
+and transcripts/ (the first few conversations as HTML) into the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from fusion.cli import friendly_errors, setup_environment
+from fusion.config import register_configs
+from fusion.errors import DataError
+
+register_configs()
+
+
+@hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    setup_environment()
+    OmegaConf.to_object(cfg)
+    from fusion.generate import GenerationSettings
+    from fusion.model import FusedModel
+    from fusion.toyworld.conversations import write_split
+    from fusion.toyworld.run import evaluate_split, format_table
+
+    out = Path(cfg.output_dir)
+    if cfg.seed is not None:
+        path = write_split(out / "fresh", cfg.split, cfg.fresh_n, seed=cfg.seed)
+    else:
+        path = Path(cfg.data_dir) / f"{cfg.split}.jsonl"
+        if not path.is_file():
+            raise DataError(f"no {cfg.split} split here (make it with python tools/make_toy.py, or pass seed=N for a fresh one)", str(path))
+    model = FusedModel.from_pretrained(cfg.model, device=cfg.device)
+    settings = GenerationSettings(steps=cfg.steps, guidance=cfg.guidance, max_new_tokens=cfg.max_new_tokens)
+    report = evaluate_split(model, path, cfg.n, settings, out / "transcripts", cfg.transcripts)
+    report["model"], report["data"] = cfg.model, str(path)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    table = format_table(report)
+    (out / "report.md").write_text(f"# {cfg.model} on {path}\n\n{table}\n")
+    print(table)
+    print(f"wrote {out / 'report.json'}")
+
+
+if __name__ == "__main__":
+    main()
