@@ -3,8 +3,8 @@
 A family file (``wan.py``, ``cosmos.py``, ``sana.py``) wraps the diffusers DiT, VAE and
 scheduler and implements three things:
 
-* ``_encode(images [B,3,H,W] in [-1,1]) -> latents [B,C,h,w]`` and ``_decode`` back, with
-  the family's latent normalisation;
+* (the VAE comes in its slot, ``backbones/generator/vae.py``: the checkpoint's own autoencoder
+  class with its latent normalisation);
 * ``_frames_velocity(frames [B,F,C,h,w], t [B], n_cond, text, mask) -> v [B,F,C,h,w]``:
   one DiT forward over the condition frames (the first ``n_cond``, clean) and the noisy
   target (the last), each family conditioning its own native way, returning velocities
@@ -64,8 +64,17 @@ class FlowGenerator(nn.Module):
     def __init__(self, transformer: nn.Module, vae: nn.Module, scheduler: Any = None, image_size: int = 512):
         super().__init__()
         self.transformer = transformer
-        self.vae = vae
+        if not hasattr(vae, "encode") or not hasattr(vae, "spatial_factor"):
+            from backbones.generator.vae import SLOTS
+
+            vae = SLOTS[type(vae).__name__](vae)  # a bare diffusers autoencoder: put it in its slot
+        self.vae_slot = vae
+        self.vae = vae.vae
         self.vae.requires_grad_(False)
+        if vae.latent_channels != self.latent_channels:
+            from fusion.errors import CheckpointError
+
+            raise CheckpointError(f"generator: the VAE has {vae.latent_channels} latent channels but the DiT expects {self.latent_channels}")
         self.image_size = image_size
         if scheduler is None:
             raise ValueError("generator.scheduler is required (a diffusers flow scheduler: _target_ + kwargs)")
@@ -87,13 +96,13 @@ class FlowGenerator(nn.Module):
     @property
     def spatial_factor(self) -> int:
         """Pixels per latent cell along each side."""
-        raise NotImplementedError
+        return self.vae_slot.spatial_factor
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.vae_slot.encode(x)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        return self.vae_slot.decode(z)
 
     def _frames_velocity(self, frames, t, n_cond, text_states, text_mask) -> torch.Tensor:
         raise NotImplementedError

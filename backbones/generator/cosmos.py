@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from backbones.generator.base import FlowGenerator, load_transformer
-from backbones.generator.wan import DTYPES, wan_vae_decode, wan_vae_encode
+from backbones.generator.vae import load_vae
+from backbones.generator.wan import DTYPES
 
 
 def _width_key(config) -> str:
@@ -41,8 +42,6 @@ class CosmosGenerator(FlowGenerator):
     def __init__(self, transformer, vae, scheduler: Any = None, image_size: int = 512, cond_timestep: float = 1e-4):
         super().__init__(transformer, vae, scheduler, image_size)
         self.cond_timestep = cond_timestep
-        self.register_buffer("latents_mean", torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1), persistent=False)
-        self.register_buffer("latents_std", torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1), persistent=False)
 
     @classmethod
     def from_pretrained(
@@ -55,11 +54,11 @@ class CosmosGenerator(FlowGenerator):
         cond_timestep: float = 1e-4,
         device: str | None = None,
     ) -> CosmosGenerator:
-        from diffusers import AutoencoderKLWan, CosmosTransformer3DModel
+        from diffusers import CosmosTransformer3DModel
 
         key = _width_key(CosmosTransformer3DModel.load_config(path, subfolder="transformer"))
         transformer = load_transformer(CosmosTransformer3DModel, path, key, text_dim, DTYPES[dtype])
-        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+        vae = load_vae(path)
         gen = cls(transformer, vae, scheduler, image_size, cond_timestep)
         return gen.to(device) if device else gen
 
@@ -79,16 +78,6 @@ class CosmosGenerator(FlowGenerator):
     @property
     def latent_channels(self) -> int:
         return self.transformer.config.out_channels
-
-    @property
-    def spatial_factor(self) -> int:
-        return 2 ** (len(self.vae.config.dim_mult) - 1)
-
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        return wan_vae_encode(self.vae, self.latents_mean, self.latents_std, x)
-
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        return wan_vae_decode(self.vae, self.latents_mean, self.latents_std, z)
 
     def dit_blocks(self):
         return self.transformer.transformer_blocks

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from backbones.generator.base import FlowGenerator, load_transformer
+from backbones.generator.vae import load_vae
 from backbones.generator.wan import DTYPES
 
 CONDITION_MODES = ("mllm_only", "spatial_concat")
@@ -53,10 +54,10 @@ class SanaGenerator(FlowGenerator):
         condition_mode: str = "mllm_only",
         device: str | None = None,
     ) -> SanaGenerator:
-        from diffusers import AutoencoderDC, SanaTransformer2DModel
+        from diffusers import SanaTransformer2DModel
 
         transformer = load_transformer(SanaTransformer2DModel, path, "caption_channels", text_dim, DTYPES[dtype])
-        vae = AutoencoderDC.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+        vae = load_vae(path)
         gen = cls(transformer, vae, scheduler, image_size, condition_mode)
         return gen.to(device) if device else gen
 
@@ -67,16 +68,6 @@ class SanaGenerator(FlowGenerator):
     @property
     def latent_channels(self) -> int:
         return self.transformer.config.out_channels
-
-    @property
-    def spatial_factor(self) -> int:
-        return self.vae.spatial_compression_ratio
-
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode(x).latent * self.vae.config.scaling_factor
-
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(z / self.vae.config.scaling_factor).sample
 
     def dit_blocks(self):
         return self.transformer.transformer_blocks

@@ -11,7 +11,8 @@ same ``first_frame_mask * t`` per token). Their velocity is replaced by 0, so th
 move under a flow solver and carry no loss. Wan has no text mask: padded text positions are
 zeroed, as the pipeline's zero padding does.
 
-Latents: ``(z - latents_mean) / latents_std`` of the posterior mode, one latent frame per image.
+Latents: the VAE slot of the checkpoint (``AutoencoderKLWan``: ``(z - latents_mean) / latents_std``
+of the posterior mode, one latent frame per image; a toy checkpoint may hold a 2-D ``AutoencoderKL``).
 
 Run as: ``python tools/train.py generator=tiny_wan ...`` (published: ``generator=wan2_1_t2v_1_3b``).
 """
@@ -25,19 +26,9 @@ from typing import Any
 import torch
 
 from backbones.generator.base import FlowGenerator, load_transformer
+from backbones.generator.vae import load_vae
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def wan_vae_encode(vae, mean: torch.Tensor, std: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Images [B,3,H,W] -> ``(mode - mean) / std`` latents [B,C,h,w] (one latent frame per image)."""
-    z = vae.encode(x[:, :, None]).latent_dist.mode()
-    return ((z - mean.to(z)) / std.to(z))[:, :, 0]
-
-
-def wan_vae_decode(vae, mean: torch.Tensor, std: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    """Normalised latents [B,C,h,w] -> images [B,3,H,W]."""
-    return vae.decode(z[:, :, None] * std.to(z) + mean.to(z)).sample[:, :, 0]
 
 
 class WanGenerator(FlowGenerator):
@@ -47,8 +38,6 @@ class WanGenerator(FlowGenerator):
 
     def __init__(self, transformer, vae, scheduler: Any = None, image_size: int = 512):
         super().__init__(transformer, vae, scheduler, image_size)
-        self.register_buffer("latents_mean", torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1), persistent=False)
-        self.register_buffer("latents_std", torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1), persistent=False)
 
     @classmethod
     def from_pretrained(
@@ -60,10 +49,10 @@ class WanGenerator(FlowGenerator):
         image_size: int = 512,
         device: str | None = None,
     ) -> WanGenerator:
-        from diffusers import AutoencoderKLWan, WanTransformer3DModel
+        from diffusers import WanTransformer3DModel
 
         transformer = load_transformer(WanTransformer3DModel, path, "text_dim", text_dim, DTYPES[dtype])
-        vae = AutoencoderKLWan.from_pretrained(path, subfolder="vae", torch_dtype=torch.float32)
+        vae = load_vae(path)
         gen = cls(transformer, vae, scheduler, image_size)
         return gen.to(device) if device else gen
 
@@ -74,17 +63,6 @@ class WanGenerator(FlowGenerator):
     @property
     def latent_channels(self) -> int:
         return self.transformer.config.out_channels
-
-    @property
-    def spatial_factor(self) -> int:
-        c = self.vae.config
-        return 2 ** (len(c.dim_mult) - 1) * (c.patch_size or 1)
-
-    def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        return wan_vae_encode(self.vae, self.latents_mean, self.latents_std, x)
-
-    def _decode(self, z: torch.Tensor) -> torch.Tensor:
-        return wan_vae_decode(self.vae, self.latents_mean, self.latents_std, z)
 
     def dit_blocks(self):
         return self.transformer.blocks
@@ -115,12 +93,16 @@ class WanGenerator(FlowGenerator):
 
 def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "wan", variant: str = "2.1") -> Path:
     """Tiny Wan (``transformer/``, ``vae/``, ``scheduler/``, ``model_index.json``) in the diffusers layout."""
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers import AutoencoderKL, AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 
     root = Path(out_dir) / name
     torch.manual_seed(seed)
-    z = 16 if variant == "2.1" else 48
-    if variant == "2.1":
+    z = {"2.1": 16, "2.2": 48, "kl": 8}[variant]
+    if variant == "kl":  # the toy slot: a plain 2-D AutoencoderKL (f=4), much cheaper than the causal 3-D VAE on stills
+        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                            up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32), layers_per_block=1,
+                            latent_channels=z, norm_num_groups=8, sample_size=64)
+    elif variant == "2.1":
         vae = AutoencoderKLWan(base_dim=8, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                latents_mean=[0.0] * z, latents_std=[1.0] * z)
     else:  # Wan2.2 TI2V: residual VAE, 2x2 patchified pixels, 16x spatial
@@ -136,7 +118,7 @@ def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "wan", variant: st
     vae.save_pretrained(root / "vae")
     scheduler.save_pretrained(root / "scheduler")
     index = {"_class_name": "WanPipeline", "_diffusers_version": "0.42.1", "transformer": ["diffusers", "WanTransformer3DModel"],
-             "vae": ["diffusers", "AutoencoderKLWan"], "scheduler": ["diffusers", "UniPCMultistepScheduler"],
-             "expand_timesteps": variant != "2.1"}
+             "vae": ["diffusers", type(vae).__name__], "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+             "expand_timesteps": variant == "2.2"}
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
     return root

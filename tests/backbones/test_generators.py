@@ -199,3 +199,36 @@ def test_wan2_2_ti2v_layout_runs_through_the_same_adapter(tiny_dir):
     with torch.no_grad():
         torch.testing.assert_close(g.velocity(x, t, cond, text, mask), raw_forward(g, x, cond, text, mask, t), atol=1e-5, rtol=1e-5)
     assert g.sample(text, mask, cond, steps=2, height=64, width=64).shape == (1, 3, 64, 64)
+
+
+def test_a_plain_autoencoderkl_fills_the_vae_slot(tmp_path):
+    """Toy generators put a 2-D AutoencoderKL where Wan has its 3-D VAE: no code change."""
+    from backbones.generator import wan
+    from backbones.generator.wan import WanGenerator
+
+    path = wan.make_tiny(tmp_path, name="wan_kl", variant="kl")
+    sched = {"_target_": "diffusers.FlowMatchEulerDiscreteScheduler", "shift": 1.0}
+    g = WanGenerator.from_pretrained(str(path), scheduler=sched, image_size=64).eval()
+    assert type(g.vae).__name__ == "AutoencoderKL" and g.spatial_factor == 4 and g.latent_channels == 8
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    z = g.encode(x)
+    assert z.shape == (2, 8, 16, 16)
+    c = g.vae.config
+    torch.testing.assert_close(z, (g.vae.encode(x).latent_dist.mode() - (c.shift_factor or 0.0)) * c.scaling_factor)
+    assert g.decode(z).shape == (2, 3, 64, 64)
+    text = torch.randn(1, 4, g.text_dim)
+    assert g.sample(text, None, z[:1, None], steps=2).shape == (1, 3, 64, 64)
+
+
+def test_vae_and_dit_channel_mismatch_is_a_clear_error(tmp_path):
+    import shutil
+
+    from backbones.generator import wan
+    from backbones.generator.wan import WanGenerator
+
+    a = wan.make_tiny(tmp_path, name="a", variant="kl")
+    b = wan.make_tiny(tmp_path, name="b", variant="2.1")
+    shutil.rmtree(b / "vae")
+    shutil.copytree(a / "vae", b / "vae")  # an 8-channel VAE under a 16-channel DiT
+    with pytest.raises(CheckpointError, match="8 latent channels but the DiT expects 16"):
+        WanGenerator.from_pretrained(str(b), scheduler={"_target_": "diffusers.FlowMatchEulerDiscreteScheduler"})
