@@ -111,14 +111,10 @@ class FusedModel(nn.Module):
         return model.to(device)
 
     def _resolve_layers(self, layers: list[int]) -> list[int]:
-        n = self.mllm.num_layers
-        out = []
-        for i in layers:
-            j = i + n + 1 if i < 0 else i
-            if not 0 <= j <= n:
-                raise ConfigError(f"connector.layers: layer {i} is out of range for an MLLM with {n} layers (0..{n}, or -1..-{n + 1})")
-            out.append(j)
-        return out
+        try:
+            return self.mllm.resolve_layers(layers, "connector.layers")
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
     # ------------------------------------------------------------------ what trains
     def parts(self) -> dict[str, nn.Module]:

@@ -127,14 +127,18 @@ class Qwen25VLAdapter(nn.Module):
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"mllm.min_pixels ({self.min_pixels}) is larger than mllm.max_pixels ({self.max_pixels})")
         ip.size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+        self.hidden_layers = self.resolve_layers(hidden_layers, "mllm.hidden_layers")
+
+    def resolve_layers(self, layers: Sequence[int], key: str) -> list[int]:
+        """Layer indices (negative from the end) as indices into ``output_hidden_states``; ``key`` names the setting."""
         n = self.num_layers
         resolved = []
-        for i in hidden_layers:
+        for i in layers:
             j = i + n + 1 if i < 0 else i
             if not 0 <= j <= n:
-                raise ValueError(f"mllm.hidden_layers: layer {i} out of range for a model with {n} layers (0..{n}, or -1..-{n + 1})")
+                raise ValueError(f"{key}: layer {i} is out of range for an MLLM with {n} layers (0..{n}, or -1..-{n + 1})")
             resolved.append(j)
-        self.hidden_layers = resolved
+        return resolved
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod
