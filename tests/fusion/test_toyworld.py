@@ -128,3 +128,11 @@ def test_toy_vae_pretraining_learns_and_loads_into_the_vae_slot(tmp_path):
     z = slot.encode(torch.zeros(1, 3, 64, 64))
     assert z.shape == (1, 8, 16, 16)
     assert abs(slot.vae.config.scaling_factor - 1.0) > 0 and (tmp_path / "vae" / "pretrain.json").is_file()
+
+
+@pytest.mark.slow
+def test_toy_vae_reads_back_every_scene_after_full_pretraining(tmp_path):
+    from fusion.toyworld.pretrain import pretrain_vae
+
+    stats = pretrain_vae(tmp_path / "vae", progress=False)  # about 7 minutes on 2 cores
+    assert stats["reader_accuracy"] >= 0.95, stats
