@@ -595,6 +595,12 @@ class MakeToyConfig:
     """Image side in pixels."""
     skip_existing: bool = False
     """Keep an existing toyworld/ folder."""
+    vae_steps: int = 2000
+    """Steps of the toy VAE pretraining into <out_dir>/vae (0: skip). Reused while its settings match."""
+    vae_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
+    """Block widths of the toy AutoencoderKL (f = 2^(blocks-1))."""
+    vae_lr: float = 2e-3
+    """Learning rate of the toy VAE."""
 
 
 def register_configs() -> None:

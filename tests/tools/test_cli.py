@@ -167,12 +167,17 @@ def test_bench_generation_reports_ratios(made, tmp_path):
 
 
 def test_make_toy_writes_three_splits(tmp_path):
-    p = run("make_toy.py", f"out_dir={tmp_path}", "n_train=12", "n_val=6", "n_test=6", f"hydra.run.dir={tmp_path}/h")
+    args = ["make_toy.py", f"out_dir={tmp_path}", "n_train=12", "n_val=6", "n_test=6", "vae_steps=3", "vae_channels=[8,8,8]",
+            f"hydra.run.dir={tmp_path}/h"]
+    p = run(*args)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert "vae: trained 3 steps" in p.stdout and (tmp_path / "vae" / "config.json").is_file()
+    again = run(*args)
+    assert "vae: cached" in again.stdout  # a second run reuses the pretrained VAE
     for split, n in (("train", 12), ("val", 6), ("test", 6)):
         assert len((tmp_path / "toyworld" / f"{split}.jsonl").read_text().splitlines()) == n
     assert "train: 12 conversations" in p.stdout
-    assert not [q for q in tmp_path.iterdir() if q.name.startswith(".toyworld")]
+    assert not [q for q in tmp_path.iterdir() if q.name.startswith((".toyworld", ".vae"))]
 
 
 def test_evaluate_on_a_fresh_split_reports_every_metric(fused_dir, tmp_path):
