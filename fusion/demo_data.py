@@ -12,27 +12,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
-COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
+from fusion.toyworld.scenes import Obj, make_scene, render
 
 
 def draw_scene(objects: list[tuple[str, str, int, int]], size: int = 64) -> Image.Image:
-    """Draw (shape, colour, row, col) objects on a 3x3 grid on a white canvas."""
-    img = Image.new("RGB", (size, size), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    cell = size / 3
-    for shape, colour, row, col in objects:
-        x0, y0 = col * cell + cell * 0.15, row * cell + cell * 0.15
-        x1, y1 = (col + 1) * cell - cell * 0.15, (row + 1) * cell - cell * 0.15
-        fill = COLOURS[colour]
-        if shape == "circle":
-            d.ellipse([x0, y0, x1, y1], fill=fill)
-        elif shape == "square":
-            d.rectangle([x0, y0, x1, y1], fill=fill)
-        else:
-            d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    return img
+    """Draw (shape, colour, row, col) objects with the toy world's renderer."""
+    return render(make_scene(Obj(*o) for o in objects), size)
 
 
 def make_demo_data(out_dir: str | Path, seed: int = 0, name: str = "demo_data") -> Path:

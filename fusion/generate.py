@@ -163,9 +163,9 @@ class Chat:
     def _append_user_turn(self, text: str, images: list[Image.Image]) -> None:
         content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
         first = self.state.length == 0
-        messages = ([{"role": "system", "content": [{"type": "text", "text": self.system}]}] if self.system and first else [])
-        if not first:  # a placeholder system turn, cut off below: only the new user turn is appended
-            messages = [{"role": "system", "content": [{"type": "text", "text": "-"}]}]
+        # later turns render behind a placeholder system turn that is cut off below
+        system = self.system if first else "-"
+        messages = [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
         messages.append({"role": "user", "content": content})
         r = self.mllm.render(Conversation(messages), add_generation_prompt=True, check_length=False)
         ids = r.input_ids[0]
@@ -246,7 +246,3 @@ class Chat:
                             generator=torch.Generator().manual_seed(s.seed + len(self.draws) - 1), height=h, width=w, decode=False)
         image = to_pil(gen.decode(latent))[0]
         return image, latent[0]
-
-    # ------------------------------------------------------------------ transcript
-    def text(self) -> str:
-        return "\n".join(f"[{x.turn} {x.role}] " + (x.text if x.kind == "text" else "<image>") for x in self.segments)

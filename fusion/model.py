@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from backbones.mllm.qwen2_5_vl import RenderedConversation
 from fusion.data import Conversation, load_images
 from fusion.errors import CheckpointError, ConfigError, DataError
 from fusion.flow import sample_t
@@ -200,11 +201,11 @@ class FusedModel(nn.Module):
         return groups
 
     # ------------------------------------------------------------------ stage 1
-    def sft_loss(self, conversations: list[Conversation]) -> torch.Tensor:
-        """Mean next-token loss over the samples (labels from the adapter's renderer)."""
+    def sft_loss(self, conversations: list) -> torch.Tensor:
+        """Mean next-token loss over the samples: conversations, or already rendered ones."""
         losses = []
         for conv in conversations:
-            r = self.mllm.render(conv)
+            r = conv if isinstance(conv, RenderedConversation) else self.mllm.render(conv)
             inputs = {k: (v.to(self.mllm.device) if isinstance(v, torch.Tensor) else v) for k, v in r.model_inputs().items()}
             out = self.mllm(**inputs, labels=r.labels.to(self.mllm.device))
             losses.append(out["loss"])

@@ -28,7 +28,7 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +156,6 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     position: int = 0  # samples of this rank's epoch already consumed
-    skipped: dict[str, int] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- the recipe
@@ -328,8 +327,7 @@ class Trainer:
     # -- steps ---------------------------------------------------------------------
     def _prepare(self, conv: Conversation, generator: torch.Generator | None = None):
         if self.cfg.stage.name == "sft":
-            self.model.mllm.render(conv)  # length check; the loss renders again
-            return conv
+            return self.model.mllm.render(conv)  # raises on over-long samples; the loss uses this rendering
         return self.model.prepare_align_sample(conv, generator)
 
     def _next_batch(self, it, generator: torch.Generator):

@@ -53,10 +53,12 @@ def build_model(cfg: DictConfig):
 
 
 def history_images(n: int):
-    from fusion.demo_data import COLOURS, draw_scene
+    import random
 
-    shapes, colours = ["circle", "square", "triangle"], list(COLOURS)
-    return [draw_scene([(shapes[i % 3], colours[i % len(colours)], i % 3, (i // 3) % 3)]) for i in range(n)]
+    from fusion.toyworld.scenes import random_scene, render
+
+    rng = random.Random(0)
+    return [render(random_scene(rng, 1 + i % 3)) for i in range(n)]
 
 
 def run_answer(model, cfg: DictConfig, recompute: str):

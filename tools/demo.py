@@ -20,7 +20,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
@@ -133,12 +133,6 @@ def fused_step(cfg: DictConfig, out: Path) -> dict:
     return {"generator": type(model.generator).__name__, "connector": type(model.connector).__name__,
             "loss": losses["loss"].item(), "trainable": trainable, "sample": str(path), "saved": str(saved),
             "condition_frames": 0 if s.cond is None else s.cond.shape[0]}
-
-
-def load_image(path):
-    from fusion.data import open_image
-
-    return open_image(path)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ transcript is written only when every turn has finished.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from fusion.cli import friendly_errors, setup_environment
-from fusion.config import register_configs, validate
+from fusion.config import register_configs
 from fusion.errors import ConfigError, DataError
 
 register_configs()

@@ -19,7 +19,6 @@ scheduler, classifier-free guidance, condition frames held clean at every step).
 
 from __future__ import annotations
 
-from pathlib import Path
 from contextlib import contextmanager
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from backbones.paths import local_folder
 from fusion.flow import add_noise, target_velocity
 
 
@@ -280,9 +280,7 @@ def load_transformer(cls: type, path: str, width_key: str, width: int | None, dt
     """
     from fusion.errors import CheckpointError
 
-    local = Path(path).expanduser()
-    if (path.startswith(("/", ".", "~")) or path.count("/") != 1) and not local.is_dir():
-        raise CheckpointError(f"generator.path: checkpoint folder not found: {local}")
+    local_folder(path, "generator.path")
     try:
         config = cls.load_config(path, subfolder=subfolder)
         if width is None or config.get(width_key) == width:

@@ -36,9 +36,6 @@ class WanGenerator(FlowGenerator):
 
     timestep_scale = 1000.0
 
-    def __init__(self, transformer, vae, scheduler: Any = None, image_size: int = 512):
-        super().__init__(transformer, vae, scheduler, image_size)
-
     @classmethod
     def from_pretrained(
         cls,

@@ -38,6 +38,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from backbones.paths import local_folder
 from fusion.data import Conversation, load_images, parse_conversation
 from fusion.errors import CheckpointError, DataError
 
@@ -98,10 +99,6 @@ class DecodeState:
         return torch.cat(self.hidden_chunks, dim=1)
 
 
-def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~")) or path.count("/") != 1 or os.path.exists(path)
-
-
 class Qwen25VLAdapter(nn.Module):
     """Qwen2.5-VL with ``<|bov|>``, conversation rendering, layer selection and cached decoding."""
 
@@ -160,10 +157,8 @@ class Qwen25VLAdapter(nn.Module):
         if dtype not in DTYPES:
             raise ValueError(f"mllm.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         path = str(path)
-        if _looks_local(path):
-            p = Path(path).expanduser()
-            if not p.is_dir():
-                raise CheckpointError(f"mllm.path: checkpoint folder not found: {p}")
+        p = local_folder(path, "mllm.path")
+        if p is not None:
             if not (p / "config.json").is_file():
                 raise CheckpointError(f"mllm.path: {p} has no config.json; not a transformers checkpoint folder")
             path = str(p)

@@ -24,7 +24,7 @@ import json
 import random
 from pathlib import Path
 
-from fusion.toyworld.scenes import CELL_NAMES, CELLS, COLOURS, SHAPES, Obj, make_scene, random_obj, random_scene, render, scene_to_dicts
+from fusion.toyworld.scenes import CELL_NAMES, CELLS, COLOURS, Obj, make_scene, random_obj, random_scene, render, scene_to_dicts
 
 KINDS = ("t2i", "edit_user", "edit_generated", "steps", "question", "distractor")
 SPLIT_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_003}

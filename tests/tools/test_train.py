@@ -139,7 +139,7 @@ def write_bad_data(tiny_dir: Path, folder: Path) -> Path:
 
 def test_bad_data_skip_finishes_and_counts_each_kind(tiny, tiny_dir, tmp_path):
     data = write_bad_data(tiny_dir, tmp_path / "data")
-    p = train(tiny, "stage=sft", "stage.max_steps=3", f"data.path={data}", "data.on_error=skip", f"hydra.run.dir={tmp_path / 'run'}")
+    train(tiny, "stage=sft", "stage.max_steps=3", f"data.path={data}", "data.on_error=skip", f"hydra.run.dir={tmp_path / 'run'}")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["skipped"] == {"json": 1, "missing_image": 1, "bad_image": 1, "too_long": 1}
     assert summary["steps"] == 3
