@@ -11,6 +11,11 @@ same ``first_frame_mask * t`` per token). Their velocity is replaced by 0, so th
 move under a flow solver and carry no loss. Wan has no text mask: padded text positions are
 zeroed, as the pipeline's zero padding does.
 
+Coordinate channels (toy checkpoints): a transformer whose ``in_channels`` exceed its
+``out_channels`` by 2 gets two fixed input channels holding each latent cell's (y, x) in
+[-1, 1], an absolute position signal next to RoPE (small DiTs place objects on a grid far
+more reliably with it). Published checkpoints have none; the choice is read from the config.
+
 Latents: the VAE slot of the checkpoint (``AutoencoderKLWan``: ``(z - latents_mean) / latents_std``
 of the posterior mode, one latent frame per image; a toy checkpoint may hold a 2-D ``AutoencoderKL``).
 
@@ -61,6 +66,14 @@ class WanGenerator(FlowGenerator):
     def latent_channels(self) -> int:
         return self.transformer.config.out_channels
 
+    @property
+    def coord_channels(self) -> int:
+        c = self.transformer.config
+        extra = c.in_channels - c.out_channels
+        if extra not in (0, 2):
+            raise ValueError(f"Wan transformer: in_channels {c.in_channels} must equal out_channels {c.out_channels} (or exceed it by 2 coordinate channels)")
+        return extra
+
     def dit_blocks(self):
         return self.transformer.blocks
 
@@ -76,8 +89,13 @@ class WanGenerator(FlowGenerator):
         per_frame[:, :n_cond] = 0.0
         timestep = (per_frame * self.timestep_scale).repeat_interleave((h // ph) * (w // pw), dim=1)  # [B, tokens]
         text = text_states * text_mask[..., None].to(text_states.dtype)
+        x = frames
+        if self.coord_channels:
+            ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)[:, None].expand(h, w)
+            xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)[None, :].expand(h, w)
+            x = torch.cat([x, torch.stack([ys, xs]).expand(b, f, 2, h, w)], dim=2)
         out = self.transformer(
-            hidden_states=frames.permute(0, 2, 1, 3, 4).to(self.dtype),
+            hidden_states=x.permute(0, 2, 1, 3, 4).to(self.dtype),
             timestep=timestep,
             encoder_hidden_states=text.to(self.dtype),
             return_dict=False,

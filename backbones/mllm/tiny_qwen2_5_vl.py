@@ -128,7 +128,7 @@ def build_tokenizer(vocab_size: int = 1024):
     return tokenizer
 
 
-def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4):
+def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4, vision_hidden_size: int = 32):
     """A Qwen2.5-VL config of the real class with tiny widths (head_dim 16, mrope 2+3+3)."""
     from transformers import Qwen2_5_VLConfig
 
@@ -157,8 +157,8 @@ def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4):
         ),
         vision_config=dict(
             depth=2,
-            hidden_size=32,
-            intermediate_size=64,
+            hidden_size=vision_hidden_size,
+            intermediate_size=2 * vision_hidden_size,
             num_heads=2,
             in_channels=3,
             patch_size=14,
@@ -177,8 +177,12 @@ def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4):
     )
 
 
-def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "qwen2_5_vl", hidden_size: int = 64, num_layers: int = 4) -> Path:
-    """Write a tiny Qwen2.5-VL (model, tokenizer, processor) to ``<out_dir>/<name>``."""
+def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "qwen2_5_vl", hidden_size: int = 64, num_layers: int = 4,
+              vision_hidden_size: int = 32, min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS) -> Path:
+    """Write a tiny Qwen2.5-VL (model, tokenizer, processor) to ``<out_dir>/<name>``.
+
+    ``min_pixels`` / ``max_pixels`` are the processor's bounds (the toy MLLM uses 84x84 for
+    both: a 64 px toy image becomes 6x6 patches, 3x3 merged tokens, one per grid cell)."""
     from transformers import (
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
@@ -189,8 +193,8 @@ def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "qwen2_5_vl", hidd
     target = Path(out_dir) / name
     target.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    image_processor = Qwen2VLImageProcessor(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
-    video_processor = Qwen2VLVideoProcessor(min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS)
+    image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
+    video_processor = Qwen2VLVideoProcessor(min_pixels=min_pixels, max_pixels=max_pixels)
     processor = Qwen2_5_VLProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -198,7 +202,7 @@ def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "qwen2_5_vl", hidd
         chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, hidden_size, num_layers))
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, hidden_size, num_layers, vision_hidden_size))
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     model.save_pretrained(target)
     processor.save_pretrained(target)

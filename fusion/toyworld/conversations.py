@@ -109,6 +109,13 @@ def sample_scene(rng, n, held_out):
             return s
 
 
+def random_edit_scenes(rng: random.Random, held_out=frozenset()) -> tuple:
+    """(source scene, edited scene, op, target object) of a random edit (for DiT pretraining)."""
+    s = sample_scene(rng, rng.choice([1, 2, 2, 3]), held_out)
+    _, edited, meta = random_edit(rng, s, held_out)
+    return s, edited, meta["op"], Obj(**meta["target"])
+
+
 def conversation(kind: str, rng: random.Random, w: Writer, held_out) -> dict:
     msgs, turns = [], []
 
