@@ -1,5 +1,7 @@
 # unifuse: the README's commands.
-#   make demo   set up if needed, then run the main job (tiny checkpoints: stage 1, stage 2, fused smoke runs)
+#   make demo   set up if needed, then the toy world end to end: build world + toy backbones (cached),
+#               stage 1, stage 2, evaluate on the test split -> outputs/demo/report.json (QUICK=1: a few minutes)
+#   make smoke  the tiny-checkpoint smoke path (stage 1, stage 2, fused smoke runs of 3 generators x 2 connectors)
 #   make test   set up if needed, then run the fast test tier (CPU, < 15 min)
 #   make test-slow   the slow learning checks
 SHELL := /bin/bash
@@ -12,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export WANDB_MODE ?= offline
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow clean tiny
+.PHONY: setup demo smoke ablation test test-slow clean tiny
 
 setup: $(STAMP)
 
@@ -31,12 +33,18 @@ tiny: setup
 	$(PY) tools/make_tiny.py out_dir=checkpoints/tiny
 
 demo: setup
+	$(PY) tools/demo.py $(if $(QUICK),profile=quick)
+
+ablation: setup
+	$(PY) tools/ablate.py $(if $(QUICK),profile=quick)
+
+smoke: setup
 	$(PY) tools/make_tiny.py out_dir=checkpoints/tiny skip_existing=true
-	$(PY) tools/train.py experiment=tiny_sft hydra.run.dir=outputs/demo/sft resume=never
-	$(PY) tools/train.py experiment=tiny_align init_from=outputs/demo/sft hydra.run.dir=outputs/demo/align resume=never
-	$(PY) tools/generate.py model=outputs/demo/align/final conversation=checkpoints/tiny/demo_data/conversations.jsonl \
-	    conversation_line=4 steps=8 hydra.run.dir=outputs/demo/chat
-	$(PY) tools/demo.py -m stage=align generator=tiny_wan,tiny_cosmos,tiny_sana connector=last_mlp,multiscale_queries
+	$(PY) tools/train.py experiment=tiny_sft hydra.run.dir=outputs/smoke/sft resume=never
+	$(PY) tools/train.py experiment=tiny_align init_from=outputs/smoke/sft hydra.run.dir=outputs/smoke/align resume=never
+	$(PY) tools/generate.py model=outputs/smoke/align/final conversation=checkpoints/tiny/demo_data/conversations.jsonl \
+	    conversation_line=4 steps=8 hydra.run.dir=outputs/smoke/chat
+	$(PY) tools/smoke.py -m stage=align generator=tiny_wan,tiny_cosmos,tiny_sana connector=last_mlp,multiscale_queries
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" --timeout=600

@@ -425,6 +425,8 @@ class Config:
     """Logger (group logger/)."""
     tiny_dir: str = "checkpoints/tiny"
     """Where ``tools/make_tiny.py`` wrote the tiny checkpoints (used by */tiny.yaml)."""
+    toy_dir: str = "checkpoints/toy"
+    """Where ``tools/make_toy.py`` wrote the toy world and the toy-pretrained backbones (used by */toy*.yaml)."""
     output_dir: str = "outputs/run"
     """Run output folder."""
     device: str = "cpu"
@@ -579,10 +581,10 @@ class EvaluateConfig:
 
 @dataclass
 class MakeToyConfig:
-    """``tools/make_toy.py``: the toy world's data splits (toy-pretrained backbones come next)."""
+    """``tools/make_toy.py``: the toy world's data splits and its toy-pretrained backbones (each cached)."""
 
     out_dir: str = "checkpoints/toy"
-    """Folder that receives toyworld/ (train.jsonl, val.jsonl, test.jsonl, images/)."""
+    """Folder that receives toyworld/ (train.jsonl, val.jsonl, test.jsonl, images/), vae/, qwen2_5_vl/ and one folder per DiT family."""
     n_train: int = 600
     """Training conversations (kinds in rotation)."""
     n_val: int = 60
@@ -590,7 +592,7 @@ class MakeToyConfig:
     n_test: int = 60
     """Test conversations."""
     seed: int = 0
-    """Added to each split's own seed (splits stay disjoint)."""
+    """Added to each split's own seed (splits stay disjoint); the backbones' training seed."""
     image_size: int = 64
     """Image side in pixels."""
     skip_existing: bool = False
@@ -601,6 +603,73 @@ class MakeToyConfig:
     """Block widths of the toy AutoencoderKL (f = 2^(blocks-1))."""
     vae_lr: float = 2e-3
     """Learning rate of the toy VAE."""
+    mllm_steps: int = 1500
+    """Steps of the toy MLLM pretraining (captions and questions) into <out_dir>/qwen2_5_vl (0: skip)."""
+    mllm_hidden_size: int = 128
+    """Width of the toy MLLM's language model (4 layers, 4 heads)."""
+    mllm_lr: float = 2e-3
+    """Learning rate of the toy MLLM."""
+    dit_families: list[str] = field(default_factory=lambda: ["wan"])
+    """DiT families to pretrain (wan, cosmos, sana), each into <out_dir>/<family>."""
+    dit_steps: int = 3000
+    """Steps of each toy DiT's pretraining (0: skip)."""
+    dit_lr: float = 1e-3
+    """Learning rate of the toy DiTs."""
+    dit_batch: int = 16
+    """Batch size of the toy DiTs."""
+
+    def __post_init__(self) -> None:
+        bad = [f for f in self.dit_families if f not in ("wan", "cosmos", "sana")]
+        if bad:
+            raise ConfigError(f"dit_families: unknown family {bad[0]!r}; expected wan, cosmos or sana")
+        if self.dit_families and self.dit_steps > 0 and self.vae_steps <= 0:
+            raise ConfigError("dit_steps > 0 needs the toy VAE (vae_steps > 0): the DiTs learn in its latent space")
+
+
+@dataclass
+class DemoConfig:
+    """``tools/demo.py`` (``make demo``): the toy world end to end, one phase after another."""
+
+    profile: str = "full"
+    """Name of the profile these numbers come from (conf/profile/: full, quick)."""
+    toy_dir: str = "checkpoints/toy"
+    """Toy world + toy backbones (built by tools/make_toy.py if absent, reused while their settings match)."""
+    out_dir: str = "outputs/demo"
+    """Receives sft/, align/, eval/, report.json, report.md and transcripts/."""
+    n_train: int = 600
+    """Training conversations of the toy world."""
+    n_test: int = 60
+    """Test conversations of the toy world."""
+    vae_steps: int = 2000
+    """Toy VAE pretraining steps."""
+    mllm_steps: int = 1500
+    """Toy MLLM pretraining steps."""
+    dit_steps: int = 3000
+    """Toy DiT pretraining steps."""
+    sft_steps: int = 300
+    """Stage-1 steps."""
+    align_steps: int = 600
+    """Stage-2 steps."""
+    generator: str = "toy_wan"
+    """Generator config (toy_wan, toy_cosmos, toy_sana)."""
+    connector: str = "multilayer_concat"
+    """Connector config."""
+    eval_n: int | None = None
+    """Test conversations evaluated (None: all)."""
+    sample_steps: int = 20
+    """DiT sampler steps at evaluation."""
+    guidance: float = 3.0
+    """Text guidance at evaluation."""
+    transcripts: int = 6
+    """Conversations written as HTML transcripts."""
+    connectors: list[str] = field(default_factory=lambda: ["last_mlp", "multilayer_concat", "layer_mix", "queries", "multiscale_queries"])
+    """tools/ablate.py: the connectors compared."""
+    make_toy_overrides: list[str] = field(default_factory=list)
+    """Extra overrides for tools/make_toy.py."""
+    sft_overrides: list[str] = field(default_factory=list)
+    """Extra overrides for stage 1 (tools/train.py experiment=toy_sft)."""
+    align_overrides: list[str] = field(default_factory=list)
+    """Extra overrides for stage 2 (tools/train.py experiment=toy_align)."""
 
 
 def register_configs() -> None:
@@ -612,6 +681,7 @@ def register_configs() -> None:
     cs.store(name="bench_schema", node=BenchConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="make_toy_schema", node=MakeToyConfig)
+    cs.store(name="demo_schema", node=DemoConfig)
     cs.store(group="mllm", name="qwen2_5_vl_schema", node=Qwen25VLConfig)
     cs.store(group="generator", name="wan_schema", node=WanGeneratorConfig)
     cs.store(group="generator", name="cosmos_schema", node=CosmosGeneratorConfig)

@@ -93,6 +93,11 @@ def deepspeed_config(ds: DictConfig, stage: DictConfig, device: str) -> dict[str
 
 
 # ---------------------------------------------------------------------------- data
+#: DataError kinds that are not faults: the sample is valid but has nothing for this stage (a
+#: text-only conversation in stage 2), so it is skipped and counted under any data.on_error
+NOT_FOR_THIS_STAGE = ("no_target",)
+
+
 class ConversationDataset(torch.utils.data.Dataset):
     """Validated conversations; ``__getitem__`` decodes the images (in loader workers)."""
 
@@ -224,7 +229,7 @@ class Trainer:
                     self._prepare(load_images(conv))  # decode + render + length check before the first step
                 convs.append(conv)
             except DataError as e:
-                if d.on_error == "error":
+                if d.on_error == "error" and e.kind not in NOT_FOR_THIS_STAGE:
                     raise
                 self.report.add(e)
         if not convs:
@@ -349,7 +354,7 @@ class Trainer:
                         raise item
                     batch.append(self._prepare(item, generator))
                 except DataError as e:
-                    if self.cfg.data.on_error == "error":
+                    if self.cfg.data.on_error == "error" and e.kind not in NOT_FOR_THIS_STAGE:
                         raise
                     self.report.add(e)
             if batch:

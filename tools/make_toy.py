@@ -1,20 +1,31 @@
-"""Write the toy world: train / val / test splits of interleaved conversations with ground
-truth, and the toy-pretrained VAE (cached: rerunning reuses it while its settings match).
+"""Write the toy world and its toy-pretrained backbones (each cached: a rerun reuses every part
+whose settings match, so ``make demo`` builds them once).
 
 Run as:
-    python tools/make_toy.py out_dir=checkpoints/toy n_train=600 n_val=60 n_test=60
-    python tools/make_toy.py vae_steps=0          # data only
+    python tools/make_toy.py out_dir=checkpoints/toy                    # everything, defaults
+    python tools/make_toy.py dit_families=[wan,cosmos,sana]             # a toy DiT per family
+    python tools/make_toy.py vae_steps=0 mllm_steps=0 dit_steps=0       # data only
 
-Each split is a JSONL file (the project's chat format plus a ``meta`` field with the ground
-truth of every assistant turn) and a folder of PNGs. The splits use disjoint seeds; the
-held-out (colour, shape) pairs of ``fusion/toyworld/conversations.py`` never occur in train.
+Parts, in <out_dir>:
+    toyworld/    train / val / test JSONL (the project's chat format + a ``meta`` field with the
+                 ground truth of every assistant turn) and their PNGs; disjoint seeds, held-out
+                 (colour, shape) pairs never in train
+    vae/         diffusers AutoencoderKL trained to reconstruct toy scenes
+    qwen2_5_vl/  tiny Qwen2.5-VL (real classes and layout) pretrained on captions and questions
+    <family>/    diffusers pipeline folder (transformer/, vae/, scheduler/) of a toy DiT
+                 pretrained to draw scenes from object tokens and to apply edits to a frame
+
+Each part is written under a temporary name and renamed when complete, with the settings it
+was built from in ``settings.json`` and its measured figures in ``pretrain.json``.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -26,44 +37,37 @@ from fusion.config import register_configs
 register_configs()
 
 
-def make_vae(cfg: DictConfig, target: Path) -> None:
-    """Pretrain the toy VAE unless a finished one with the same settings is there (cached)."""
-    import json
-
-    from fusion.toyworld.pretrain import pretrain_vae
-
-    want = {"steps": cfg.vae_steps, "channels": list(cfg.vae_channels), "lr": cfg.vae_lr, "seed": cfg.seed}
+def cached(target: Path, want: dict, build: Callable[[Path], dict], summary: Callable[[dict], str]) -> dict:
+    """Build ``target`` with ``build(tmp_path)`` unless a finished one with settings ``want`` is there."""
     stamp = target / "settings.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == want:
-        print(f"vae: cached ({target}); reader accuracy {json.loads((target / 'pretrain.json').read_text())['reader_accuracy']:.3f}")
-        return
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".vae.") as tmp:
-        stats = pretrain_vae(Path(tmp) / "vae", steps=cfg.vae_steps, lr=cfg.vae_lr, seed=cfg.seed, channels=tuple(cfg.vae_channels))
-        (Path(tmp) / "vae" / "settings.json").write_text(json.dumps(want))
+    if stamp.is_file() and json.loads(stamp.read_text()) == want and (target / "pretrain.json").is_file():
+        stats = json.loads((target / "pretrain.json").read_text())
+        print(f"{target.name}: cached ({target}); {summary(stats)}")
+        return stats
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.") as tmp:
+        part = Path(tmp) / target.name
+        stats = build(part)
+        (part / "settings.json").write_text(json.dumps(want))
         if target.exists():
             shutil.rmtree(target)
-        shutil.move(str(Path(tmp) / "vae"), target)
-    print(f"vae: trained {stats['steps']} steps in {stats['seconds']} s; reader accuracy {stats['reader_accuracy']:.3f} ({target})")
+        shutil.move(str(part), target)
+    print(f"{target.name}: trained in {stats['seconds']} s; {summary(stats)} ({target})")
+    return stats
 
 
-@hydra.main(config_path="../conf", config_name="make_toy", version_base="1.3")
-@friendly_errors
-def main(cfg: DictConfig) -> None:
-    setup_environment()
-    import json
-
+def make_world(cfg: DictConfig, out: Path) -> None:
     from fusion.toyworld.conversations import make_toyworld
 
-    out = Path(cfg.out_dir)
     target = out / "toyworld"
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.vae_steps > 0:
-        make_vae(cfg, out / "vae")
-    if cfg.skip_existing and (target / "test.jsonl").is_file():
-        print(f"toyworld: exists, skipped ({target})")
+    want = {"n": [cfg.n_train, cfg.n_val, cfg.n_test], "seed": cfg.seed, "size": cfg.image_size}
+    stamp = target / "settings.json"
+    if (target / "test.jsonl").is_file() and (cfg.skip_existing or (stamp.is_file() and json.loads(stamp.read_text()) == want)):
+        print(f"toyworld: exists, reused ({target})")
         return
     with tempfile.TemporaryDirectory(dir=out, prefix=".toyworld.") as tmp:
         make_toyworld(tmp, cfg.seed, "toyworld", cfg.n_train, cfg.n_val, cfg.n_test, cfg.image_size)
+        (Path(tmp) / "toyworld" / "settings.json").write_text(json.dumps(want))
         if target.exists():
             shutil.rmtree(target)
         shutil.move(str(Path(tmp) / "toyworld"), target)
@@ -71,6 +75,36 @@ def main(cfg: DictConfig) -> None:
         kinds = Counter(json.loads(line)["meta"]["kind"] for line in (target / f"{split}.jsonl").read_text().splitlines())
         print(f"{split}: {sum(kinds.values())} conversations ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})")
     print(f"toyworld: wrote {target}")
+
+
+@hydra.main(config_path="../conf", config_name="make_toy", version_base="1.3")
+@friendly_errors
+def main(cfg: DictConfig) -> None:
+    setup_environment()
+    from omegaconf import OmegaConf
+
+    from fusion.toyworld.pretrain import pretrain_dit, pretrain_mllm, pretrain_vae
+
+    OmegaConf.to_object(cfg)  # runs the schema's checks
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    make_world(cfg, out)
+    vae_want = {"steps": cfg.vae_steps, "channels": list(cfg.vae_channels), "lr": cfg.vae_lr, "seed": cfg.seed}
+    if cfg.vae_steps > 0:
+        cached(out / "vae", vae_want,
+               lambda p: pretrain_vae(p, steps=cfg.vae_steps, lr=cfg.vae_lr, seed=cfg.seed, channels=tuple(cfg.vae_channels)),
+               lambda s: f"reader accuracy of its reconstructions {s['reader_accuracy']:.3f}")
+    if cfg.mllm_steps > 0:
+        want = {"steps": cfg.mllm_steps, "hidden_size": cfg.mllm_hidden_size, "lr": cfg.mllm_lr, "seed": cfg.seed}
+        cached(out / "qwen2_5_vl", want,
+               lambda p: pretrain_mllm(p, steps=cfg.mllm_steps, lr=cfg.mllm_lr, seed=cfg.seed, hidden_size=cfg.mllm_hidden_size),
+               lambda s: f"held-out questions answered exactly {s['answer_accuracy']:.3f}")
+    if cfg.dit_steps > 0:
+        for family in cfg.dit_families:
+            want = {"steps": cfg.dit_steps, "lr": cfg.dit_lr, "batch": cfg.dit_batch, "seed": cfg.seed, "vae": vae_want}
+            cached(out / family, want,
+                   lambda p, f=family: pretrain_dit(f, p, out / "vae", steps=cfg.dit_steps, batch=cfg.dit_batch, lr=cfg.dit_lr, seed=cfg.seed),
+                   lambda s: "sampled scenes read back exactly: " + ", ".join(f"{k} {v:.3f}" for k, v in s["accuracy"].items()))
 
 
 if __name__ == "__main__":

@@ -108,7 +108,12 @@ class WanGenerator(FlowGenerator):
 
 def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "wan", variant: str = "2.1") -> Path:
     """Tiny Wan (``transformer/``, ``vae/``, ``scheduler/``, ``model_index.json``) in the diffusers layout."""
-    from diffusers import AutoencoderKL, AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKL,
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanTransformer3DModel,
+    )
 
     root = Path(out_dir) / name
     torch.manual_seed(seed)

@@ -68,13 +68,7 @@ def _corpus() -> list[str]:
     shapes = ["circle", "square", "triangle", "circles", "squares", "triangles"]
     places = ["top", "middle", "bottom", "left", "centre", "center", "right", "corner", "row", "column"]
     verbs = ["draw", "move", "make", "add", "remove", "recolour", "change", "show", "paint", "put", "edit", "keep"]
-    words = (
-        "a an the of in on at to and or with without is are was there here it this that what which how many "
-        "image picture scene now please can you then next first second third step one two three zero no yes "
-        "answer question same earlier before after turn back again only also instead into from by for "
-        "hello thanks sure okay done object objects colour color shape position count empty canvas "
-        "you are a helpful assistant system user"
-    ).split()
+    words = ["a", "an", "the", "of", "in", "on", "at", "to", "and", "or", "with", "without", "is", "are", "was", "there", "here", "it", "this", "that", "what", "which", "how", "many", "image", "picture", "scene", "now", "please", "can", "you", "then", "next", "first", "second", "third", "step", "one", "two", "three", "zero", "no", "yes", "answer", "question", "same", "earlier", "before", "after", "turn", "back", "again", "only", "also", "instead", "into", "from", "by", "for", "hello", "thanks", "sure", "okay", "done", "object", "objects", "colour", "color", "shape", "position", "count", "empty", "canvas", "you", "are", "a", "helpful", "assistant", "system", "user"]
     lines = []
     for c, s, p, v in itertools.product(colours, shapes, places, verbs):
         lines.append(f"{v.capitalize()} a {c} {s} at the {p}.")
@@ -86,7 +80,15 @@ def _corpus() -> list[str]:
 
 def build_tokenizer(vocab_size: int = 1024):
     """Train a byte-level BPE with Qwen2's pre-tokenizer; wrap it as a ``Qwen2Tokenizer``."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import (
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import Qwen2Tokenizer
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 

@@ -24,7 +24,17 @@ import json
 import random
 from pathlib import Path
 
-from fusion.toyworld.scenes import CELL_NAMES, CELLS, COLOURS, Obj, make_scene, random_obj, random_scene, render, scene_to_dicts
+from fusion.toyworld.scenes import (
+    CELL_NAMES,
+    CELLS,
+    COLOURS,
+    Obj,
+    make_scene,
+    random_obj,
+    random_scene,
+    render,
+    scene_to_dicts,
+)
 
 KINDS = ("t2i", "edit_user", "edit_generated", "steps", "question", "distractor")
 SPLIT_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
@@ -199,8 +209,7 @@ def write_split(root: str | Path, split: str, n: int, seed: int = 0, kinds=KINDS
     path = root / f"{split}.jsonl"
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w") as f:
-        for i in range(n):
-            f.write(json.dumps(conversation(kinds[i % len(kinds)], rng, w, held_out)) + "\n")
+        f.writelines(json.dumps(conversation(kinds[i % len(kinds)], rng, w, held_out)) + "\n" for i in range(n))
     tmp.replace(path)
     return path
 

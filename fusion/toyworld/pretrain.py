@@ -128,7 +128,11 @@ class ToyText:
 
 def toy_transformer(family: str, latent_channels: int, text_dim: int = 64, layers: int = 4, heads: int = 4, head_dim: int = 32):
     """A small DiT of the family's own diffusers class, with an absolute position signal."""
-    from diffusers import CosmosTransformer3DModel, SanaTransformer2DModel, WanTransformer3DModel
+    from diffusers import (
+        CosmosTransformer3DModel,
+        SanaTransformer2DModel,
+        WanTransformer3DModel,
+    )
 
     if family == "wan":  # two coordinate input channels (see backbones/generator/wan.py)
         return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=latent_channels + 2,
@@ -295,7 +299,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
         torch.nn.utils.clip_grad_norm_(gen.transformer.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     gen.transformer.eval()
@@ -406,7 +410,7 @@ def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float 
         torch.nn.utils.clip_grad_norm_(adapter.model.parameters(), 1.0)
         opt.step()
         sched.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     adapter.model.eval()

@@ -48,7 +48,7 @@ def test_make_tiny_skip_existing(made):
 
 def test_demo_runs_end_to_end(made, tmp_path):
     out, _ = made
-    p = run("demo.py", f"tiny_dir={out}", "max_new_tokens=4", f"hydra.run.dir={tmp_path}")
+    p = run("smoke.py", f"tiny_dir={out}", "max_new_tokens=4", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
     summary = json.loads((tmp_path / "demo_summary.json").read_text())
     assert summary["forwards_per_token"] == 1.0
@@ -59,7 +59,7 @@ def test_demo_runs_end_to_end(made, tmp_path):
 @pytest.mark.parametrize("generator, connector", [("tiny_wan", "last_mlp"), ("tiny_cosmos", "queries"), ("tiny_sana", "multiscale_queries")])
 def test_demo_fused_step_with_each_generator_needs_no_code_change(made, tmp_path, generator, connector):
     out, _ = made
-    p = run("demo.py", f"tiny_dir={out}", "max_new_tokens=2", "stage=align", f"generator={generator}", f"connector={connector}",
+    p = run("smoke.py", f"tiny_dir={out}", "max_new_tokens=2", "stage=align", f"generator={generator}", f"connector={connector}",
             f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
     g = json.loads((tmp_path / "demo_summary.json").read_text())["fused"]
@@ -74,19 +74,19 @@ def test_demo_fused_step_with_each_generator_needs_no_code_change(made, tmp_path
 
 def test_demo_generator_without_connector_is_a_clear_error(made, tmp_path):
     out, _ = made
-    p = run("demo.py", f"tiny_dir={out}", "generator=tiny_wan", f"hydra.run.dir={tmp_path}")
+    p = run("smoke.py", f"tiny_dir={out}", "generator=tiny_wan", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 2 and "needs connector=<name> and stage=align" in p.stderr
 
 
 def test_unknown_key_is_one_clear_message(made, tmp_path):
     out, _ = made
-    p = run("demo.py", f"tiny_dir={out}", "mllm.pathh=/x", f"hydra.run.dir={tmp_path}")
+    p = run("smoke.py", f"tiny_dir={out}", "mllm.pathh=/x", f"hydra.run.dir={tmp_path}")
     assert p.returncode != 0
     assert "pathh" in p.stderr and "Traceback" not in p.stderr
 
 
 def test_missing_checkpoint_is_one_clear_message(tmp_path):
-    p = run("demo.py", f"mllm.path={tmp_path}/nothing", f"hydra.run.dir={tmp_path}")
+    p = run("smoke.py", f"mllm.path={tmp_path}/nothing", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 2
     assert f"error: mllm.path: checkpoint folder not found: {tmp_path}/nothing" in p.stderr
     assert "Traceback" not in p.stderr
@@ -96,7 +96,7 @@ def test_bad_data_line_is_one_clear_message(made, tmp_path):
     out, _ = made
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"messages": [{"role": "user", "content": [{"type": "image", "image": "gone.png"}]}]}\n')
-    p = run("demo.py", f"tiny_dir={out}", f"data.path={bad}", f"hydra.run.dir={tmp_path}")
+    p = run("smoke.py", f"tiny_dir={out}", f"data.path={bad}", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 2
     assert f"error: {bad}:2: messages[0].content[0]: image file not found" in p.stderr
     assert "Traceback" not in p.stderr

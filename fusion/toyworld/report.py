@@ -1,0 +1,81 @@
+"""What the toy-world pipelines share: phases run as processes, the goals, the tables."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from fusion.errors import UnifuseError
+
+console = Console()
+ROOT = Path(__file__).resolve().parents[2]
+
+#: (metric, goal) of issue 7; None: reported, no goal
+GOALS = [
+    ("trigger_f1", 0.95),
+    ("exact_scene_t2i", 0.8),
+    ("t2i_1obj", 0.95),
+    ("t2i_multi", None),
+    ("edit_applied", 0.7),
+    ("edit_preserved", 0.9),
+    ("edit_recolour_applied", 0.9),
+    ("edit_add_applied", 0.9),
+    ("edit_remove_applied", 0.9),
+    ("edit_move_applied", None),
+    ("tracking", 0.7),
+    ("text_answer", 0.8),
+    ("exact_scene", None),
+    ("attr_shape", None),
+    ("attr_colour", None),
+    ("attr_position", None),
+    ("attr_count", None),
+]
+
+
+class PhaseError(UnifuseError):
+    pass
+
+
+def run_phase(name: str, script: str, overrides: list[str], timings: dict) -> None:
+    """Run ``python tools/<script> <overrides>`` as its own process; time it; stop the pipeline if it fails."""
+    console.rule(f"[bold]{name}")
+    cmd = [sys.executable, str(ROOT / "tools" / script), *overrides]
+    console.print(" ".join(["python", f"tools/{script}", *overrides]), style="dim")
+    t0 = time.time()
+    rc = subprocess.call(cmd, cwd=ROOT)
+    timings[name] = round(time.time() - t0, 1)
+    if rc != 0:
+        raise PhaseError(f"demo phase {name!r} failed (exit status {rc}): rerun the command above to see why")
+    console.print(f"{name}: {timings[name]:.0f} s")
+
+
+def metrics_table(report: dict, title: str) -> Table:
+    """The report's metrics with their goals (rich table)."""
+    table = Table(title=title)
+    for col, just in (("metric", "left"), ("value", "right"), ("n", "right"), ("goal", "right"), ("", "left")):
+        table.add_column(col, justify=just)
+    n = report.get("n", {})
+    for key, goal in GOALS:
+        if key not in report:
+            continue
+        value = report[key]
+        mark = "" if goal is None else ("[green]met[/]" if value >= goal else f"[red]missed by {goal - value:.2f}[/]")
+        table.add_row(key, f"{value:.3f}", str(n.get(key, "")), "" if goal is None else f">= {goal}", mark)
+    return table
+
+
+def markdown(report: dict) -> str:
+    """The report's metrics with their goals (markdown table)."""
+    rows = ["| metric | value | n | goal |", "|---|---|---|---|"]
+    n = report.get("n", {})
+    for key, goal in GOALS:
+        if key in report:
+            rows.append(f"| {key} | {report[key]:.3f} | {n.get(key, '')} | {'' if goal is None else f'>= {goal}'} |")
+    return "\n".join(rows)
+
+
