@@ -617,6 +617,8 @@ class MakeToyConfig:
     """Learning rate of the toy DiTs."""
     dit_batch: int = 16
     """Batch size of the toy DiTs."""
+    dit_pool: int = 4096
+    """Training items (scenes and edits) rendered and encoded once before the DiT pretraining."""
 
     def __post_init__(self) -> None:
         bad = [f for f in self.dit_families if f not in ("wan", "cosmos", "sana")]

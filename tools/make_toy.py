@@ -101,9 +101,10 @@ def main(cfg: DictConfig) -> None:
                lambda s: f"held-out questions answered exactly {s['answer_accuracy']:.3f}")
     if cfg.dit_steps > 0:
         for family in cfg.dit_families:
-            want = {"steps": cfg.dit_steps, "lr": cfg.dit_lr, "batch": cfg.dit_batch, "seed": cfg.seed, "vae": vae_want}
+            want = {"steps": cfg.dit_steps, "lr": cfg.dit_lr, "batch": cfg.dit_batch, "pool": cfg.dit_pool, "seed": cfg.seed, "vae": vae_want}
             cached(out / family, want,
-                   lambda p, f=family: pretrain_dit(f, p, out / "vae", steps=cfg.dit_steps, batch=cfg.dit_batch, lr=cfg.dit_lr, seed=cfg.seed),
+                   lambda p, f=family: pretrain_dit(f, p, out / "vae", steps=cfg.dit_steps, batch=cfg.dit_batch, lr=cfg.dit_lr,
+                                                     seed=cfg.seed, pool_size=cfg.dit_pool),
                    lambda s: "sampled scenes read back exactly: " + ", ".join(f"{k} {v:.3f}" for k, v in s["accuracy"].items()))
 
 

@@ -1,0 +1,84 @@
+"""``make demo`` on a reduced toy world (about 2 minutes): every phase runs as the user runs it,
+the report holds every metric, the parts are cached, the ablation writes its table."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: a world and budgets small enough for the fast tier (scores are not asserted: they are near 0)
+REDUCED = ["n_train=12", "n_test=6", "eval_n=6", "vae_steps=10", "mllm_steps=6", "dit_steps=6", "sft_steps=2", "align_steps=2",
+           "sample_steps=2", "transcripts=2", "make_toy_overrides=['dit_pool=16','n_val=3']",
+           "sft_overrides=['stage.save_every=0','stage.micro_batch_size=2']", "align_overrides=['stage.save_every=0','stage.micro_batch_size=2']"]
+
+METRICS = ("trigger_precision", "trigger_recall", "trigger_f1", "exact_scene", "t2i_1obj", "attr_shape", "attr_colour", "attr_position",
+           "attr_count", "edit_applied", "edit_preserved", "tracking", "text_answer")
+
+
+def run(tool, *overrides):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")
+    return subprocess.run([sys.executable, str(REPO / "tools" / tool), *overrides], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    p = run("demo.py", f"toy_dir={root / 'toy'}", f"out_dir={root / 'out'}", *REDUCED)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return root, p
+
+
+def test_demo_writes_a_report_with_every_metric(demo):
+    root, p = demo
+    report = json.loads((root / "out" / "report.json").read_text())
+    for key in METRICS:
+        assert key in report and 0.0 <= report[key] <= 1.0, key
+    assert report["conversations"] == 6
+    assert set(report["by_kind"]) == {"t2i", "edit_user", "edit_generated", "steps", "question", "distractor"}
+    assert set(report["seconds"]) == {"world", "sft", "align", "evaluate", "total"}
+    assert set(report["pretrained_backbones"]) == {"vae", "qwen2_5_vl", "wan"}
+    assert report["goals"]["trigger_f1"] == 0.95
+    assert "| trigger_f1 |" in (root / "out" / "report.md").read_text()
+    pages = list((root / "out" / "transcripts").rglob("*.html"))
+    assert len(pages) == 2
+    assert "trigger_f1" in p.stdout and "phase seconds" in p.stdout  # the table is printed
+    assert (root / "out" / "align" / "final" / "unifuse.json").is_file()
+
+
+def test_demo_reuses_the_cached_world_and_backbones(demo):
+    root, _ = demo
+    stamps = {part: (root / "toy" / part / "pretrain.json").stat().st_mtime for part in ("vae", "qwen2_5_vl", "wan")}
+    p = run("make_toy.py", f"out_dir={root / 'toy'}", "n_train=12", "n_test=6", "n_val=3", "vae_steps=10", "mllm_steps=6", "dit_steps=6",
+            "dit_pool=16", f"hydra.run.dir={root / 'again'}")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("cached") == 3 and "reused" in p.stdout
+    assert stamps == {part: (root / "toy" / part / "pretrain.json").stat().st_mtime for part in stamps}
+    assert not [q for q in (root / "toy").iterdir() if q.name.startswith(".")]  # no temporary leftovers
+
+
+def test_ablation_writes_one_table_for_the_connectors(demo):
+    root, _ = demo
+    p = run("ablate.py", f"toy_dir={root / 'toy'}", f"out_dir={root / 'out'}", *REDUCED, "connectors=[last_mlp,queries]")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    table = json.loads((root / "out" / "ablation" / "ablation.json").read_text())
+    assert list(table["connectors"]) == ["last_mlp", "queries"]
+    for row in table["connectors"].values():
+        assert "trigger_f1" in row and "exact_scene" in row and row["final_loss"] > 0
+    md = (root / "out" / "ablation" / "ablation.md").read_text()
+    assert "| last_mlp |" in md and "| queries |" in md
+    assert "reusing" in p.stdout  # the demo's stage-1 run
+
+
+def test_a_failing_phase_stops_the_demo_with_its_name(tmp_path):
+    p = run("demo.py", f"toy_dir={tmp_path / 'toy'}", f"out_dir={tmp_path / 'out'}", *REDUCED, "make_toy_overrides=['dit_lr=-1','mllm_hidden_size=nope']")
+    assert p.returncode == 2
+    assert "demo phase 'world' failed" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "out" / "report.json").exists()
