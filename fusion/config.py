@@ -597,12 +597,12 @@ class MakeToyConfig:
     """Image side in pixels."""
     skip_existing: bool = False
     """Keep an existing toyworld/ folder."""
-    vae_steps: int = 2000
+    vae_steps: int = 1200
     """Steps of the toy VAE pretraining into <out_dir>/vae (0: skip). Reused while its settings match."""
     vae_channels: list[int] = field(default_factory=lambda: [16, 32, 64])
     """Block widths of the toy AutoencoderKL (f = 2^(blocks-1))."""
-    vae_lr: float = 2e-3
-    """Learning rate of the toy VAE."""
+    vae_lr: float = 3e-3
+    """Peak learning rate of the toy VAE (warm-up, cosine decay)."""
     mllm_steps: int = 1500
     """Steps of the toy MLLM pretraining (captions and questions) into <out_dir>/qwen2_5_vl (0: skip)."""
     mllm_hidden_size: int = 128
@@ -611,7 +611,7 @@ class MakeToyConfig:
     """Learning rate of the toy MLLM."""
     dit_families: list[str] = field(default_factory=lambda: ["wan"])
     """DiT families to pretrain (wan, cosmos, sana), each into <out_dir>/<family>."""
-    dit_steps: int = 3000
+    dit_steps: int = 2000
     """Steps of each toy DiT's pretraining (0: skip)."""
     dit_lr: float = 1e-3
     """Learning rate of the toy DiTs."""
@@ -642,11 +642,11 @@ class DemoConfig:
     """Training conversations of the toy world."""
     n_test: int = 60
     """Test conversations of the toy world."""
-    vae_steps: int = 2000
+    vae_steps: int = 1200
     """Toy VAE pretraining steps."""
     mllm_steps: int = 1500
     """Toy MLLM pretraining steps."""
-    dit_steps: int = 3000
+    dit_steps: int = 2000
     """Toy DiT pretraining steps."""
     sft_steps: int = 300
     """Stage-1 steps."""

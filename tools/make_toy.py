@@ -83,25 +83,26 @@ def main(cfg: DictConfig) -> None:
     setup_environment()
     from omegaconf import OmegaConf
 
-    from fusion.toyworld.pretrain import pretrain_dit, pretrain_mllm, pretrain_vae
+    from fusion.toyworld.pretrain import RECIPES, pretrain_dit, pretrain_mllm, pretrain_vae
 
     OmegaConf.to_object(cfg)  # runs the schema's checks
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     make_world(cfg, out)
-    vae_want = {"steps": cfg.vae_steps, "channels": list(cfg.vae_channels), "lr": cfg.vae_lr, "seed": cfg.seed}
+    vae_want = {"steps": cfg.vae_steps, "channels": list(cfg.vae_channels), "lr": cfg.vae_lr, "seed": cfg.seed, "recipe": RECIPES["vae"]}
     if cfg.vae_steps > 0:
         cached(out / "vae", vae_want,
                lambda p: pretrain_vae(p, steps=cfg.vae_steps, lr=cfg.vae_lr, seed=cfg.seed, channels=tuple(cfg.vae_channels)),
                lambda s: f"reader accuracy of its reconstructions {s['reader_accuracy']:.3f}")
     if cfg.mllm_steps > 0:
-        want = {"steps": cfg.mllm_steps, "hidden_size": cfg.mllm_hidden_size, "lr": cfg.mllm_lr, "seed": cfg.seed}
+        want = {"steps": cfg.mllm_steps, "hidden_size": cfg.mllm_hidden_size, "lr": cfg.mllm_lr, "seed": cfg.seed, "recipe": RECIPES["mllm"]}
         cached(out / "qwen2_5_vl", want,
                lambda p: pretrain_mllm(p, steps=cfg.mllm_steps, lr=cfg.mllm_lr, seed=cfg.seed, hidden_size=cfg.mllm_hidden_size),
                lambda s: f"held-out questions answered exactly {s['answer_accuracy']:.3f}")
     if cfg.dit_steps > 0:
         for family in cfg.dit_families:
-            want = {"steps": cfg.dit_steps, "lr": cfg.dit_lr, "batch": cfg.dit_batch, "pool": cfg.dit_pool, "seed": cfg.seed, "vae": vae_want}
+            want = {"steps": cfg.dit_steps, "lr": cfg.dit_lr, "batch": cfg.dit_batch, "pool": cfg.dit_pool, "seed": cfg.seed, "vae": vae_want,
+                    "recipe": RECIPES["dit"]}
             cached(out / family, want,
                    lambda p, f=family: pretrain_dit(f, p, out / "vae", steps=cfg.dit_steps, batch=cfg.dit_batch, lr=cfg.dit_lr,
                                                      seed=cfg.seed, pool_size=cfg.dit_pool),

@@ -130,8 +130,13 @@ def build_tokenizer(vocab_size: int = 1024):
     return tokenizer
 
 
-def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4, vision_hidden_size: int = 32):
-    """A Qwen2.5-VL config of the real class with tiny widths (head_dim 16, mrope 2+3+3)."""
+def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4, vision_hidden_size: int = 32, initializer_range: float = 0.02):
+    """A Qwen2.5-VL config of the real class with tiny widths (head_dim 16, mrope 2+3+3).
+
+    ``initializer_range``: the published 0.02 is tuned for wide models; a model this narrow
+    trained from scratch needs a larger one before its language model reads the vision tokens
+    (measured on the toy world: with 0.02 a 128-wide model never learned to count objects in
+    1000 steps, with 0.1 it did in 100)."""
     from transformers import Qwen2_5_VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
@@ -156,8 +161,10 @@ def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4, vision_hi
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
             tie_word_embeddings=False,
+            initializer_range=initializer_range,
         ),
         vision_config=dict(
+            initializer_range=initializer_range,
             depth=2,
             hidden_size=vision_hidden_size,
             intermediate_size=2 * vision_hidden_size,
@@ -176,11 +183,13 @@ def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4, vision_hi
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
+        initializer_range=initializer_range,
     )
 
 
 def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "qwen2_5_vl", hidden_size: int = 64, num_layers: int = 4,
-              vision_hidden_size: int = 32, min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS) -> Path:
+              vision_hidden_size: int = 32, min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS,
+              initializer_range: float = 0.02) -> Path:
     """Write a tiny Qwen2.5-VL (model, tokenizer, processor) to ``<out_dir>/<name>``.
 
     ``min_pixels`` / ``max_pixels`` are the processor's bounds (the toy MLLM uses 84x84 for
@@ -204,7 +213,7 @@ def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "qwen2_5_vl", hidd
         chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, hidden_size, num_layers, vision_hidden_size))
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, hidden_size, num_layers, vision_hidden_size, initializer_range))
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     model.save_pretrained(target)
     processor.save_pretrained(target)

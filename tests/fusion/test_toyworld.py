@@ -134,5 +134,5 @@ def test_toy_vae_pretraining_learns_and_loads_into_the_vae_slot(tmp_path):
 def test_toy_vae_reads_back_every_scene_after_full_pretraining(tmp_path):
     from fusion.toyworld.pretrain import pretrain_vae
 
-    stats = pretrain_vae(tmp_path / "vae", progress=False)  # about 7 minutes on 2 cores
+    stats = pretrain_vae(tmp_path / "vae", progress=False)  # about 4 minutes on 2 cores
     assert stats["reader_accuracy"] >= 0.95, stats
