@@ -585,7 +585,7 @@ class MakeToyConfig:
 
     out_dir: str = "checkpoints/toy"
     """Folder that receives toyworld/ (train.jsonl, val.jsonl, test.jsonl, images/), vae/, qwen2_5_vl/ and one folder per DiT family."""
-    n_train: int = 600
+    n_train: int = 1500
     """Training conversations (kinds in rotation)."""
     n_val: int = 60
     """Validation conversations."""
@@ -611,7 +611,7 @@ class MakeToyConfig:
     """Learning rate of the toy MLLM."""
     dit_families: list[str] = field(default_factory=lambda: ["wan"])
     """DiT families to pretrain (wan, cosmos, sana), each into <out_dir>/<family>."""
-    dit_steps: int = 2000
+    dit_steps: int = 3000
     """Steps of each toy DiT's pretraining (0: skip)."""
     dit_lr: float = 1e-3
     """Learning rate of the toy DiTs."""
@@ -638,7 +638,7 @@ class DemoConfig:
     """Toy world + toy backbones (built by tools/make_toy.py if absent, reused while their settings match)."""
     out_dir: str = "outputs/demo"
     """Receives sft/, align/, eval/, report.json, report.md and transcripts/."""
-    n_train: int = 600
+    n_train: int = 1500
     """Training conversations of the toy world."""
     n_test: int = 60
     """Test conversations of the toy world."""
@@ -646,9 +646,9 @@ class DemoConfig:
     """Toy VAE pretraining steps."""
     mllm_steps: int = 1500
     """Toy MLLM pretraining steps."""
-    dit_steps: int = 2000
+    dit_steps: int = 3000
     """Toy DiT pretraining steps."""
-    sft_steps: int = 300
+    sft_steps: int = 500
     """Stage-1 steps."""
     align_steps: int = 600
     """Stage-2 steps."""

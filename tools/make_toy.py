@@ -52,7 +52,7 @@ def cached(target: Path, want: dict, build: Callable[[Path], dict], summary: Cal
         if target.exists():
             shutil.rmtree(target)
         shutil.move(str(part), target)
-    print(f"{target.name}: trained in {stats['seconds']} s; {summary(stats)} ({target})")
+    print(f"{target.name}: trained {stats['steps']} steps in {stats['seconds']} s; {summary(stats)} ({target})")
     return stats
 
 

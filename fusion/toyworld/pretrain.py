@@ -279,7 +279,7 @@ def _frac(xs: list) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int = 2000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
+def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int = 3000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
                  text_dim: int = 64, p_edit: float = 0.5, p_drop_text: float = 0.1, layers: int = 4, pool_size: int = 4096,
                  progress: bool = True) -> dict:
     """Pretrain a toy DiT of ``family`` to render toy scenes from :class:`ToyText` tokens and to

@@ -168,7 +168,7 @@ def test_bench_generation_reports_ratios(made, tmp_path):
 
 def test_make_toy_writes_three_splits(tmp_path):
     args = ["make_toy.py", f"out_dir={tmp_path}", "n_train=12", "n_val=6", "n_test=6", "vae_steps=3", "vae_channels=[8,8,8]",
-            f"hydra.run.dir={tmp_path}/h"]
+            "mllm_steps=0", "dit_steps=0", f"hydra.run.dir={tmp_path}/h"]
     p = run(*args)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "vae: trained 3 steps" in p.stdout and (tmp_path / "vae" / "config.json").is_file()

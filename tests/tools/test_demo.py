@@ -18,7 +18,7 @@ REDUCED = ["n_train=12", "n_test=6", "eval_n=6", "vae_steps=10", "mllm_steps=6",
            "sample_steps=2", "transcripts=2", "make_toy_overrides=['dit_pool=16','n_val=3']",
            "sft_overrides=['stage.save_every=0','stage.micro_batch_size=2']", "align_overrides=['stage.save_every=0','stage.micro_batch_size=2']"]
 
-METRICS = ("trigger_precision", "trigger_recall", "trigger_f1", "exact_scene", "t2i_1obj", "attr_shape", "attr_colour", "attr_position",
+METRICS = ("trigger_precision", "trigger_recall", "trigger_f1", "exact_scene", "exact_scene_t2i", "attr_shape", "attr_colour", "attr_position",
            "attr_count", "edit_applied", "edit_preserved", "tracking", "text_answer")
 
 

@@ -1,0 +1,44 @@
+"""Slow tier: the full ``make demo`` and issue 7's quality goals, one test per goal.
+
+Runs ``python tools/demo.py`` (the full profile; the toy backbones in checkpoints/toy are
+reused when cached, built otherwise) once for the module. Goals the demo does not reach yet
+are marked xfail with the measured value, so a regression and an improvement both show.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fusion.toyworld.report import GOALS
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+#: goals missed by the full demo as measured (README, "The toy world"): metric -> measured value
+MISSED: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo_full")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "demo.py"), f"out_dir={out}"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=3600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.mark.parametrize("metric,goal", [pytest.param(k, g, marks=pytest.mark.xfail(reason=f"missed: measured {MISSED[k]:.3f}", strict=False))
+                                         if k in MISSED else (k, g) for k, g in GOALS if g is not None])
+def test_full_demo_reaches_goal(report, metric, goal):
+    assert report[metric] >= goal, f"{metric} = {report[metric]:.3f} < {goal}"
+
+
+def test_full_demo_fits_its_time_budget(report):
+    assert report["seconds"]["total"] < 30 * 60  # setup excluded here; the README gives the fresh-clone figure
