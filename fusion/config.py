@@ -323,6 +323,14 @@ class StageConfig:
     """align: guidance scale of those images."""
     merge_lora_on_export: bool = True
     """sft: merge an MLLM LoRA into its weights in the final export (stage 2 reads plain weights)."""
+    batching: str = "packed"
+    """How the MLLM sees a micro-batch: packed (samples end to end, block-diagonal attention, almost no padding), padded (one right-padded row per sample) or none (one forward per sample); the loss is the same. align (uncached): packed runs the frozen MLLM once over all contexts, else once per context."""
+    pack_length: int | None = None
+    """Tokens per packed row (None: mllm.max_length in sft, every context in one row in align)."""
+    gradient_checkpointing: list[str] = field(default_factory=list)
+    """Parts that recompute activations in backward to save memory: mllm, vision_tower, generator."""
+    compile: bool = False
+    """torch.compile the parts that train (off by default: it pays off on GPUs, not in short CPU runs)."""
 
     def __post_init__(self) -> None:
         if self.name not in ("sft", "align"):
@@ -343,6 +351,13 @@ class StageConfig:
         unknown = set(self.lr_scale) - {"mllm", "vision_tower", "connector", "generator"}
         if unknown:
             raise ConfigError(f"stage.lr_scale has unknown parts {sorted(unknown)}; use mllm, vision_tower, connector, generator")
+        if self.batching not in ("packed", "padded", "none"):
+            raise ConfigError(f"stage.batching must be packed, padded or none, got {self.batching!r}")
+        if self.pack_length is not None and self.pack_length <= 0:
+            raise ConfigError(f"stage.pack_length must be positive, got {self.pack_length}")
+        bad = set(self.gradient_checkpointing) - {"mllm", "vision_tower", "generator"}
+        if bad:
+            raise ConfigError(f"stage.gradient_checkpointing has unknown parts {sorted(bad)}; use mllm, vision_tower, generator")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"stage.lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -391,6 +406,29 @@ class DeepSpeedConfig:
             raise ConfigError("deepspeed.gradient_clipping must be positive (unclipped ZeRO runs diverge)")
 
 
+# ---------------------------------------------------------------------------- feature cache
+@dataclass
+class CacheConfig:
+    """Stage-2 feature cache (``fusion/feature_cache.py``): the frozen MLLM's states and the VAE latents, computed once."""
+
+    mode: str = "off"
+    """off; build (build or reuse a matching cache, then train from it); use (train from a matching cache, never load the MLLM; refuse if none); auto (use, else build)."""
+    dir: str = "cache/features"
+    """Folder of the caches, one sub-folder per key (a hash of MLLM, layers, image size, VAE and data)."""
+    dtype: str = "auto"
+    """Stored dtype of the hidden states: auto (the MLLM's), float32, bfloat16 or float16."""
+    shard_samples: int = 512
+    """Conversations per safetensors shard."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("off", "build", "use", "auto"):
+            raise ConfigError(f"cache.mode must be off, build, use or auto, got {self.mode!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"cache.dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.shard_samples <= 0:
+            raise ConfigError(f"cache.shard_samples must be positive, got {self.shard_samples}")
+
+
 # ---------------------------------------------------------------------------- logger
 @dataclass
 class LoggerConfig:
@@ -423,6 +461,8 @@ class Config:
     """DeepSpeed (group deepspeed/)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     """Logger (group logger/)."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """Stage-2 feature cache (group cache/: off, build, use, auto)."""
     tiny_dir: str = "checkpoints/tiny"
     """Where ``tools/make_tiny.py`` wrote the tiny checkpoints (used by */tiny.yaml)."""
     toy_dir: str = "checkpoints/toy"
@@ -519,14 +559,26 @@ class GenerateConfig:
 class BenchConfig:
     """``tools/bench.py``: side-by-side measurements in one process (ratios, never absolute pass/fail)."""
 
+    sections: list[str] = field(default_factory=lambda: ["cache", "overhead", "packing", "generation"])
+    """What to measure: cache (stage 2 with/without the feature cache), overhead (fused step vs bare parts), packing (stage 1 packed vs padded), generation."""
+    toy_dir: str = "checkpoints/toy"
+    """The toy world (make_toy): its MLLM, Wan DiT and training data for cache / overhead / packing."""
+    use_toy: bool = True
+    """Use the toy world when it is built; else (or when false) the tiny checkpoints and their demo data."""
+    batch: int = 8
+    """Stage-2 micro-batch (cache, overhead)."""
+    sft_batch: int = 8
+    """Stage-1 micro-batch (packing)."""
+    batches: int = 4
+    """Distinct micro-batches cycled through the repeats (every variant runs the same ones)."""
     model: str | None = None
-    """A saved fused model; None builds an untrained one from the tiny checkpoints (generator/connector below)."""
+    """generation: a saved fused model; None builds an untrained one from the tiny checkpoints (generator/connector below)."""
     tiny_dir: str = "checkpoints/tiny"
     """Where make_tiny wrote the tiny checkpoints."""
     generator: str = "tiny_wan"
-    """Generator config used when model is None."""
-    connector: str = "last_mlp"
-    """Connector config used when model is None."""
+    """generation: generator config used when model is None."""
+    connector: str = "multilayer_concat"
+    """Connector config (cache and overhead sections; generation when model is None)."""
     mllm_hidden: int = 384
     """Width of the random-init Qwen2.5-VL the benchmark builds (0: the tiny checkpoint's own MLLM)."""
     mllm_layers: int = 8
@@ -539,10 +591,17 @@ class BenchConfig:
     """Words of user text per history turn."""
     steps: int = 4
     """DiT sampler steps per image."""
-    repeats: int = 3
-    """Timed repetitions per variant (the median is reported)."""
+    repeats: int = 5
+    """Timed repetitions per variant (the median is reported, with min and max)."""
     output_dir: str = "outputs/bench"
     """Where bench.json and bench.md go."""
+
+    def __post_init__(self) -> None:
+        bad = set(self.sections) - {"cache", "overhead", "packing", "generation"}
+        if bad:
+            raise ConfigError(f"sections: unknown {sorted(bad)}; choose from cache, overhead, packing, generation")
+        if self.repeats <= 0 or self.batch <= 0 or self.sft_batch <= 0 or self.batches <= 0:
+            raise ConfigError("repeats, batch, sft_batch and batches must be positive")
 
 
 @dataclass
@@ -697,6 +756,7 @@ def register_configs() -> None:
     cs.store(group="stage", name="stage_schema", node=StageConfig)
     cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)
     cs.store(group="logger", name="logger_schema", node=LoggerConfig)
+    cs.store(group="cache", name="cache_schema", node=CacheConfig)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ class AlignSample:
     target: torch.Tensor  # [C, h, w] latent
     cond: torch.Tensor | None  # [N, C, h, w] latents of every earlier image
     where: str = ""
+    ctx_hidden: torch.Tensor | None = None  # [n_layers, L, D] from the feature cache (then ctx_ids etc. are None)
 
 
 def _to_container(node: Any) -> Any:
@@ -83,10 +84,13 @@ class FusedModel(nn.Module):
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def build(cls, cfg: DictConfig, device: str | None = None) -> FusedModel:
-        """Instantiate the parts of a composed config; the connector's widths come from the backbones."""
+    def build(cls, cfg: DictConfig, device: str | None = None, mllm: nn.Module | None = None) -> FusedModel:
+        """Instantiate the parts of a composed config; the connector's widths come from the backbones.
+
+        ``mllm``: an MLLM already built (e.g. :class:`fusion.feature_cache.MLLMFolder` when stage 2
+        trains from cached features and the MLLM is never loaded)."""
         device = device or cfg.get("device", "cpu")
-        mllm = instantiate(cfg.mllm, device=device)
+        mllm = mllm if mllm is not None else instantiate(cfg.mllm, device=device)
         generator = connector = None
         specs = {"mllm": _spec(cfg.mllm, drop=("path",))}
         if cfg.get("generator") is not None:
@@ -121,8 +125,9 @@ class FusedModel(nn.Module):
     def parts(self) -> dict[str, nn.Module]:
         """Named parameter groups: mllm (language model + head), vision_tower, connector, generator (DiT)."""
         hf = self.mllm.model
-        lm = nn.ModuleList([hf.model.language_model, hf.lm_head])
-        out = {"mllm": lm, "vision_tower": hf.model.visual}
+        out: dict[str, nn.Module] = {}
+        if hf is not None:  # None: the MLLM's features come from the feature cache
+            out = {"mllm": nn.ModuleList([hf.model.language_model, hf.lm_head]), "vision_tower": hf.model.visual}
         if self.connector is not None:
             out["connector"] = self.connector
         if self.generator is not None:
@@ -138,6 +143,8 @@ class FusedModel(nn.Module):
         tr = stage["trainable"]
         self.requires_grad_(False)
         parts = self.parts()
+        if "mllm" not in parts and (tr["mllm"] != "frozen" or tr.get("vision_tower")):
+            raise ConfigError("stage.trainable.mllm/vision_tower need the MLLM loaded; it is not (features from the cache)")
         if tr["mllm"] == "full":
             parts["mllm"].requires_grad_(True)
         elif tr["mllm"] == "lora":
@@ -160,6 +167,34 @@ class FusedModel(nn.Module):
         if self.generator is not None:
             self.generator.vae.eval()
         return self.trainable_report()
+
+    def apply_memory_and_speed(self, stage: dict | DictConfig) -> list[str]:
+        """``stage.gradient_checkpointing`` (parts that recompute activations in backward) and
+        ``stage.compile`` (``torch.compile`` the parts that train). Returns what was switched on."""
+        stage = _to_container(stage)
+        done = []
+        hf = self.mllm.model if getattr(self.mllm, "model", None) is not None else None
+        for part in stage.get("gradient_checkpointing") or []:
+            if part in ("mllm", "vision_tower") and hf is None:
+                continue  # features come from the cache: no MLLM forward to checkpoint
+            if part == "mllm":
+                hf.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            elif part == "vision_tower":
+                hf.model.visual.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            elif part == "generator":
+                if self.generator is None:
+                    raise ConfigError("stage.gradient_checkpointing names generator but no generator is configured")
+                self.generator.transformer.enable_gradient_checkpointing()
+            done.append(f"gradient checkpointing: {part}")
+        if stage.get("compile"):
+            parts = self.parts()
+            targets = {"mllm": hf.model.language_model if hf is not None else None, "vision_tower": hf.model.visual if hf is not None else None,
+                       "connector": self.connector, "generator": self.generator.transformer if self.generator is not None else None}
+            for name, module in parts.items():
+                if targets.get(name) is not None and any(p.requires_grad for p in module.parameters()):
+                    targets[name].compile()  # in place: the module's forward runs compiled
+                    done.append(f"torch.compile: {name}")
+        return done
 
     def _inject_lora(self, part: str, module: nn.Module, lora: dict) -> None:
         from peft import LoraConfig, inject_adapter_in_model
@@ -201,15 +236,32 @@ class FusedModel(nn.Module):
         return groups
 
     # ------------------------------------------------------------------ stage 1
-    def sft_loss(self, conversations: list) -> torch.Tensor:
-        """Mean next-token loss over the samples: conversations, or already rendered ones."""
-        losses = []
-        for conv in conversations:
-            r = conv if isinstance(conv, RenderedConversation) else self.mllm.render(conv)
-            inputs = {k: (v.to(self.mllm.device) if isinstance(v, torch.Tensor) else v) for k, v in r.model_inputs().items()}
-            out = self.mllm(**inputs, labels=r.labels.to(self.mllm.device))
-            losses.append(out["loss"])
-        return torch.stack(losses).mean()
+    def sft_loss(self, conversations: list, batching: str | None = None) -> dict[str, torch.Tensor]:
+        """Stage-1 loss: the mean over samples of each sample's mean next-token loss.
+
+        ``batching`` (default ``stage.batching``): ``packed`` (samples end to end in rows of
+        ``stage.pack_length`` tokens, block-diagonal attention), ``padded`` (one right-padded
+        row per sample) or ``none`` (one forward per sample, the model's own ``labels=`` loss);
+        all three give the same loss (:mod:`fusion.packing`). Returns ``loss`` and ``pad_frac``.
+        """
+        from fusion.packing import collate, per_sample_loss
+
+        batching = batching or self.settings.get("batching", "packed")
+        rendered = [conv if isinstance(conv, RenderedConversation) else self.mllm.render(conv) for conv in conversations]
+        dev = self.mllm.device
+        if batching == "none":
+            losses = []
+            for r in rendered:
+                inputs = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in r.model_inputs().items()}
+                losses.append(self.mllm(**inputs, labels=r.labels.to(dev))["loss"])
+            return {"loss": torch.stack(losses).mean(), "pad_frac": torch.tensor(0.0)}
+        capacity = self.settings.get("pack_length") or self.mllm.max_length
+        batch = collate(rendered, self.mllm.rope_positions, self.mllm.tokenizer.pad_token_id, batching, capacity)
+        inputs = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.inputs.items()}
+        if inputs["pixel_values"] is not None:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.mllm.model.dtype)
+        logits = self.mllm(**inputs)["logits"]
+        return {"loss": per_sample_loss(logits, batch).mean(), "pad_frac": torch.tensor(batch.pad_fraction)}
 
     # ------------------------------------------------------------------ stage 2
     def prepare_align_sample(self, conv: Conversation, generator: torch.Generator | None = None) -> AlignSample:
@@ -261,17 +313,65 @@ class FusedModel(nn.Module):
         out = self.connector(hidden, torch.ones(ids.shape, dtype=torch.long, device=dev))
         return out.states, out.mask, None
 
+    def packed_context_states(self, samples: list[AlignSample]) -> list[AlignSample]:
+        """The frozen MLLM run once over every context of a micro-batch, packed into one row
+        (:mod:`fusion.packing`: no attention across samples, each sample's own positions);
+        returns the samples with ``ctx_hidden`` set. The DuoGen negative is a prefix of the
+        same states, so it costs no second forward."""
+        from types import SimpleNamespace
+
+        from fusion.packing import collate
+
+        todo = [i for i, smp in enumerate(samples) if smp.ctx_hidden is None]
+        if not todo:
+            return samples
+        mllm = self.mllm
+        items = [SimpleNamespace(input_ids=samples[i].ctx_ids[None], labels=torch.full_like(samples[i].ctx_ids[None], -100),
+                                 mm_token_type_ids=(samples[i].ctx_ids == mllm.image_token_id).long()[None],
+                                 pixel_values=samples[i].ctx_pixel_values, image_grid_thw=samples[i].ctx_grids) for i in todo]
+        batch = collate(items, mllm.rope_positions, mllm.tokenizer.pad_token_id, "packed", self.settings.get("pack_length"))
+        inputs = {k: (v.to(mllm.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.inputs.items()}
+        if inputs["pixel_values"] is not None:
+            inputs["pixel_values"] = inputs["pixel_values"].to(mllm.model.dtype)
+        grad = any(p.requires_grad for p in mllm.parameters())
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            hidden = mllm(**inputs, compute_logits=False)["hidden"]  # [R, n_layers, L, D]
+        out = list(samples)
+        for i, (row, start, n) in zip(todo, batch.spans):
+            out[i] = replace(samples[i], ctx_hidden=hidden[row, :, start : start + n])
+        return out
+
     def draw_dropout(self, generator: torch.Generator | None = None) -> tuple[bool, bool]:
         """(drop the text condition, drop the condition frames) for one sample."""
         u = torch.rand(2, generator=generator)
         return bool(u[0] < self.settings.get("p_drop_text", 0.0)), bool(u[1] < self.settings.get("p_drop_cond", 0.0))
 
+    def sample_states(self, sample: AlignSample, length: int | None = None):
+        """Connector output for a sample's context (or its first ``length`` tokens): (states, mask, query_hidden).
+
+        A sample from the feature cache carries the MLLM's states already (``ctx_hidden``):
+        the connector reads them and the MLLM does not run.
+        """
+        if sample.ctx_hidden is not None:
+            hidden = sample.ctx_hidden[:, :length] if length is not None else sample.ctx_hidden
+            hidden = hidden[None].to(self.generator.device, self.connector_dtype)
+            out = self.connector(hidden, torch.ones(hidden.shape[0], hidden.shape[2], dtype=torch.long, device=hidden.device))
+            return out.states, out.mask, None
+        if length is None:
+            return self.context_states(sample.ctx_ids, sample.ctx_pixel_values, sample.ctx_grids)
+        n_img = int((sample.ctx_ids[:length] == self.mllm.token_id("<|vision_end|>")).sum())
+        rows = int(sample.ctx_grids[:n_img].prod(-1).sum()) if n_img else 0
+        return self.context_states(sample.ctx_ids[:length], sample.ctx_pixel_values[:rows] if n_img else None,
+                                   sample.ctx_grids[:n_img] if n_img else None)
+
+    @property
+    def connector_dtype(self) -> torch.dtype:
+        return next(self.connector.parameters()).dtype
+
     def negative_states(self, sample: AlignSample, like: torch.Tensor, like_mask: torch.Tensor):
         """The text condition when it is dropped: zeros (``null``) or the DuoGen negative."""
         if self.settings.get("text_dropout_form", "null") == "duogen" and sample.neg_len > 0:
-            n_img = sample.ctx_grids.shape[0] if sample.ctx_grids is not None else 0
-            rows = int(sample.ctx_grids.prod(-1).sum()) if n_img else 0
-            states, mask, _ = self.context_states(sample.ctx_ids[: sample.neg_len], sample.ctx_pixel_values[:rows] if n_img else None, sample.ctx_grids)
+            states, mask, _ = self.sample_states(sample, sample.neg_len)
             return states, mask
         return torch.zeros_like(like), like_mask
 
@@ -280,8 +380,10 @@ class FusedModel(nn.Module):
         s = self.settings
         gen, dev = self.generator, self.generator.device
         flows, aligns, drops = [], [], torch.zeros(2)
+        if s.get("batching", "packed") == "packed" and not getattr(self.connector, "uses_queries", False):
+            samples = self.packed_context_states(samples)
         for sample in samples:
-            states, mask, query_hidden = self.context_states(sample.ctx_ids, sample.ctx_pixel_values, sample.ctx_grids)
+            states, mask, query_hidden = self.sample_states(sample)
             drop_text, drop_cond = self.draw_dropout(generator)
             drops += torch.tensor([drop_text, drop_cond], dtype=torch.float)
             if drop_text:
@@ -351,7 +453,9 @@ class FusedModel(nn.Module):
         return {k.replace(".base_layer.", "."): v.detach().contiguous() for k, v in module.state_dict().items() if "lora_" not in k}
 
     def _save_mllm(self, d: Path) -> None:
-        if "mllm" in self.lora:  # base weights under their own names; the adapter goes to lora/mllm
+        if self.mllm.model is None:  # features came from the cache: the frozen MLLM's folder, as it was
+            self.mllm.save_pretrained(d)
+        elif "mllm" in self.lora:  # base weights under their own names; the adapter goes to lora/mllm
             self.mllm.model.save_pretrained(d, state_dict=self._base_state_dict(self.mllm.model))
             self.mllm.processor.save_pretrained(d)
         else:

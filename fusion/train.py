@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
@@ -92,6 +92,10 @@ def deepspeed_config(ds: DictConfig, stage: DictConfig, device: str) -> dict[str
     }
 
 
+def _to_dict(node: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+
+
 # ---------------------------------------------------------------------------- data
 #: DataError kinds that are not faults: the sample is valid but has nothing for this stage (a
 #: text-only conversation in stage 2), so it is skipped and counted under any data.on_error
@@ -101,13 +105,16 @@ NOT_FOR_THIS_STAGE = ("no_target",)
 class ConversationDataset(torch.utils.data.Dataset):
     """Validated conversations; ``__getitem__`` decodes the images (in loader workers)."""
 
-    def __init__(self, convs: list[Conversation]):
+    def __init__(self, convs: list[Conversation], decode: bool = True):
         self.convs = convs
+        self.decode = decode  # False: stage 2 from the feature cache reads no image
 
     def __len__(self) -> int:
         return len(self.convs)
 
     def __getitem__(self, i: int) -> Conversation | DataError:
+        if not self.decode:
+            return self.convs[i]
         try:
             return load_images(self.convs[i])
         except DataError as e:  # reported by the main process under the run's policy
@@ -152,7 +159,7 @@ class StageModule(nn.Module):
 
     def forward(self, batch: list, generator: torch.Generator) -> dict[str, torch.Tensor]:
         if self.stage_name == "sft":
-            return {"loss": self.fused.sft_loss(batch)}
+            return self.fused.sft_loss(batch)
         return self.fused.align_loss(batch, generator)
 
 
@@ -171,6 +178,8 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoints"
         self.state = TrainState()
         self.report = SkipReport()
+        self.cache = None  # a FeatureCache when stage 2 trains from cached features
+        self.cache_info: dict[str, Any] = {}
 
     # -- setup ---------------------------------------------------------------------
     def _setup_distributed(self) -> None:
@@ -204,6 +213,20 @@ class Trainer:
             raise CheckpointError(f"init_from={init}: the MLLM carries a LoRA adapter; export stage 1 with merged weights (stage.merge_lora_on_export=true)")
         return str(p)
 
+    def _cache_mode(self, init: str | None) -> str:
+        """The effective cache.mode: off outside stage 2 and for connectors that read queries through the MLLM."""
+        cfg = self.cfg
+        mode = cfg.cache.mode
+        if mode == "off" or cfg.stage.name != "align":
+            return "off"
+        if cfg.get("connector") is not None and getattr(get_class(cfg.connector._target_), "uses_queries", False):
+            log.warning("cache=%s: connector %s reads its learnable queries through the MLLM at every step, so its features "
+                        "cannot be cached; training without the feature cache", mode, cfg.connector._target_.rsplit(".", 1)[-1])
+            return "off"
+        if init is None:
+            raise ConfigError(f"cache={mode} needs init_from=<stage-1 output> (the cached MLLM must be a saved folder)")
+        return mode
+
     def _setup_model(self) -> None:
         cfg = self.cfg
         init = self._check_init_from()
@@ -212,11 +235,23 @@ class Trainer:
             OmegaConf.set_struct(cfg, False)
             cfg.mllm.path = str(Path(init) / "mllm")
             cfg.mllm.add_bov = False
-        self.model = FusedModel.build(cfg, device=self.device)
+        self.run_cfg = cfg
+        self.cache_mode = self._cache_mode(init)
+        stand_in = None
+        if self.cache_mode != "off":  # the MLLM is loaded only if the cache has to be built
+            from fusion.feature_cache import MLLMFolder
+
+            stand_in = MLLMFolder(cfg.mllm.path, cfg.mllm.hidden_layers, _to_dict(cfg.mllm))
+        self.model = FusedModel.build(cfg, device=self.device, mllm=stand_in)
         report = self.model.apply_trainable(cfg.stage)
+        switched = self.model.apply_memory_and_speed(cfg.stage)
         if self.is_main:
             for part, (n_train, n_all) in report.items():
                 log.info("%-12s trainable %11d / %11d", part, n_train, n_all)
+            for line in switched:
+                log.info(line)
+            if stand_in is not None:
+                log.info("MLLM not loaded: stage 2 reads its features from the cache (cache=%s)", self.cache_mode)
         if cfg.stage.name == "align" and (self.model.generator is None or self.model.connector is None):
             raise ConfigError("stage=align needs generator=<name> and connector=<name>")
 
@@ -225,19 +260,73 @@ class Trainer:
         convs = []
         for conv in read_jsonl(d.path, d.image_root, d.on_error, self.report):
             try:
-                if d.prevalidate:
+                if d.prevalidate and self.cache_mode == "off":
                     self._prepare(load_images(conv))  # decode + render + length check before the first step
                 convs.append(conv)
             except DataError as e:
                 if d.on_error == "error" and e.kind not in NOT_FOR_THIS_STAGE:
                     raise
                 self.report.add(e)
+        if self.cache_mode != "off":
+            convs = self._setup_cache(convs)
         if not convs:
             raise DataError(f"no usable samples ({self.report.summary()})", d.path)
         if self.is_main:
             log.info("data: %d samples from %s; %s", len(convs), d.path, self.report.summary())
-        self.dataset = ConversationDataset(convs)
+        self.dataset = ConversationDataset(convs, decode=self.cache is None)
         self.sampler = SeededSampler(len(convs), d.seed, self.rank, self.world)
+
+    def _setup_cache(self, convs: list[Conversation]) -> list[Conversation]:
+        """Find (or build) the feature cache of these conversations; returns the ones it can train on."""
+        from fusion import feature_cache as fc
+
+        cfg, model = self.run_cfg, self.model
+        st = cfg.stage
+        side = st.image_size or model.generator.image_size
+        gen_path = Path(cfg.generator.path)
+        parts = {"format": fc.FORMAT, "mllm": fc.folder_fingerprint(cfg.mllm.path), "layers": list(model.mllm.hidden_layers),
+                 "pixels": [cfg.mllm.min_pixels, cfg.mllm.max_pixels], "max_length": cfg.mllm.max_length, "image_size": side,
+                 "vae": fc.folder_fingerprint(gen_path / "vae" if (gen_path / "vae").is_dir() else cfg.generator.path),
+                 "dtype": cfg.cache.dtype if cfg.cache.dtype != "auto" else cfg.mllm.dtype,
+                 "data_path": str(Path(cfg.data.path).resolve()), "data": fc.data_fingerprint(cfg.data.path, convs)}
+        key = fc.cache_key(parts)
+        root = Path(cfg.cache.dir)
+        found = fc.find(root, key)
+        built = False
+        if found is None:
+            why = fc.explain_miss(root, parts)
+            if self.cache_mode == "use":
+                raise CheckpointError(f"cache=use: no feature cache {key} in {root} for this MLLM, layer selection, image size, VAE "
+                                      f"and data ({why}); build it with cache=build")
+            if self.is_main:
+                log.info("feature cache %s: building (%s)", key, why)
+            stand_in = model.mllm
+            real = instantiate(cfg.mllm, device=self.device)
+            real.hidden_layers = list(stand_in.hidden_layers)
+            real.eval().requires_grad_(False)
+            model.mllm = real
+            try:
+                found = fc.build(model, convs, root, key, parts, cfg.data.on_error, SkipReport(), parts["dtype"],
+                                 cfg.cache.shard_samples, self.rank, self.world, progress=self.is_main)
+            finally:
+                model.mllm = stand_in
+                del real
+            built = True
+        elif self.is_main:
+            log.info("feature cache %s: using %s", key, found)
+        self.cache = fc.FeatureCache(found)
+        self.cache_info = {"key": key, "path": str(found), "built": built, "samples": len(self.cache),
+                           "build_seconds": self.cache.manifest.get("seconds")}
+        usable = []
+        for conv in convs:  # the samples the uncached path would keep after prevalidation
+            try:
+                self.cache.sample(conv, model.settings, torch.Generator().manual_seed(0))
+                usable.append(conv)
+            except DataError as e:
+                if cfg.data.on_error == "error" and e.kind not in NOT_FOR_THIS_STAGE:
+                    raise
+                self.report.add(e)
+        return usable
 
     def _loader(self):
         return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.stage.micro_batch_size, sampler=self.sampler,
@@ -331,6 +420,8 @@ class Trainer:
 
     # -- steps ---------------------------------------------------------------------
     def _prepare(self, conv: Conversation, generator: torch.Generator | None = None):
+        if self.cache is not None:
+            return self.cache.sample(conv, self.model.settings, generator)
         if self.cfg.stage.name == "sft":
             return self.model.mllm.render(conv)  # raises on over-long samples; the loss uses this rendering
         return self.model.prepare_align_sample(conv, generator)
@@ -381,9 +472,10 @@ class Trainer:
         m.connector.eval()
         m.generator.transformer.eval()
         try:
-            sample = self.model.prepare_align_sample(load_images(self.dataset.convs[0]))
+            conv = self.dataset.convs[0]
+            sample = self._prepare(conv if self.cache is not None else load_images(conv))
             with torch.no_grad():
-                states, mask, _ = m.context_states(sample.ctx_ids, sample.ctx_pixel_values, sample.ctx_grids)
+                states, mask, _ = m.sample_states(sample)
                 cond = None if sample.cond is None else sample.cond[None]
                 img = m.generator.sample(states, mask, cond, steps=self.cfg.stage.sample_steps, guidance=self.cfg.stage.sample_guidance,
                                          generator=torch.Generator().manual_seed(0))
@@ -439,7 +531,7 @@ class Trainer:
         final = self.export()
         summary = {"steps": self.state.step, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                    "seconds": round(time.time() - t0, 2), "skipped": dict(self.report.counts), "export": str(final),
-                   "skip_examples": self.report.examples[:5]}
+                   "skip_examples": self.report.examples[:5], "feature_cache": self.cache_info or None}
         if self.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
             log.info("done: %d steps, %s; exported %s", self.state.step, self.report.summary(), final)

@@ -1,22 +1,36 @@
-"""Benchmarks that print ratios measured side by side in one process.
+"""Benchmarks that print ratios measured side by side in one process (never pass/fail on time).
 
 Run as:
-    python tools/bench.py                                   # on an untrained tiny fused model
-    python tools/bench.py model=outputs/demo/align/final history_turns=8 images=4
+    python tools/bench.py                                   # every section; the toy world if built (make_toy), else the tiny checkpoints
+    python tools/bench.py sections=[cache,packing] repeats=9
+    python tools/bench.py sections=[generation] model=outputs/demo/align/final history_turns=8 images=4
 
-``generation``: one answer with ``images`` images (``<|bov|>`` forced at fixed decode steps,
-so every variant produces the same tokens) after ``history_turns`` earlier turns, run three
-ways with the same seed: the KV-cached loop (each MLLM token runs once), the naive loop that
-re-encodes the full context at each image, and the fully uncached loop. Reported: token
-forwards / final sequence length, median wall time, the speed-up ratios, and whether the
-outputs (tokens, image latents) agree. Writes bench.json and bench.md to the run folder.
+Sections (each a median over ``repeats`` with min-max shown; variants interleaved A B A B so
+drift on a noisy machine hits both alike):
+
+``cache``       stage-2 optimizer step (connector + DiT, MLLM frozen) from the feature cache vs
+                without it (render, frozen MLLM forward, VAE encode every step); the build
+                time of the cache; the loss difference of the two on the same batch and seed.
+``overhead``    a full stage-2 step of the fused model (cached features) vs the bare parts
+                timed alone on the same tensors: connector forward + DiT loss forward/backward
+                + optimizer step, with pre-drawn t and noise. The ratio is the glue's cost.
+``packing``     stage-1 tokens per second with packed rows vs right-padded rows vs one forward
+                per sample, on the same micro-batches; the padding fraction of each.
+``generation``  one answer with ``images`` images (``<|bov|>`` forced at fixed decode steps, so
+                every variant produces the same tokens) after ``history_turns`` earlier turns:
+                the KV-cached loop vs re-encoding the context at each image vs fully uncached;
+                token forwards per final token and wall time.
+
+Writes bench.json and bench.md to the run folder.
 """
 
 from __future__ import annotations
 
 import json
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
@@ -27,27 +41,191 @@ from fusion.cli import friendly_errors, setup_environment
 from fusion.config import register_configs
 
 register_configs()
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def build_model(cfg: DictConfig):
-    from hydra import compose, initialize_config_dir
+def compose(overrides: list[str]) -> DictConfig:
+    from hydra import compose as hcompose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return hcompose("config", overrides)
+
+
+def spread(xs: list[float]) -> dict:
+    return {"median": statistics.median(xs), "min": min(xs), "max": max(xs), "all": xs}
+
+
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Time each fn ``repeats`` times, round robin, after ``warmup`` untimed rounds."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+# ---------------------------------------------------------------------------- models and data
+def world(cfg: DictConfig) -> dict:
+    """The toy world's models and data if make_toy built them, else the tiny checkpoints (what the figures ran on)."""
+    toy = Path(cfg.toy_dir)
+    if cfg.use_toy and (toy / "qwen2_5_vl" / "config.json").is_file() and (toy / "wan" / "transformer").is_dir():
+        return {"name": f"toy world ({toy})", "overrides": [f"toy_dir={toy}", "mllm=toy", "generator=toy_wan"],
+                "data": toy / "toyworld" / "train.jsonl"}
+    tiny = Path(cfg.tiny_dir)
+    return {"name": f"tiny checkpoints ({tiny})", "overrides": [f"tiny_dir={tiny}", "mllm=tiny", "generator=tiny_wan"],
+            "data": tiny / "demo_data" / "conversations.jsonl"}
+
+
+def stage2_model(w: dict, cfg: DictConfig):
+    from fusion.model import FusedModel
+
+    c = compose([*w["overrides"], "stage=align", f"connector={cfg.connector}", "stage.p_drop_text=0", "stage.p_drop_cond=0",
+                 "stage.target_image=last"])
+    torch.manual_seed(0)
+    model = FusedModel.build(c)
+    model.apply_trainable(c.stage)
+    opt = torch.optim.AdamW(model.param_groups(c.stage), lr=1e-4)
+    return model, opt
+
+
+def target_convs(path: Path, n: int) -> list:
+    from fusion.data import read_jsonl
+
+    out = [c for c in read_jsonl(path) if c.num_target_images()]
+    return [out[i % len(out)] for i in range(n)]
+
+
+def optimizer_step(loss: torch.Tensor, opt) -> None:
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+# ---------------------------------------------------------------------------- sections
+def bench_cache(cfg: DictConfig, w: dict) -> dict:
+    from fusion import feature_cache as fc
+    from fusion.data import SkipReport, load_images
+
+    model, opt = stage2_model(w, cfg)
+    convs = target_convs(w["data"], cfg.batch * cfg.batches)
+    batches = [convs[i * cfg.batch : (i + 1) * cfg.batch] for i in range(cfg.batches)]
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        cache = fc.FeatureCache(fc.build(model, convs, tmp, "bench", {}, "error", SkipReport(), progress=False))
+        build_s = time.perf_counter() - t0
+        g = torch.Generator()
+        with torch.no_grad():
+            a = model.align_loss([model.prepare_align_sample(load_images(c)) for c in batches[0]], g.manual_seed(1))["loss"]
+            b = model.align_loss([cache.sample(c, model.settings) for c in batches[0]], g.manual_seed(1))["loss"]
+        it = {"uncached": 0, "cached": 0}
+
+        def uncached():
+            batch = batches[it["uncached"] % len(batches)]
+            it["uncached"] += 1
+            optimizer_step(model.align_loss([model.prepare_align_sample(load_images(c)) for c in batch], g.manual_seed(2))["loss"], opt)
+
+        def cached():
+            batch = batches[it["cached"] % len(batches)]
+            it["cached"] += 1
+            optimizer_step(model.align_loss([cache.sample(c, model.settings) for c in batch], g.manual_seed(2))["loss"], opt)
+
+        times = interleaved({"uncached": uncached, "cached": cached}, cfg.repeats)
+    r = {k: spread(v) for k, v in times.items()}
+    return {"step_seconds": r, "speedup": r["uncached"]["median"] / r["cached"]["median"], "cache_build_seconds": build_s,
+            "cache_build_samples": len(convs), "loss_diff_same_batch": abs(float(a - b)), "batch": cfg.batch}
+
+
+def bench_overhead(cfg: DictConfig, w: dict) -> dict:
+    from fusion import feature_cache as fc
+    from fusion.data import SkipReport
+    from fusion.flow import sample_t
+
+    model, opt = stage2_model(w, cfg)
+    convs = target_convs(w["data"], cfg.batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = fc.FeatureCache(fc.build(model, convs, tmp, "bench", {}, "error", SkipReport(), progress=False))
+        samples = [cache.sample(c, model.settings) for c in convs]
+    gen, conn = model.generator, model.connector
+    g = torch.Generator().manual_seed(3)
+    t = [sample_t(1, "logit_normal", g, "cpu") for _ in samples]
+    noise = [torch.randn((1, *s.target.shape), generator=g) for s in samples]
+
+    def full():
+        optimizer_step(model.align_loss(samples, torch.Generator().manual_seed(3))["loss"], opt)
+
+    def bare():
+        losses = []
+        for s, ti, ni in zip(samples, t, noise):
+            h = s.ctx_hidden[None]
+            out = conn(h, torch.ones(1, h.shape[2], dtype=torch.long))
+            losses.append(gen.flow_loss(s.target[None], None if s.cond is None else s.cond[None], out.states, out.mask, ti, ni))
+        optimizer_step(torch.stack(losses).mean(), opt)
+
+    times = interleaved({"fused_step": full, "bare_parts": bare}, cfg.repeats)
+    r = {k: spread(v) for k, v in times.items()}
+    return {"step_seconds": r, "overhead": r["fused_step"]["median"] / r["bare_parts"]["median"], "batch": cfg.batch}
+
+
+def bench_packing(cfg: DictConfig, w: dict) -> dict:
+    from fusion.data import load_images, read_jsonl
+    from fusion.model import FusedModel
+    from fusion.packing import collate
+
+    c = compose([*w["overrides"], "stage=sft"])
+    torch.manual_seed(0)
+    model = FusedModel.build(c)
+    model.apply_trainable(c.stage)
+    opt = torch.optim.AdamW(model.param_groups(c.stage), lr=1e-5)
+    convs = list(read_jsonl(w["data"]))[: cfg.sft_batch * cfg.batches]
+    rendered = [model.mllm.render(load_images(x)) for x in convs]
+    batches = [rendered[i * cfg.sft_batch : (i + 1) * cfg.sft_batch] for i in range(cfg.batches)]
+    batches = [b for b in batches if b]
+    layouts = ("padded", "packed", "none")
+    it = dict.fromkeys(layouts, 0)
+
+    def step(layout):
+        def fn():
+            batch = batches[it[layout] % len(batches)]
+            it[layout] += 1
+            optimizer_step(model.sft_loss(batch, batching=layout)["loss"], opt)
+        return fn
+
+    times = interleaved({k: step(k) for k in layouts}, cfg.repeats)
+    # every layout ran the same batches in the same order: tokens per step are the mean over the batches run
+    n_run = cfg.repeats + 1
+    real = sum(sum(r.length for r in batches[i % len(batches)]) for i in range(1, n_run)) / cfg.repeats
+    out = {"batch": cfg.sft_batch, "real_tokens_per_step": real}
+    for layout in layouts:
+        if layout == "none":
+            pad = 0.0
+        else:
+            tb = [collate(b, model.mllm.rope_positions, model.mllm.tokenizer.pad_token_id, layout,
+                          model.settings.get("pack_length") or model.mllm.max_length) for b in batches]
+            pad = 1 - sum(b.real_tokens for b in tb) / sum(b.slots for b in tb)
+        s = spread(times[layout])
+        out[layout] = {"step_seconds": s, "tokens_per_second": real / s["median"], "pad_fraction": pad}
+    out["packed_vs_padded_throughput"] = out["packed"]["tokens_per_second"] / out["padded"]["tokens_per_second"]
+    return out
+
+
+def build_generation_model(cfg: DictConfig):
     from fusion.model import FusedModel
 
     if cfg.model:
         return FusedModel.from_pretrained(cfg.model)
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
     overrides = [f"tiny_dir={cfg.tiny_dir}", "stage=align", f"generator={cfg.generator}", f"connector={cfg.connector}"]
     if cfg.mllm_hidden:  # a wider MLLM of the real class, so the MLLM's share of the time is not negligible
         from backbones.mllm.tiny_qwen2_5_vl import make_tiny
 
         path = make_tiny(Path(cfg.output_dir) / "bench_mllm", name="qwen2_5_vl", hidden_size=cfg.mllm_hidden, num_layers=cfg.mllm_layers)
         overrides.append(f"mllm.path={path}")
-    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        c = compose("config", overrides)
+    c = compose(overrides)
     torch.manual_seed(0)
     return FusedModel.build(c)
 
@@ -81,46 +259,97 @@ def run_answer(model, cfg: DictConfig, recompute: str):
     return chat, seconds, chat.state.tokens_forwarded - start_forwards
 
 
+def bench_generation(cfg: DictConfig) -> dict:
+    model = build_generation_model(cfg).eval()
+    variants = {"cached": "never", "reencode_at_images": "images", "uncached": "always"}
+    results, chats = {}, {}
+    run_answer(model, cfg, "never")  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(cfg.repeats):
+        for name, mode in variants.items():
+            chat, seconds, _ = run_answer(model, cfg, mode)
+            times[name].append(seconds)
+            chats[name] = chat
+    for name, chat in chats.items():
+        drawn = len([s for s in chat.segments if s.kind == "image" and s.role == "assistant"])
+        results[name] = {"seconds": spread(times[name]), "median_seconds": statistics.median(times[name]), "images": drawn,
+                         "sequence_length": chat.state.length, "tokens_forwarded_total": chat.state.tokens_forwarded,
+                         "forwards_per_token": chat.state.tokens_forwarded / chat.state.length}
+    ref = chats["cached"]
+    for name, chat in chats.items():
+        results[name]["same_tokens_as_cached"] = chat.state.ids == ref.state.ids
+        results[name]["max_latent_diff_vs_cached"] = max(float((a - b).abs().max()) for a, b in zip(ref._latents, chat._latents))
+        results[name]["speedup_of_cached"] = results[name]["median_seconds"] / results["cached"]["median_seconds"]
+    results["meta"] = {"model": cfg.model or f"untrained ({cfg.generator} + {cfg.connector})",
+                       "mllm_params": sum(p.numel() for p in model.mllm.parameters()),
+                       "dit_params": sum(p.numel() for p in model.generator.transformer.parameters()), "images": cfg.images,
+                       "history_turns": cfg.history_turns, "words_per_turn": cfg.words_per_turn, "steps": cfg.steps}
+    return results
+
+
+# ---------------------------------------------------------------------------- tables
+def fmt(s: dict) -> str:
+    return f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
+
+
+def markdown(results: dict) -> str:
+    parts = [f"{results['meta']['world']}; {results['meta']['repeats']} repeats, median (min-max) seconds; "
+             f"{results['meta']['torch_threads']} torch threads"]
+    if "cache" in results:
+        r = results["cache"]
+        parts.append(
+            "### stage 2: feature cache\n\n| variant | step s | ratio |\n|---|---|---|\n"
+            f"| without cache | {fmt(r['step_seconds']['uncached'])} | {r['speedup']:.2f}x slower |\n"
+            f"| with cache | {fmt(r['step_seconds']['cached'])} | 1.00x |\n\n"
+            f"Micro-batch {r['batch']}; cache build {r['cache_build_seconds']:.1f} s for {r['cache_build_samples']} samples "
+            f"(paid once); loss difference on the same batch and seed {r['loss_diff_same_batch']:.1e}.")
+    if "overhead" in results:
+        r = results["overhead"]
+        parts.append(
+            "### stage 2: fusion overhead\n\n| variant | step s | ratio |\n|---|---|---|\n"
+            f"| fused model step | {fmt(r['step_seconds']['fused_step'])} | {r['overhead']:.3f}x |\n"
+            f"| bare parts (connector + DiT loss + optimizer) | {fmt(r['step_seconds']['bare_parts'])} | 1.000x |")
+    if "packing" in results:
+        r = results["packing"]
+        rows = "\n".join(f"| {k} | {fmt(r[k]['step_seconds'])} | {r[k]['tokens_per_second']:.0f} | {r[k]['pad_fraction']:.1%} |"
+                         for k in ("packed", "padded", "none"))
+        parts.append("### stage 1: packed sequences\n\n| layout | step s | tokens/s | padding |\n|---|---|---|---|\n" + rows +
+                     f"\n\nMicro-batch {r['batch']}; packed / padded throughput {r['packed_vs_padded_throughput']:.2f}x.")
+    if "generation" in results:
+        g = results["generation"]
+        rows = "\n".join(f"| {k} | {g[k]['images']} | {g[k]['sequence_length']} | {g[k]['forwards_per_token']:.2f} | {fmt(g[k]['seconds'])} | "
+                         f"{g[k]['speedup_of_cached']:.2f}x | {g[k]['same_tokens_as_cached']} | {g[k]['max_latent_diff_vs_cached']:.1e} |"
+                         for k in ("cached", "reencode_at_images", "uncached"))
+        parts.append("### interleaved generation\n\n" + json.dumps(g["meta"]) + "\n\n| variant | images | seq len | token forwards / seq len | "
+                     "s | cached is faster by | same tokens | max latent diff |\n|---|---|---|---|---|---|---|---|\n" + rows)
+    return "\n\n".join(parts)
+
+
 @hydra.main(config_path="../conf", config_name="bench", version_base="1.3")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
     setup_environment()
-    model = build_model(cfg).eval()
-    variants = {"cached": "never", "reencode_at_images": "images", "uncached": "always"}
-    results, chats = {}, {}
-    run_answer(model, cfg, "never")  # warm-up
-    for name, mode in variants.items():
-        times = []
-        for _ in range(cfg.repeats):
-            chat, seconds, forwards = run_answer(model, cfg, mode)
-            times.append(seconds)
-        chats[name] = chat
-        drawn = len([s for s in chat.segments if s.kind == "image" and s.role == "assistant"])
-        results[name] = {"median_seconds": statistics.median(times), "seconds": times, "images": drawn,
-                         "sequence_length": chat.state.length, "tokens_forwarded_total": chat.state.tokens_forwarded,
-                         "forwards_per_token": chat.state.tokens_forwarded / chat.state.length, "answer_token_forwards": forwards}
-    ref = chats["cached"]
-    for name, chat in chats.items():
-        same_tokens = chat.state.ids == ref.state.ids
-        diff = max(float((a - b).abs().max()) for a, b in zip(ref._latents, chat._latents))
-        results[name]["same_tokens_as_cached"] = same_tokens
-        results[name]["max_latent_diff_vs_cached"] = diff
-        results[name]["speedup_of_cached"] = results[name]["median_seconds"] / results["cached"]["median_seconds"]
+    from omegaconf import OmegaConf
+
+    OmegaConf.to_object(cfg)
+    w = world(cfg)
+    results: dict = {"meta": {"world": w["name"], "repeats": cfg.repeats, "torch_threads": torch.get_num_threads(),
+                              "sections": list(cfg.sections)}}
+    run = {"cache": lambda: bench_cache(cfg, w), "overhead": lambda: bench_overhead(cfg, w), "packing": lambda: bench_packing(cfg, w),
+           "generation": lambda: bench_generation(cfg)}
+    for name in cfg.sections:
+        print(f"bench: {name} ...", flush=True)
+        results[name] = run[name]()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n_mllm = sum(p.numel() for p in model.mllm.parameters())
-    n_dit = sum(p.numel() for p in model.generator.transformer.parameters())
-    meta = {"model": cfg.model or f"untrained ({cfg.generator} + {cfg.connector})", "mllm_params": n_mllm, "dit_params": n_dit, "images": cfg.images,
-            "history_turns": cfg.history_turns, "words_per_turn": cfg.words_per_turn, "steps": cfg.steps, "repeats": cfg.repeats,
-            "torch_threads": torch.get_num_threads()}
-    (out / "bench.json").write_text(json.dumps({"generation": results, "meta": meta}, indent=2))
-    lines = ["| variant | images | seq len | token forwards / seq len | median s | cached is faster by | same tokens | max latent diff |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        lines.append(f"| {name} | {r['images']} | {r['sequence_length']} | {r['forwards_per_token']:.2f} | {r['median_seconds']:.3f} | "
-                     f"{r['speedup_of_cached']:.2f}x | {r['same_tokens_as_cached']} | {r['max_latent_diff_vs_cached']:.1e} |")
-    table = "\n".join(lines)
-    (out / "bench.md").write_text(f"# generation benchmark\n\n{json.dumps(meta)}\n\n{table}\n")
+    table = markdown(results)
+    tmp = out / "bench.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out / "bench.json")
+    from hydra.core.hydra_config import HydraConfig
+
+    command = " ".join(["python tools/bench.py", *HydraConfig.get().overrides.task])
+    (out / "bench.md").write_text(f"# unifuse benchmarks\n\n`{command}`\n\n{table}\n")
     print(table)
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
 

@@ -101,7 +101,7 @@ def test_trainable_set_sft_full_lora_and_vision(tiny_dir, convs):
     assert trained and not any(n.startswith("model.visual.") for n in trained)
     assert "lm_head.weight" in trained
     assert not names(model.generator.transformer) and not names(model.connector)
-    loss = model.sft_loss(convs[:2])
+    loss = model.sft_loss(convs[:2])["loss"]
     loss.backward()
     assert all(p.grad is None for p in model.generator.transformer.parameters())
     assert model.mllm.model.lm_head.weight.grad is not None

@@ -156,14 +156,28 @@ def test_generate_missing_model_folder(tmp_path):
 
 def test_bench_generation_reports_ratios(made, tmp_path):
     out, _ = made
-    p = run("bench.py", f"tiny_dir={out}", "mllm_hidden=0", "history_turns=1", "words_per_turn=10", "repeats=1", "steps=1",
-            f"hydra.run.dir={tmp_path}")
+    p = run("bench.py", f"tiny_dir={out}", "sections=[generation]", "connector=last_mlp", "mllm_hidden=0", "history_turns=1",
+            "words_per_turn=10", "repeats=1", "steps=1", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((tmp_path / "bench.json").read_text())["generation"]
     assert r["cached"]["forwards_per_token"] == 1.0 and r["cached"]["images"] == 4
     assert r["reencode_at_images"]["same_tokens_as_cached"] and r["uncached"]["same_tokens_as_cached"]
     assert r["reencode_at_images"]["forwards_per_token"] > 1.0
     assert (tmp_path / "bench.md").is_file()
+
+
+def test_bench_training_sections_reduced(made, tmp_path):
+    """The stage-1/2 sections run end to end on the tiny checkpoints (figures not asserted: the machine is noisy)."""
+    out, _ = made
+    p = run("bench.py", f"tiny_dir={out}", "use_toy=false", "sections=[cache,overhead,packing]", "repeats=1", "batch=2", "sft_batch=2",
+            "batches=2", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "bench.json").read_text())
+    assert r["cache"]["speedup"] > 0 and r["cache"]["loss_diff_same_batch"] < 1e-4
+    assert r["overhead"]["overhead"] > 0
+    assert r["packing"]["packed"]["pad_fraction"] <= r["packing"]["padded"]["pad_fraction"]
+    md = (tmp_path / "bench.md").read_text()
+    assert "feature cache" in md and "fusion overhead" in md and "packed sequences" in md
 
 
 def test_make_toy_writes_three_splits(tmp_path):

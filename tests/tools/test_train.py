@@ -184,3 +184,34 @@ def test_two_processes_with_torchrun_gloo(tiny, sft_run, tmp_path):
 
 def src_lines(tiny_dir: Path) -> list[str]:
     return (tiny_dir / "demo_data" / "conversations.jsonl").read_text().splitlines()
+
+
+def test_stage2_feature_cache_build_use_and_stale(tiny, tiny_dir, sft_run, tmp_path):
+    """cache=build trains with the losses of the uncached run; cache=use never loads the MLLM; a changed data file is refused."""
+    demo = tiny_dir / "demo_data"
+    data = tmp_path / "data.jsonl"
+    data.write_text((demo / "conversations.jsonl").read_text())
+    common = [tiny, "stage=align", "generator=tiny_wan", "connector=multilayer_concat", f"init_from={sft_run}", "stage.max_steps=4",
+              "stage.warmup_steps=0", "stage.save_every=0", f"data.path={data}", f"data.image_root={demo}", f"cache.dir={tmp_path / 'cache'}"]
+    train(*common, "cache=off", f"hydra.run.dir={tmp_path / 'off'}")
+    train(*common, "cache=build", f"hydra.run.dir={tmp_path / 'build'}")
+    train(*common, "cache=use", f"hydra.run.dir={tmp_path / 'use'}")
+    off, built, used = (losses(tmp_path / n) for n in ("off", "build", "use"))
+    assert sorted(off) == [1, 2, 3, 4]
+    for step in off:
+        assert abs(off[step] - built[step]) < 1e-4 and abs(off[step] - used[step]) < 1e-4, (off, built, used)
+    sb = json.loads((tmp_path / "build" / "summary.json").read_text())["feature_cache"]
+    su = json.loads((tmp_path / "use" / "summary.json").read_text())["feature_cache"]
+    assert sb["built"] and not su["built"] and sb["key"] == su["key"]
+    assert "MLLM not loaded" in (tmp_path / "use" / "train.log").read_text()
+    from fusion.model import FusedModel
+
+    m = FusedModel.from_pretrained(tmp_path / "use" / "final")  # the frozen MLLM's folder was copied into the export
+    assert m.mllm.bov_token_id > 0 and type(m.connector).__name__ == "MultilayerConcat"
+
+    data.write_text(data.read_text() + data.read_text().splitlines()[0] + "\n")  # the data changed: the cache is stale
+    p = train(*common, "cache=use", f"hydra.run.dir={tmp_path / 'stale'}", check=False)
+    assert p.returncode == 2 and "stale: data changed" in p.stderr, p.stderr[-2000:]
+
+    p = train(*common, "cache=build", "connector=queries", "stage.max_steps=1", f"hydra.run.dir={tmp_path / 'queries'}")
+    assert "cannot be cached" in (tmp_path / "queries" / "train.log").read_text()

@@ -1,0 +1,102 @@
+"""The stage-2 feature cache: same samples and same loss as the uncached path (contexts packed or one by one);
+stale caches never read."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fusion import feature_cache as fc
+from fusion.data import SkipReport, read_jsonl
+from fusion.errors import DataError
+from fusion.model import FusedModel
+from tests.conftest import compose_config
+
+
+def build_model(tiny_dir, *extra):
+    cfg = compose_config([f"tiny_dir={tiny_dir}", "stage=align", "generator=tiny_wan", "connector=multilayer_concat",
+                          "stage.p_drop_cond=0", *extra])
+    torch.manual_seed(0)
+    return FusedModel.build(cfg).eval(), cfg
+
+
+@pytest.fixture(scope="module")
+def convs(tiny_dir):
+    return list(read_jsonl(tiny_dir / "demo_data" / "conversations.jsonl"))
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_dir, convs, tmp_path_factory):
+    model, _ = build_model(tiny_dir)
+    root = tmp_path_factory.mktemp("cache")
+    path = fc.build(model, convs, root, "k1", {"test": 1}, "error", SkipReport(), progress=False, shard_samples=3)
+    return fc.FeatureCache(path)
+
+
+@pytest.mark.parametrize("extra", [
+    [],
+    ["stage.target_image=random"],
+    ["stage.include_bov=false"],
+    ["stage.p_drop_text=1.0", "stage.text_dropout_form=duogen"],  # the DuoGen negative: a shorter slice of the same states
+    ["stage.batching=none"],  # uncached contexts one forward each (default: packed into one row)
+    ["stage.batching=none", "stage.p_drop_text=1.0", "stage.text_dropout_form=duogen"],
+])
+def test_cached_and_uncached_give_the_same_loss(tiny_dir, convs, cache, extra):
+    model, _ = build_model(tiny_dir, *extra)
+    for seed in range(3):
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        plain = [model.prepare_align_sample(c, g1) for c in convs]
+        cached = [cache.sample(c, model.settings, g2) for c in convs]
+        for p, c in zip(plain, cached):
+            # latents: the cache encodes a conversation's images as one VAE batch (float noise ~3e-7 vs one at a time)
+            assert torch.allclose(p.target, c.target, atol=1e-5) and p.neg_len == c.neg_len
+            assert (p.cond is None) == (c.cond is None) and (p.cond is None or torch.allclose(p.cond, c.cond, atol=1e-5))
+            assert c.ctx_hidden.shape[1] == len(p.ctx_ids)
+        with torch.no_grad():
+            a = model.align_loss(plain, torch.Generator().manual_seed(10 + seed))
+            b = model.align_loss(cached, torch.Generator().manual_seed(10 + seed))
+        assert torch.allclose(a["loss"], b["loss"], atol=1e-5, rtol=1e-5), (extra, a, b)
+
+
+def test_cache_is_sharded_and_complete(cache, convs):
+    assert len(cache) == len(convs) and len(cache.manifest["shards"]) == 2  # 4 conversations, 3 per shard
+    assert cache.manifest["layers"] and cache.manifest["dtype"] == "float32"
+    hidden, latents = cache.tensors(convs[-1].line)
+    assert hidden.ndim == 3 and latents.ndim == 4
+    assert not [p for p in cache.root.parent.iterdir() if p.name.startswith(".partial")]
+
+
+def test_text_only_conversation_is_no_target(cache, convs, tiny_dir):
+    model, _ = build_model(tiny_dir)
+    e = cache.entries[convs[0].line]
+    e_saved = dict(e)
+    e["targets"] = []
+    try:
+        with pytest.raises(DataError) as ei:
+            cache.sample(convs[0], model.settings)
+        assert ei.value.kind == "no_target"
+    finally:
+        e.update(e_saved)
+
+
+def test_key_changes_with_every_input(tiny_dir, convs, tmp_path):
+    data = tiny_dir / "demo_data" / "conversations.jsonl"
+    base = {"mllm": fc.folder_fingerprint(tiny_dir / "qwen2_5_vl"), "layers": [4], "image_size": 64,
+            "vae": fc.folder_fingerprint(tiny_dir / "wan" / "vae"), "data": fc.data_fingerprint(data, convs)}
+    assert fc.cache_key(base) == fc.cache_key(dict(base))
+    for k, v in (("layers", [2, 4]), ("image_size", 32), ("mllm", fc.folder_fingerprint(tiny_dir / "wan"))):
+        assert fc.cache_key({**base, k: v}) != fc.cache_key(base)
+    copy = tmp_path / "data.jsonl"
+    copy.write_text(data.read_text() + "\n")
+    assert fc.data_fingerprint(copy, convs) != base["data"]
+
+
+def test_explain_miss_names_what_changed(tmp_path):
+    old = {"data_path": "/d.jsonl", "mllm": "a", "layers": [1], "data": "x"}
+    (tmp_path / "k0").mkdir()
+    (tmp_path / "k0" / fc.MANIFEST).write_text(json.dumps({"parts": old}))
+    why = fc.explain_miss(tmp_path, {**old, "mllm": "b"})
+    assert "k0" in why and "mllm changed" in why and "data" not in why.split("stale:")[1]
+    assert fc.explain_miss(tmp_path, {**old, "data_path": "/other.jsonl"}) == "no cache of this data file"
