@@ -326,7 +326,7 @@ class StageConfig:
     batching: str = "packed"
     """How the MLLM sees a micro-batch: packed (samples end to end, block-diagonal attention, almost no padding), padded (one right-padded row per sample) or none (one forward per sample); the loss is the same. align (uncached): packed runs the frozen MLLM once over all contexts, else once per context."""
     pack_length: int | None = None
-    """Tokens per packed row (None: mllm.max_length in sft, every context in one row in align)."""
+    """Tokens per packed row (None: the longest sample of the micro-batch, so a row is never longer than a padded one; measured fastest here)."""
     gradient_checkpointing: list[str] = field(default_factory=list)
     """Parts that recompute activations in backward to save memory: mllm, vision_tower, generator."""
     compile: bool = False
@@ -575,8 +575,6 @@ class BenchConfig:
     """generation: a saved fused model; None builds an untrained one from the tiny checkpoints (generator/connector below)."""
     tiny_dir: str = "checkpoints/tiny"
     """Where make_tiny wrote the tiny checkpoints."""
-    generator: str = "tiny_wan"
-    """generation: generator config used when model is None."""
     connector: str = "multilayer_concat"
     """Connector config (cache and overhead sections; generation when model is None)."""
     mllm_hidden: int = 384

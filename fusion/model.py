@@ -255,7 +255,8 @@ class FusedModel(nn.Module):
                 inputs = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in r.model_inputs().items()}
                 losses.append(self.mllm(**inputs, labels=r.labels.to(dev))["loss"])
             return {"loss": torch.stack(losses).mean(), "pad_frac": torch.tensor(0.0)}
-        capacity = self.settings.get("pack_length") or self.mllm.max_length
+        # default rows: as long as the longest sample (what padding would use), filled first-fit with the others
+        capacity = self.settings.get("pack_length") or max(r.input_ids.shape[1] for r in rendered)
         batch = collate(rendered, self.mllm.rope_positions, self.mllm.tokenizer.pad_token_id, batching, capacity)
         inputs = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.inputs.items()}
         if inputs["pixel_values"] is not None:
@@ -329,7 +330,8 @@ class FusedModel(nn.Module):
         items = [SimpleNamespace(input_ids=samples[i].ctx_ids[None], labels=torch.full_like(samples[i].ctx_ids[None], -100),
                                  mm_token_type_ids=(samples[i].ctx_ids == mllm.image_token_id).long()[None],
                                  pixel_values=samples[i].ctx_pixel_values, image_grid_thw=samples[i].ctx_grids) for i in todo]
-        batch = collate(items, mllm.rope_positions, mllm.tokenizer.pad_token_id, "packed", self.settings.get("pack_length"))
+        capacity = self.settings.get("pack_length") or max(len(samples[i].ctx_ids) for i in todo)
+        batch = collate(items, mllm.rope_positions, mllm.tokenizer.pad_token_id, "packed", capacity)
         inputs = {k: (v.to(mllm.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.inputs.items()}
         if inputs["pixel_values"] is not None:
             inputs["pixel_values"] = inputs["pixel_values"].to(mllm.model.dtype)

@@ -5,7 +5,8 @@ conversations of very different lengths (a text-only question is a few dozen tok
 step-by-step answer with three images several hundred). Two layouts, one loss:
 
 * **packed** (``stage.batching=packed``, the default): samples are laid end to end in rows
-  of at most ``capacity`` tokens (first-fit decreasing), so almost no slot is padding.
+  of at most ``capacity`` tokens (first-fit decreasing; by default the longest sample's
+  length, so no row is longer than a padded one), so few slots are padding.
   Qwen2.5-VL gets ``position_ids`` of shape ``[4, R, L]``: row 0 is each sample's own
   text position (0, 1, 2 ... restarting at every sample), rows 1-3 its 3-D rope positions
   from the model's ``get_rope_index`` over that sample alone. With no 2-D attention mask,

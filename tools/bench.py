@@ -123,21 +123,31 @@ def bench_cache(cfg: DictConfig, w: dict) -> dict:
         with torch.no_grad():
             a = model.align_loss([model.prepare_align_sample(load_images(c)) for c in batches[0]], g.manual_seed(1))["loss"]
             b = model.align_loss([cache.sample(c, model.settings) for c in batches[0]], g.manual_seed(1))["loss"]
-        it = {"uncached": 0, "cached": 0}
+        it = {"uncached": 0, "per_context": 0, "cached": 0}
 
         def uncached():
             batch = batches[it["uncached"] % len(batches)]
             it["uncached"] += 1
             optimizer_step(model.align_loss([model.prepare_align_sample(load_images(c)) for c in batch], g.manual_seed(2))["loss"], opt)
 
+        def uncached_per_context():  # stage.batching=none: one MLLM forward per context (the path before packing)
+            batch = batches[it["per_context"] % len(batches)]
+            it["per_context"] += 1
+            model.settings["batching"] = "none"
+            try:
+                optimizer_step(model.align_loss([model.prepare_align_sample(load_images(c)) for c in batch], g.manual_seed(2))["loss"], opt)
+            finally:
+                model.settings["batching"] = "packed"
+
         def cached():
             batch = batches[it["cached"] % len(batches)]
             it["cached"] += 1
             optimizer_step(model.align_loss([cache.sample(c, model.settings) for c in batch], g.manual_seed(2))["loss"], opt)
 
-        times = interleaved({"uncached": uncached, "cached": cached}, cfg.repeats)
+        times = interleaved({"uncached": uncached, "uncached_per_context": uncached_per_context, "cached": cached}, cfg.repeats)
     r = {k: spread(v) for k, v in times.items()}
-    return {"step_seconds": r, "speedup": r["uncached"]["median"] / r["cached"]["median"], "cache_build_seconds": build_s,
+    return {"step_seconds": r, "speedup": r["uncached"]["median"] / r["cached"]["median"],
+            "speedup_vs_per_context": r["uncached_per_context"]["median"] / r["cached"]["median"], "cache_build_seconds": build_s,
             "cache_build_samples": len(convs), "loss_diff_same_batch": abs(float(a - b)), "batch": cfg.batch}
 
 
@@ -186,14 +196,18 @@ def bench_packing(cfg: DictConfig, w: dict) -> dict:
     rendered = [model.mllm.render(load_images(x)) for x in convs]
     batches = [rendered[i * cfg.sft_batch : (i + 1) * cfg.sft_batch] for i in range(cfg.batches)]
     batches = [b for b in batches if b]
-    layouts = ("padded", "packed", "none")
+    # packed: rows as long as the longest sample (the default); packed_one_row: the whole micro-batch in one row
+    layouts = ("padded", "packed", "packed_one_row", "none")
     it = dict.fromkeys(layouts, 0)
+    one_row = 1 << 30
 
     def step(layout):
         def fn():
             batch = batches[it[layout] % len(batches)]
             it[layout] += 1
-            optimizer_step(model.sft_loss(batch, batching=layout)["loss"], opt)
+            model.settings["pack_length"] = one_row if layout == "packed_one_row" else None
+            optimizer_step(model.sft_loss(batch, batching=layout.removesuffix("_one_row"))["loss"], opt)
+            model.settings["pack_length"] = None
         return fn
 
     times = interleaved({k: step(k) for k in layouts}, cfg.repeats)
@@ -205,21 +219,22 @@ def bench_packing(cfg: DictConfig, w: dict) -> dict:
         if layout == "none":
             pad = 0.0
         else:
-            tb = [collate(b, model.mllm.rope_positions, model.mllm.tokenizer.pad_token_id, layout,
-                          model.settings.get("pack_length") or model.mllm.max_length) for b in batches]
+            tb = [collate(b, model.mllm.rope_positions, model.mllm.tokenizer.pad_token_id, layout.removesuffix("_one_row"),
+                          one_row if layout == "packed_one_row" else max(r.length for r in b)) for b in batches]  # as sft_loss packs
             pad = 1 - sum(b.real_tokens for b in tb) / sum(b.slots for b in tb)
         s = spread(times[layout])
         out[layout] = {"step_seconds": s, "tokens_per_second": real / s["median"], "pad_fraction": pad}
     out["packed_vs_padded_throughput"] = out["packed"]["tokens_per_second"] / out["padded"]["tokens_per_second"]
+    out["packed_one_row_vs_padded_throughput"] = out["packed_one_row"]["tokens_per_second"] / out["padded"]["tokens_per_second"]
     return out
 
 
-def build_generation_model(cfg: DictConfig):
+def build_generation_model(cfg: DictConfig, w: dict):
     from fusion.model import FusedModel
 
     if cfg.model:
         return FusedModel.from_pretrained(cfg.model)
-    overrides = [f"tiny_dir={cfg.tiny_dir}", "stage=align", f"generator={cfg.generator}", f"connector={cfg.connector}"]
+    overrides = [*w["overrides"], "stage=align", f"connector={cfg.connector}", "mllm.max_length=32768"]  # a long chat on purpose
     if cfg.mllm_hidden:  # a wider MLLM of the real class, so the MLLM's share of the time is not negligible
         from backbones.mllm.tiny_qwen2_5_vl import make_tiny
 
@@ -259,8 +274,8 @@ def run_answer(model, cfg: DictConfig, recompute: str):
     return chat, seconds, chat.state.tokens_forwarded - start_forwards
 
 
-def bench_generation(cfg: DictConfig) -> dict:
-    model = build_generation_model(cfg).eval()
+def bench_generation(cfg: DictConfig, w: dict) -> dict:
+    model = build_generation_model(cfg, w).eval()
     variants = {"cached": "never", "reencode_at_images": "images", "uncached": "always"}
     results, chats = {}, {}
     run_answer(model, cfg, "never")  # warm-up
@@ -280,7 +295,7 @@ def bench_generation(cfg: DictConfig) -> dict:
         results[name]["same_tokens_as_cached"] = chat.state.ids == ref.state.ids
         results[name]["max_latent_diff_vs_cached"] = max(float((a - b).abs().max()) for a, b in zip(ref._latents, chat._latents))
         results[name]["speedup_of_cached"] = results[name]["median_seconds"] / results["cached"]["median_seconds"]
-    results["meta"] = {"model": cfg.model or f"untrained ({cfg.generator} + {cfg.connector})",
+    results["meta"] = {"model": cfg.model or f"untrained {cfg.connector} on {w['name']}" + (f", MLLM width {cfg.mllm_hidden}" if cfg.mllm_hidden else ""),
                        "mllm_params": sum(p.numel() for p in model.mllm.parameters()),
                        "dit_params": sum(p.numel() for p in model.generator.transformer.parameters()), "images": cfg.images,
                        "history_turns": cfg.history_turns, "words_per_turn": cfg.words_per_turn, "steps": cfg.steps}
@@ -299,7 +314,9 @@ def markdown(results: dict) -> str:
         r = results["cache"]
         parts.append(
             "### stage 2: feature cache\n\n| variant | step s | ratio |\n|---|---|---|\n"
-            f"| without cache | {fmt(r['step_seconds']['uncached'])} | {r['speedup']:.2f}x slower |\n"
+            f"| without cache (contexts packed, one MLLM forward) | {fmt(r['step_seconds']['uncached'])} | {r['speedup']:.2f}x slower |\n"
+            f"| without cache (one MLLM forward per context) | {fmt(r['step_seconds']['uncached_per_context'])} | "
+            f"{r['speedup_vs_per_context']:.2f}x slower |\n"
             f"| with cache | {fmt(r['step_seconds']['cached'])} | 1.00x |\n\n"
             f"Micro-batch {r['batch']}; cache build {r['cache_build_seconds']:.1f} s for {r['cache_build_samples']} samples "
             f"(paid once); loss difference on the same batch and seed {r['loss_diff_same_batch']:.1e}.")
@@ -312,9 +329,10 @@ def markdown(results: dict) -> str:
     if "packing" in results:
         r = results["packing"]
         rows = "\n".join(f"| {k} | {fmt(r[k]['step_seconds'])} | {r[k]['tokens_per_second']:.0f} | {r[k]['pad_fraction']:.1%} |"
-                         for k in ("packed", "padded", "none"))
+                         for k in ("packed", "packed_one_row", "padded", "none"))
         parts.append("### stage 1: packed sequences\n\n| layout | step s | tokens/s | padding |\n|---|---|---|---|\n" + rows +
-                     f"\n\nMicro-batch {r['batch']}; packed / padded throughput {r['packed_vs_padded_throughput']:.2f}x.")
+                     f"\n\nMicro-batch {r['batch']}; packed / padded throughput {r['packed_vs_padded_throughput']:.2f}x "
+                     f"(one row: {r['packed_one_row_vs_padded_throughput']:.2f}x).")
     if "generation" in results:
         g = results["generation"]
         rows = "\n".join(f"| {k} | {g[k]['images']} | {g[k]['sequence_length']} | {g[k]['forwards_per_token']:.2f} | {fmt(g[k]['seconds'])} | "
@@ -336,20 +354,21 @@ def main(cfg: DictConfig) -> None:
     results: dict = {"meta": {"world": w["name"], "repeats": cfg.repeats, "torch_threads": torch.get_num_threads(),
                               "sections": list(cfg.sections)}}
     run = {"cache": lambda: bench_cache(cfg, w), "overhead": lambda: bench_overhead(cfg, w), "packing": lambda: bench_packing(cfg, w),
-           "generation": lambda: bench_generation(cfg)}
-    for name in cfg.sections:
-        print(f"bench: {name} ...", flush=True)
-        results[name] = run[name]()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    table = markdown(results)
-    tmp = out / "bench.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out / "bench.json")
+           "generation": lambda: bench_generation(cfg, w)}
     from hydra.core.hydra_config import HydraConfig
 
     command = " ".join(["python tools/bench.py", *HydraConfig.get().overrides.task])
-    (out / "bench.md").write_text(f"# unifuse benchmarks\n\n`{command}`\n\n{table}\n")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in cfg.sections:
+        print(f"bench: {name} ...", flush=True)
+        results[name] = run[name]()
+        # written after every section: a later failure never loses what was measured
+        table = markdown(results)
+        tmp = out / "bench.json.tmp"
+        tmp.write_text(json.dumps(results, indent=2))
+        tmp.replace(out / "bench.json")
+        (out / "bench.md").write_text(f"# unifuse benchmarks\n\n`{command}`\n\n{table}\n")
     print(table)
     print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
 
