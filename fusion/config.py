@@ -575,8 +575,8 @@ class BenchConfig:
     """generation: a saved fused model; None builds an untrained one from the tiny checkpoints (generator/connector below)."""
     tiny_dir: str = "checkpoints/tiny"
     """Where make_tiny wrote the tiny checkpoints."""
-    connector: str = "multilayer_concat"
-    """Connector config (cache and overhead sections; generation when model is None)."""
+    connector_name: str = "multilayer_concat"
+    """Connector config under conf/connector/ (cache and overhead sections; generation when model is None)."""
     mllm_hidden: int = 384
     """Width of the random-init Qwen2.5-VL the benchmark builds (0: the tiny checkpoint's own MLLM)."""
     mllm_layers: int = 8

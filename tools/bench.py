@@ -85,7 +85,7 @@ def world(cfg: DictConfig) -> dict:
 def stage2_model(w: dict, cfg: DictConfig):
     from fusion.model import FusedModel
 
-    c = compose([*w["overrides"], "stage=align", f"connector={cfg.connector}", "stage.p_drop_text=0", "stage.p_drop_cond=0",
+    c = compose([*w["overrides"], "stage=align", f"connector={cfg.connector_name}", "stage.p_drop_text=0", "stage.p_drop_cond=0",
                  "stage.target_image=last"])
     torch.manual_seed(0)
     model = FusedModel.build(c)
@@ -234,7 +234,7 @@ def build_generation_model(cfg: DictConfig, w: dict):
 
     if cfg.model:
         return FusedModel.from_pretrained(cfg.model)
-    overrides = [*w["overrides"], "stage=align", f"connector={cfg.connector}", "mllm.max_length=32768"]  # a long chat on purpose
+    overrides = [*w["overrides"], "stage=align", f"connector={cfg.connector_name}", "mllm.max_length=32768"]  # a long chat on purpose
     if cfg.mllm_hidden:  # a wider MLLM of the real class, so the MLLM's share of the time is not negligible
         from backbones.mllm.tiny_qwen2_5_vl import make_tiny
 
@@ -295,7 +295,7 @@ def bench_generation(cfg: DictConfig, w: dict) -> dict:
         results[name]["same_tokens_as_cached"] = chat.state.ids == ref.state.ids
         results[name]["max_latent_diff_vs_cached"] = max(float((a - b).abs().max()) for a, b in zip(ref._latents, chat._latents))
         results[name]["speedup_of_cached"] = results[name]["median_seconds"] / results["cached"]["median_seconds"]
-    results["meta"] = {"model": cfg.model or f"untrained {cfg.connector} on {w['name']}" + (f", MLLM width {cfg.mllm_hidden}" if cfg.mllm_hidden else ""),
+    results["meta"] = {"model": cfg.model or f"untrained {cfg.connector_name} on {w['name']}" + (f", MLLM width {cfg.mllm_hidden}" if cfg.mllm_hidden else ""),
                        "mllm_params": sum(p.numel() for p in model.mllm.parameters()),
                        "dit_params": sum(p.numel() for p in model.generator.transformer.parameters()), "images": cfg.images,
                        "history_turns": cfg.history_turns, "words_per_turn": cfg.words_per_turn, "steps": cfg.steps}

@@ -156,7 +156,7 @@ def test_generate_missing_model_folder(tmp_path):
 
 def test_bench_generation_reports_ratios(made, tmp_path):
     out, _ = made
-    p = run("bench.py", f"tiny_dir={out}", "sections=[generation]", "connector=last_mlp", "mllm_hidden=0", "history_turns=1",
+    p = run("bench.py", f"tiny_dir={out}", "sections=[generation]", "connector_name=last_mlp", "mllm_hidden=0", "history_turns=1",
             "words_per_turn=10", "repeats=1", "steps=1", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((tmp_path / "bench.json").read_text())["generation"]
