@@ -202,3 +202,26 @@ def test_save_load_gives_identical_outputs(tiny_dir, convs, tmp_path, connector,
         assert torch.equal(sa[k], sb[k]), k
     if "stage.trainable.generator=lora" in extra:
         assert (out / "lora" / "generator" / "adapter_config.json").is_file()
+
+
+def test_gradient_checkpointing_keeps_loss_and_gradients(tiny_dir, convs):
+    """stage.gradient_checkpointing recomputes activations in backward: same loss, same gradients."""
+    results = {}
+    for parts in ([], ["mllm", "vision_tower"]):
+        torch.manual_seed(0)
+        model, cfg = build(tiny_dir, stage="sft", extra=[f"stage.gradient_checkpointing=[{','.join(parts)}]"])
+        model.apply_trainable(cfg.stage)
+        switched = model.apply_memory_and_speed(cfg.stage)
+        assert len(switched) == len(parts)
+        loss = model.sft_loss(convs[:2])["loss"]
+        loss.backward()
+        results[tuple(parts)] = (loss.detach(), model.mllm.model.lm_head.weight.grad.clone())
+    (a, ga), (b, gb) = results.values()
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(ga, gb, atol=1e-6)
+    assert model.mllm.model.model.language_model.gradient_checkpointing
+
+    model, cfg = build(tiny_dir, extra=["stage.gradient_checkpointing=[generator]"])
+    model.apply_trainable(cfg.stage)
+    assert model.apply_memory_and_speed(cfg.stage) == ["gradient checkpointing: generator"]
+    assert model.generator.transformer.gradient_checkpointing
+    model.align_loss([model.prepare_align_sample(convs[1])], torch.Generator().manual_seed(0))["loss"].backward()
