@@ -45,6 +45,7 @@ def main(cfg: DictConfig) -> None:
                                         f"dit_families=[{cfg.generator.removeprefix('toy_')}]", f"hydra.run.dir={root / 'world'}",
                                         *cfg.make_toy_overrides], timings)
     if not (out / "sft" / "final").is_dir():
+        shutil.rmtree(root / "feature_cache", ignore_errors=True)  # caches of an older stage-1 model would never match again
         run_phase("sft", "train.py", ["experiment=toy_sft", f"toy_dir={toy}", f"stage.max_steps={cfg.sft_steps}", "resume=never",
                                       f"hydra.run.dir={out / 'sft'}", *cfg.sft_overrides], timings)
     else:
@@ -57,6 +58,7 @@ def main(cfg: DictConfig) -> None:
         t0 = time.time()
         run_phase(f"align {name}", "train.py", ["experiment=toy_align", f"toy_dir={toy}", f"generator={cfg.generator}", f"connector={name}",
                                                 f"stage.max_steps={cfg.align_steps}", f"init_from={out / 'sft'}", "resume=never",
+                                                "cache=auto", f"cache.dir={root / 'feature_cache'}",  # query connectors run without
                                                 f"hydra.run.dir={run / 'align'}", *cfg.align_overrides], timings)
         ev = [f"model={run / 'align' / 'final'}", f"data_dir={toy / 'toyworld'}", "split=test", f"steps={cfg.sample_steps}",
               f"guidance={cfg.guidance}", "transcripts=2", f"hydra.run.dir={run / 'eval'}"]

@@ -3,7 +3,7 @@
 Phases (each prints its own progress bar; each is its own process, as on a cluster):
     1. world      tools/make_toy.py   toy world + toy-pretrained VAE, MLLM and DiT (cached)
     2. sft        tools/train.py experiment=toy_sft     stage 1: the MLLM learns the conversations
-    3. align      tools/train.py experiment=toy_align   stage 2: connector + DiT, MLLM frozen
+    3. align      tools/train.py experiment=toy_align   stage 2: connector + DiT, MLLM frozen (feature cache: cache=auto)
     4. evaluate   tools/evaluate.py                     the test split, scored against its ground truth
 Writes <out_dir>/report.json (every metric, by conversation kind, phase timings, settings),
 report.md (the table) and transcripts/ (HTML of a few test conversations).
@@ -47,13 +47,14 @@ def main(cfg: DictConfig) -> None:
                                         f"mllm_steps={cfg.mllm_steps}", f"dit_steps={cfg.dit_steps}",
                                         f"dit_families=[{cfg.generator.removeprefix('toy_')}]", f"hydra.run.dir={out / 'world'}",
                                         *cfg.make_toy_overrides], timings)
-    for name in ("sft", "align", "eval"):
+    for name in ("sft", "align", "eval", "feature_cache"):
         if (out / name).exists():
             shutil.rmtree(out / name)  # a fresh run each time: no stale checkpoint is resumed
     run_phase("sft", "train.py", ["experiment=toy_sft", f"toy_dir={toy}", f"stage.max_steps={cfg.sft_steps}", "resume=never",
                                   f"hydra.run.dir={out / 'sft'}", *cfg.sft_overrides], timings)
     run_phase("align", "train.py", ["experiment=toy_align", f"toy_dir={toy}", f"generator={cfg.generator}", f"connector={cfg.connector}",
                                     f"stage.max_steps={cfg.align_steps}", f"init_from={out / 'sft'}", "resume=never",
+                                    "cache=auto", f"cache.dir={out / 'feature_cache'}",  # the frozen MLLM and the VAE run once
                                     f"hydra.run.dir={out / 'align'}", *cfg.align_overrides], timings)
     ev = ["model=" + str(out / "align" / "final"), f"data_dir={toy / 'toyworld'}", "split=test", f"steps={cfg.sample_steps}",
           f"guidance={cfg.guidance}", f"transcripts={cfg.transcripts}", f"hydra.run.dir={out / 'eval'}"]
