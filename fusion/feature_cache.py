@@ -112,14 +112,13 @@ class MLLMFolder(nn.Module):
 
     model = None  # no transformers model behind it
 
-    def __init__(self, path: str | Path, hidden_layers: Sequence[int] = (-1,), spec: dict | None = None):
+    def __init__(self, path: str | Path, hidden_layers: Sequence[int] = (-1,)):
         from transformers import AutoConfig
 
         super().__init__()
         self.path = Path(path)
         text = AutoConfig.from_pretrained(str(self.path)).get_text_config()
         self.hidden_size, self.num_layers = text.hidden_size, text.num_hidden_layers
-        self.spec = spec or {}
         self.hidden_layers = self.resolve_layers(hidden_layers, "mllm.hidden_layers")
 
     def resolve_layers(self, layers: Sequence[int], key: str) -> list[int]:
@@ -167,19 +166,24 @@ class FeatureCache:
             return None, None
         return f.get_tensor(f"{line}.hidden"), f.get_tensor(f"{line}.latents")
 
-    def sample(self, conv: Conversation, settings: dict, generator: torch.Generator | None = None):
-        """The stage-2 sample of a conversation, as :meth:`FusedModel.prepare_align_sample` would cut it."""
-        from fusion.model import AlignSample
-
+    def entry(self, conv: Conversation) -> dict[str, Any]:
+        """A conversation's entry (no tensor read); the DataError the uncached path would raise for it."""
         if conv.line in self.skipped:
             s = self.skipped[conv.line]
             raise DataError(s["reason"], conv.source, conv.line, kind=s["kind"])
         if conv.line not in self.entries:
             raise CheckpointError(f"feature cache {self.root}: no entry for {conv.where}; rebuild it (cache=build)")
         e = self.entries[conv.line]
-        targets = e["targets"]
-        if not targets:
+        if not e["targets"]:
             raise DataError("stage=align sample has no assistant image to learn from", conv.source, conv.line, kind="no_target")
+        return e
+
+    def sample(self, conv: Conversation, settings: dict, generator: torch.Generator | None = None):
+        """The stage-2 sample of a conversation, as :meth:`FusedModel.prepare_align_sample` would cut it."""
+        from fusion.model import AlignSample
+
+        e = self.entry(conv)
+        targets = e["targets"]
         if settings.get("target_image", "last") == "random":
             k = targets[int(torch.randint(len(targets), (1,), generator=generator))]
         else:

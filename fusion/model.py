@@ -173,7 +173,7 @@ class FusedModel(nn.Module):
         ``stage.compile`` (``torch.compile`` the parts that train). Returns what was switched on."""
         stage = _to_container(stage)
         done = []
-        hf = self.mllm.model if getattr(self.mllm, "model", None) is not None else None
+        hf = self.mllm.model  # None: the MLLM's features come from the feature cache
         for part in stage.get("gradient_checkpointing") or []:
             if part in ("mllm", "vision_tower") and hf is None:
                 continue  # features come from the cache: no MLLM forward to checkpoint
@@ -248,20 +248,13 @@ class FusedModel(nn.Module):
 
         batching = batching or self.settings.get("batching", "packed")
         rendered = [conv if isinstance(conv, RenderedConversation) else self.mllm.render(conv) for conv in conversations]
-        dev = self.mllm.device
         if batching == "none":
-            losses = []
-            for r in rendered:
-                inputs = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in r.model_inputs().items()}
-                losses.append(self.mllm(**inputs, labels=r.labels.to(dev))["loss"])
+            losses = [self.mllm(**self._on_mllm(r.model_inputs()), labels=r.labels.to(self.mllm.device))["loss"] for r in rendered]
             return {"loss": torch.stack(losses).mean(), "pad_frac": torch.tensor(0.0)}
         # default rows: as long as the longest sample (what padding would use), filled first-fit with the others
         capacity = self.settings.get("pack_length") or max(r.input_ids.shape[1] for r in rendered)
         batch = collate(rendered, self.mllm.rope_positions, self.mllm.tokenizer.pad_token_id, batching, capacity)
-        inputs = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.inputs.items()}
-        if inputs["pixel_values"] is not None:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.mllm.model.dtype)
-        logits = self.mllm(**inputs)["logits"]
+        logits = self.mllm(**self._on_mllm(batch.inputs))["logits"]
         return {"loss": per_sample_loss(logits, batch).mean(), "pad_frac": torch.tensor(batch.pad_fraction)}
 
     # ------------------------------------------------------------------ stage 2
@@ -314,6 +307,13 @@ class FusedModel(nn.Module):
         out = self.connector(hidden, torch.ones(ids.shape, dtype=torch.long, device=dev))
         return out.states, out.mask, None
 
+    def _on_mllm(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """A collated batch's inputs on the MLLM's device, pixels in its dtype."""
+        out = {k: (v.to(self.mllm.device) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        if out.get("pixel_values") is not None:
+            out["pixel_values"] = out["pixel_values"].to(self.mllm.model.dtype)
+        return out
+
     def packed_context_states(self, samples: list[AlignSample]) -> list[AlignSample]:
         """The frozen MLLM run once over every context of a micro-batch, packed into one row
         (:mod:`fusion.packing`: no attention across samples, each sample's own positions);
@@ -332,12 +332,9 @@ class FusedModel(nn.Module):
                                  pixel_values=samples[i].ctx_pixel_values, image_grid_thw=samples[i].ctx_grids) for i in todo]
         capacity = self.settings.get("pack_length") or max(len(samples[i].ctx_ids) for i in todo)
         batch = collate(items, mllm.rope_positions, mllm.tokenizer.pad_token_id, "packed", capacity)
-        inputs = {k: (v.to(mllm.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.inputs.items()}
-        if inputs["pixel_values"] is not None:
-            inputs["pixel_values"] = inputs["pixel_values"].to(mllm.model.dtype)
         grad = any(p.requires_grad for p in mllm.parameters())
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            hidden = mllm(**inputs, compute_logits=False)["hidden"]  # [R, n_layers, L, D]
+            hidden = mllm(**self._on_mllm(batch.inputs), compute_logits=False)["hidden"]  # [R, n_layers, L, D]
         out = list(samples)
         for i, (row, start, n) in zip(todo, batch.spans):
             out[i] = replace(samples[i], ctx_hidden=hidden[row, :, start : start + n])

@@ -92,10 +92,6 @@ def deepspeed_config(ds: DictConfig, stage: DictConfig, device: str) -> dict[str
     }
 
 
-def _to_dict(node: Any) -> dict[str, Any]:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
-
-
 # ---------------------------------------------------------------------------- data
 #: DataError kinds that are not faults: the sample is valid but has nothing for this stage (a
 #: text-only conversation in stage 2), so it is skipped and counted under any data.on_error
@@ -241,7 +237,7 @@ class Trainer:
         if self.cache_mode != "off":  # the MLLM is loaded only if the cache has to be built
             from fusion.feature_cache import MLLMFolder
 
-            stand_in = MLLMFolder(cfg.mllm.path, cfg.mllm.hidden_layers, _to_dict(cfg.mllm))
+            stand_in = MLLMFolder(cfg.mllm.path, cfg.mllm.hidden_layers)
         self.model = FusedModel.build(cfg, device=self.device, mllm=stand_in)
         report = self.model.apply_trainable(cfg.stage)
         switched = self.model.apply_memory_and_speed(cfg.stage)
@@ -320,7 +316,7 @@ class Trainer:
         usable = []
         for conv in convs:  # the samples the uncached path would keep after prevalidation
             try:
-                self.cache.sample(conv, model.settings, torch.Generator().manual_seed(0))
+                self.cache.entry(conv)
                 usable.append(conv)
             except DataError as e:
                 if cfg.data.on_error == "error" and e.kind not in NOT_FOR_THIS_STAGE:
