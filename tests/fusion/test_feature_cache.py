@@ -100,3 +100,30 @@ def test_explain_miss_names_what_changed(tmp_path):
     why = fc.explain_miss(tmp_path, {**old, "mllm": "b"})
     assert "k0" in why and "mllm changed" in why and "data" not in why.split("stale:")[1]
     assert fc.explain_miss(tmp_path, {**old, "data_path": "/other.jsonl"}) == "no cache of this data file"
+
+
+def test_bad_image_during_build_stops_or_is_skipped(tiny_dir, tmp_path):
+    """A corrupt image found while building: 'error' stops naming file and line, leaving no cache;
+    'skip' records it, and the trainer sees the same DataError kind for that line."""
+    import shutil
+
+    demo = tiny_dir / "demo_data"
+    shutil.copytree(demo, tmp_path / "data")
+    data = tmp_path / "data" / "conversations.jsonl"
+    lines = data.read_text().splitlines()
+    bad = json.loads(lines[1])
+    bad["messages"][0]["content"][0]["image"] = "broken.png"  # a user image no other line uses
+    (tmp_path / "data" / "broken.png").write_bytes(b"not a png")
+    data.write_text("\n".join([lines[0], json.dumps(bad), *lines[1:]]) + "\n")
+    convs = list(read_jsonl(data))
+    model, _ = build_model(tiny_dir)
+    with pytest.raises(DataError) as ei:
+        fc.build(model, convs, tmp_path / "c", "k", {}, "error", SkipReport(), progress=False)
+    assert ei.value.line == 2 and ei.value.kind == "bad_image" and "conversations.jsonl:2" in str(ei.value)
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").iterdir())
+    report = SkipReport()
+    cache = fc.FeatureCache(fc.build(model, convs, tmp_path / "c", "k", {}, "skip", report, progress=False))
+    assert report.counts == {"bad_image": 1} and len(cache) == len(convs) - 1
+    with pytest.raises(DataError) as ei:
+        cache.entry(convs[1])
+    assert ei.value.kind == "bad_image" and ei.value.line == 2
