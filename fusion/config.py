@@ -44,6 +44,8 @@ class Qwen25VLConfig:
     """Longest rendered conversation in tokens; longer samples are data errors."""
     add_bov: bool = True
     """Add <|bov|> to tokenizer and embeddings if the checkpoint lacks it."""
+    architecture: dict[str, Any] | None = None
+    """The checkpoint's config.json written out in full (published configs): builds the model on the meta device with nothing downloaded (tools/plan.py); a real load warns about every field that differs. None: read it from the local folder."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
@@ -71,8 +73,12 @@ class GeneratorConfig:
     """Diffusers flow scheduler for sampling (_target_ + kwargs)."""
     image_size: int = 512
     """Default square image side in pixels for generation."""
+    architecture: dict[str, Any] | None = None
+    """The checkpoint's transformer/ and vae/ config.json written out in full (published configs): builds the model on the meta device with nothing downloaded (tools/plan.py); a real load warns about every field that differs. None: read them from the local folder."""
 
     def __post_init__(self) -> None:
+        if self.architecture is not None and not {"transformer", "vae"} <= set(self.architecture):
+            raise ConfigError("generator.architecture must have a transformer and a vae entry (their config.json fields)")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"generator.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.text_dim is not None and self.text_dim <= 0:

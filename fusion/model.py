@@ -18,6 +18,7 @@ and save/load of the whole thing as plain library folders.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
@@ -87,22 +88,25 @@ class FusedModel(nn.Module):
     def build(cls, cfg: DictConfig, device: str | None = None, mllm: nn.Module | None = None) -> FusedModel:
         """Instantiate the parts of a composed config; the connector's widths come from the backbones.
 
+        ``device="meta"``: the architecture only, no weights and no memory (``tools/plan.py``).
+
         ``mllm``: an MLLM already built (e.g. :class:`fusion.feature_cache.MLLMFolder` when stage 2
         trains from cached features and the MLLM is never loaded)."""
         device = device or cfg.get("device", "cpu")
         mllm = mllm if mllm is not None else instantiate(cfg.mllm, device=device)
         generator = connector = None
-        specs = {"mllm": _spec(cfg.mllm, drop=("path",))}
+        specs = {"mllm": _spec(cfg.mllm, drop=("path", "architecture"))}
         if cfg.get("generator") is not None:
             generator = instantiate(cfg.generator, device=device)
-            specs["generator"] = _spec(cfg.generator, drop=("path", "text_dim"))
+            specs["generator"] = _spec(cfg.generator, drop=("path", "text_dim", "architecture"))
         if cfg.get("connector") is not None:
             if generator is None:
                 raise ConfigError("connector is set but generator is not: a connector maps MLLM states to a generator's text width")
             widths = dict(mllm_dim=mllm.hidden_size, text_dim=generator.text_dim,
                           num_mllm_layers=mllm.num_layers, dit_dim=generator.dit_hidden_size)
             try:
-                connector = instantiate(cfg.connector, **widths)
+                with torch.device("meta") if str(device) == "meta" else contextlib.nullcontext():  # meta: tools/plan.py
+                    connector = instantiate(cfg.connector, **widths)
             except Exception as e:  # width mismatches etc. raised by the design's constructor
                 cause = e.__cause__ or e
                 if isinstance(cause, (ValueError, TypeError)):

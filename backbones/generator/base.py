@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from backbones.paths import local_folder
+from backbones.paths import architecture_diff, local_folder, plain
 from fusion.flow import add_noise, target_velocity
 
 
@@ -81,7 +81,8 @@ class FlowGenerator(nn.Module):
         if not hasattr(scheduler, "from_config"):  # a config dict: build it once
             from hydra.utils import instantiate
 
-            scheduler = instantiate(scheduler)
+            with torch.device("cpu"):  # schedulers compute their tables in numpy, also when the model is built on meta
+                scheduler = instantiate(scheduler)
         self._scheduler_cls, self._scheduler_cfg = type(scheduler), scheduler.config
 
     # ---- family hooks --------------------------------------------------------------
@@ -305,3 +306,77 @@ def load_transformer(cls: type, path: str, width_key: str, width: int | None, dt
 def reinitialised_keys(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> list[str]:
     """Keys whose tensors differ (shape or value) between two state dicts."""
     return sorted(k for k in after if k not in before or before[k].shape != after[k].shape or not torch.equal(before[k], after[k]))
+
+
+def transformer_config(cls: type, path: str, architecture: dict | None) -> dict:
+    """The DiT's config: the yaml's ``architecture.transformer`` if written out, else the checkpoint's."""
+    architecture = plain(architecture)
+    if architecture is not None:
+        return dict(architecture["transformer"])
+    return dict(cls.load_config(path, subfolder="transformer"))
+
+
+def load_parts(cls: type, path: str, width_key: str, width: int | None, dtype: torch.dtype,
+               architecture: dict | None = None, device: str | None = None):
+    """(transformer, VAE slot) of a diffusers pipeline folder or hub id.
+
+    ``device="meta"``: the architecture only, no weights and no memory, from the yaml's
+    ``architecture`` (``transformer`` and ``vae`` config.json fields) or the local folder's
+    config files; a hub id without ``architecture`` cannot be built this way. On a real load,
+    every ``architecture`` field that differs from the checkpoint's config is logged.
+    """
+    import logging
+
+    import diffusers
+
+    from backbones.generator.vae import SLOTS
+    from fusion.errors import CheckpointError
+
+    architecture = plain(architecture)
+    if str(device) == "meta":
+        if architecture is None:
+            folder = local_folder(path, "generator.path")
+            if folder is None:
+                raise CheckpointError(f"generator.path: {path!r} is a hub id and generator.architecture is not written out; "
+                                      "building on the meta device needs one of them")
+            tcfg = dict(cls.load_config(path, subfolder="transformer"))
+            vcfg = json_config(folder / "vae" / "config.json")
+        else:
+            tcfg, vcfg = dict(architecture["transformer"]), dict(architecture["vae"])
+        if width is not None:
+            tcfg[width_key] = width
+        name = vcfg.get("_class_name")
+        if name not in SLOTS:
+            raise CheckpointError(f"generator.architecture.vae._class_name must name one of {', '.join(SLOTS)}, got {name!r}")
+        with torch.device("meta"):
+            transformer = cls.from_config({k: v for k, v in tcfg.items() if not k.startswith("_")})
+            if dtype != torch.float32:  # (diffusers warns that a cast by to() skips its keep-in-fp32 modules: no weights here)
+                level = diffusers.utils.logging.get_verbosity()
+                diffusers.utils.logging.set_verbosity_error()
+                transformer = transformer.to(dtype)
+                diffusers.utils.logging.set_verbosity(level)
+            vae = getattr(diffusers, name).from_config({k: v for k, v in vcfg.items() if not k.startswith("_")})
+        return transformer, SLOTS[name](vae)
+    from backbones.generator.vae import load_vae
+
+    transformer = load_transformer(cls, path, width_key, width, dtype)
+    vae = load_vae(path)
+    if architecture is not None:
+        want = {k: v for k, v in architecture["transformer"].items() if not (width is not None and k == width_key)}
+        differ = architecture_diff(want, dict(transformer.config), "transformer.")
+        differ += architecture_diff(architecture["vae"], dict(vae.vae.config), "vae.")
+        if differ:
+            logging.getLogger(__name__).warning("generator.architecture differs from %s (the checkpoint's values are used): %s",
+                                                path, "; ".join(differ))
+    return transformer, vae
+
+
+def json_config(file) -> dict:
+    import json
+
+    from fusion.errors import CheckpointError
+
+    try:
+        return json.loads(open(file).read())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"generator.path: could not read {file}: {e}") from None

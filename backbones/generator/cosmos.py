@@ -27,8 +27,7 @@ from typing import Any
 
 import torch
 
-from backbones.generator.base import FlowGenerator, load_transformer
-from backbones.generator.vae import load_vae
+from backbones.generator.base import FlowGenerator, load_parts, transformer_config
 from backbones.generator.wan import DTYPES
 
 
@@ -53,12 +52,12 @@ class CosmosGenerator(FlowGenerator):
         image_size: int = 512,
         cond_timestep: float = 1e-4,
         device: str | None = None,
+        architecture: dict | None = None,
     ) -> CosmosGenerator:
         from diffusers import CosmosTransformer3DModel
 
-        key = _width_key(CosmosTransformer3DModel.load_config(path, subfolder="transformer"))
-        transformer = load_transformer(CosmosTransformer3DModel, path, key, text_dim, DTYPES[dtype])
-        vae = load_vae(path)
+        key = _width_key(transformer_config(CosmosTransformer3DModel, path, architecture))
+        transformer, vae = load_parts(CosmosTransformer3DModel, path, key, text_dim, DTYPES[dtype], architecture, device)
         gen = cls(transformer, vae, scheduler, image_size, cond_timestep)
         return gen.to(device) if device else gen
 

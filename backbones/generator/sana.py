@@ -24,8 +24,7 @@ from typing import Any
 
 import torch
 
-from backbones.generator.base import FlowGenerator, load_transformer
-from backbones.generator.vae import load_vae
+from backbones.generator.base import FlowGenerator, load_parts
 from backbones.generator.wan import DTYPES
 
 CONDITION_MODES = ("mllm_only", "spatial_concat")
@@ -53,11 +52,11 @@ class SanaGenerator(FlowGenerator):
         image_size: int = 512,
         condition_mode: str = "mllm_only",
         device: str | None = None,
+        architecture: dict | None = None,
     ) -> SanaGenerator:
         from diffusers import SanaTransformer2DModel
 
-        transformer = load_transformer(SanaTransformer2DModel, path, "caption_channels", text_dim, DTYPES[dtype])
-        vae = load_vae(path)
+        transformer, vae = load_parts(SanaTransformer2DModel, path, "caption_channels", text_dim, DTYPES[dtype], architecture, device)
         gen = cls(transformer, vae, scheduler, image_size, condition_mode)
         return gen.to(device) if device else gen
 

@@ -30,8 +30,7 @@ from typing import Any
 
 import torch
 
-from backbones.generator.base import FlowGenerator, load_transformer
-from backbones.generator.vae import load_vae
+from backbones.generator.base import FlowGenerator, load_parts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -50,11 +49,11 @@ class WanGenerator(FlowGenerator):
         scheduler: Any = None,
         image_size: int = 512,
         device: str | None = None,
+        architecture: dict | None = None,
     ) -> WanGenerator:
         from diffusers import WanTransformer3DModel
 
-        transformer = load_transformer(WanTransformer3DModel, path, "text_dim", text_dim, DTYPES[dtype])
-        vae = load_vae(path)
+        transformer, vae = load_parts(WanTransformer3DModel, path, "text_dim", text_dim, DTYPES[dtype], architecture, device)
         gen = cls(transformer, vae, scheduler, image_size)
         return gen.to(device) if device else gen
 

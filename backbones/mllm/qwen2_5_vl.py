@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from backbones.paths import local_folder
+from backbones.paths import architecture_diff, local_folder, plain
 from fusion.data import Conversation, load_images, parse_conversation
 from fusion.errors import CheckpointError, DataError
 
@@ -47,6 +47,8 @@ logger = logging.getLogger(__name__)
 BOV_TOKEN = "<|bov|>"
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: the published Qwen2.5-VL preprocessor_config.json bounds (4 and 16384 patches of 28 x 28)
+PUBLISHED_PIXELS = {"shortest_edge": 3136, "longest_edge": 12845056}
 
 
 @dataclass
@@ -116,14 +118,16 @@ class Qwen25VLAdapter(nn.Module):
     ):
         super().__init__()
         self.model = model
-        self.processor = processor
+        self.processor = processor  # None: an architecture on the meta device (tools/plan.py), nothing to render with
         self.max_length = max_length
-        ip = processor.image_processor
-        self.min_pixels = int(min_pixels if min_pixels is not None else ip.size["shortest_edge"])
-        self.max_pixels = int(max_pixels if max_pixels is not None else ip.size["longest_edge"])
+        ip = processor.image_processor if processor is not None else None
+        default = ip.size if ip is not None else PUBLISHED_PIXELS
+        self.min_pixels = int(min_pixels if min_pixels is not None else default["shortest_edge"])
+        self.max_pixels = int(max_pixels if max_pixels is not None else default["longest_edge"])
         if self.min_pixels > self.max_pixels:
             raise ValueError(f"mllm.min_pixels ({self.min_pixels}) is larger than mllm.max_pixels ({self.max_pixels})")
-        ip.size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
+        if ip is not None:
+            ip.size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
         self.hidden_layers = self.resolve_layers(hidden_layers, "mllm.hidden_layers")
 
     def resolve_layers(self, layers: Sequence[int], key: str) -> list[int]:
@@ -150,13 +154,31 @@ class Qwen25VLAdapter(nn.Module):
         max_length: int = 8192,
         add_bov: bool = True,
         device: str | None = None,
+        architecture: dict | None = None,
     ) -> Qwen25VLAdapter:
-        """Load model + processor from a folder or hub id and add ``<|bov|>`` if missing."""
-        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+        """Load model + processor from a folder or hub id and add ``<|bov|>`` if missing.
+
+        ``device="meta"`` builds the architecture only (no weights, no memory, no processor) from
+        ``architecture`` (a config.json written out in the yaml) or the local folder's config.json.
+        Otherwise every field of ``architecture`` that differs from the loaded checkpoint is logged."""
+        from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
         if dtype not in DTYPES:
             raise ValueError(f"mllm.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         path = str(path)
+        architecture = plain(architecture)
+        if str(device) == "meta":
+            if architecture is not None:
+                config = Qwen2_5_VLConfig.from_dict(architecture)
+            else:
+                p = local_folder(path, "mllm.path")
+                if p is None:
+                    raise CheckpointError(f"mllm.path: {path!r} is a hub id and mllm.architecture is not written out; "
+                                          "building on the meta device needs one of them")
+                config = Qwen2_5_VLConfig.from_pretrained(p)
+            with torch.device("meta"):
+                model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+            return cls(model, None, hidden_layers, min_pixels, max_pixels, max_length)
         p = local_folder(path, "mllm.path")
         if p is not None:
             if not (p / "config.json").is_file():
@@ -171,6 +193,10 @@ class Qwen25VLAdapter(nn.Module):
             offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
             hint = " (HF_HUB_OFFLINE=1: a hub id must already be in the local cache)" if offline else ""
             raise CheckpointError(f"mllm.path: could not load {path!r}{hint}: {str(e).splitlines()[0]}") from None
+        if architecture is not None:
+            differ = architecture_diff(Qwen2_5_VLConfig.from_dict(architecture).to_dict(), model.config.to_dict())
+            if differ:
+                logger.warning("mllm.architecture differs from %s (the checkpoint's values are used): %s", path, "; ".join(differ))
         if device is not None:
             model.to(device)
         adapter = cls(model, processor, hidden_layers, min_pixels, max_pixels, max_length)
