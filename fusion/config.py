@@ -485,6 +485,40 @@ class Config:
     """stage=align: the stage-1 output (run folder or its final/ export), or 'base' to align the base MLLM."""
     resume: str = "auto"
     """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint folder."""
+    stages: list[str] = field(default_factory=lambda: ["sft", "align"])
+    """The experiment's stage configs in order (conf/stage/ names): tools/plan.py plans each; tools/train.py runs the one in ``stage``."""
+
+
+@dataclass
+class PlanConfig(Config):
+    """``tools/plan.py``: exact parameter counts on the meta device and per-GPU memory per stage."""
+
+    nodes: int = 1
+    """Nodes."""
+    gpus_per_node: int = 8
+    """GPUs per node."""
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU in GB (GiB, as torch reports it)."""
+    cpu_memory_gb: float | None = None
+    """CPU memory per node in GB for the offload rows (None: not checked)."""
+    reserve_gb: float = 4.0
+    """Per-GPU memory set aside for the CUDA context, allocator fragmentation, communication buckets and transients."""
+    micro_batch: int | None = None
+    """Samples per GPU per forward (None: the stage's micro_batch_size)."""
+    seq_len: int | None = None
+    """Tokens per sample: stage 1 a packed row, stage 2 the context before the target image (None: stage.pack_length if set, else 2048)."""
+    image_size: int | None = None
+    """Target image side in pixels (None: the stage's image_size, else the generator's)."""
+    cond_frames: int = 1
+    """Earlier images given to the DiT as condition frames (stage 2)."""
+    output_dir: str = "outputs/plan"
+    """Where plan.json and plan.md go."""
+
+    def __post_init__(self) -> None:
+        if min(self.nodes, self.gpus_per_node) <= 0 or self.gpu_memory_gb <= 0 or (self.seq_len or 1) <= 0 or self.cond_frames < 0:
+            raise ConfigError("nodes, gpus_per_node, gpu_memory_gb and seq_len must be positive, cond_frames >= 0")
+        if self.micro_batch is not None and self.micro_batch <= 0:
+            raise ConfigError(f"micro_batch must be positive, got {self.micro_batch}")
 
 
 @dataclass
@@ -742,6 +776,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="make_tiny_schema", node=MakeTinyConfig)
+    cs.store(name="plan_schema", node=PlanConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="bench_schema", node=BenchConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)

@@ -41,8 +41,8 @@ def test_primary_configs_compose(name):
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_group_option_composes(group, option):
     overrides = [f"{group}={option}"]
-    if group == "data":
-        overrides.append("data.path=x.jsonl")  # data/jsonl.yaml leaves the path to the user
+    if group in ("data", "experiment"):
+        overrides.append("data.path=x.jsonl")  # data/jsonl.yaml (and experiments at real scale) leave the path to the user
     cfg = _compose(PRIMARY_OF.get(group, "config"), overrides)
     validate(cfg)
     if group == "profile":  # a profile is a set of global values, named by its own file

@@ -194,7 +194,10 @@ class Qwen25VLAdapter(nn.Module):
             hint = " (HF_HUB_OFFLINE=1: a hub id must already be in the local cache)" if offline else ""
             raise CheckpointError(f"mllm.path: could not load {path!r}{hint}: {str(e).splitlines()[0]}") from None
         if architecture is not None:
-            differ = architecture_diff(Qwen2_5_VLConfig.from_dict(architecture).to_dict(), model.config.to_dict())
+            try:
+                differ = architecture_diff(Qwen2_5_VLConfig.from_dict(architecture).to_dict(), model.config.to_dict())
+            except (ValueError, TypeError) as e:
+                differ = [f"mllm.architecture is not a valid Qwen2.5-VL config ({e})"]
             if differ:
                 logger.warning("mllm.architecture differs from %s (the checkpoint's values are used): %s", path, "; ".join(differ))
         if device is not None:
