@@ -18,6 +18,25 @@ def setup_environment() -> None:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
+def take_launcher_args(argv: list[str] | None = None) -> list[str]:
+    """Remove ``--local_rank=N`` / ``--local_rank N`` (the ``deepspeed`` launcher adds it unless
+    given ``--no_local_rank``; Hydra would reject it) from ``argv`` (default ``sys.argv``, in
+    place) and put its value in ``LOCAL_RANK`` where the launcher did not."""
+    argv = sys.argv if argv is None else argv
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            del argv[i]
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            del argv[i : i + 2]
+        else:
+            i += 1
+    return argv
+
+
 def friendly_errors(fn: Callable) -> Callable:
     """Turn a :class:`UnifuseError` into one line on stderr and exit status 2."""
 

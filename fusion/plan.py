@@ -8,9 +8,10 @@ Per stage and per GPU, in bytes:
 
 * **model states** (parameters, gradients, optimizer states) of the *trainable* parameters come
   from DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs`` and
-  ``estimate_zero3_model_states_mem_needs``, with and without offload); the frozen parameters add
-  their 16-bit copy (replicated under ZeRO 0-2, sharded under ZeRO-3, on the CPU with
-  ``offload_param``). ZeRO 0 and 1 have no DeepSpeed estimator: the same per-parameter bytes
+  ``estimate_zero3_model_states_mem_needs``, with and without offload); the frozen parameters
+  inside the engine add their 16-bit copy (replicated under ZeRO 0-2, sharded under ZeRO-3, on
+  the CPU with ``offload_param``); the parts the trainer holds outside the engine (stage 2: the
+  frozen MLLM and the VAE) are replicated on every GPU in their own dtypes. ZeRO 0 and 1 have no DeepSpeed estimator: the same per-parameter bytes
   (16-bit weights 2, gradients 2 + 4, fp32 master weights 4, Adam moments 8) are used, the
   optimizer states sharded under ZeRO-1.
 * **activations**: the stage's forward (stage 1: the MLLM over ``micro_batch x seq_len`` with its
@@ -31,7 +32,6 @@ shipped stages), the optimizer's temporary buffers, and activation memory outsid
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -311,13 +311,30 @@ class StagePlan:
     fits: bool = False
 
 
+#: per stage: the parts DeepSpeed's engine wraps (``fusion.train.StageModule``) and the parts held outside it
+ENGINE = {"sft": ("mllm", "vision_tower"), "align": ("connector", "generator")}
+LOADED = {"sft": ("mllm", "vision_tower"), "align": ("mllm", "vision_tower", "connector", "generator", "vae")}
+
+
 def plan_stage(model, stage: dict, ds: dict, hw: Hardware, work: Workload, config_name: str = "") -> StagePlan:
-    """Counts, model states and activations of one stage; ``rows`` = one per ZeRO option with its per-GPU total."""
+    """Counts, model states and activations of one stage; ``rows`` = one per ZeRO option with its per-GPU total.
+
+    As the trainer runs it: stage 1 loads the MLLM only and hands all of it to DeepSpeed; stage 2
+    hands the connector and the DiT to DeepSpeed and holds the frozen MLLM and the VAE outside the
+    engine, replicated on every GPU in their own dtypes (never sharded, never offloaded)."""
     model.apply_trainable(stage)
-    counts = count_parts(model)
-    trainable = sum(c["trainable"] for c in counts.values())
-    total = sum(c["total"] for c in counts.values())
-    largest = largest_layer_params(model)
+    name = stage["name"]
+    parts = dict(model.parts())
+    if model.generator is not None:
+        parts["vae"] = model.generator.vae
+    engine = [parts[p] for p in ENGINE[name] if p in parts]
+    outside = [parts[p] for p in LOADED[name] if p in parts and p not in ENGINE[name]]
+    engine_params = list({_storage_key(p): p for m in engine for p in m.parameters()}.values())
+    trainable = sum(p.numel() for p in engine_params if p.requires_grad)
+    frozen_engine = sum(p.numel() for p in engine_params if not p.requires_grad)
+    outside_bytes = sum(p.numel() * p.element_size() for m in outside for p in m.parameters())
+    outside_params = sum(p.numel() for m in outside for p in m.parameters())
+    largest = max(largest_layer_params(m) for m in engine)
     bf16 = ds.get("bf16", "auto") != "false"
     acts = measure_activations(model, stage, work)
     options = [(0, "none", "none"), (1, "none", "none"), (2, "none", "none"), (2, "cpu", "none"),
@@ -328,19 +345,23 @@ def plan_stage(model, stage: dict, ds: dict, hw: Hardware, work: Workload, confi
     ck_on = bool(acts["stage_checkpoints"])
     rows = []
     for zero, oo, op in options:
-        ms = model_states(trainable, total - trainable, largest, zero, oo, op, hw, bf16)
+        ms = model_states(trainable, frozen_engine, largest, zero, oo, op, hw, bf16)
         for ck in (False, True):
             act = acts["bytes_checkpointed" if ck else "bytes"]
-            gpu = ms["gpu"] + act + hw.reserve_gb * GB
+            states = ms["gpu"] + outside_bytes
+            gpu = states + act + hw.reserve_gb * GB
             row = {"zero_stage": zero, "offload_optimizer": oo, "offload_param": op, "gradient_checkpointing": ck,
-                   "model_states_gb": ms["gpu"] / GB, "activations_gb": act / GB, "reserve_gb": hw.reserve_gb,
+                   "model_states_gb": states / GB, "activations_gb": act / GB, "reserve_gb": hw.reserve_gb,
                    "total_gb": gpu / GB, "cpu_per_node_gb": ms["cpu_per_node"] / GB, "source": ms["source"],
                    "fits": gpu <= hw.gpu_memory_gb * GB and (hw.cpu_memory_gb is None or ms["cpu_per_node"] <= hw.cpu_memory_gb * GB),
                    "chosen": (zero, oo, op) == chosen and ck == ck_on}
             rows.append(row)
     chosen_row = next(r for r in rows if r["chosen"])
-    return StagePlan(stage["name"], config_name or stage["name"], asdict(work), {k: v["trainable"] for k, v in counts.items()}, total - trainable,
-                     model_states(trainable, total - trainable, largest, *chosen, hw, bf16), acts, rows, chosen_row["fits"])
+    ms = model_states(trainable, frozen_engine, largest, *chosen, hw, bf16)
+    ms.update(outside_gpu=outside_bytes, outside_params=outside_params, frozen_in_engine=frozen_engine)
+    counts = count_parts(model)
+    return StagePlan(name, config_name or name, asdict(work), {k: counts[k]["trainable"] for k in LOADED[name] if k in counts},
+                     frozen_engine + outside_params, ms, acts, rows, chosen_row["fits"])
 
 
 def to_json(counts: dict, stages: list[StagePlan], hw: Hardware, meta: dict) -> dict[str, Any]:
@@ -381,8 +402,7 @@ def render(plan: dict[str, Any]) -> str:
                          f"{'yes' if r['fits'] else 'no'} | {r['source'].split(' ')[0]} |")
         for note in st["activations"]["notes"]:
             lines.append(f"\nNote: {note}")
+    lines += ["", "model states: DeepSpeed's estimate for the engine's trainable parameters (source deepspeed) or the per-parameter "
+              "formula (ZeRO 0/1), plus frozen weights; activations: tensors kept for backward, measured on the meta device; "
+              "CPU GB/node: DeepSpeed's host-memory estimate (formula rows: offloaded optimizer states only)."]
     return "\n".join(lines) + "\n"
-
-
-def gb(x: float) -> str:
-    return f"{x / GB:.1f}" if not math.isnan(x) else "-"

@@ -231,6 +231,12 @@ class Trainer:
             OmegaConf.set_struct(cfg, False)
             cfg.mllm.path = str(Path(init) / "mllm")
             cfg.mllm.add_bov = False
+        if cfg.stage.name == "sft" and (cfg.get("generator") is not None or cfg.get("connector") is not None):
+            cfg = cfg.copy()  # stage 1 trains the MLLM alone: a generator named by the experiment is not loaded
+            OmegaConf.set_struct(cfg, False)
+            cfg.generator = cfg.connector = None
+            if self.is_main:
+                log.info("stage=sft: generator and connector are not loaded (stage 1 trains the MLLM alone)")
         self.run_cfg = cfg
         self.cache_mode = self._cache_mode(init)
         stand_in = None

@@ -6,6 +6,8 @@ Run as:
     python tools/train.py -m stage=align generator=tiny_sana connector=last_mlp,multilayer_concat,queries init_from=outputs/sft
     torchrun --nproc_per_node=2 tools/train.py stage=sft              # two processes (gloo on CPU, nccl on GPUs)
     python tools/train.py experiment=tiny_sft                          # replay an experiment file
+    deepspeed --num_gpus 8 tools/train.py experiment=duogen_cosmos25_7b data.path=...   # the DeepSpeed launcher
+    Several nodes: tools/launch/ (hostfile + deepspeed, torchrun rendezvous, Slurm); README "Scaling out".
 
 Writes to the run folder (hydra.run.dir, default outputs/<date>/<time>): metrics.jsonl,
 train.log, checkpoints/step-NNNNNNN/ (resume=auto picks the newest complete one),
@@ -18,7 +20,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from fusion.cli import friendly_errors, setup_environment
+from fusion.cli import friendly_errors, setup_environment, take_launcher_args
 from fusion.config import register_configs, validate
 from fusion.errors import ConfigError
 
@@ -40,4 +42,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    take_launcher_args()  # the deepspeed launcher's --local_rank=N
     main()
