@@ -1,0 +1,118 @@
+"""Check a JSONL data file before training, with the same checks the training loader applies lazily.
+
+Per line, in order (the first failing check names the line's problem kind):
+
+``json``            not UTF-8, not JSON
+``schema``          not ``{"messages": [...]}``, unknown role, unknown content type, missing text / image key
+``outside_root``    an image path that resolves outside the image root (``data.allow_outside_root=true`` allows it)
+``missing_image``   an image file that does not exist
+``bad_image``       an image that does not decode
+``image_size``      an image the processor refuses (aspect ratio above 200, empty)
+``too_long``        the rendered sample is longer than ``mllm.max_length`` (needs the MLLM's processor)
+``no_target``       (stage=align only) no assistant image to learn from: skipped by stage 2, a warning here
+
+:func:`validate_file` returns a :class:`ValidationReport`; ``tools/validate_data.py`` prints it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fusion.data import Conversation, load_images, read_jsonl
+from fusion.errors import DataError
+
+#: kinds that do not make the file invalid: the sample is fine, it just has nothing for this stage
+WARNING_KINDS = ("no_target",)
+
+
+@dataclass
+class ValidationReport:
+    path: str
+    lines: int = 0  # non-blank lines
+    valid: int = 0
+    counts: Counter = field(default_factory=Counter)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    checks: list[str] = field(default_factory=list)
+    skipped_checks: list[str] = field(default_factory=list)
+
+    def add(self, err: DataError, keep: int = 5) -> None:
+        self.counts[err.kind] += 1
+        ex = self.examples.setdefault(err.kind, [])
+        if len(ex) < keep:
+            ex.append(str(err))
+
+    @property
+    def errors(self) -> int:
+        return sum(v for k, v in self.counts.items() if k not in WARNING_KINDS)
+
+    @property
+    def warnings(self) -> int:
+        return sum(v for k, v in self.counts.items() if k in WARNING_KINDS)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "lines": self.lines, "valid": self.valid, "errors": self.errors, "warnings": self.warnings,
+                "counts": dict(self.counts), "examples": self.examples, "checks": self.checks, "skipped_checks": self.skipped_checks}
+
+    def render(self) -> str:
+        out = [f"{self.path}: {self.lines} samples, {self.valid} valid, {self.errors} with errors, {self.warnings} with warnings",
+               f"checks: {', '.join(self.checks)}"]
+        if self.skipped_checks:
+            out.append(f"not checked: {'; '.join(self.skipped_checks)}")
+        for kind, n in sorted(self.counts.items(), key=lambda kv: (kv[0] in WARNING_KINDS, -kv[1])):
+            label = "warning" if kind in WARNING_KINDS else "error"
+            out.append(f"  {kind}: {n} ({label})")
+            out += [f"    {e}" for e in self.examples.get(kind, [])]
+            if n > len(self.examples.get(kind, [])):
+                out.append(f"    ... and {n - len(self.examples[kind])} more")
+        return "\n".join(out)
+
+
+def count_lines(path: str | Path) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for raw in f if raw.strip())
+
+
+def check_sample(conv: Conversation, render=None, stage: str | None = None) -> None:
+    """The per-sample checks after parsing: images decode and have a size the processor accepts, the
+    rendered length fits (``render``: the MLLM's renderer, or None), a stage-2 target exists."""
+    loaded = load_images(conv)
+    if stage == "align" and not loaded.num_target_images():
+        raise DataError("no assistant image to learn from (stage 2 skips it)", conv.source, conv.line, kind="no_target")
+    if render is not None:
+        render(loaded)
+
+
+def validate_file(path: str | Path, image_root: str | Path | None = None, allow_outside_root: bool = False,
+                  render=None, stage: str | None = None, progress: bool = False) -> ValidationReport:
+    """Run every check over ``path``; never raises for a bad sample (each one is counted by kind)."""
+    report = ValidationReport(str(path))
+    report.checks = ["json", "schema", "image path policy", "image exists", "image decodes", "image size/aspect"]
+    if render is not None:
+        report.checks.append("rendered length")
+    else:
+        report.skipped_checks.append("rendered length (no MLLM processor given: mllm.path)")
+    if stage == "align":
+        report.checks.append("stage-2 target present")
+    report.lines = count_lines(path)
+
+    class _Sink:  # read_jsonl's skip report, forwarded into ours
+        def add(self, err: DataError) -> None:
+            report.add(err)
+
+    it = read_jsonl(path, image_root, "skip", _Sink(), allow_outside_root=allow_outside_root)
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc="validate", unit="sample", dynamic_ncols=True)
+    for conv in it:
+        try:
+            check_sample(conv, render, stage)
+            report.valid += 1
+        except DataError as e:
+            report.add(e)
+            if e.kind in WARNING_KINDS:
+                report.valid += 1
+    return report
