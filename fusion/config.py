@@ -218,6 +218,8 @@ class DataConfig:
     """DataLoader worker processes."""
     seed: int = 0
     """Seed of the sampler's shuffling."""
+    allow_outside_root: bool = False
+    """Allow image paths that resolve outside image_root (absolute paths elsewhere, ``..``, symlinks out)."""
     prevalidate: bool = True
     """Decode every image and render every sample once before the first step (set false for huge data: checks then run lazily)."""
 
@@ -321,6 +323,12 @@ class StageConfig:
     """EMA of the trained weights (0: off); the export uses the EMA weights. ZeRO 0-2 only."""
     keep_checkpoints: int = 2
     """Complete checkpoints kept (0: all)."""
+    checkpoint_checksums: bool = True
+    """Record a sha256 of every checkpoint file (files.json) and check it before resuming; false: sizes only (faster for huge ZeRO-3 shards)."""
+    on_nonfinite: str = "skip_step"
+    """A NaN / Inf loss or gradient: skip_step (no update, counted as nonfinite_steps) or stop (exit naming the step)."""
+    max_nonfinite_in_a_row: int = 20
+    """skip_step: stop anyway after this many non-finite steps in a row (the run diverged)."""
     sample_every: int = 0
     """align: draw an image every N steps into samples/ and the logger (0: never)."""
     sample_steps: int = 8
@@ -364,6 +372,8 @@ class StageConfig:
         bad = set(self.gradient_checkpointing) - {"mllm", "vision_tower", "generator"}
         if bad:
             raise ConfigError(f"stage.gradient_checkpointing has unknown parts {sorted(bad)}; use mllm, vision_tower, generator")
+        if self.on_nonfinite not in ("skip_step", "stop"):
+            raise ConfigError(f"stage.on_nonfinite must be skip_step or stop, got {self.on_nonfinite!r}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise ConfigError(f"stage.lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -519,6 +529,16 @@ class PlanConfig(Config):
             raise ConfigError("nodes, gpus_per_node, gpu_memory_gb and seq_len must be positive, cond_frames >= 0")
         if self.micro_batch is not None and self.micro_batch <= 0:
             raise ConfigError(f"micro_batch must be positive, got {self.micro_batch}")
+
+
+@dataclass
+class ValidateDataConfig(Config):
+    """``tools/validate_data.py``: every check of the training loader over a data file, before training."""
+
+    report: str | None = None
+    """Also write the report as JSON here."""
+    check_length: bool = True
+    """Render each sample with the MLLM's processor (mllm.path, a local folder) to check mllm.max_length; skipped with a note when the folder is absent."""
 
 
 @dataclass
@@ -777,6 +797,7 @@ def register_configs() -> None:
     cs.store(name="config_schema", node=Config)
     cs.store(name="make_tiny_schema", node=MakeTinyConfig)
     cs.store(name="plan_schema", node=PlanConfig)
+    cs.store(name="validate_data_schema", node=ValidateDataConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
     cs.store(name="bench_schema", node=BenchConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)

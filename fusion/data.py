@@ -55,12 +55,14 @@ class Conversation:
 
 
 def parse_conversation(
-    obj: Any, source: str = "<memory>", line: int | None = None, image_root: str | os.PathLike | None = None
+    obj: Any, source: str = "<memory>", line: int | None = None, image_root: str | os.PathLike | None = None,
+    allow_outside_root: bool = True,
 ) -> Conversation:
     """Validate one decoded JSON value and return a :class:`Conversation`.
 
-    Checks the schema (roles, content types, required keys) and that every image file
-    exists; decoding is checked when the image is loaded (:func:`open_image`).
+    Checks the schema (roles, content types, required keys), that every image file exists
+    and, unless ``allow_outside_root``, that its path (after ``..`` and symlinks) stays inside
+    the image root; decoding and size are checked when the image is loaded (:func:`open_image`).
     """
 
     def fail(msg: str, kind: str = "schema") -> DataError:
@@ -111,6 +113,9 @@ def parse_conversation(
                 p = Path(ref)
                 if not p.is_absolute():
                     p = root / p
+                if not allow_outside_root and not _inside(p, root):
+                    raise DataError(f"{key}: image path {ref!r} resolves outside the image root {root} "
+                                    "(data.allow_outside_root=true allows it)", source, line, kind="outside_root")
                 if not p.is_file():
                     raise DataError(f"{key}: image file not found: {p}", source, line, kind="missing_image")
                 items.append({"type": "image", "image": str(p)})
@@ -118,17 +123,43 @@ def parse_conversation(
     return Conversation(out, source, line)
 
 
+def _inside(p: Path, root: Path) -> bool:
+    try:
+        p.resolve().relative_to(root.resolve())
+        return True
+    except (ValueError, OSError, RuntimeError):
+        return False
+
+
+#: Qwen2-VL's smart_resize (transformers and qwen-vl-utils) refuses images whose long side exceeds 200x the short one
+MAX_ASPECT = 200
+
+
+def check_image_size(im: Image.Image, ref: Any = "") -> Image.Image:
+    """An image the processor accepts: non-empty, aspect ratio at most :data:`MAX_ASPECT`."""
+    w, h = im.size
+    if min(w, h) < 1:
+        raise DataError(f"image is empty ({w}x{h}): {ref}", kind="image_size")
+    if max(w, h) / min(w, h) > MAX_ASPECT:
+        raise DataError(f"image is {w}x{h}: aspect ratio {max(w, h) / min(w, h):.0f} is above the processor's limit of {MAX_ASPECT}: {ref}",
+                        kind="image_size")
+    return im
+
+
 def open_image(ref: str | Image.Image, where: str = "") -> Image.Image:
-    """Open and fully decode an image as RGB; a file that does not decode raises DataError."""
+    """Open and fully decode an image as RGB; a file that does not decode, or that the processor
+    would refuse (:func:`check_image_size`), raises DataError."""
     if isinstance(ref, Image.Image):
-        return ref.convert("RGB")
+        return check_image_size(ref, "<image>").convert("RGB")
     try:
         with Image.open(ref) as im:
             im.load()
-            return im.convert("RGB")
+            return check_image_size(im, ref).convert("RGB")
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"image file not found: {ref}", where or None, kind="missing_image") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"image does not decode: {ref} ({type(e).__name__}: {e})", where or None, kind="bad_image") from None
 
 
@@ -178,11 +209,13 @@ def read_jsonl(
     image_root: str | os.PathLike | None = None,
     on_error: str = "error",
     report: SkipReport | None = None,
+    allow_outside_root: bool = True,
 ) -> Iterator[Conversation]:
     """Yield validated conversations from a JSONL file.
 
     ``on_error='error'`` raises the first :class:`DataError`; ``'skip'`` records it in
-    ``report`` and goes on. Blank lines are ignored.
+    ``report`` and goes on. Blank lines are ignored. Whatever the bytes, a bad line raises
+    (or records) a DataError naming file and line, never another exception.
     """
     if on_error not in ("error", "skip"):
         raise ValueError(f"on_error must be 'error' or 'skip', got {on_error!r}")
@@ -203,7 +236,7 @@ def read_jsonl(
                     obj = json.loads(text)
                 except json.JSONDecodeError as e:
                     raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", str(path), lineno, kind="json")
-                yield parse_conversation(obj, str(path), lineno, image_root)
+                yield parse_conversation(obj, str(path), lineno, image_root, allow_outside_root)
             except DataError as e:
                 if on_error == "error":
                     raise

@@ -32,3 +32,7 @@ class DataError(UnifuseError):
         if path is not None:
             where = f"{path}:{line}: " if line is not None else f"{path}: "
         super().__init__(f"{where}{message}")
+
+
+class NumericalError(UnifuseError):
+    """A loss or gradient went NaN / Inf and the run's policy says stop."""

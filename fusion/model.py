@@ -431,6 +431,9 @@ class FusedModel(nn.Module):
                 save_file({k: v.detach().contiguous().cpu() for k, v in self.connector.state_dict().items()}, str(tmp / "connector" / "model.safetensors"))
                 (tmp / "connector" / "config.json").write_text(json.dumps(self.specs.get("connector", {}), indent=2))
                 manifest["parts"]["connector"] = {"folder": "connector", "spec": self.specs.get("connector", {})}
+            from fusion import faults
+
+            faults.maybe_signal("kill_in_export", 0)  # reliability tests: die with the parts half written
             for part, entry in self.lora.items():
                 from peft import get_peft_model_state_dict
 

@@ -25,7 +25,9 @@ import json
 import logging
 import math
 import os
+import hashlib
 import shutil
+import signal
 import socket
 import time
 from dataclasses import dataclass
@@ -38,13 +40,16 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
+from fusion import faults
+from fusion.atomic import write_text_atomic
 from fusion.data import Conversation, SkipReport, load_images, read_jsonl
-from fusion.errors import CheckpointError, ConfigError, DataError
+from fusion.errors import CheckpointError, ConfigError, DataError, NumericalError
 from fusion.model import MANIFEST, FusedModel
 
 log = logging.getLogger(__name__)
 CKPT_PREFIX = "step-"
 COMPLETE = "complete.json"
+FILES = "files.json"  # per checkpoint: every file with its size (and sha256), checked before a resume
 
 
 # ---------------------------------------------------------------------------- distributed
@@ -115,6 +120,9 @@ class ConversationDataset(torch.utils.data.Dataset):
             return load_images(self.convs[i])
         except DataError as e:  # reported by the main process under the run's policy
             return e
+        except Exception as e:  # noqa: BLE001 - anything else a sample triggers is reported the same way, never a dead worker
+            c = self.convs[i]
+            return DataError(f"could not load the sample ({type(e).__name__}: {e})", c.source, c.line, kind="load_failed")
 
 
 class SeededSampler(torch.utils.data.Sampler):
@@ -137,6 +145,73 @@ class SeededSampler(torch.utils.data.Sampler):
 
 def collate(items):
     return items
+
+
+class GuardedAdamW(torch.optim.AdamW):
+    """AdamW whose next ``step()`` is skipped when ``skip_next`` is set: a step with a NaN / Inf loss or
+    gradient leaves the weights and the Adam moments exactly as they were (whatever the ZeRO stage or
+    precision; DeepSpeed calls this step on its own partitions)."""
+
+    skip_next = False
+
+    def step(self, closure=None):
+        if self.skip_next:
+            return None
+        return super().step(closure)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_file_list(folder: Path, checksums: bool = True) -> dict[str, Any]:
+    """Record every file of a checkpoint folder with its size (and sha256) in ``files.json``."""
+    entries = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name not in (COMPLETE, FILES):
+            entries[str(f.relative_to(folder))] = {"size": f.stat().st_size, **({"sha256": _sha256(f)} if checksums else {})}
+    listing = {"files": entries}
+    (folder / FILES).write_text(json.dumps(listing, indent=1))
+    return listing
+
+
+def verify_checkpoint(folder: Path) -> list[str]:
+    """Problems of a checkpoint folder: no completion marker, a file missing, truncated or changed
+    (against ``files.json``). Empty: intact. A checkpoint written before file lists existed
+    (``complete.json`` without a version) is taken as it is."""
+    folder = Path(folder)
+    if not (folder / COMPLETE).is_file():
+        return [f"no {COMPLETE}"]
+    try:
+        meta = json.loads((folder / COMPLETE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return [f"{COMPLETE} unreadable ({e})"]
+    if meta.get("version", 1) < 2:
+        return []
+    try:
+        listing = json.loads((folder / FILES).read_text())["files"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        return [f"{FILES} missing or unreadable ({type(e).__name__})"]
+    problems = []
+    for rel, want in listing.items():
+        f = folder / rel
+        if not f.is_file():
+            problems.append(f"{rel} is missing")
+        elif f.stat().st_size != want["size"]:
+            problems.append(f"{rel} is {f.stat().st_size} bytes, {want['size']} when written (truncated?)")
+        elif "sha256" in want and _sha256(f) != want["sha256"]:
+            problems.append(f"{rel} changed since it was written (sha256 differs)")
+    return problems
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM / SIGINT to the main process, which saves and exits in order."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # ---------------------------------------------------------------------------- the trainable module
@@ -164,6 +239,8 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     position: int = 0  # samples of this rank's epoch already consumed
+    nonfinite: int = 0  # steps skipped because the loss or a gradient was NaN / Inf
+    nonfinite_run: int = 0  # of them, in a row up to now
 
 
 # ---------------------------------------------------------------------------- the recipe
@@ -260,7 +337,7 @@ class Trainer:
     def _setup_data(self) -> None:
         d = self.cfg.data
         convs = []
-        for conv in read_jsonl(d.path, d.image_root, d.on_error, self.report):
+        for conv in read_jsonl(d.path, d.image_root, d.on_error, self.report, allow_outside_root=d.allow_outside_root):
             try:
                 if d.prevalidate and self.cache_mode == "off":
                     self._prepare(load_images(conv))  # decode + render + length check before the first step
@@ -333,7 +410,8 @@ class Trainer:
     def _loader(self):
         return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.stage.micro_batch_size, sampler=self.sampler,
                                            num_workers=self.cfg.data.num_workers, collate_fn=collate,
-                                           persistent_workers=False)
+                                           persistent_workers=False,
+                                           worker_init_fn=_ignore_stop_signals if self.cfg.data.num_workers else None)
 
     def _setup_engine(self) -> None:
         import deepspeed
@@ -341,7 +419,7 @@ class Trainer:
         st = self.cfg.stage
         self.module = StageModule(self.model, st.name)
         groups = self.model.param_groups(st)
-        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+        optimizer = self.inner_optimizer = GuardedAdamW(groups, betas=(0.9, 0.999), eps=1e-8)
         warm, total = st.warmup_steps, st.max_steps
 
         def schedule(step: int) -> float:
@@ -362,6 +440,77 @@ class Trainer:
             if self.cfg.deepspeed.zero_stage == 3:
                 raise ConfigError("stage.ema_decay with deepspeed.zero_stage=3 is not supported (partitioned weights)")
             self.ema = {n: p.detach().float().clone() for n, p in self.module.named_parameters() if p.requires_grad}
+        self._watch_gradients()
+
+    # -- numerical faults ----------------------------------------------------------
+    def _watch_gradients(self) -> None:
+        """A hook on every trainable parameter flags a NaN / Inf gradient (before DeepSpeed reduces it)."""
+        self._bad_grads = torch.zeros((), device=self.device)
+        self._inject_inf = False
+
+        def hook(g: torch.Tensor) -> torch.Tensor | None:
+            if self._inject_inf:  # fault injection (fusion/faults.py): one gradient becomes +Inf
+                self._inject_inf = False
+                g = torch.full_like(g, float("inf"))
+            self._bad_grads += (~torch.isfinite(g)).any().to(self._bad_grads.dtype)
+            return g
+
+        for p in self.module.parameters():
+            if p.requires_grad:
+                p.register_hook(hook)
+
+    def _nonfinite_verdict(self, losses: list[torch.Tensor]) -> bool:
+        """Whether this step's loss or gradients were NaN / Inf on any rank; applies stage.on_nonfinite."""
+        bad = self._bad_grads.clone().float()
+        for loss in losses:
+            bad += (~torch.isfinite(loss.detach())).any().float().to(bad.device)
+        torch.distributed.all_reduce(bad)
+        self._bad_grads.zero_()
+        if bad.item() == 0:
+            self.state.nonfinite_run = 0
+            return False
+        st = self.cfg.stage
+        step = self.state.step + 1
+        self.state.nonfinite += 1
+        self.state.nonfinite_run += 1
+        last = self.complete_checkpoints()
+        where = f"the newest complete checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+        if st.on_nonfinite == "stop":
+            raise NumericalError(f"step {step}: the loss or a gradient is NaN/Inf (loss {[float(x) for x in losses]}); "
+                                 f"stage.on_nonfinite=stop; {where}")
+        if self.state.nonfinite_run > st.max_nonfinite_in_a_row:
+            raise NumericalError(f"step {step}: {self.state.nonfinite_run} steps in a row had a NaN/Inf loss or gradient "
+                                 f"(stage.max_nonfinite_in_a_row={st.max_nonfinite_in_a_row}); the run diverged; {where}")
+        if self.is_main:
+            log.warning("step %d: NaN/Inf loss or gradient: optimizer step skipped (%d so far; stage.on_nonfinite=skip_step)",
+                        step, self.state.nonfinite)
+        return True
+
+    # -- interruption ---------------------------------------------------------------
+    def _install_stop_handler(self) -> None:
+        """SIGTERM (schedulers' preemption) and SIGINT: finish the step, save a checkpoint, exit; a second one kills."""
+        self._stop_signal = 0
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def handler(signum, frame):
+            if self._stop_signal:  # the second signal: stop now, the default way
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+                return
+            self._stop_signal = signum
+            log.warning("received %s: finishing this step, then saving a checkpoint and exiting (send it again to stop now)",
+                        signal.Signals(signum).name)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, handler)
+
+    def _stop_requested(self) -> bool:
+        flag = torch.tensor(float(bool(self._stop_signal)))
+        torch.distributed.all_reduce(flag)
+        return flag.item() > 0
 
     # -- checkpoints ---------------------------------------------------------------
     def complete_checkpoints(self) -> list[Path]:
@@ -383,8 +532,11 @@ class Trainer:
         if self.ema is not None:
             torch.save(self.ema, partial / f"ema_rank{self.rank}.pt")
         torch.distributed.barrier()
+        faults.maybe_signal("kill_in_checkpoint", step)
         if self.is_main:
-            (partial / COMPLETE).write_text(json.dumps({"step": step, "world_size": self.world}))
+            write_file_list(partial, self.cfg.stage.checkpoint_checksums)
+            (partial / COMPLETE).write_text(json.dumps({"step": step, "world_size": self.world, "version": 2}))
+            faults.maybe_signal("kill_before_rename", step)
             if final.exists():
                 shutil.rmtree(final)
             partial.rename(final)
@@ -395,19 +547,43 @@ class Trainer:
         torch.distributed.barrier()
         return final
 
+    def _newest_intact_checkpoint(self) -> Path | None:
+        """resume=auto: the newest complete checkpoint whose files match their list; damaged ones are
+        renamed ``broken-step-*`` (kept for inspection, never picked again) with a warning. Rank 0
+        decides for every rank."""
+        choice: list[Any] = [None]
+        if self.is_main:
+            for ckpt in reversed(self.complete_checkpoints()):
+                problems = verify_checkpoint(ckpt)
+                if not problems:
+                    choice[0] = str(ckpt)
+                    break
+                broken = ckpt.with_name("broken-" + ckpt.name)
+                log.warning("resume=auto: %s is damaged (%s); renamed to %s, trying the previous checkpoint",
+                            ckpt, "; ".join(problems[:3]), broken.name)
+                shutil.rmtree(broken, ignore_errors=True)
+                ckpt.rename(broken)
+            else:
+                if any(self.ckpt_dir.glob("broken-" + CKPT_PREFIX + "*")):
+                    log.warning("resume=auto: no intact checkpoint left; starting from step 0")
+        torch.distributed.broadcast_object_list(choice, src=0)
+        return Path(choice[0]) if choice[0] else None
+
     def _maybe_resume(self) -> None:
         mode = self.cfg.resume
         if mode == "never":
             return
         if mode == "auto":
-            found = self.complete_checkpoints()
-            if not found:
+            ckpt = self._newest_intact_checkpoint()
+            if ckpt is None:
                 return
-            ckpt = found[-1]
         else:
             ckpt = Path(mode)
             if not (ckpt / COMPLETE).is_file():
                 raise CheckpointError(f"resume={mode}: not a complete checkpoint folder (no {COMPLETE})")
+            problems = verify_checkpoint(ckpt)
+            if problems:
+                raise CheckpointError(f"resume={mode}: the checkpoint is damaged: {'; '.join(problems[:5])}")
         meta = json.loads((ckpt / COMPLETE).read_text())
         if meta.get("world_size") != self.world:
             raise CheckpointError(f"resume: {ckpt} was written by {meta.get('world_size')} ranks; this run has {self.world}")
@@ -503,15 +679,25 @@ class Trainer:
         bar = tqdm(total=st.max_steps, initial=self.state.step, disable=not self.is_main, desc=f"{st.name}", dynamic_ncols=True)
         losses: list[float] = []
         t0 = time.time()
+        self._install_stop_handler()
+        interrupted = None
         while self.state.step < st.max_steps:
             metrics: dict[str, float] = {}
+            step_losses = []
             for micro in range(st.grad_accum):
                 batch, it = self._next_batch(it, self._step_generator(micro))
                 out = self.engine(batch, self._step_generator(micro))
+                if faults.due("nan_loss", self.state.step + 1):
+                    out["loss"] = out["loss"] * float("nan")
+                self._inject_inf = faults.due("inf_grad", self.state.step + 1)
+                step_losses.append(out["loss"])
                 self.engine.backward(out["loss"])
                 for k, v in out.items():
                     metrics[k] = metrics.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) / st.grad_accum
+                if micro == st.grad_accum - 1:  # the accumulation boundary: skip the update if anything went NaN / Inf
+                    self.inner_optimizer.skip_next = self._nonfinite_verdict(step_losses)
                 self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
+            self.inner_optimizer.skip_next = False
             self.state.step += 1
             if self.ema is not None:
                 self._update_ema()
@@ -520,6 +706,7 @@ class Trainer:
             metrics["loss"] = loss.item() / self.world
             metrics["lr"] = self.scheduler.get_last_lr()[0]
             metrics["skipped"] = self.report.total
+            metrics["nonfinite_steps"] = self.state.nonfinite
             losses.append(metrics["loss"])
             if self.is_main:
                 self.logger.log(metrics, step=self.state.step)
@@ -527,16 +714,30 @@ class Trainer:
                 bar.update(1)
             if st.name == "align" and st.sample_every and self.state.step % st.sample_every == 0 and self.is_main:
                 self._draw_samples()
+            saved = False
             if st.save_every and self.state.step % st.save_every == 0 and self.state.step < st.max_steps:
                 self.save_checkpoint()
+                saved = True
+            faults.maybe_signal("kill_after_step", self.state.step)
+            faults.maybe_signal("term_after_step", self.state.step)
+            if self.state.step < st.max_steps and self._stop_requested():
+                ckpt = self.complete_checkpoints()[-1] if saved else self.save_checkpoint()
+                interrupted = {"step": self.state.step, "checkpoint": str(ckpt)}
+                if self.is_main:
+                    log.warning("stopped by a signal after step %d: saved %s; run the same command again to resume (resume=auto)",
+                                self.state.step, ckpt)
+                break
         bar.close()
-        final = self.export()
+        final = self.export() if interrupted is None else None
         summary = {"steps": self.state.step, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-                   "seconds": round(time.time() - t0, 2), "skipped": dict(self.report.counts), "export": str(final),
-                   "skip_examples": self.report.examples[:5], "feature_cache": self.cache_info or None}
+                   "seconds": round(time.time() - t0, 2), "skipped": dict(self.report.counts), "export": str(final) if final else None,
+                   "skip_examples": self.report.examples[:5], "feature_cache": self.cache_info or None,
+                   "nonfinite_steps": self.state.nonfinite, "interrupted": interrupted}
         if self.is_main:
-            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-            log.info("done: %d steps, %s; exported %s", self.state.step, self.report.summary(), final)
+            write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
+            if interrupted is None:
+                log.info("done: %d steps, %s; %d NaN/Inf steps skipped; exported %s", self.state.step, self.report.summary(),
+                         self.state.nonfinite, final)
             self.logger.finish()
         return summary
 

@@ -79,15 +79,17 @@ def check_sample(conv: Conversation, render=None, stage: str | None = None) -> N
     """The per-sample checks after parsing: images decode and have a size the processor accepts, the
     rendered length fits (``render``: the MLLM's renderer, or None), a stage-2 target exists."""
     loaded = load_images(conv)
-    if stage == "align" and not loaded.num_target_images():
-        raise DataError("no assistant image to learn from (stage 2 skips it)", conv.source, conv.line, kind="no_target")
     if render is not None:
         render(loaded)
+    if stage == "align" and not loaded.num_target_images():
+        raise DataError("no assistant image to learn from (stage 2 skips it)", conv.source, conv.line, kind="no_target")
 
 
 def validate_file(path: str | Path, image_root: str | Path | None = None, allow_outside_root: bool = False,
                   render=None, stage: str | None = None, progress: bool = False) -> ValidationReport:
     """Run every check over ``path``; never raises for a bad sample (each one is counted by kind)."""
+    if not Path(path).is_file():
+        raise DataError("data file not found", str(path), kind="missing_file")
     report = ValidationReport(str(path))
     report.checks = ["json", "schema", "image path policy", "image exists", "image decodes", "image size/aspect"]
     if render is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from fusion.atomic import write_text_atomic
 from fusion.cli import friendly_errors, setup_environment
 from fusion.config import register_configs
 from fusion.errors import DataError
@@ -44,9 +45,9 @@ def main(cfg: DictConfig) -> None:
     settings = GenerationSettings(steps=cfg.steps, guidance=cfg.guidance, max_new_tokens=cfg.max_new_tokens)
     report = evaluate_split(model, path, cfg.n, settings, out / "transcripts", cfg.transcripts)
     report["model"], report["data"] = cfg.model, str(path)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     table = format_table(report)
-    (out / "report.md").write_text(f"# {cfg.model} on {path}\n\n{table}\n")
+    write_text_atomic(out / "report.md", f"# {cfg.model} on {path}\n\n{table}\n")
     print(table)
     print(f"wrote {out / 'report.json'}")
 

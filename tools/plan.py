@@ -20,6 +20,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from fusion.atomic import write_text_atomic
 from fusion.cli import friendly_errors, setup_environment
 from fusion.config import register_configs, validate
 from fusion.errors import ConfigError
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     text = P.render(result)
-    (out / "plan.json").write_text(json.dumps(result, indent=2))
-    (out / "plan.md").write_text(text)
+    write_text_atomic(out / "plan.json", json.dumps(result, indent=2))
+    write_text_atomic(out / "plan.md", text)
     print(text)
     print(f"wrote {out / 'plan.json'} and {out / 'plan.md'}")
     return result

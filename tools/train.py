@@ -17,6 +17,8 @@ summary.json.
 
 from __future__ import annotations
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
@@ -37,6 +39,11 @@ def main(cfg: DictConfig) -> None:
     from fusion.train import Trainer
 
     summary = Trainer(cfg).train()
+    if summary.get("interrupted"):
+        stop = summary["interrupted"]
+        print(f"interrupted after step {stop['step']}: checkpoint {stop['checkpoint']}; run the same command again to resume",
+              file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM: not finished (a job chain must not go on to the next stage)
     print(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} over {summary['steps']} steps; "
           f"skipped {sum(summary['skipped'].values())}; model: {summary['export']}")
 

@@ -178,7 +178,12 @@ class Qwen25VLAdapter(nn.Module):
                 config = Qwen2_5_VLConfig.from_pretrained(p)
             with torch.device("meta"):
                 model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
-            return cls(model, None, hidden_layers, min_pixels, max_pixels, max_length)
+            processor = None
+            if local_folder(path, "mllm.path") is not None and (Path(path) / "tokenizer_config.json").is_file():
+                processor = AutoProcessor.from_pretrained(path)  # a local folder: rendering works (tools/validate_data.py)
+                if BOV_TOKEN not in processor.tokenizer.get_vocab():  # the tokenizer side of add_bov_token (no weights here)
+                    processor.tokenizer.add_special_tokens({"additional_special_tokens": [BOV_TOKEN]}, replace_extra_special_tokens=False)
+            return cls(model, processor, hidden_layers, min_pixels, max_pixels, max_length)
         p = local_folder(path, "mllm.path")
         if p is not None:
             if not (p / "config.json").is_file():
