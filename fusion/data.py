@@ -204,6 +204,11 @@ class SkipReport:
         return f"skipped {self.total} samples ({kinds})"
 
 
+def is_blank(raw: bytes) -> bool:
+    """A line with nothing but JSON whitespace (space, tab, CR, LF): not a sample."""
+    return not raw.strip(b" \t\r\n")
+
+
 def read_jsonl(
     path: str | os.PathLike,
     image_root: str | os.PathLike | None = None,
@@ -230,12 +235,14 @@ def read_jsonl(
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
                     raise DataError(f"line is not valid UTF-8 ({e.reason} at byte {e.start})", str(path), lineno, kind="json")
-                if not text.strip():
+                if is_blank(raw):
                     continue
                 try:
                     obj = json.loads(text)
                 except json.JSONDecodeError as e:
                     raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", str(path), lineno, kind="json")
+                except RecursionError:
+                    raise DataError("JSON nested too deeply to read", str(path), lineno, kind="json") from None
                 yield parse_conversation(obj, str(path), lineno, image_root, allow_outside_root)
             except DataError as e:
                 if on_error == "error":

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusion.data import Conversation, load_images, read_jsonl
+from fusion.data import Conversation, is_blank, load_images, read_jsonl
 from fusion.errors import DataError
 
 #: kinds that do not make the file invalid: the sample is fine, it just has nothing for this stage
@@ -72,7 +72,7 @@ class ValidationReport:
 
 def count_lines(path: str | Path) -> int:
     with open(path, "rb") as f:
-        return sum(1 for raw in f if raw.strip())
+        return sum(1 for raw in f if not is_blank(raw))
 
 
 def check_sample(conv: Conversation, render=None, stage: str | None = None) -> None:
