@@ -11,6 +11,8 @@ Faults (``step`` = the optimizer step the run is on):
 * ``kill_before_rename`` SIGKILL after the completion marker is written, before the folder is renamed;
 * ``kill_in_export``    SIGKILL while the final model is being written (``step`` = the last step);
 * ``term_after_step``   SIGTERM to this process after optimizer step ``step`` (the graceful path);
+* ``kill_after_turn``   tools/generate.py: SIGKILL after user turn ``step`` was answered;
+* ``kill_in_transcript`` SIGKILL with the transcript written to its hidden folder, before it moves in (``@0``);
 * ``nan_loss``          the loss of ``step`` becomes NaN;
 * ``inf_grad``          one trainable gradient of ``step`` becomes +Inf (the loss stays finite).
 """
@@ -21,7 +23,8 @@ import os
 import signal
 
 ENV = "UNIFUSE_FAULT"
-KNOWN = {"kill_after_step", "kill_in_checkpoint", "kill_before_rename", "kill_in_export", "term_after_step", "nan_loss", "inf_grad"}
+KNOWN = {"kill_after_step", "kill_in_checkpoint", "kill_before_rename", "kill_in_export", "term_after_step", "nan_loss", "inf_grad",
+         "kill_after_turn", "kill_in_transcript"}
 
 
 def planned() -> dict[str, set[int]]:

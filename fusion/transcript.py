@@ -54,6 +54,9 @@ def write_transcript(segments: list[Segment], out_dir: str | Path, title: str = 
         (tmp / "transcript.json").write_text(json.dumps({"meta": meta or {}, "segments": [
             {"turn": s.turn, "role": s.role, "kind": s.kind, "text": s.text, "path": Path(s.path).name if s.path else None}
             for s in segments]}, indent=2))
+        from fusion import faults
+
+        faults.maybe_signal("kill_in_transcript", 0)  # reliability tests: die with everything still in the hidden folder
         for f in tmp.iterdir():  # PNGs first, the transcript files last
             if f.suffix == ".png":
                 shutil.move(str(f), out / f.name)

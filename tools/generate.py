@@ -67,12 +67,15 @@ def main(cfg: DictConfig) -> None:
         sys.stdout.flush()
 
     chat = Chat.load(cfg.model, device=cfg.device, settings=settings, system=cfg.system, on_text=stream)
-    for text, images in turns:
+    from fusion import faults
+
+    for turn, (text, images) in enumerate(turns, start=1):
         print(f"\n[user] {text}" + (f" (+{len(images)} image(s))" if images else ""))
         sys.stdout.write("[assistant] ")
         new = chat.send(text, images)
         drawn = [s for s in new if s.kind == "image" and s.role == "assistant"]
         print(f"\n  ({len(drawn)} image(s) drawn)")
+        faults.maybe_signal("kill_after_turn", turn)  # reliability tests: an interrupted chat
     page = write_transcript(chat.segments, cfg.output_dir, title=f"unifuse: {Path(cfg.model).name}",
                             meta={"model": cfg.model, "settings": settings.__dict__, "mllm_tokens": chat.state.length,
                                   "tokens_forwarded": chat.state.tokens_forwarded})

@@ -149,6 +149,29 @@ def test_generate_bad_input_is_one_clear_message_and_no_transcript(fused_dir, tm
     assert not (tmp_path / "transcript.md").exists()
 
 
+def test_generate_corrupt_image_is_one_clear_message_and_no_output(fused_dir, tmp_path):
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    out = tmp_path / "out"
+    p = run("generate.py", f"model={fused_dir}", "prompt=Edit this.", f"image={bad}", f"hydra.run.dir={out}")
+    assert p.returncode == 2 and "does not decode" in p.stderr and "Traceback" not in p.stderr
+    assert not list(out.glob("transcript.*")) and not list(out.glob("*.png"))
+
+
+@pytest.mark.parametrize("fault", ["kill_after_turn@2", "kill_in_transcript@0"])
+def test_generate_killed_midway_leaves_nothing_that_looks_complete(made, fused_dir, tmp_path, fault):
+    out_dir, _ = made
+    conv = out_dir / "demo_data" / "conversations.jsonl"
+    out = tmp_path / "out"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", UNIFUSE_FAULT=fault)
+    p = subprocess.run([sys.executable, str(REPO / "tools" / "generate.py"), f"model={fused_dir}", f"conversation={conv}",
+                        "conversation_line=4", "steps=2", "max_new_tokens=6", f"hydra.run.dir={out}"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, p.stderr[-2000:]  # killed where the fault says: after turn 2 of 3, or inside the transcript write
+    assert "[assistant]" in p.stdout and "transcript:" not in p.stdout
+    assert not list(out.glob("transcript.*")) and not list(out.glob("*.png"))  # at most a hidden .transcript.* folder remains
+
+
 def test_generate_missing_model_folder(tmp_path):
     p = run("generate.py", f"model={tmp_path}/nothing", "prompt=hi", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 2 and "no unifuse.json" in p.stderr
