@@ -34,7 +34,7 @@ def test_all_groups_exist():
 
 @pytest.mark.parametrize("name", PRIMARY)
 def test_primary_configs_compose(name):
-    cfg = _compose(name)
+    cfg = _compose(name, ["data.path=x.jsonl"] if name == "validate_data" else [])  # it checks a file the user names
     validate(cfg)
 
 

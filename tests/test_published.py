@@ -217,11 +217,14 @@ def test_plan_says_when_it_does_not_fit(tmp_path):
 
 @pytest.mark.parametrize("mllm", MLLMS)
 def test_plan_runs_for_every_published_pair(mllm, tmp_path):
-    for gen in GENERATORS:
-        result = _plan([f"mllm={mllm}", f"generator={gen}", "connector=last_mlp", "seq_len=256", "image_size=256"], tmp_path)
-        assert [s["name"] for s in result["stages"]] == ["sft", "align"]
+    # stage 2 holds every part (stage 1 loads the MLLM alone: planned once per MLLM, by the first pair)
+    for i, gen in enumerate(GENERATORS):
+        stage = [] if i == 0 else ["stage=align"]
+        result = _plan([f"mllm={mllm}", f"generator={gen}", "connector=last_mlp", "seq_len=256", "image_size=256", *stage], tmp_path)
+        assert [s["name"] for s in result["stages"]] == (["sft", "align"] if i == 0 else ["align"])
         assert all(s["activations"]["bytes"] > 0 for s in result["stages"])
         assert result["parameters"]["generator"]["total"] > 1e9
+        assert result["stages"][-1]["trainable"]["generator"] == result["parameters"]["generator"]["total"]
 
 
 def test_plan_ming_experiment(tmp_path):

@@ -48,6 +48,7 @@ def test_multinode_scripts_print_the_launch_command(tmp_path):
         assert subprocess.run(["bash", "-n", str(REPO / "tools" / "launch" / name)]).returncode == 0
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_two_processes(tiny_dir, tmp_path):
     """`deepspeed --num_gpus 2 tools/train.py ...` as documented: the launcher passes --local_rank=N."""
     p = subprocess.run([str(REPO / ".venv" / "bin" / "deepspeed") if (REPO / ".venv" / "bin" / "deepspeed").exists() else "deepspeed",
