@@ -416,7 +416,7 @@ class DeepSpeedConfig:
             raise ConfigError("deepspeed.offload_param needs deepspeed.zero_stage=3")
         if "nvme" in (self.offload_param, self.offload_optimizer) and not self.nvme_path:
             raise ConfigError("deepspeed.nvme_path is required for nvme offload")
-        if self.bf16 not in ("auto", "true", "false"):
+        if str(self.bf16).lower() not in ("auto", "true", "false"):  # a command-line false arrives as 'False'
             raise ConfigError(f"deepspeed.bf16 must be auto, true or false, got {self.bf16!r}")
         if self.gradient_clipping <= 0:
             raise ConfigError("deepspeed.gradient_clipping must be positive (unclipped ZeRO runs diverge)")

@@ -259,7 +259,7 @@ def measure_activations(model, stage: dict, work: Workload) -> dict[str, Any]:
     ck = set(stage.get("gradient_checkpointing") or [])
     if "mllm" in ck and not mllm_trains and getattr(model.connector, "uses_queries", False):
         notes.append("gradient_checkpointing: mllm has no effect on a frozen MLLM (transformers checkpoints only modules in training mode)")
-    if getattr(model.connector, "align_weight", 0.0) > 0:
+    if stage["name"] == "align" and getattr(model.connector, "align_weight", 0.0) > 0:
         notes.append("the multi-scale alignment loss's own activations (one DiT block's grid) are not counted")
     return {"bytes": counter.bytes(False) * per_sample, "bytes_checkpointed": counter.bytes(True) * per_sample,
             "stage_checkpoints": sorted(ck), "notes": notes}
@@ -335,7 +335,7 @@ def plan_stage(model, stage: dict, ds: dict, hw: Hardware, work: Workload, confi
     outside_bytes = sum(p.numel() * p.element_size() for m in outside for p in m.parameters())
     outside_params = sum(p.numel() for m in outside for p in m.parameters())
     largest = max(largest_layer_params(m) for m in engine)
-    bf16 = ds.get("bf16", "auto") != "false"
+    bf16 = str(ds.get("bf16", "auto")).lower() != "false"
     acts = measure_activations(model, stage, work)
     options = [(0, "none", "none"), (1, "none", "none"), (2, "none", "none"), (2, "cpu", "none"),
                (3, "none", "none"), (3, "cpu", "none"), (3, "cpu", "cpu")]

@@ -76,7 +76,7 @@ def setup_distributed() -> tuple[int, int, str]:
 
 def deepspeed_config(ds: DictConfig, stage: DictConfig, device: str) -> dict[str, Any]:
     """The DeepSpeed json for a run: ZeRO stage, offload, clipping, bf16 where supported."""
-    bf16 = {"auto": device.startswith("cuda") and torch.cuda.is_bf16_supported(), "true": True, "false": False}[ds.bf16]
+    bf16 = {"auto": device.startswith("cuda") and torch.cuda.is_bf16_supported(), "true": True, "false": False}[str(ds.bf16).lower()]
     zero: dict[str, Any] = {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm and device.startswith("cuda"),
                             "reduce_bucket_size": ds.reduce_bucket_size, "contiguous_gradients": True}
     for key in ("offload_optimizer", "offload_param"):

@@ -101,3 +101,11 @@ def test_tiny_dir_interpolates_into_group_paths():
     assert cfg.mllm.path == "/somewhere/qwen2_5_vl"
     assert cfg.data.path == "/somewhere/demo_data/conversations.jsonl"
     assert OmegaConf.select(cfg, "stage") is None
+
+
+def test_deepspeed_bf16_false_from_the_command_line():
+    from fusion.train import deepspeed_config
+
+    cfg = _compose("config", ["deepspeed.bf16=false", "stage=sft"])  # YAML reads false as a bool: the str field holds 'False'
+    validate(cfg)
+    assert deepspeed_config(cfg.deepspeed, cfg.stage, "cpu")["bf16"]["enabled"] is False
