@@ -182,7 +182,17 @@ class FusedModel(nn.Module):
             if part in ("mllm", "vision_tower") and hf is None:
                 continue  # features come from the cache: no MLLM forward to checkpoint
             if part == "mllm":
-                hf.model.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                lm = hf.model.language_model
+                lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                if not lm.training and getattr(self.connector, "uses_queries", False):
+                    # A frozen MLLM that query connectors backpropagate through: transformers checkpoints only
+                    # modules in training mode. Train mode changes nothing else when the model has no dropout.
+                    if float(getattr(hf.config.get_text_config(), "attention_dropout", 0.0) or 0.0) != 0.0:
+                        raise ConfigError("stage.gradient_checkpointing=[mllm] on a frozen MLLM needs train mode, "
+                                          "and this MLLM has attention dropout; drop mllm from the list")
+                    lm.train()
+                    done.append("gradient checkpointing: mllm (frozen, in train mode: no dropout in it)")
+                    continue
             elif part == "vision_tower":
                 hf.model.visual.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             elif part == "generator":

@@ -199,14 +199,15 @@ class SavedCounter:
         self.pack(t)
         self.current = current
 
-    def watch(self, blocks: dict[str, nn.Module], checkpointable: bool):
-        """Forward hooks on ``blocks`` so saved bytes are attributed to them."""
+    def watch(self, blocks: dict[str, nn.Module], part: str | None):
+        """Forward hooks on ``blocks`` so saved bytes are attributed to them; ``part`` names the
+        ``stage.gradient_checkpointing`` entry that checkpoints them (None: they cannot be)."""
         handles = []
         for name, block in blocks.items():
             def pre(module, args, kwargs, name=name):
                 x = args[0] if args else kwargs.get("hidden_states")
                 self.blocks[name] = {"saved": 0, "input": x.numel() * x.element_size() if isinstance(x, torch.Tensor) else 0,
-                                     "checkpointable": checkpointable}
+                                     "part": part}
                 self.current = name
 
             def post(module, args, kwargs, out):
@@ -216,10 +217,10 @@ class SavedCounter:
             handles.append(block.register_forward_hook(post, with_kwargs=True))
         return handles
 
-    def bytes(self, checkpointing: bool) -> int:
-        if not checkpointing:
-            return self.total
-        ck = [b for b in self.blocks.values() if b["checkpointable"]]
+    def bytes(self, checkpointed: set[str] | frozenset = frozenset()) -> int:
+        """Saved bytes when the blocks of the ``checkpointed`` parts keep only their inputs (plus the
+        largest of them once, recomputed in backward)."""
+        ck = [b for b in self.blocks.values() if b["part"] in checkpointed]
         if not ck:
             return self.total
         return self.total - sum(b["saved"] for b in ck) + sum(b["input"] for b in ck) + max(b["saved"] for b in ck)
@@ -234,9 +235,12 @@ def measure_activations(model, stage: dict, work: Workload) -> dict[str, Any]:
     hf = model.mllm.model
     counter = SavedCounter(model)
     mllm_trains = any(p.requires_grad for p in hf.model.language_model.parameters())
-    handles = counter.watch({f"mllm.{i}": layer for i, layer in enumerate(hf.model.language_model.layers)}, mllm_trains)
+    # checkpointed MLLM blocks: when it trains, or when query connectors backpropagate through it frozen (fusion/model.py)
+    mllm_ckpt = mllm_trains or (stage["name"] == "align" and getattr(model.connector, "uses_queries", False))
+    handles = counter.watch({f"mllm.{i}": layer for i, layer in enumerate(hf.model.language_model.layers)},
+                            "mllm" if mllm_ckpt else None)
     if model.generator is not None:
-        handles += counter.watch({f"dit.{i}": b for i, b in enumerate(model.generator.dit_blocks())}, True)
+        handles += counter.watch({f"dit.{i}": b for i, b in enumerate(model.generator.dit_blocks())}, "generator")
     notes = []
     b, length = work.micro_batch, work.seq_len
     try:
@@ -257,12 +261,13 @@ def measure_activations(model, stage: dict, work: Workload) -> dict[str, Any]:
     if stage.get("trainable", {}).get("vision_tower"):
         notes.append("vision-tower activations are not counted (it trains in this stage)")
     ck = set(stage.get("gradient_checkpointing") or [])
-    if "mllm" in ck and not mllm_trains and getattr(model.connector, "uses_queries", False):
-        notes.append("gradient_checkpointing: mllm has no effect on a frozen MLLM (transformers checkpoints only modules in training mode)")
     if stage["name"] == "align" and getattr(model.connector, "align_weight", 0.0) > 0:
         notes.append("the multi-scale alignment loss's own activations (one DiT block's grid) are not counted")
-    return {"bytes": counter.bytes(False) * per_sample, "bytes_checkpointed": counter.bytes(True) * per_sample,
-            "stage_checkpoints": sorted(ck), "notes": notes}
+    ran = {b["part"] for b in counter.blocks.values()}  # parts whose blocks ran and can be checkpointed
+    able = [p for p in ("mllm", "generator") if p in ran]
+    return {"bytes": counter.bytes() * per_sample, "bytes_checkpointed": counter.bytes(set(able)) * per_sample,
+            "bytes_stage": counter.bytes(ck) * per_sample, "checkpointable": able,
+            "stage_checkpoints": [p for p in able if p in ck], "notes": notes}
 
 
 def _align_forward(model, work: Workload, notes: list[str], counter: SavedCounter) -> None:
@@ -342,19 +347,23 @@ def plan_stage(model, stage: dict, ds: dict, hw: Hardware, work: Workload, confi
     chosen = (ds["zero_stage"], ds.get("offload_optimizer", "none"), ds.get("offload_param", "none"))
     if chosen not in options:
         options.append(chosen)
-    ck_on = bool(acts["stage_checkpoints"])
+    # gradient checkpointing: none, every part that can be, and the stage's own list when it is neither
+    staged = "+".join(acts["stage_checkpoints"]) or "no"
+    able = "+".join(acts["checkpointable"])
+    variants = [("no", acts["bytes"])] + ([(able, acts["bytes_checkpointed"])] if able else [])
+    if staged not in ("no", able):
+        variants.append((staged, acts["bytes_stage"]))
     rows = []
     for zero, oo, op in options:
         ms = model_states(trainable, frozen_engine, largest, zero, oo, op, hw, bf16)
-        for ck in (False, True):
-            act = acts["bytes_checkpointed" if ck else "bytes"]
+        for ck, act in variants:
             states = ms["gpu"] + outside_bytes
             gpu = states + act + hw.reserve_gb * GB
             row = {"zero_stage": zero, "offload_optimizer": oo, "offload_param": op, "gradient_checkpointing": ck,
                    "model_states_gb": states / GB, "activations_gb": act / GB, "reserve_gb": hw.reserve_gb,
                    "total_gb": gpu / GB, "cpu_per_node_gb": ms["cpu_per_node"] / GB, "source": ms["source"],
                    "fits": gpu <= hw.gpu_memory_gb * GB and (hw.cpu_memory_gb is None or ms["cpu_per_node"] <= hw.cpu_memory_gb * GB),
-                   "chosen": (zero, oo, op) == chosen and ck == ck_on}
+                   "chosen": (zero, oo, op) == chosen and ck == staged}
             rows.append(row)
     chosen_row = next(r for r in rows if r["chosen"])
     ms = model_states(trainable, frozen_engine, largest, *chosen, hw, bf16)
@@ -397,7 +406,7 @@ def render(plan: dict[str, Any]) -> str:
                   "|---|---|---|---|---:|---:|---:|---:|---|---|"]
         for r in st["rows"]:
             mark = " *" if r["chosen"] else ""
-            lines.append(f"| {r['zero_stage']}{mark} | {r['offload_optimizer']} | {r['offload_param']} | {'yes' if r['gradient_checkpointing'] else 'no'} | "
+            lines.append(f"| {r['zero_stage']}{mark} | {r['offload_optimizer']} | {r['offload_param']} | {r['gradient_checkpointing']} | "
                          f"{r['model_states_gb']:.1f} | {r['activations_gb']:.1f} | {r['total_gb']:.1f} | {r['cpu_per_node_gb']:.0f} | "
                          f"{'yes' if r['fits'] else 'no'} | {r['source'].split(' ')[0]} |")
         for note in st["activations"]["notes"]:

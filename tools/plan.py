@@ -1,6 +1,6 @@
 """Plan a run: exact parameter counts (the fused model built on the meta device, nothing
-downloaded) and per-GPU memory of each stage for every ZeRO option, with and without gradient
-checkpointing; says whether the configured one fits (``fusion/plan.py`` explains the estimate).
+downloaded) and per-GPU memory of each stage for every ZeRO option, without gradient checkpointing,
+with every part checkpointed and with the stage's own list; says whether the configured one fits (``fusion/plan.py`` explains the estimate).
 
 Run as:
     python tools/plan.py experiment=duogen_cosmos25_7b                       # both DuoGen stages on 8 x 80 GB

@@ -220,6 +220,22 @@ def test_gradient_checkpointing_keeps_loss_and_gradients(tiny_dir, convs):
     assert torch.allclose(a, b, atol=1e-6) and torch.allclose(ga, gb, atol=1e-6)
     assert model.mllm.model.model.language_model.gradient_checkpointing
 
+    # query connectors backpropagate through the frozen MLLM: it is checkpointed too, same loss and gradients
+    results = []
+    for parts in ([], ["mllm"]):
+        torch.manual_seed(0)
+        model, cfg = build(tiny_dir, connector="queries", extra=[f"stage.gradient_checkpointing=[{','.join(parts)}]",
+                                                                 "stage.p_drop_text=0", "stage.p_drop_cond=0"])
+        model.apply_trainable(cfg.stage)
+        switched = model.apply_memory_and_speed(cfg.stage)
+        lm = model.mllm.model.model.language_model
+        assert (lm.training and lm.gradient_checkpointing) == bool(parts), switched
+        loss = model.align_loss([model.prepare_align_sample(convs[1])], torch.Generator().manual_seed(0))["loss"]
+        loss.backward()
+        results.append((loss.detach(), model.connector.queries.grad.clone()))
+    (a, ga), (b, gb) = results
+    assert torch.allclose(a, b, atol=1e-6) and torch.allclose(ga, gb, atol=1e-6) and ga.abs().sum() > 0
+
     model, cfg = build(tiny_dir, extra=["stage.gradient_checkpointing=[generator]"])
     model.apply_trainable(cfg.stage)
     assert model.apply_memory_and_speed(cfg.stage) == ["gradient checkpointing: generator"]
