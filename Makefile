@@ -3,7 +3,7 @@
 #               stage 1, stage 2, evaluate on the test split -> outputs/demo/report.json (QUICK=1: a few minutes)
 #   make smoke  the tiny-checkpoint smoke path (stage 1, stage 2, fused smoke runs of 3 generators x 2 connectors)
 #   make test   set up if needed, then run the fast test tier (CPU, < 15 min)
-#   make test-slow   the slow learning checks
+#   make test-slow   the slow tier: learning checks, kill-at-every-point / random-kill resume, multi-process launchers
 SHELL := /bin/bash
 PYTHON ?= python3.11
 VENV := .venv
