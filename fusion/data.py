@@ -116,7 +116,11 @@ def parse_conversation(
                 if not allow_outside_root and not _inside(p, root):
                     raise DataError(f"{key}: image path {ref!r} resolves outside the image root {root} "
                                     "(data.allow_outside_root=true allows it)", source, line, kind="outside_root")
-                if not p.is_file():
+                try:
+                    found = p.is_file()
+                except (OSError, ValueError) as e:  # a name too long, no permission, a NUL byte ...
+                    raise DataError(f"{key}: image path cannot be read: {ref!r} ({e})", source, line, kind="missing_image") from None
+                if not found:
                     raise DataError(f"{key}: image file not found: {p}", source, line, kind="missing_image")
                 items.append({"type": "image", "image": str(p)})
         out.append({"role": role, "content": items})
@@ -243,6 +247,8 @@ def read_jsonl(
                     raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", str(path), lineno, kind="json")
                 except RecursionError:
                     raise DataError("JSON nested too deeply to read", str(path), lineno, kind="json") from None
+                except ValueError as e:  # e.g. an integer longer than Python's int-string limit
+                    raise DataError(f"not valid JSON ({e})", str(path), lineno, kind="json") from None
                 yield parse_conversation(obj, str(path), lineno, image_root, allow_outside_root)
             except DataError as e:
                 if on_error == "error":

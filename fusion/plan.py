@@ -130,8 +130,10 @@ def model_states(trainable: int, frozen: int, largest_layer: int, zero_stage: in
         grads, opt = grads / n, opt / n
         if zero_stage == 3:
             w = w / n
-    elif zero_stage == 1:
+    elif zero_stage == 1:  # optimizer states and the fp32 gradient partition sharded; 16-bit gradients whole
         opt = opt / n
+        if bf16:
+            grads = 2 + 4 / n
     cpu = 0.0
     if offload_opt:
         cpu, opt = opt * trainable * hw.gpus_per_node, 0
@@ -217,13 +219,14 @@ class SavedCounter:
             handles.append(block.register_forward_hook(post, with_kwargs=True))
         return handles
 
-    def bytes(self, checkpointed: set[str] | frozenset = frozenset()) -> int:
-        """Saved bytes when the blocks of the ``checkpointed`` parts keep only their inputs (plus the
-        largest of them once, recomputed in backward)."""
+    def bytes(self, checkpointed: set[str] | frozenset = frozenset(), samples: int = 1) -> int:
+        """Saved bytes of ``samples`` graphs like this one when the blocks of the ``checkpointed`` parts
+        keep only their inputs; backward recomputes one block at a time, so the largest is added once."""
         ck = [b for b in self.blocks.values() if b["part"] in checkpointed]
         if not ck:
-            return self.total
-        return self.total - sum(b["saved"] for b in ck) + sum(b["input"] for b in ck) + max(b["saved"] for b in ck)
+            return self.total * samples
+        kept = self.total - sum(b["saved"] for b in ck) + sum(b["input"] for b in ck)
+        return kept * samples + max(b["saved"] for b in ck)
 
 
 def _meta(*shape, dtype=torch.bfloat16, grad=False):
@@ -265,8 +268,8 @@ def measure_activations(model, stage: dict, work: Workload) -> dict[str, Any]:
         notes.append("the multi-scale alignment loss's own activations (one DiT block's grid) are not counted")
     ran = {b["part"] for b in counter.blocks.values()}  # parts whose blocks ran and can be checkpointed
     able = [p for p in ("mllm", "generator") if p in ran]
-    return {"bytes": counter.bytes() * per_sample, "bytes_checkpointed": counter.bytes(set(able)) * per_sample,
-            "bytes_stage": counter.bytes(ck) * per_sample, "checkpointable": able,
+    return {"bytes": counter.bytes(samples=per_sample), "bytes_checkpointed": counter.bytes(set(able), per_sample),
+            "bytes_stage": counter.bytes(ck, per_sample), "checkpointable": able,
             "stage_checkpoints": [p for p in able if p in ck], "notes": notes}
 
 

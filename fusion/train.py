@@ -92,6 +92,7 @@ def deepspeed_config(ds: DictConfig, stage: DictConfig, device: str) -> dict[str
         "zero_optimization": zero,
         "bf16": {"enabled": bool(bf16)},
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # offload keeps our (guarded) AdamW instead of refusing it
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -182,8 +183,14 @@ def write_file_list(folder: Path, checksums: bool = True) -> dict[str, Any]:
 def verify_checkpoint(folder: Path) -> list[str]:
     """Problems of a checkpoint folder: no completion marker, a file missing, truncated or changed
     (against ``files.json``). Empty: intact. A checkpoint written before file lists existed
-    (``complete.json`` without a version) is taken as it is."""
-    folder = Path(folder)
+    (``complete.json`` without a version) is taken as it is. Never raises: anything unreadable is a problem."""
+    try:
+        return _verify_checkpoint(Path(folder))
+    except Exception as e:  # noqa: BLE001 - a damaged folder must not stop rank 0 before it tells the others
+        return [f"could not be checked ({type(e).__name__}: {e})"]
+
+
+def _verify_checkpoint(folder: Path) -> list[str]:
     if not (folder / COMPLETE).is_file():
         return [f"no {COMPLETE}"]
     try:
@@ -495,20 +502,25 @@ class Trainer:
         if threading.current_thread() is not threading.main_thread():
             return
 
+        first = [0.0]
+
         def handler(signum, frame):
-            if self._stop_signal:  # the second signal: stop now, the default way
-                signal.signal(signum, signal.SIG_DFL)
-                os.kill(os.getpid(), signum)
+            if self._stop_signal:
+                # Launchers and schedulers repeat the signal (a terminal's Ctrl-C reaches every rank, then the launcher
+                # forwards SIGTERM): repeats are ignored; only a Ctrl-C pressed again seconds later stops at once.
+                if signum == signal.SIGINT and time.monotonic() - first[0] > 3.0:
+                    signal.signal(signum, signal.SIG_DFL)
+                    os.kill(os.getpid(), signum)
                 return
-            self._stop_signal = signum
-            log.warning("received %s: finishing this step, then saving a checkpoint and exiting (send it again to stop now)",
+            self._stop_signal, first[0] = signum, time.monotonic()
+            log.warning("received %s: finishing this step, then saving a checkpoint and exiting (Ctrl-C again after 3 s stops at once)",
                         signal.Signals(signum).name)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, handler)
 
     def _stop_requested(self) -> bool:
-        flag = torch.tensor(float(bool(self._stop_signal)))
+        flag = torch.tensor(float(bool(self._stop_signal)), device=self.device)  # nccl reduces device tensors only
         torch.distributed.all_reduce(flag)
         return flag.item() > 0
 
@@ -519,7 +531,8 @@ class Trainer:
         found = [p for p in self.ckpt_dir.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / COMPLETE).is_file()]
         return sorted(found, key=lambda p: int(p.name[len(CKPT_PREFIX):]))
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, checksums: bool | None = None) -> Path:
+        """Write a checkpoint of this step (``checksums``: sha256 in files.json, default stage.checkpoint_checksums)."""
         step = self.state.step
         final = self.ckpt_dir / f"{CKPT_PREFIX}{step:07d}"
         partial = self.ckpt_dir / f".partial-{step:07d}"
@@ -534,7 +547,7 @@ class Trainer:
         torch.distributed.barrier()
         faults.maybe_signal("kill_in_checkpoint", step)
         if self.is_main:
-            write_file_list(partial, self.cfg.stage.checkpoint_checksums)
+            write_file_list(partial, self.cfg.stage.checkpoint_checksums if checksums is None else checksums)
             (partial / COMPLETE).write_text(json.dumps({"step": step, "world_size": self.world, "version": 2}))
             faults.maybe_signal("kill_before_rename", step)
             if final.exists():
@@ -701,7 +714,7 @@ class Trainer:
             self.state.step += 1
             if self.ema is not None:
                 self._update_ema()
-            loss = torch.tensor(metrics["loss"])
+            loss = torch.tensor(metrics["loss"], device=self.device)
             torch.distributed.all_reduce(loss)
             metrics["loss"] = loss.item() / self.world
             metrics["lr"] = self.scheduler.get_last_lr()[0]
@@ -721,7 +734,7 @@ class Trainer:
             faults.maybe_signal("kill_after_step", self.state.step)
             faults.maybe_signal("term_after_step", self.state.step)
             if self.state.step < st.max_steps and self._stop_requested():
-                ckpt = self.complete_checkpoints()[-1] if saved else self.save_checkpoint()
+                ckpt = self.complete_checkpoints()[-1] if saved else self.save_checkpoint(checksums=False)  # sizes only: fast
                 interrupted = {"step": self.state.step, "checkpoint": str(ckpt)}
                 if self.is_main:
                     log.warning("stopped by a signal after step %d: saved %s; run the same command again to resume (resume=auto)",

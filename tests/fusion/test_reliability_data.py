@@ -27,6 +27,12 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
 CASES = {"n": 0}  # how many files the properties tried (printed by the last test)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def count_cases():
+    yield
+    print(f"\nproperty-based loader cases: {CASES['n']} generated files, each read three ways (pytest -s shows this)")
+
+
 @pytest.fixture(scope="module")
 def root(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("fuzz")
@@ -109,10 +115,6 @@ def test_deep_nesting_is_a_data_error(root):
     check_file(_file(root), b"[" * 100_000 + b"\n" + json.dumps({"messages": "x" * 10}).encode())
 
 
-def test_cases_tried():
-    # the four properties above ran on this many generated files (each read three ways)
-    assert CASES["n"] >= 4 * 150
-    print(f"\nproperty-based loader cases: {CASES['n']} files")
 
 
 # ---------------------------------------------------------------------------- lazy checks
@@ -186,3 +188,14 @@ def test_validate_data_reports_every_kind(root, tiny_dir, tmp_path):
     assert p.returncode == 0 and "7 with errors" in p.stdout
     p = _validate(f"data.path={root / 'absent.jsonl'}", f"tiny_dir={tiny_dir}")
     assert p.returncode == 2 and "data file not found" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_unreadable_paths_and_huge_numbers_are_data_errors(root):
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": "x" * 300 + ".png"}]}]},  # ENAMETOOLONG
+            {"messages": [{"role": "user", "content": [{"type": "image", "image": "a\x00b.png"}]}]}]
+    f = _write(root, rows)
+    (f.parent / "huge.jsonl").write_text('{"messages": ' + "9" * 5000 + "}\n")  # above Python's int-string limit
+    for path in (f, f.parent / "huge.jsonl"):
+        check_file(path, path.read_bytes())
+    report = SkipReport()
+    assert list(read_jsonl(f, on_error="skip", report=report)) == [] and report.counts == {"missing_image": 2}

@@ -237,3 +237,16 @@ def test_unknown_fault_name_is_refused(monkeypatch):
     monkeypatch.setenv(faults.ENV, "kil_after_step@2")
     with pytest.raises(ValueError, match="cannot read"):
         faults.planned()
+
+
+def test_verify_checkpoint_never_raises(tmp_path):
+    from fusion.train import verify_checkpoint
+
+    ck = tmp_path / "step-0000002"
+    ck.mkdir()
+    (ck / "complete.json").write_bytes(b"\xff\xfe not utf-8")
+    assert verify_checkpoint(ck)
+    (ck / "complete.json").write_text(json.dumps({"version": 2}))
+    for listing in ("[1, 2]", json.dumps({"files": {"a.pt": {}}}), json.dumps({"files": 3})):
+        (ck / "files.json").write_text(listing)
+        assert verify_checkpoint(ck), listing  # a problem reported, nothing raised

@@ -106,6 +106,12 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny, sft_run, tmp_path)
     assert json.loads((run / "summary.json").read_text())["steps"] == 10
 
 
+def test_offload_preset_runs(tiny, tmp_path):
+    # zero3_offload: parameters and optimizer states on the CPU, with the toolkit's own (NaN-guarded) AdamW
+    train(tiny, "stage=sft", "deepspeed=zero3_offload", "stage.max_steps=2", f"hydra.run.dir={tmp_path}")
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+
+
 def test_partial_checkpoint_is_never_resumed(tiny, sft_run, tmp_path):
     common = [tiny, "stage=sft", "stage.max_steps=4", "stage.save_every=2", f"hydra.run.dir={tmp_path}"]
     train(*common)
