@@ -191,8 +191,7 @@ class FusedModel(nn.Module):
                         raise ConfigError("stage.gradient_checkpointing=[mllm] on a frozen MLLM needs train mode, "
                                           "and this MLLM has attention dropout; drop mllm from the list")
                     lm.train()
-                    done.append("gradient checkpointing: mllm (frozen, in train mode: no dropout in it)")
-                    continue
+                    part = "mllm (frozen, in train mode: no dropout in it)"
             elif part == "vision_tower":
                 hf.model.visual.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             elif part == "generator":

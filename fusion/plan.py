@@ -72,11 +72,17 @@ def unique_numel(params) -> int:
     return sum({_storage_key(p): p.numel() for p in params}.values())
 
 
-def count_parts(model) -> dict[str, dict[str, int]]:
-    """{part: {total, trainable}} for mllm, vision_tower, connector, generator (the DiT) and vae."""
+def parts_with_vae(model) -> dict[str, nn.Module]:
+    """The fused model's parts (mllm, vision_tower, connector, generator) and the VAE."""
     parts = dict(model.parts())
     if model.generator is not None:
         parts["vae"] = model.generator.vae
+    return parts
+
+
+def count_parts(model) -> dict[str, dict[str, int]]:
+    """{part: {total, trainable}} for mllm, vision_tower, connector, generator (the DiT) and vae."""
+    parts = parts_with_vae(model)
     seen: set[int] = set()
     out = {}
     for name, module in parts.items():
@@ -247,7 +253,7 @@ def measure_activations(model, stage: dict, work: Workload) -> dict[str, Any]:
     notes = []
     b, length = work.micro_batch, work.seq_len
     try:
-        with fused_attention(), torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
+        with torch.enable_grad(), fused_attention(), torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
             if stage["name"] == "sft":
                 ids = torch.zeros(b, length, dtype=torch.long, device="meta")
                 pos = torch.zeros(3, b, length, dtype=torch.long, device="meta")
@@ -332,9 +338,7 @@ def plan_stage(model, stage: dict, ds: dict, hw: Hardware, work: Workload, confi
     engine, replicated on every GPU in their own dtypes (never sharded, never offloaded)."""
     model.apply_trainable(stage)
     name = stage["name"]
-    parts = dict(model.parts())
-    if model.generator is not None:
-        parts["vae"] = model.generator.vae
+    parts = parts_with_vae(model)
     engine = [parts[p] for p in ENGINE[name] if p in parts]
     outside = [parts[p] for p in LOADED[name] if p in parts and p not in ENGINE[name]]
     engine_params = list({_storage_key(p): p for m in engine for p in m.parameters()}.values())
@@ -356,9 +360,9 @@ def plan_stage(model, stage: dict, ds: dict, hw: Hardware, work: Workload, confi
     variants = [("no", acts["bytes"])] + ([(able, acts["bytes_checkpointed"])] if able else [])
     if staged not in ("no", able):
         variants.append((staged, acts["bytes_stage"]))
-    rows = []
+    rows, states_of = [], {}
     for zero, oo, op in options:
-        ms = model_states(trainable, frozen_engine, largest, zero, oo, op, hw, bf16)
+        ms = states_of[(zero, oo, op)] = model_states(trainable, frozen_engine, largest, zero, oo, op, hw, bf16)
         for ck, act in variants:
             states = ms["gpu"] + outside_bytes
             gpu = states + act + hw.reserve_gb * GB
@@ -369,7 +373,7 @@ def plan_stage(model, stage: dict, ds: dict, hw: Hardware, work: Workload, confi
                    "chosen": (zero, oo, op) == chosen and ck == staged}
             rows.append(row)
     chosen_row = next(r for r in rows if r["chosen"])
-    ms = model_states(trainable, frozen_engine, largest, *chosen, hw, bf16)
+    ms = dict(states_of[chosen])
     ms.update(outside_gpu=outside_bytes, outside_params=outside_params, frozen_in_engine=frozen_engine)
     counts = count_parts(model)
     return StagePlan(name, config_name or name, asdict(work), {k: counts[k]["trainable"] for k in LOADED[name] if k in counts},

@@ -100,11 +100,7 @@ def validate_file(path: str | Path, image_root: str | Path | None = None, allow_
         report.checks.append("stage-2 target present")
     report.lines = count_lines(path)
 
-    class _Sink:  # read_jsonl's skip report, forwarded into ours
-        def add(self, err: DataError) -> None:
-            report.add(err)
-
-    it = read_jsonl(path, image_root, "skip", _Sink(), allow_outside_root=allow_outside_root)
+    it = read_jsonl(path, image_root, "skip", report, allow_outside_root=allow_outside_root)  # it adds each bad line to the report
     if progress:
         from tqdm import tqdm
 

@@ -47,7 +47,6 @@ def main(argv: list[str] | None = None) -> dict:
     import os
 
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the estimators only; nothing runs on a device
-    import torch
     from omegaconf import OmegaConf
 
     from fusion import plan as P
@@ -72,14 +71,12 @@ def main(argv: list[str] | None = None) -> dict:
             model = FusedModel.build(scfg, device="meta")
             if counts is None:
                 counts = P.count_parts(model)
-            with torch.enable_grad():
-                stages.append(P.plan_stage(model, stage, OmegaConf.to_container(scfg.deepspeed), hw, work, name or stage["name"]))
+            stages.append(P.plan_stage(model, stage, OmegaConf.to_container(scfg.deepspeed), hw, work, name or stage["name"]))
         label = " + ".join(str(cfg[k]._target_).rsplit(".", 2)[-2] if k == "connector" else Path(str(cfg[k].path)).name
                            for k in ("mllm", "generator", "connector"))
         result = P.to_json(counts, stages, hw, {"name": label, "overrides": overrides,
                                                         "deepspeed": OmegaConf.to_container(cfg.deepspeed)})
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     text = P.render(result)
     write_text_atomic(out / "plan.json", json.dumps(result, indent=2))
     write_text_atomic(out / "plan.md", text)

@@ -334,15 +334,14 @@ def load_parts(cls: type, path: str, width_key: str, width: int | None, dtype: t
 
     architecture = plain(architecture)
     if str(device) == "meta":
-        if architecture is None:
-            folder = local_folder(path, "generator.path")
-            if folder is None:
-                raise CheckpointError(f"generator.path: {path!r} is a hub id and generator.architecture is not written out; "
-                                      "building on the meta device needs one of them")
-            tcfg = dict(cls.load_config(path, subfolder="transformer"))
-            vcfg = json_config(folder / "vae" / "config.json")
-        else:
-            tcfg, vcfg = dict(architecture["transformer"]), dict(architecture["vae"])
+        if architecture is None and local_folder(path, "generator.path") is None:
+            raise CheckpointError(f"generator.path: {path!r} is a hub id and generator.architecture is not written out; "
+                                  "building on the meta device needs one of them")
+        tcfg = transformer_config(cls, path, architecture)
+        try:
+            vcfg = dict(architecture["vae"]) if architecture is not None else dict(diffusers.AutoencoderKL.load_config(path, subfolder="vae"))
+        except OSError as e:
+            raise CheckpointError(f"generator.path: could not read vae/config.json from {path!r}: {str(e).splitlines()[0]}") from None
         if width is not None:
             tcfg[width_key] = width
         name = vcfg.get("_class_name")
@@ -370,13 +369,3 @@ def load_parts(cls: type, path: str, width_key: str, width: int | None, dtype: t
                                                 path, "; ".join(differ))
     return transformer, vae
 
-
-def json_config(file) -> dict:
-    import json
-
-    from fusion.errors import CheckpointError
-
-    try:
-        return json.loads(open(file).read())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"generator.path: could not read {file}: {e}") from None
