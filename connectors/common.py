@@ -20,22 +20,40 @@ class ConnectorOutput(NamedTuple):
     mask: torch.Tensor  # [B, T], 1 = keep
 
 
-class OutputNorm(nn.Module):
-    """RMSNorm with its gain initialised to ``gain`` (``kind='rms'``), or nothing (``'none'``).
+OUT_NORMS = ("rms", "rms_gated", "none")
 
-    DiTs were trained on text-encoder states of a particular scale (T5/UMT5 and Gemma
-    outputs are roughly unit-RMS per token); the gain sets where training starts from.
+
+class OutputNorm(nn.Module):
+    """The connector's last step: ``kind='rms'``, ``'rms_gated'`` or ``'none'``.
+
+    * ``rms``: RMSNorm with its gain initialised to ``gain``. DiTs were trained on
+      text-encoder states of a particular scale (T5/UMT5 and Gemma outputs are roughly
+      unit-RMS per token); the gain sets where training starts from. Every token is forced
+      to the same RMS, so none can say "nothing".
+    * ``rms_gated``: the same RMSNorm times a per-token gate ``sigmoid(Linear(x))`` computed
+      from the token before the norm, so a token can fade to ~0: the zero padding published
+      DiTs saw at unused text positions (Wan pads its 512 text slots with zeros and has no
+      text mask). The gate's weight starts at 0 and its bias at ``gate_bias`` (default +2:
+      every gate starts at sigmoid(2) = 0.88, open-ish, and learns which tokens to close).
+    * ``none``: nothing.
     """
 
-    def __init__(self, dim: int, kind: str = "rms", gain: float = 1.0, eps: float = 1e-6):
+    def __init__(self, dim: int, kind: str = "rms", gain: float = 1.0, eps: float = 1e-6, gate_bias: float = 2.0):
         super().__init__()
-        if kind not in ("rms", "none"):
-            raise ValueError(f"connector.out_norm must be 'rms' or 'none', got {kind!r}")
-        self.norm = nn.RMSNorm(dim, eps=eps) if kind == "rms" else nn.Identity()
-        if kind == "rms":
+        if kind not in OUT_NORMS:
+            raise ValueError(f"connector.out_norm must be one of {', '.join(OUT_NORMS)}, got {kind!r}")
+        self.kind = kind
+        self.norm = nn.RMSNorm(dim, eps=eps) if kind != "none" else nn.Identity()
+        if kind != "none":
             nn.init.constant_(self.norm.weight, gain)
+        if kind == "rms_gated":
+            self.gate = nn.Linear(dim, 1)
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, gate_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "rms_gated":
+            return self.norm(x) * torch.sigmoid(self.gate(x))
         return self.norm(x)
 
 

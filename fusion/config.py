@@ -123,13 +123,15 @@ class ConnectorBase:
     _target_: str = MISSING
     """Connector class under connectors/."""
     out_norm: str = "rms"
-    """Output norm matching the statistics the DiT expects: rms (RMSNorm with gain out_gain) or none."""
+    """Output norm matching the statistics the DiT expects: rms (RMSNorm with gain out_gain), rms_gated
+    (that RMSNorm times a learned per-token gate in (0, 1), so a token can fade to the zero padding
+    published DiTs saw at unused text positions) or none."""
     out_gain: float = 1.0
-    """Initial gain of the output RMSNorm."""
+    """Initial gain of the output RMSNorm (rms, rms_gated)."""
 
     def __post_init__(self) -> None:
-        if self.out_norm not in ("rms", "none"):
-            raise ConfigError(f"connector.out_norm must be rms or none, got {self.out_norm!r}")
+        if self.out_norm not in ("rms", "rms_gated", "none"):
+            raise ConfigError(f"connector.out_norm must be rms, rms_gated or none, got {self.out_norm!r}")
 
 
 @dataclass
@@ -595,8 +597,8 @@ class GenerateConfig:
     """Text guidance scale."""
     image_guidance: float = 1.0
     """Condition-frame guidance scale (1: off)."""
-    negative: str = "duogen"
-    """Text-guidance negative: duogen or null."""
+    negative: str = "auto"
+    """Text-guidance negative: auto (what stage 2 trained with, from the model's manifest; null if unknown), duogen (the prefix up to the last image) or null (zeros). A choice other than the trained one is kept, with a warning."""
     seed: int = 0
     """Seed of the images (and of text sampling)."""
     temperature: float = 0.0
@@ -609,8 +611,8 @@ class GenerateConfig:
     """Image width (None: the generator's image_size)."""
 
     def __post_init__(self) -> None:
-        if self.negative not in ("duogen", "null"):
-            raise ConfigError(f"negative must be duogen or null, got {self.negative!r}")
+        if self.negative not in ("auto", "duogen", "null"):
+            raise ConfigError(f"negative must be auto, duogen or null, got {self.negative!r}")
         if self.steps <= 0 or self.max_new_tokens <= 0 or self.max_images_per_turn < 0:
             raise ConfigError("steps and max_new_tokens must be positive, max_images_per_turn >= 0")
 
@@ -793,6 +795,10 @@ class DemoConfig:
 
 def register_configs() -> None:
     """Register every schema in Hydra's ConfigStore (idempotent)."""
+    # Schemas that live beside their code; imported here, not at the top: their modules import
+    # ConnectorBase from this one (a cycle at import time otherwise).
+    from connectors.resampler import ResamplerConfig
+
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
     cs.store(name="make_tiny_schema", node=MakeTinyConfig)
@@ -812,6 +818,7 @@ def register_configs() -> None:
     cs.store(group="connector", name="layer_mix_schema", node=LayerMixConfig)
     cs.store(group="connector", name="queries_schema", node=QueriesConfig)
     cs.store(group="connector", name="multiscale_queries_schema", node=MultiscaleQueriesConfig)
+    cs.store(group="connector", name="resampler_schema", node=ResamplerConfig)
     cs.store(group="data", name="data_schema", node=DataConfig)
     cs.store(group="stage", name="stage_schema", node=StageConfig)
     cs.store(group="deepspeed", name="deepspeed_schema", node=DeepSpeedConfig)

@@ -8,9 +8,11 @@ One turn (:meth:`Chat.send`):
    the decoding (never recomputed), go through the connector (query connectors run their
    queries after the cache, which is cropped back); every earlier image of the conversation
    (the user's and the generated ones, latents cached) becomes a condition frame; the DiT
-   samples with classifier-free guidance whose negative keeps the visual conditions and
-   drops the final text chunk (DuoGen: the prefix up to the last image); the image is
-   decoded and appended to the MLLM's cache as vision tokens; decoding goes on;
+   samples with classifier-free guidance whose negative is what stage 2 trained as "no
+   text" (``negative="auto"``, read from the manifest): zeros (null) or the DuoGen negative
+   that keeps the visual conditions and drops the final text chunk (the prefix up to the
+   last image); the image is decoded and appended to the MLLM's cache as vision tokens;
+   decoding goes on;
 4. limits: ``max_new_tokens`` text tokens and ``max_images_per_turn`` images per turn
    (past it ``<|bov|>`` is suppressed).
 
@@ -23,6 +25,7 @@ Run as: ``python tools/generate.py model=outputs/demo/align/final prompt="Draw a
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -32,8 +35,27 @@ from PIL import Image
 
 from backbones.generator.base import to_pil
 from fusion.data import Conversation, open_image
-from fusion.errors import CheckpointError, DataError
+from fusion.errors import CheckpointError, ConfigError, DataError
 from fusion.model import FusedModel
+
+log = logging.getLogger(__name__)
+
+NEGATIVES = ("auto", "duogen", "null")
+"""Text-guidance negatives a chat accepts; auto follows the model's training."""
+
+
+def resolve_negative(requested: str, trained: str | None) -> str:
+    """The negative a chat samples with: ``auto`` becomes what stage 2 trained as a dropped text
+    (``trained``: null or duogen; null when unknown). An explicit choice is kept, with a warning
+    when the model was trained with the other one."""
+    if requested not in NEGATIVES:
+        raise ConfigError(f"negative must be auto, duogen or null, got {requested!r}")
+    if requested == "auto":
+        return trained or "null"
+    if trained is not None and requested != trained:
+        log.warning("negative=%s, but this model was trained with text_dropout_form=%s: the guidance negative is "
+                    "an input it never learned as 'no text' (negative=auto follows training)", requested, trained)
+    return requested
 
 
 @dataclass
@@ -50,8 +72,8 @@ class GenerationSettings:
     """Text guidance scale."""
     image_guidance: float = 1.0
     """Image (condition-frame) guidance scale; 1 disables the extra pass."""
-    negative: str = "duogen"
-    """Text-guidance negative: duogen (prefix up to the last image) or null (zeros)."""
+    negative: str = "auto"
+    """Text-guidance negative: auto (what stage 2 trained with, null if unknown), duogen (prefix up to the last image) or null (zeros)."""
     seed: int = 0
     """Seed of image i is seed + i; text sampling uses its own generator from seed."""
     temperature: float = 0.0
@@ -113,6 +135,8 @@ class Chat:
         self.model = model.eval()
         self.mllm = model.mllm
         self.settings = settings or GenerationSettings()
+        self.negative = resolve_negative(self.settings.negative, model.trained_negative)
+        """The resolved text-guidance negative: duogen or null."""
         self.system = system
         self.logits_processor = logits_processor
         self.on_text = on_text
@@ -230,7 +254,7 @@ class Chat:
             states, mask = self._connector_states(ctx)
         vision_end = self.mllm.token_id("<|vision_end|>")
         neg_len = max((i + 1 for i in range(ctx) if ids[i] == vision_end), default=0)
-        if s.negative == "duogen" and neg_len > 0 and not m.connector.uses_queries:
+        if self.negative == "duogen" and neg_len > 0 and not m.connector.uses_queries:
             neg_states, neg_mask = self._connector_states(neg_len)
         else:
             neg_states, neg_mask, neg_len = torch.zeros_like(states), mask, 0

@@ -39,6 +39,7 @@ from fusion.flow import sample_t
 
 MANIFEST = "unifuse.json"
 FORMAT_VERSION = 1
+_UNSET = object()
 
 
 @dataclass
@@ -422,6 +423,17 @@ class FusedModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------ save / load
+    @property
+    def trained_negative(self) -> str | None:
+        """The text-guidance negative stage 2 trained with (``stage.text_dropout_form``: null or duogen);
+        None when stage 2 never trained this model. A loaded manifest's ``guidance_negative`` wins."""
+        recorded = getattr(self, "_guidance_negative", _UNSET)
+        if recorded is not _UNSET:
+            return recorded
+        if self.settings.get("name") != "align":
+            return None
+        return self.settings.get("text_dropout_form", "null")
+
     def save_pretrained(self, path: str | Path, config: dict | DictConfig | None = None) -> Path:
         """Write the whole model to ``path`` atomically (a temporary sibling renamed into place)."""
         path = Path(path)
@@ -452,6 +464,7 @@ class FusedModel(nn.Module):
                 save_file({k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(entry["module"]).items()}, str(d / "adapter_model.safetensors"))
                 manifest["lora"][part] = f"lora/{part}"
             manifest["settings"] = self.settings
+            manifest["guidance_negative"] = self.trained_negative  # what generation's negative=auto resolves to
             manifest["config"] = _to_container(config) if config is not None else None
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
             if path.exists():
@@ -522,6 +535,10 @@ class FusedModel(nn.Module):
         specs = {k: v["spec"] for k, v in parts.items()}
         model = cls(mllm, generator, connector, specs, manifest.get("settings"))
         model.mllm.hidden_layers = parts["mllm"]["spec"]["hidden_layers"]
+        if "guidance_negative" in manifest:  # older manifests: trained_negative is derived from settings
+            if manifest["guidance_negative"] not in (None, "null", "duogen"):
+                raise CheckpointError(f"{mf}: guidance_negative must be null, duogen or absent, got {manifest['guidance_negative']!r}")
+            model._guidance_negative = manifest["guidance_negative"]
         for part, folder in manifest.get("lora", {}).items():
             from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 

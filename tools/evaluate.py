@@ -29,7 +29,7 @@ register_configs()
 def main(cfg: DictConfig) -> None:
     setup_environment()
     OmegaConf.to_object(cfg)
-    from fusion.generate import GenerationSettings
+    from fusion.generate import GenerationSettings, resolve_negative
     from fusion.model import FusedModel
     from fusion.toyworld.conversations import write_split
     from fusion.toyworld.run import evaluate_split, format_table
@@ -45,6 +45,7 @@ def main(cfg: DictConfig) -> None:
     settings = GenerationSettings(steps=cfg.steps, guidance=cfg.guidance, max_new_tokens=cfg.max_new_tokens)
     report = evaluate_split(model, path, cfg.n, settings, out / "transcripts", cfg.transcripts)
     report["model"], report["data"] = cfg.model, str(path)
+    report["negative"] = resolve_negative(settings.negative, model.trained_negative)  # negative=auto: what stage 2 trained with
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     table = format_table(report)
     write_text_atomic(out / "report.md", f"# {cfg.model} on {path}\n\n{table}\n")

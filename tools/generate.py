@@ -5,6 +5,10 @@ Run as:
     python tools/generate.py model=... prompt="Move the circle to the left." image=circle.png
     python tools/generate.py model=... conversation=chat.jsonl [conversation_line=2]
 
+The guidance negative defaults to negative=auto: what stage 2 trained as a dropped text
+(the model's manifest, guidance_negative: null or duogen); negative=duogen|null overrides it
+(a warning names both when it differs from training).
+
 Writes into the run folder (hydra.run.dir): one PNG per image (user and generated),
 transcript.md, transcript.html (self-contained, images inline) and transcript.json. The
 transcript is written only when every turn has finished.
@@ -77,7 +81,8 @@ def main(cfg: DictConfig) -> None:
         print(f"\n  ({len(drawn)} image(s) drawn)")
         faults.maybe_signal("kill_after_turn", turn)  # reliability tests: an interrupted chat
     page = write_transcript(chat.segments, cfg.output_dir, title=f"unifuse: {Path(cfg.model).name}",
-                            meta={"model": cfg.model, "settings": settings.__dict__, "mllm_tokens": chat.state.length,
+                            meta={"model": cfg.model, "settings": settings.__dict__, "negative": chat.negative,  # auto, resolved
+                                  "mllm_tokens": chat.state.length,
                                   "tokens_forwarded": chat.state.tokens_forwarded})
     print(f"transcript: {page}")
 

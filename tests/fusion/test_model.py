@@ -12,7 +12,7 @@ from fusion.errors import ConfigError, DataError
 from fusion.model import FusedModel
 from tests.conftest import compose_config
 
-CONNECTORS = ["last_mlp", "multilayer_concat", "layer_mix", "queries", "multiscale_queries"]
+CONNECTORS = ["last_mlp", "multilayer_concat", "layer_mix", "queries", "multiscale_queries", "resampler"]
 GENERATORS = ["tiny_wan", "tiny_cosmos", "tiny_sana"]
 
 
@@ -36,7 +36,7 @@ def test_connector_x_generator_trains_a_step(tiny_dir, convs, connector, generat
     assert [0 if s.cond is None else s.cond.shape[0] for s in samples] == [0, 1, 1, 1]
 
     states, mask, _ = model.context_states(samples[1].ctx_ids, samples[1].ctx_pixel_values, samples[1].ctx_grids)
-    expected_len = model.connector.num_queries if model.connector.uses_queries else len(samples[1].ctx_ids)
+    expected_len = getattr(model.connector, "num_queries", None) or len(samples[1].ctx_ids)  # resampler: fixed, no MLLM queries
     assert states.shape == (1, expected_len, model.generator.text_dim)
     assert mask.shape == (1, expected_len) and mask.dtype == torch.long and bool(mask.all())
 
@@ -177,6 +177,7 @@ def test_widths_that_cannot_fit_fail_before_training(tiny_dir):
     ("queries", "tiny_cosmos", []),
     ("multilayer_concat", "tiny_wan", ["stage.trainable.generator=lora"]),
     ("multiscale_queries", "tiny_sana", []),
+    ("resampler", "tiny_wan", ["connector.layers=[1,-1]"]),
 ])
 def test_save_load_gives_identical_outputs(tiny_dir, convs, tmp_path, connector, generator, extra):
     torch.manual_seed(0)

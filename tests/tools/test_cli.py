@@ -123,6 +123,7 @@ def test_generate_one_prompt_writes_a_transcript(fused_dir, images, tmp_path):
     data = json.loads((tmp_path / "transcript.json").read_text())
     kinds = [(s["role"], s["kind"]) for s in data["segments"]]
     assert kinds[:2] == [("user", "image"), ("user", "text")]
+    assert data["meta"]["settings"]["negative"] == "auto" and data["meta"]["negative"] == "null"  # what stage=align trained with
     assert (tmp_path / "transcript.md").is_file() and (tmp_path / "turn01_user_1.png").is_file()
 
 
@@ -142,6 +143,7 @@ def test_generate_scripted_three_turn_chat(made, fused_dir, tmp_path):
     (["prompt=   "], "the prompt is empty"),
     (["prompt=hi", "image=/nonexistent.png"], "image file not found"),
     ([], "give either prompt="),
+    (["prompt=hi", "negative=bogus"], "negative must be auto, duogen or null, got 'bogus'"),
 ])
 def test_generate_bad_input_is_one_clear_message_and_no_transcript(fused_dir, tmp_path, args, needle):
     p = run("generate.py", f"model={fused_dir}", *args, f"hydra.run.dir={tmp_path}")
