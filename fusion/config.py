@@ -347,6 +347,20 @@ class StageConfig:
     """Parts that recompute activations in backward to save memory: mllm, vision_tower, generator."""
     compile: bool = False
     """torch.compile the parts that train (off by default: it pays off on GPUs, not in short CPU runs)."""
+    distill_steps: int = 0
+    """align: warm-up steps whose loss is the distillation alone (the connector learns to say what the DiT already reads from its own text encoder, loaded from <generator.path>/text_encoder); 0: none."""
+    distill_weight: float = 0.0
+    """align: weight of the distillation term added to the flow loss after the warm-up (0: off)."""
+    distill_target: str = "velocity"
+    """align: velocity (the DiT's velocity from the connector's states regresses onto its velocity from its own encoder's states: any connector, any length) or states (the states themselves: the connector must emit the encoder's padded length, e.g. connector=resampler)."""
+    generator_frozen_steps: int = 0
+    """align: steps at the start in which the DiT does not move (learning rate 0) while the connector learns to carry the text; keeps a DiT from eroding its own conditioning while the connector carries nothing."""
+    gain_every: int = 100
+    """align: steps between conditioning-gain measurements (loss with true vs zero vs shuffled states on a fixed batch, fusion/gain.py); 0: never."""
+    gain_samples: int = 16
+    """align: conversations in the fixed gain batch (held out of training when the data has at least 10x as many)."""
+    gain_warn: float = 0.05
+    """align: warn when the gain at t=0.7 is below this after the warm-up (the DiT is not using the connector's states)."""
 
     def __post_init__(self) -> None:
         if self.name not in ("sft", "align"):
@@ -380,6 +394,15 @@ class StageConfig:
             raise ConfigError(f"stage.lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"stage.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.distill_target not in ("velocity", "states"):
+            raise ConfigError(f"stage.distill_target must be velocity or states, got {self.distill_target!r}")
+        for key in ("distill_steps", "generator_frozen_steps", "gain_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"stage.{key} must be >= 0, got {getattr(self, key)}")
+        if self.distill_weight < 0:
+            raise ConfigError(f"stage.distill_weight must be >= 0, got {self.distill_weight}")
+        if self.gain_every and self.gain_samples < 2:
+            raise ConfigError(f"stage.gain_samples must be >= 2 (one to shuffle with), got {self.gain_samples}")
         if self.lr <= 0 or self.max_steps <= 0 or self.micro_batch_size <= 0 or self.grad_accum <= 0:
             raise ConfigError("stage.lr, stage.max_steps, stage.micro_batch_size and stage.grad_accum must be positive")
 

@@ -50,6 +50,30 @@ class Conversation:
             if item["type"] == "image"
         ]
 
+    def text_before_image(self, k: int) -> str:
+        """The request an image answers: the text of every turn (user and assistant, system excluded)
+        after the previous image, up to image ``k`` (0-based, conversation order), joined by spaces.
+
+        What a generator's own text encoder reads as its prompt (the distillation teacher of stage 2
+        and the conditioning-gain reference): for a text-to-image turn the user's request and the
+        assistant's words before ``<|bov|>``; for an edit, the edit instruction (the earlier image
+        reaches the DiT as a condition frame)."""
+        chunk: list[str] = []
+        seen = 0
+        for m in self.messages:
+            if m["role"] == "system":
+                continue
+            items = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+            for item in items:
+                if item.get("type") == "image":
+                    if seen == k:
+                        return " ".join(chunk)
+                    seen += 1
+                    chunk = []
+                elif item.get("type") == "text" and str(item.get("text", "")).strip():
+                    chunk.append(str(item["text"]).strip())
+        raise IndexError(f"{self.where}: conversation has {seen} images, no image {k}")
+
     def num_target_images(self) -> int:
         return sum(1 for role, _ in self.image_items() if role == "assistant")
 

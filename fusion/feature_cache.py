@@ -192,7 +192,7 @@ class FeatureCache:
         ctx_end = e["starts"][k] if settings.get("include_bov", True) else e["starts"][k] - 1
         neg_len = e["ends"][k - 1] + 1 if k else 0
         return AlignSample(None, None, None, neg_len, latents[k].float(), latents[:k].float() if k else None, conv.where,
-                           ctx_hidden=hidden[:, :ctx_end])
+                           ctx_hidden=hidden[:, :ctx_end], request=conv.text_before_image(k))
 
 
 def find(cache_dir: str | Path, key: str) -> Path | None:

@@ -35,7 +35,7 @@ from torch import nn
 from backbones.mllm.qwen2_5_vl import RenderedConversation
 from fusion.data import Conversation, load_images
 from fusion.errors import CheckpointError, ConfigError, DataError
-from fusion.flow import sample_t
+from fusion.flow import add_noise, sample_t, target_velocity
 
 MANIFEST = "unifuse.json"
 FORMAT_VERSION = 1
@@ -54,6 +54,7 @@ class AlignSample:
     cond: torch.Tensor | None  # [N, C, h, w] latents of every earlier image
     where: str = ""
     ctx_hidden: torch.Tensor | None = None  # [n_layers, L, D] from the feature cache (then ctx_ids etc. are None)
+    request: str = ""  # the text the generator's own encoder would read (Conversation.text_before_image)
 
 
 def _to_container(node: Any) -> Any:
@@ -81,6 +82,7 @@ class FusedModel(nn.Module):
         self.specs = specs or {}
         self.settings = dict(settings or {})
         self.lora: dict[str, dict] = {}
+        self.step = 0  # the optimizer step (set by the trainer): distillation warm-up and other schedules read it
         if connector is not None:
             self.mllm.hidden_layers = self._resolve_layers(connector.layers)
 
@@ -296,7 +298,7 @@ class FusedModel(nn.Module):
         size = (gen.image_size, gen.image_size) if s.get("image_size") is None else (s["image_size"], s["image_size"])
         target = gen.encode(images[k], size=size)[0]
         cond = gen.encode(images[:k], size=size) if k else None
-        return AlignSample(ids[:ctx_end], pv, grids, neg_len, target, cond, conv.where)
+        return AlignSample(ids[:ctx_end], pv, grids, neg_len, target, cond, conv.where, request=conv.text_before_image(k))
 
     def context_states(self, ctx_ids: torch.Tensor, pixel_values=None, grids=None):
         """Connector output for one context: (states [1, T, text_dim], mask [1, T], query_hidden or None)."""
@@ -388,11 +390,44 @@ class FusedModel(nn.Module):
             return states, mask
         return torch.zeros_like(like), like_mask
 
+    # ---- the generator's own text encoder: distillation teacher and gain reference
+    @property
+    def teacher(self):
+        """The generator's own text encoder (:class:`backbones.generator.text_encoder.TextEncoder`) or None.
+        Held outside the module tree: never trained, saved or counted with the fused model."""
+        return self.__dict__.get("_teacher")
+
+    def set_teacher(self, teacher) -> None:
+        if teacher is not None and teacher.dim != self.generator.text_dim:
+            raise ConfigError(f"the generator's text encoder is {teacher.dim} wide but its DiT reads {self.generator.text_dim}; "
+                              "distillation needs the DiT's own encoder (generator.text_dim must stay the checkpoint's)")
+        self.__dict__["_teacher"] = teacher
+
+    def distill_phase(self) -> tuple[float, float]:
+        """(flow weight, distillation weight) at the current step (``self.step``, set by the trainer).
+
+        ``stage.distill_steps`` first steps: distillation alone (a warm-up in which the connector learns
+        to say what the DiT already reads); afterwards ``1`` and ``stage.distill_weight``."""
+        s = self.settings
+        steps, weight = int(s.get("distill_steps", 0) or 0), float(s.get("distill_weight", 0.0) or 0.0)
+        if self.step < steps:
+            return 0.0, 1.0
+        return 1.0, weight
+
+    def _teacher_states(self, request: str):
+        states, mask = self.teacher.encode([request])
+        return states.to(self.generator.device, self.generator.dtype), mask.to(self.generator.device)
+
     def align_loss(self, samples: list[AlignSample], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-        """Stage-2 loss averaged over samples: flow matching on the target (+ alignment loss)."""
+        """Stage-2 loss averaged over samples: flow matching on the target (+ alignment loss)
+        (+ distillation onto the generator's own text encoder, ``stage.distill_*``)."""
         s = self.settings
         gen, dev = self.generator, self.generator.device
-        flows, aligns, drops = [], [], torch.zeros(2)
+        flows, aligns, distills, drops = [], [], [], torch.zeros(2)
+        w_flow, w_distill = self.distill_phase() if self.teacher is not None else (1.0, 0.0)
+        if w_distill > 0 and self.teacher is None:
+            raise ConfigError("stage.distill_steps / distill_weight need the generator's text encoder (FusedModel.set_teacher)")
+        distill_target = s.get("distill_target", "velocity")
         if s.get("batching", "packed") == "packed" and not getattr(self.connector, "uses_queries", False):
             samples = self.packed_context_states(samples)
         for sample in samples:
@@ -407,19 +442,34 @@ class FusedModel(nn.Module):
                          s.get("logit_mean", 0.0), s.get("logit_std", 1.0), s.get("time_shift", 1.0))
             noise = torch.randn(target.shape, generator=generator).to(dev)
             align_w = getattr(self.connector, "align_weight", 0.0)
-            if align_w > 0 and query_hidden is not None:
-                with gen.capture_block(self.connector.align_layer) as store:
-                    flows.append(gen.flow_loss(target, cond, states.to(gen.dtype), mask, t, noise))
+            x_t = add_noise(target, noise, t)
+            with gen.capture_block(self.connector.align_layer) if align_w > 0 and query_hidden is not None else contextlib.nullcontext() as store:
+                v = gen.velocity(x_t, t, cond, states.to(gen.dtype), mask)
+            flows.append(nn.functional.mse_loss(v.float(), target_velocity(target, noise).float()))
+            if store is not None:
                 aligns.append(self.connector.alignment_loss(store["grid"], query_hidden))
-            else:
-                flows.append(gen.flow_loss(target, cond, states.to(gen.dtype), mask, t, noise))
+            if w_distill > 0 and not drop_text and sample.request:
+                t_states, t_mask = self._teacher_states(sample.request)
+                if distill_target == "states":
+                    if t_states.shape != states.shape:
+                        raise ConfigError(f"stage.distill_target=states needs the connector to emit the teacher's {t_states.shape[1]} tokens "
+                                          f"of width {t_states.shape[2]}, it emits {states.shape[1]} (use distill_target=velocity, or "
+                                          f"connector=resampler with connector.num_queries={t_states.shape[1]})")
+                    distills.append(nn.functional.mse_loss(states.float(), t_states.float()))
+                else:  # the DiT is the judge: the velocity it predicts from the connector vs from its own encoder
+                    with torch.no_grad():
+                        v_teacher = gen.velocity(x_t, t, cond, t_states, t_mask)
+                    distills.append(nn.functional.mse_loss(v.float(), v_teacher.float()))
         flow = torch.stack(flows).mean()
         out = {"flow": flow, "drop_text": drops[0], "drop_cond": drops[1]}
+        loss = w_flow * flow
         if aligns:
             out["align"] = torch.stack(aligns).mean()
-            out["loss"] = flow + self.connector.align_weight * out["align"]
-        else:
-            out["loss"] = flow
+            loss = loss + self.connector.align_weight * out["align"]
+        if w_distill > 0:
+            out["distill"] = torch.stack(distills).mean() if distills else flow.new_zeros(())
+            loss = loss + w_distill * out["distill"] + (0.0 * flow if w_flow == 0 else 0.0)  # keeps the graph of every part
+        out["loss"] = loss
         return out
 
     # ------------------------------------------------------------------ save / load

@@ -340,6 +340,15 @@ class Trainer:
                 log.info("MLLM not loaded: stage 2 reads its features from the cache (cache=%s)", self.cache_mode)
         if cfg.stage.name == "align" and (self.model.generator is None or self.model.connector is None):
             raise ConfigError("stage=align needs generator=<name> and connector=<name>")
+        if cfg.stage.name == "align" and (cfg.stage.distill_steps or cfg.stage.distill_weight):
+            from backbones.generator.text_encoder import TextEncoder
+
+            teacher = TextEncoder.from_pretrained(cfg.generator.path, device=self.device)
+            self.model.set_teacher(teacher)
+            if self.is_main:
+                log.info("distillation teacher: %s from %s (%d tokens, padded; reads each target's request text); "
+                         "%d warm-up steps, then weight %g on %s", type(teacher.encoder).__name__, cfg.generator.path, teacher.max_length,
+                         cfg.stage.distill_steps, cfg.stage.distill_weight, cfg.stage.distill_target)
 
     def _setup_data(self) -> None:
         d = self.cfg.data
@@ -357,10 +366,66 @@ class Trainer:
             convs = self._setup_cache(convs)
         if not convs:
             raise DataError(f"no usable samples ({self.report.summary()})", d.path)
+        convs = self._setup_gain_batch(convs)
         if self.is_main:
             log.info("data: %d samples from %s; %s", len(convs), d.path, self.report.summary())
         self.dataset = ConversationDataset(convs, decode=self.cache is None)
         self.sampler = SeededSampler(len(convs), d.seed, self.rank, self.world)
+
+    def _setup_gain_batch(self, convs: list[Conversation]) -> list[Conversation]:
+        """The fixed batch of the conditioning-gain instrument (fusion/gain.py): the last ``stage.gain_samples``
+        conversations, held out of training when the data has at least 10x as many; returns the training set."""
+        st = self.cfg.stage
+        self.gain_convs: list[Conversation] = []
+        self.gain_held_out = False
+        if st.name != "align" or not st.gain_every:
+            return convs
+        n = min(st.gain_samples, len(convs))
+        if n < 2:
+            return convs
+        self.gain_convs = convs[-n:]
+        if len(convs) >= 10 * st.gain_samples:
+            self.gain_held_out = True
+            convs = convs[:-n]
+        if self.is_main:
+            log.info("conditioning gain: every %d steps on %d %s conversations", st.gain_every, n,
+                     "held-out" if self.gain_held_out else "training (too few to hold out)")
+        return convs
+
+    def _gain_samples(self) -> list:
+        if not hasattr(self, "_gain_prepared"):
+            g = torch.Generator().manual_seed(12_345)
+            self._gain_prepared = []
+            for c in self.gain_convs:
+                try:
+                    self._gain_prepared.append(self._prepare(c if self.cache is not None else load_images(c), g))
+                except DataError as e:  # e.g. a conversation with no assistant image: not in the gain batch
+                    log.debug("conditioning gain: %s left out (%s)", c.where, e)
+        return self._gain_prepared
+
+    def _measure_gain(self) -> dict[str, float]:
+        from fusion.gain import conditioning_gain, summary_line
+
+        samples = self._gain_samples()
+        if len(samples) < 2:
+            return {}
+        gain = conditioning_gain(self.model, samples)
+        st = self.cfg.stage
+        if not self.is_main:
+            return gain
+        self.gain_history.append({"step": self.state.step, **gain})
+        log.info("step %d: %s", self.state.step, summary_line(gain))
+        warm = max(st.warmup_steps, st.distill_steps, st.generator_frozen_steps)
+        if self.state.step > warm and gain["gain@0.7"] < st.gain_warn:
+            log.warning("step %d: conditioning gain at t=0.7 is %.3f (< stage.gain_warn=%g): the DiT is not using the connector's "
+                        "states; the falling loss is the DiT learning the average image (see README, 'Is stage 2 working?')",
+                        self.state.step, gain["gain@0.7"], st.gain_warn)
+        return gain
+
+    def _log_gain(self) -> None:
+        gain = self._measure_gain()
+        if gain and self.is_main:
+            self.logger.log({f"gain/{k}": v for k, v in gain.items() if "@" in k or k == "gain"}, step=self.state.step)
 
     def _setup_cache(self, convs: list[Conversation]) -> list[Conversation]:
         """Find (or build) the feature cache of these conversations; returns the ones it can train on."""
@@ -436,7 +501,12 @@ class Trainer:
                 return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
             return 1.0
 
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        def frozen_then(schedule_fn, steps: int):
+            return lambda step: 0.0 if step < steps else schedule_fn(step)
+
+        lambdas = [frozen_then(schedule, st.generator_frozen_steps) if g["name"] == "generator" and st.name == "align" else schedule
+                   for g in groups]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
         ds = deepspeed_config(self.cfg.deepspeed, st, self.device)
         if ds["bf16"]["enabled"]:
             log.info("bf16 mixed precision on")
@@ -694,9 +764,14 @@ class Trainer:
         t0 = time.time()
         self._install_stop_handler()
         interrupted = None
+        self.gain_history: list[dict[str, float]] = []
+        measure_gain = bool(st.name == "align" and st.gain_every and self.gain_convs)  # every rank: ZeRO-3 gathers in the forward
+        if measure_gain and self.state.step == 0:
+            self._log_gain()
         while self.state.step < st.max_steps:
             metrics: dict[str, float] = {}
             step_losses = []
+            self.model.step = self.state.step
             for micro in range(st.grad_accum):
                 batch, it = self._next_batch(it, self._step_generator(micro))
                 out = self.engine(batch, self._step_generator(micro))
@@ -727,6 +802,8 @@ class Trainer:
                 bar.update(1)
             if st.name == "align" and st.sample_every and self.state.step % st.sample_every == 0 and self.is_main:
                 self._draw_samples()
+            if measure_gain and (self.state.step % st.gain_every == 0 or self.state.step == st.max_steps):
+                self._log_gain()
             saved = False
             if st.save_every and self.state.step % st.save_every == 0 and self.state.step < st.max_steps:
                 self.save_checkpoint()
@@ -745,7 +822,11 @@ class Trainer:
         summary = {"steps": self.state.step, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                    "seconds": round(time.time() - t0, 2), "skipped": dict(self.report.counts), "export": str(final) if final else None,
                    "skip_examples": self.report.examples[:5], "feature_cache": self.cache_info or None,
-                   "nonfinite_steps": self.state.nonfinite, "interrupted": interrupted}
+                   "nonfinite_steps": self.state.nonfinite, "interrupted": interrupted,
+                   "conditioning_gain": self.gain_history[-1] if self.gain_history else None,
+                   "conditioning_gain_history": [{k: h[k] for k in ("step", "gain@0.3", "gain@0.5", "gain@0.7", "gain@0.9")}
+                                                 for h in self.gain_history],
+                   "gain_batch": {"conversations": len(self.gain_convs), "held_out": self.gain_held_out} if self.gain_convs else None}
         if self.is_main:
             write_text_atomic(self.out / "summary.json", json.dumps(summary, indent=2))
             if interrupted is None:

@@ -135,4 +135,8 @@ def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "cosmos", variant:
     index = {"_class_name": pipe, "_diffusers_version": "0.42.1", "transformer": ["diffusers", "CosmosTransformer3DModel"],
              "vae": ["diffusers", "AutoencoderKLWan"], "scheduler": ["diffusers", type(scheduler).__name__]}
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    if variant == "2":  # Cosmos-Predict2 reads T5 (Predict2.5 reads Cosmos-Reason, a Qwen2.5-VL: no tiny teacher here)
+        from backbones.generator.text_encoder import make_tiny_text_encoder
+
+        make_tiny_text_encoder(root, "T5EncoderModel", transformer.config.text_embed_dim, seed=seed)
     return root

@@ -116,4 +116,7 @@ def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "sana") -> Path:
     index = {"_class_name": "SanaPipeline", "_diffusers_version": "0.42.1", "transformer": ["diffusers", "SanaTransformer2DModel"],
              "vae": ["diffusers", "AutoencoderDC"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    from backbones.generator.text_encoder import make_tiny_text_encoder
+
+    make_tiny_text_encoder(root, "Gemma2Model", transformer.config.caption_channels, seed=seed)  # the pipeline's own encoder class: the distillation teacher
     return root

@@ -140,4 +140,7 @@ def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "wan", variant: st
              "vae": ["diffusers", type(vae).__name__], "scheduler": ["diffusers", "UniPCMultistepScheduler"],
              "expand_timesteps": variant == "2.2"}
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    from backbones.generator.text_encoder import make_tiny_text_encoder
+
+    make_tiny_text_encoder(root, "UMT5EncoderModel", transformer.config.text_dim, seed=seed)  # the pipeline's own encoder class: the distillation teacher
     return root

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from fusion.toyworld.scenes import random_scene, render
 
 
 #: bumped whenever a pretraining recipe changes in code, so cached parts built by an older one are rebuilt
-RECIPES = {"vae": 2, "mllm": 2, "dit": 1}
+RECIPES = {"vae": 2, "mllm": 2, "dit": 2}
 
 
 def warmup_cosine(steps: int, warmup: int, floor: float = 0.1):
@@ -104,41 +105,69 @@ FAMILIES = ("wan", "cosmos", "sana")
 OPS = ("move", "recolour", "add", "remove")
 
 
-class ToyText:
-    """The toy DiTs' own "text encoder" (what T5 / Gemma are to the published ones).
+# The toy DiTs' own text encoder: what UMT5 / T5 / Gemma2 are to the published ones, in those
+# classes, saved as text_encoder/ + tokenizer/ of the generator folder and padded like the
+# family's pipeline pads. The DiT learns to find the few tokens about objects among many.
+TEXT_LENGTH = 48  # the toy pipelines' max_sequence_length (Wan pads to 512, SANA to 300)
 
-    One token per object: the sum of fixed random vectors for its shape, colour, row and
-    column (scaled to unit variance), so binding never depends on word order; an edit is
-    ``[op, object]``. Only the DiT pretraining uses it; the fused model replaces it with the
-    connector's output at the same width.
-    """
 
-    def __init__(self, dim: int, seed: int = 0, max_tokens: int = 4):
-        from fusion.toyworld.scenes import COLOURS, SHAPES
+def toy_vocabulary() -> list[str]:
+    """Every word the toy world's requests and replies use (lower case), plus punctuation."""
+    from fusion.toyworld import conversations as cv
+    from fusion.toyworld.scenes import CELL_NAMES, COLOURS, SHAPES
 
-        g = torch.Generator().manual_seed(seed)
-        self.dim, self.max_tokens = dim, max_tokens
-        self.tables = {name: torch.randn(len(keys), dim, generator=g) for name, keys in
-                       (("shape", SHAPES), ("colour", COLOURS), ("row", range(3)), ("col", range(3)), ("op", OPS))}
-        self.index = {"shape": {k: i for i, k in enumerate(SHAPES)}, "colour": {k: i for i, k in enumerate(COLOURS)}}
+    text = " ".join([*cv.DRAW, *cv.DRAW_REPLY, *cv.EDIT_REPLY, *cv.MOVE, *cv.RECOLOUR, *cv.ADD, *cv.REMOVE, *cv.BACK,
+                     *(q + " " + a for q, a in cv.DISTRACT), *CELL_NAMES.values(), *COLOURS, *SHAPES, *STEP_WORDS,
+                     "a an the at and one object time now also empty"])
+    return sorted({w for w in re.findall(r"[a-z]+|[^\sa-z{}]", text.lower())})
 
-    def obj(self, o) -> torch.Tensor:
-        t = self.tables
-        return (t["shape"][self.index["shape"][o.shape]] + t["colour"][self.index["colour"][o.colour]] + t["row"][o.row] + t["col"][o.col]) / 2
 
-    def encode(self, token_lists: list[list[torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-        states = torch.zeros(len(token_lists), self.max_tokens, self.dim)
-        mask = torch.zeros(len(token_lists), self.max_tokens, dtype=torch.long)
-        for i, toks in enumerate(token_lists):
-            for j, v in enumerate(toks[: self.max_tokens]):
-                states[i, j], mask[i, j] = v, 1
-        return states, mask
+STEP_WORDS = ("Now {obj}.", "Draw {objs}, one object at a time.")
 
-    def scene(self, scene) -> list[torch.Tensor]:
-        return [self.obj(o) for o in scene]
 
-    def edit(self, op: str, target) -> list[torch.Tensor]:
-        return [self.tables["op"][OPS.index(op)], self.obj(target)]
+#: the family adapters' own text-encoder classes (published pipelines: Wan UMT5, Cosmos-Predict2 T5, SANA Gemma2)
+TEXT_ENCODERS = {"wan": "UMT5EncoderModel", "cosmos": "T5EncoderModel", "sana": "Gemma2Model"}
+
+
+def toy_tokenizer(max_length: int = TEXT_LENGTH):
+    """A word-level tokenizer over :func:`toy_vocabulary` (T5 conventions: ``</s>`` appended, ``<pad>`` 0)."""
+    from backbones.generator.text_encoder import word_tokenizer
+
+    return word_tokenizer(toy_vocabulary(), max_length)
+
+
+def toy_text_encoder(family: str, vocab_size: int, dim: int = 64, layers: int = 2, heads: int = 4):
+    """The family's own text-encoder class (Wan: UMT5, Cosmos-Predict2: T5, SANA: Gemma2), tiny."""
+    from backbones.generator.text_encoder import tiny_encoder
+
+    if family not in TEXT_ENCODERS:
+        raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+    return tiny_encoder(TEXT_ENCODERS[family], vocab_size, dim, layers, heads)
+
+
+def scene_prompt(rng: random.Random, scene) -> str:
+    """A text-to-image request as the toy world phrases it (sometimes followed by the reply before the image)."""
+    from fusion.toyworld import conversations as cv
+
+    p = rng.choice(cv.DRAW).format(objs=cv.list_objs(scene)) if scene else "Draw an empty picture."
+    return p + (" " + rng.choice(cv.DRAW_REPLY) if rng.random() < 0.5 else "")
+
+
+def edit_prompt(rng: random.Random, source, op: str, target) -> str:
+    """An edit request as the toy world phrases it (``target``: the object after the edit)."""
+    from fusion.toyworld import conversations as cv
+
+    if op == "add":
+        p = rng.choice(cv.ADD).format(new=cv.place(target)) if rng.random() < 0.75 else f"Now {cv.place(target)}."
+    elif op == "remove":
+        p = rng.choice(cv.REMOVE).format(obj=cv.ref(target))
+    elif op == "recolour":
+        old = next(o for o in source if o.cell == target.cell)
+        p = rng.choice(cv.RECOLOUR).format(obj=cv.ref(old), colour=target.colour)
+    else:
+        old = next(o for o in source if (o.shape, o.colour) == (target.shape, target.colour))
+        p = rng.choice(cv.MOVE).format(obj=cv.ref(old), where=target.where)
+    return p + (" " + rng.choice(cv.EDIT_REPLY) if rng.random() < 0.5 else "")
 
 
 def toy_transformer(family: str, latent_channels: int, text_dim: int = 64, layers: int = 4, heads: int = 4, head_dim: int = 32):
@@ -168,8 +197,9 @@ def toy_transformer(family: str, latent_channels: int, text_dim: int = 64, layer
 PIPELINES = {"wan": "WanPipeline", "cosmos": "Cosmos2VideoToWorldPipeline", "sana": "SanaPipeline"}
 
 
-def save_generator(root: Path, family: str, transformer, vae_dir: Path) -> None:
-    """The diffusers folder layout: transformer/, vae/ (a copy of the toy VAE), scheduler/, model_index.json."""
+def save_generator(root: Path, family: str, transformer, vae_dir: Path, text_encoder=None, tokenizer=None) -> None:
+    """The diffusers folder layout: transformer/, vae/ (a copy of the toy VAE), scheduler/, text_encoder/,
+    tokenizer/, model_index.json (naming each part's class, as a published pipeline folder does)."""
     import shutil
 
     from diffusers import FlowMatchEulerDiscreteScheduler
@@ -180,6 +210,10 @@ def save_generator(root: Path, family: str, transformer, vae_dir: Path) -> None:
     index = {"_class_name": PIPELINES[family], "_diffusers_version": "0.42.1", "transformer": ["diffusers", type(transformer).__name__],
              "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}
     (root / "model_index.json").write_text(json.dumps(index, indent=2))
+    if text_encoder is not None:
+        from backbones.generator.text_encoder import save_text_encoder
+
+        save_text_encoder(root, text_encoder, tokenizer)
 
 
 def load_toy_generator(family: str, root: str | Path, image_size: int = 64):
@@ -216,31 +250,38 @@ def _images(scenes, size: int = 64) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dit_accuracy(gen, text: ToyText, n: int = 32, seed: int = 20_011, steps: int = 20, guidance: float = 3.0) -> dict:
-    """Exact-scene accuracy of sampled images (read back by the evaluator's reader): t2i and edits."""
+def dit_accuracy(gen, text, n: int = 32, seed: int = 20_011, steps: int = 20, guidance: float = 3.0) -> dict:
+    """Exact-scene accuracy of sampled images (read back by the evaluator's reader): t2i (single objects
+    apart) and edits, by operation. ``text``: the generator's own :class:`TextEncoder`."""
     from backbones.generator.base import to_pil
 
     rng = random.Random(seed)
     scenes = [random_scene(rng, rng.choice([1, 2, 3])) for _ in range(n)]
     g = torch.Generator().manual_seed(seed)
-    states, mask = text.encode([text.scene(s) for s in scenes])
+    states, mask = text.encode([scene_prompt(rng, s) for s in scenes])
     imgs = to_pil(gen.sample(states, mask, steps=steps, guidance=guidance, generator=g))
-    out = {"t2i": sum(read_scene(im) == s for im, s in zip(imgs, scenes)) / n,
-           "t2i_1obj": _frac([read_scene(im) == s for im, s in zip(imgs, scenes) if len(s) == 1])}
+    ok = [read_scene(im) == s for im, s in zip(imgs, scenes)]
+    out = {"t2i": _frac(ok), "t2i_1obj": _frac([k for k, s in zip(ok, scenes) if len(s) == 1]),
+           "t2i_multi": _frac([k for k, s in zip(ok, scenes) if len(s) > 1])}
     if gen.uses_condition_frames:
         _, edits = dit_batch(rng, n, 1.0)
-        states, mask = text.encode([text.edit(op, tgt) for _, _, op, tgt in edits])
+        states, mask = text.encode([edit_prompt(rng, src, op, tgt) for src, _, op, tgt in edits])
         cond = gen.encode(_images([src for src, *_ in edits]))[:, None]
         imgs = to_pil(gen.sample(states, mask, cond, steps=steps, guidance=guidance, generator=g))
         ok = [read_scene(im) == e[1] for im, e in zip(imgs, edits)]
+        kept = [all(o in read_scene(im) for o in e[0] if o.cell != e[3].cell and not (e[2] == "move" and (o.shape, o.colour) == (e[3].shape, e[3].colour)))
+                for im, e in zip(imgs, edits)]
         out["edit"] = _frac(ok)
-        out["edit_no_move"] = _frac([k for k, e in zip(ok, edits) if e[2] != "move"])
+        out["edit_preserved"] = _frac(kept)
+        for op in OPS:
+            out[f"edit_{op}"] = _frac([k for k, e in zip(ok, edits) if e[2] == op])
     return out
 
 
 @torch.no_grad()
-def _latent_pool(gen, text: ToyText, rng: random.Random, n: int, p_edit: float, progress: bool = True) -> dict:
-    """``n`` training items encoded once (the VAE is deterministic): t2i and edit latents with their tokens."""
+def _latent_pool(gen, tokenizer, rng: random.Random, n: int, p_edit: float, progress: bool = True) -> dict:
+    """``n`` training items encoded once (the VAE is deterministic): t2i and edit latents with their
+    tokenized requests (the text encoder trains, so its states are computed at each step)."""
     t2i, edits = dit_batch(rng, n, p_edit)
     pool = {}
     chunks = 256
@@ -253,16 +294,21 @@ def _latent_pool(gen, text: ToyText, rng: random.Random, n: int, p_edit: float, 
             bar.update(len(scenes[i : i + chunks]))
         return torch.cat(out) if out else None
 
+    def tok(prompts):
+        t = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
+        return t.input_ids, t.attention_mask
+
     if t2i:
-        pool["t2i"] = (enc(t2i), None, *text.encode([text.scene(s) for s in t2i]))
+        pool["t2i"] = (enc(t2i), None, *tok([scene_prompt(rng, s) for s in t2i]))
     if edits:
-        pool["edit"] = (enc([e[1] for e in edits]), enc([e[0] for e in edits])[:, None], *text.encode([text.edit(op, tgt) for _, _, op, tgt in edits]))
+        pool["edit"] = (enc([e[1] for e in edits]), enc([e[0] for e in edits])[:, None],
+                        *tok([edit_prompt(rng, src, op, tgt) for src, _, op, tgt in edits]))
     bar.close()
     return pool
 
 
 def _draw(pool: dict, batch: int, g: torch.Generator):
-    """Random items of one batch, grouped by kind: (target, cond, states, mask, share of the batch)."""
+    """Random items of one batch, grouped by kind: (target, cond, ids, mask, share of the batch)."""
     sizes = {k: len(v[0]) for k, v in pool.items()}
     total = sum(sizes.values())
     picks = torch.randint(total, (batch,), generator=g)
@@ -271,8 +317,8 @@ def _draw(pool: dict, batch: int, g: torch.Generator):
         idx = picks[(picks >= start) & (picks < start + size)] - start
         start += size
         if len(idx):
-            target, cond, states, mask = pool[k]
-            yield target[idx], (cond[idx] if cond is not None else None), states[idx], mask[idx], len(idx) / batch
+            target, cond, ids, mask = pool[k]
+            yield target[idx], (cond[idx] if cond is not None else None), ids[idx], mask[idx], len(idx) / batch
 
 
 def _frac(xs: list) -> float:
@@ -281,47 +327,58 @@ def _frac(xs: list) -> float:
 
 def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int = 3000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
                  text_dim: int = 64, p_edit: float = 0.5, p_drop_text: float = 0.1, layers: int = 4, pool_size: int = 4096,
-                 progress: bool = True) -> dict:
-    """Pretrain a toy DiT of ``family`` to render toy scenes from :class:`ToyText` tokens and to
-    apply edits to a clean condition frame; save it (with the VAE) in the diffusers layout."""
+                 text_layers: int = 2, text_length: int = TEXT_LENGTH, eval_n: int = 32, progress: bool = True) -> dict:
+    """Pretrain a toy DiT of ``family`` together with its own text encoder (the family's class) to draw
+    toy scenes from the toy world's requests (padded to ``text_length`` tokens) and to apply edits to a
+    clean condition frame; save both (with the VAE, tokenizer and scheduler) in the diffusers layout."""
+    from backbones.generator.text_encoder import TextEncoder
     from fusion.flow import sample_t
 
     out = Path(out)
     torch.manual_seed(seed)
     rng = random.Random(seed)
     latent_channels = json.loads((Path(vae_dir) / "config.json").read_text())["latent_channels"]
+    tokenizer = toy_tokenizer(text_length)
     transformer = toy_transformer(family, latent_channels, text_dim, layers)
-    save_generator(out, family, transformer, Path(vae_dir))
+    encoder = toy_text_encoder(family, len(tokenizer), text_dim, text_layers)
+    save_generator(out, family, transformer, Path(vae_dir), encoder, tokenizer)
     gen = load_toy_generator(family, out)
-    text = ToyText(text_dim, seed)
-    opt = torch.optim.AdamW(gen.transformer.parameters(), lr=lr, weight_decay=0.0)
+    text = TextEncoder.from_pretrained(out)
+    text.encoder.train().requires_grad_(True)
+    params = [*gen.transformer.parameters(), *text.encoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 100))
     t0, losses = time.time(), []
-    pool = _latent_pool(gen, text, rng, pool_size, p_edit if gen.uses_condition_frames else 0.0, progress)
+    pool = _latent_pool(gen, tokenizer, rng, pool_size, p_edit if gen.uses_condition_frames else 0.0, progress)
     bar = tqdm(range(steps), desc=f"toy DiT ({family})", disable=not progress)
     g = torch.Generator().manual_seed(seed)
     gen.transformer.train()
     for step in bar:
         loss = 0.0
-        for target, cond, states, mask, share in _draw(pool, batch, g):
-            states = states.clone()
-            states[torch.rand(len(states), generator=g) < p_drop_text] = 0
+        for target, cond, ids, mask, share in _draw(pool, batch, g):
+            states = text.states(ids, mask)
+            keep = (torch.rand(len(states), generator=g) >= p_drop_text).float()[:, None, None]
+            states = states * keep  # a dropped request is all zeros: the null condition of guidance
             t = sample_t(len(states), "logit_normal", g, "cpu")
             noise = torch.randn(target.shape, generator=g)
             loss = loss + gen.flow_loss(target, cond, states, mask, t, noise) * share
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(gen.transformer.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
     gen.transformer.eval()
-    acc = dit_accuracy(gen, text)
+    text.encoder.eval().requires_grad_(False)
+    acc = dit_accuracy(gen, text, n=eval_n)
     stats = {"family": family, "steps": steps, "seconds": round(time.time() - t0, 1), "first_loss": losses[0],
-             "last_loss": float(np.mean(losses[-50:])), "params": sum(p.numel() for p in gen.transformer.parameters()), "accuracy": acc}
+             "last_loss": float(np.mean(losses[-50:])), "params": sum(p.numel() for p in gen.transformer.parameters()),
+             "text_encoder": type(text.encoder).__name__, "text_encoder_params": sum(p.numel() for p in text.encoder.parameters()),
+             "text_length": text_length, "accuracy": acc}
     gen.transformer.save_pretrained(out / "transformer")
+    text.encoder.save_pretrained(out / "text_encoder")
     (out / "pretrain.json").write_text(json.dumps(stats, indent=2))
     return stats
 

@@ -10,15 +10,17 @@ import torch
 
 from fusion.toyworld.pretrain import (
     OPS,
-    ToyText,
     dit_batch,
+    edit_prompt,
+    scene_prompt,
+    toy_text_encoder,
+    toy_tokenizer,
     load_toy_generator,
     mllm_sample,
     pretrain_dit,
     pretrain_mllm,
     pretrain_vae,
 )
-from fusion.toyworld.scenes import Obj, make_scene
 from tests.conftest import compose_config
 
 
@@ -29,17 +31,35 @@ def toy_vae(tmp_path_factory):
     return out
 
 
-def test_toy_text_gives_one_token_per_object_and_binds_attributes():
-    text = ToyText(64, seed=0)
-    a = make_scene([Obj("circle", "red", 0, 0), Obj("square", "blue", 1, 1)])
-    b = make_scene([Obj("circle", "blue", 0, 0), Obj("square", "red", 1, 1)])  # same attributes, other pairs
-    sa, ma = text.encode([text.scene(a)])
-    sb, _ = text.encode([text.scene(b)])
-    assert ma.tolist() == [[1, 1, 0, 0]]
-    assert not torch.allclose(sa, sb)  # binding lives in the token, not in the word order
-    assert torch.equal(ToyText(64, seed=0).encode([text.scene(a)])[0], sa)  # fixed tables per seed
-    ops, _ = text.encode([text.edit(op, a[0]) for op in OPS])
-    assert len({tuple(o[0].tolist()) for o in ops}) == len(OPS)
+def test_toy_tokenizer_covers_every_request_and_pads_like_a_pipeline():
+    tok = toy_tokenizer(48)
+    rng = random.Random(0)
+    t2i, edits = dit_batch(rng, 300, 0.5)
+    prompts = [scene_prompt(rng, s) for s in t2i] + [edit_prompt(rng, src, op, tgt) for src, _, op, tgt in edits]
+    enc = tok(prompts, padding="max_length", max_length=48, truncation=True)
+    for p, ids, m in zip(prompts, enc.input_ids, enc.attention_mask):
+        assert tok.unk_token_id not in ids, p  # every word of the toy world is in the vocabulary
+        n = sum(m)
+        assert n < 48 and ids[n - 1] == tok.eos_token_id and set(ids[n:]) <= {tok.pad_token_id}, p
+    assert tok("Draw a red circle.").input_ids != tok("Draw a blue circle.").input_ids
+
+
+@pytest.mark.parametrize("family,cls", [("wan", "UMT5EncoderModel"), ("cosmos", "T5EncoderModel"), ("sana", "Gemma2Model")])
+def test_toy_text_encoders_are_the_family_classes_and_load_as_a_pipeline_folder_holds_them(tmp_path, toy_vae, family, cls):
+    from backbones.generator.text_encoder import TextEncoder
+    from fusion.toyworld.pretrain import save_generator, toy_transformer
+
+    tok = toy_tokenizer(24)
+    enc = toy_text_encoder(family, len(tok), 64, layers=1)
+    assert type(enc).__name__ == cls
+    save_generator(tmp_path / family, family, toy_transformer(family, 8, 64, layers=1), toy_vae, enc, tok)
+    assert json.loads((tmp_path / family / "model_index.json").read_text())["text_encoder"] == ["transformers", cls]
+    te = TextEncoder.from_pretrained(tmp_path / family)
+    assert type(te.encoder).__name__ == cls and te.max_length == 24 and te.dim == 64
+    states, mask = te.encode(["Draw a red circle at the top left.", "Remove the blue square."])
+    assert states.shape == (2, 24, 64) and mask.sum(1).tolist() == [10, 6]
+    assert states[0, 10:].abs().max() == 0 and states[1, 6:].abs().max() == 0  # padding zeroed, as the pipelines do
+    assert states[0, :10].abs().amax(-1).min() > 0
 
 
 def test_dit_batches_hold_valid_edits():
@@ -54,11 +74,11 @@ def test_dit_batches_hold_valid_edits():
 @pytest.mark.parametrize("family", ["wan", "cosmos", "sana"])
 def test_toy_dit_pretrains_saves_and_loads_through_its_config(tmp_path, toy_vae, family):
     root = tmp_path / family
-    stats = pretrain_dit(family, root, toy_vae, steps=4, batch=4, pool_size=16, progress=False)
+    stats = pretrain_dit(family, root, toy_vae, steps=4, batch=4, pool_size=16, eval_n=4, text_length=24, progress=False)
     assert stats["steps"] == 4 and stats["last_loss"] > 0
     assert set(stats["accuracy"]) >= {"t2i", "t2i_1obj"}
-    for part in ("transformer", "vae", "scheduler"):
-        assert (root / part / "config.json").is_file() or (root / part / "scheduler_config.json").is_file()
+    for part in ("transformer", "vae", "scheduler", "text_encoder", "tokenizer"):
+        assert (root / part / "config.json").is_file() or (root / part / "scheduler_config.json").is_file() or (root / part / "tokenizer.json").is_file()
     assert json.loads((root / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKL"]
     cfg = compose_config(["mllm=toy", f"generator=toy_{family}", f"toy_dir={tmp_path}"])
     from hydra.utils import instantiate
@@ -79,7 +99,9 @@ def test_toy_dit_pretrains_saves_and_loads_through_its_config(tmp_path, toy_vae,
     if gen.uses_condition_frames:  # an edit with one condition frame runs and leaves the frame alone
         x = torch.randn(1, gen.latent_channels, 16, 16)
         cond = torch.randn(1, 1, gen.latent_channels, 16, 16)
-        states, mask = ToyText(64).encode([ToyText(64).edit("add", Obj("circle", "red", 0, 0))])
+        from backbones.generator.text_encoder import TextEncoder
+
+        states, mask = TextEncoder.from_pretrained(root).encode(["Add a red circle at the top left."])
         v = gen.velocity(x, torch.tensor([0.5]), cond, states, mask)
         assert v.shape == x.shape and torch.isfinite(v).all()
 
@@ -88,7 +110,7 @@ def test_wan_coordinate_channels_tell_positions_apart(tmp_path, toy_vae):
     """The same latent content at two places gets different velocities only through position signals."""
     gen = load_toy_generator("wan", _wan(tmp_path, toy_vae))
     x = torch.zeros(1, gen.latent_channels, 16, 16)
-    states, mask = ToyText(64).encode([[]])
+    states, mask = torch.zeros(1, 4, 64), torch.zeros(1, 4, dtype=torch.long)
     v = gen.velocity(x, torch.tensor([0.5]), None, states, mask)
     assert not torch.allclose(v[..., :8, :8], v[..., 8:, 8:], atol=1e-6)
 
@@ -111,7 +133,7 @@ def test_wan_rejects_an_input_width_it_cannot_explain(tmp_path, toy_vae):
     save_generator(tmp_path / "wan", "wan", t, toy_vae)
     gen = load_toy_generator("wan", tmp_path / "wan")
     with pytest.raises(ValueError, match="coordinate channels"):
-        gen.velocity(torch.zeros(1, 8, 16, 16), torch.tensor([0.5]), None, *ToyText(64).encode([[]]))
+        gen.velocity(torch.zeros(1, 8, 16, 16), torch.tensor([0.5]), None, torch.zeros(1, 4, 64), torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_toy_mllm_pretrains_into_a_qwen_folder_with_one_vision_token_per_cell(tmp_path):

@@ -1,0 +1,169 @@
+"""Stage 2's instrument and recipe: the request text an image answers, the generator's own text encoder
+(loaded from the pipeline folder), the conditioning gain, and distillation onto that encoder."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusion.data import parse_conversation, read_jsonl
+from fusion.errors import CheckpointError, ConfigError
+from fusion.model import FusedModel
+from tests.conftest import compose_config
+
+
+def build(tiny_dir, connector="last_mlp", generator="tiny_wan", extra=()):
+    cfg = compose_config([f"tiny_dir={tiny_dir}", "stage=align", f"generator={generator}", f"connector={connector}",
+                          "stage.p_drop_text=0", "stage.p_drop_cond=0", *extra])
+    return FusedModel.build(cfg), cfg
+
+
+@pytest.fixture(scope="module")
+def convs(tiny_dir):
+    return list(read_jsonl(tiny_dir / "demo_data" / "conversations.jsonl"))
+
+
+def test_text_before_image_is_the_chunk_since_the_previous_image(tmp_path):
+    from PIL import Image
+
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
+    img = lambda n: {"type": "image", "image": str(tmp_path / f"{n}.png")}  # noqa: E731
+    txt = lambda t: {"type": "text", "text": t}  # noqa: E731
+    conv = parse_conversation({"messages": [
+        {"role": "system", "content": "You draw."},
+        {"role": "user", "content": [txt("Draw a red circle.")]},
+        {"role": "assistant", "content": [txt("Here it is."), img("a")]},
+        {"role": "user", "content": [txt("What is two plus three?")]},
+        {"role": "assistant", "content": "Five."},
+        {"role": "user", "content": [img("b"), txt("Make the circle blue.")]},
+        {"role": "assistant", "content": [txt("Done."), img("c")]},
+    ]})
+    assert conv.text_before_image(0) == "Draw a red circle. Here it is."
+    assert conv.text_before_image(1) == "What is two plus three? Five."  # the user's image: text since the last image
+    assert conv.text_before_image(2) == "Make the circle blue. Done."
+    with pytest.raises(IndexError, match="3 images"):
+        conv.text_before_image(3)
+
+
+@pytest.mark.parametrize("folder,cls", [("wan", "UMT5EncoderModel"), ("cosmos2", "T5EncoderModel"), ("sana", "Gemma2Model")])
+def test_tiny_generators_carry_their_family_text_encoder(tiny_dir, folder, cls):
+    from backbones.generator.text_encoder import TextEncoder
+
+    te = TextEncoder.from_pretrained(tiny_dir / folder)
+    assert type(te.encoder).__name__ == cls and te.max_length == 32
+    states, mask = te.encode(["Draw a red circle.", "Add a green triangle at the top left."])
+    assert states.shape == (2, 32, te.dim) and mask[0].sum() == 6 and mask[1].sum() == 10
+    assert states[0, 6:].abs().max() == 0 and not te.encoder.training
+    assert all(not p.requires_grad for p in te.encoder.parameters())
+
+
+def test_a_folder_without_a_text_encoder_is_refused_by_name(tiny_dir):
+    from backbones.generator.text_encoder import TextEncoder
+
+    with pytest.raises(CheckpointError, match="cosmos.*no text_encoder/"):
+        TextEncoder.from_pretrained(tiny_dir / "cosmos")  # Predict2.5 reads Cosmos-Reason: no T5 here
+
+
+def _samples(model, convs):
+    return [model.prepare_align_sample(c) for c in convs]
+
+
+def test_samples_carry_the_request_their_target_answers(tiny_dir, convs):
+    model, _ = build(tiny_dir)
+    reqs = [s.request for s in _samples(model, convs)]
+    assert reqs[0] == "Draw a red circle in the middle. Here is a red circle."
+    assert reqs[1] == "Move the circle to the left. I moved it."
+    assert reqs[2] == "then the triangle:"  # the last image of a multi-image answer: the text since the previous one
+
+
+def test_gain_reads_zero_when_the_connector_says_nothing_and_is_deterministic(tiny_dir, convs):
+    from fusion.gain import conditioning_gain, summary_line
+
+    model, _ = build(tiny_dir)
+    samples = _samples(model, convs)
+    g1 = conditioning_gain(model, samples, ts=(0.5, 0.7))
+    g2 = conditioning_gain(model, samples, ts=(0.5, 0.7))
+    assert g1 == g2  # fixed t and noise
+    assert {"gain@0.5", "gain@0.7", "shuffle_gain@0.7", "loss_true@0.7", "loss_zero@0.7", "loss_shuffled@0.7"} <= set(g1)
+    assert g1["loss_true@0.7"] != g1["loss_zero@0.7"]  # a random connector does change the velocity
+    with torch.no_grad():  # a connector whose output is exactly zero carries no condition: gain 0
+        for p in model.connector.parameters():
+            p.zero_()
+    g0 = conditioning_gain(model, samples, ts=(0.5, 0.7))
+    assert g0["gain@0.7"] == 0.0 and g0["gain@0.5"] == 0.0
+    assert "conditioning gain at t=0.5/0.7" in summary_line(g0, (0.5, 0.7))
+    with pytest.raises(ValueError, match="at least 2"):
+        conditioning_gain(model, samples[:1])
+
+
+def test_gain_with_the_dits_own_encoder_as_reference(tiny_dir, convs):
+    from backbones.generator.text_encoder import TextEncoder
+    from fusion.gain import conditioning_gain
+
+    model, cfg = build(tiny_dir)
+    model.set_teacher(TextEncoder.from_pretrained(cfg.generator.path))
+    g = conditioning_gain(model, _samples(model, convs), ts=(0.7,))
+    assert "reference_gain@0.7" in g and g["loss_reference@0.7"] != g["loss_reference_zero@0.7"]
+
+
+def test_a_teacher_of_another_width_is_refused(tiny_dir):
+    from backbones.generator.text_encoder import TextEncoder, tiny_encoder
+
+    model, _ = build(tiny_dir)
+    te = TextEncoder.from_pretrained(tiny_dir / "wan")
+    wider = TextEncoder(te.tokenizer, tiny_encoder("UMT5EncoderModel", len(te.tokenizer), 48, 1, 2), te.max_length)
+    with pytest.raises(ConfigError, match="48 wide but its DiT reads 32"):
+        model.set_teacher(wider)
+
+
+@pytest.mark.parametrize("generator,folder", [("tiny_wan", "wan"), ("tiny_cosmos", "cosmos2"), ("tiny_sana", "sana")])
+def test_velocity_distillation_warm_up_then_auxiliary(tiny_dir, convs, generator, folder):
+    from backbones.generator.text_encoder import TextEncoder
+
+    gen_extra = [f"generator.path={tiny_dir / folder}"]
+    model, cfg = build(tiny_dir, "last_mlp", generator, ["stage.distill_steps=2", "stage.distill_weight=0.5", *gen_extra])
+    model.set_teacher(TextEncoder.from_pretrained(cfg.generator.path))
+    model.apply_trainable(cfg.stage)
+    samples = _samples(model, convs)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    model.step = 0
+    warm = model.align_loss(samples, g())
+    assert warm["distill"] > 0 and torch.allclose(warm["loss"], warm["distill"])  # warm-up: distillation alone
+    model.step = 2
+    after = model.align_loss(samples, g())
+    assert torch.allclose(after["loss"], after["flow"] + 0.5 * after["distill"])
+    # the connector learns to make the DiT predict what its own encoder makes it predict
+    model.step = 0
+    opt = torch.optim.AdamW(model.connector.parameters(), lr=3e-3)
+    first = warm["distill"].item()
+    for _ in range(6):
+        opt.zero_grad()
+        out = model.align_loss(samples, g())
+        out["loss"].backward()
+        opt.step()
+    assert model.align_loss(samples, g())["distill"].item() < first
+
+
+def test_state_distillation_needs_the_teachers_length(tiny_dir, convs):
+    from backbones.generator.text_encoder import TextEncoder
+
+    model, cfg = build(tiny_dir, "last_mlp", extra=["stage.distill_steps=1", "stage.distill_target=states"])
+    model.set_teacher(TextEncoder.from_pretrained(cfg.generator.path))
+    with pytest.raises(ConfigError, match="num_queries=32"):
+        model.align_loss(_samples(model, convs[:1]), torch.Generator().manual_seed(0))
+    model, cfg = build(tiny_dir, "resampler", extra=["stage.distill_steps=1", "stage.distill_target=states", "connector.num_queries=32"])
+    model.set_teacher(TextEncoder.from_pretrained(cfg.generator.path))
+    out = model.align_loss(_samples(model, convs[:2]), torch.Generator().manual_seed(0))
+    out["loss"].backward()
+    assert out["distill"] > 0 and model.connector.proj.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("key,value,msg", [("distill_target", "logits", "distill_target"), ("distill_steps", "-1", "distill_steps"),
+                                           ("gain_samples", "1", "gain_samples")])
+def test_bad_recipe_settings_fail_naming_the_key(key, value, msg):
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(["stage=align", f"stage.{key}={value}"])
+    with pytest.raises(Exception, match=msg):
+        OmegaConf.to_object(cfg.stage)
