@@ -711,6 +711,8 @@ class EvaluateConfig:
     """Text tokens per assistant turn."""
     transcripts: int = 3
     """Conversations written as transcripts."""
+    gain_samples: int = 16
+    """Conversations (with an assistant image) of the split on which the conditioning gain is measured (0: skip)."""
     output_dir: str = "outputs/evaluate"
     """Where report.json, report.md and transcripts/ go."""
     device: str = "cpu"

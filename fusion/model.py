@@ -82,6 +82,7 @@ class FusedModel(nn.Module):
         self.specs = specs or {}
         self.settings = dict(settings or {})
         self.lora: dict[str, dict] = {}
+        self.generator_source: str | None = None  # the generator folder the DiT was loaded from (manifest: generator_source)
         self.step = 0  # the optimizer step (set by the trainer): distillation warm-up and other schedules read it
         if connector is not None:
             self.mllm.hidden_layers = self._resolve_layers(connector.layers)
@@ -120,6 +121,8 @@ class FusedModel(nn.Module):
                 raise ConfigError(f"connector={cfg.connector._target_}: this MLLM adapter cannot take extra query embeddings")
         settings = _to_container(cfg.stage) if cfg.get("stage") is not None else {}
         model = cls(mllm, generator, connector, specs, settings)
+        if generator is not None:
+            model.generator_source = str(cfg.generator.path)
         return model.to(device)
 
     def _resolve_layers(self, layers: list[int]) -> list[int]:
@@ -514,6 +517,11 @@ class FusedModel(nn.Module):
                 save_file({k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(entry["module"]).items()}, str(d / "adapter_model.safetensors"))
                 manifest["lora"][part] = f"lora/{part}"
             manifest["settings"] = self.settings
+            source = self.generator_source
+            if config is not None and config.get("generator") is not None:
+                raw = str(config["generator"]["path"])
+                source = str(Path(raw).resolve()) if Path(raw).exists() else raw
+            manifest["generator_source"] = source  # where the DiT came from: its own text encoder (gain reference, teacher)
             manifest["guidance_negative"] = self.trained_negative  # what generation's negative=auto resolves to
             manifest["config"] = _to_container(config) if config is not None else None
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
@@ -585,6 +593,7 @@ class FusedModel(nn.Module):
         specs = {k: v["spec"] for k, v in parts.items()}
         model = cls(mllm, generator, connector, specs, manifest.get("settings"))
         model.mllm.hidden_layers = parts["mllm"]["spec"]["hidden_layers"]
+        model.generator_source = manifest.get("generator_source")
         if "guidance_negative" in manifest:  # older manifests: trained_negative is derived from settings
             if manifest["guidance_negative"] not in (None, "null", "duogen"):
                 raise CheckpointError(f"{mf}: guidance_negative must be null, duogen or absent, got {manifest['guidance_negative']!r}")

@@ -24,6 +24,27 @@ from fusion.errors import DataError
 register_configs()
 
 
+def measure_gain(model, path: Path, n: int) -> dict | None:
+    """The conditioning gain (fusion/gain.py) on the first ``n`` conversations of ``path`` with an assistant image,
+    with the reference of the DiT's own text encoder when the generator the model was trained from still has one."""
+    import torch
+
+    from backbones.generator.text_encoder import TextEncoder
+    from fusion.data import load_images, read_jsonl
+    from fusion.gain import conditioning_gain, summary_line
+
+    convs = [c for c in read_jsonl(path) if c.num_target_images()][:n]
+    if len(convs) < 2:
+        return None
+    source = model.generator_source
+    if model.teacher is None and source and TextEncoder.has_one(source):
+        model.set_teacher(TextEncoder.from_pretrained(source, device=model.generator.device))
+    g = torch.Generator().manual_seed(0)
+    gain = conditioning_gain(model, [model.prepare_align_sample(load_images(c), g) for c in convs])
+    print(summary_line(gain))
+    return gain
+
+
 @hydra.main(config_path="../conf", config_name="evaluate", version_base="1.3")
 @friendly_errors
 def main(cfg: DictConfig) -> None:
@@ -46,6 +67,8 @@ def main(cfg: DictConfig) -> None:
     report = evaluate_split(model, path, cfg.n, settings, out / "transcripts", cfg.transcripts)
     report["model"], report["data"] = cfg.model, str(path)
     report["negative"] = resolve_negative(settings.negative, model.trained_negative)  # negative=auto: what stage 2 trained with
+    if cfg.gain_samples:
+        report["conditioning_gain"] = measure_gain(model, path, cfg.gain_samples)
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     table = format_table(report)
     write_text_atomic(out / "report.md", f"# {cfg.model} on {path}\n\n{table}\n")

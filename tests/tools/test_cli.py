@@ -229,4 +229,7 @@ def test_evaluate_on_a_fresh_split_reports_every_metric(fused_dir, tmp_path):
               "attr_count", "text_answer"):
         assert 0.0 <= r[k] <= 1.0, k
     assert set(r["by_kind"]) == {"t2i", "edit_user", "edit_generated", "steps", "question", "distractor"}
+    g = r["conditioning_gain"]  # the instrument: loss with true vs zero vs shuffled states, on the split's image turns
+    assert g["samples"] == 5 and all(f"gain@{t}" in g and f"shuffle_gain@{t}" in g for t in ("0.3", "0.5", "0.7", "0.9"))
+    assert "conditioning gain at t=0.3/0.5/0.7/0.9" in p.stdout
     assert (tmp_path / "report.md").is_file() and any((tmp_path / "transcripts").iterdir())

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,6 +77,34 @@ def test_stage2_align_zero3_from_stage1_lowers_loss_and_reloads(tiny, sft_run, t
     assert type(m.connector).__name__ == "LastMLP" and m.generator is not None
     for p in m.generator.transformer.parameters():  # ZeRO-3 shards were gathered for the export
         assert p.numel() > 0
+
+
+def test_stage2_distillation_warm_up_with_a_frozen_dit_and_the_gain_instrument(tiny, tiny_dir, sft_run, tmp_path):
+    """distill_steps + generator_frozen_steps: the DiT does not move while the connector learns; the conditioning
+    gain is measured at step 0, every gain_every steps and at the end, into metrics.jsonl, train.log and summary.json."""
+    from safetensors.torch import load_file
+
+    train(tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", "stage.max_steps=3",
+          "stage.distill_steps=3", "stage.generator_frozen_steps=3", "stage.gain_every=2", "stage.warmup_steps=0",
+          "stage.save_every=0", f"hydra.run.dir={tmp_path}")
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    gains = {r["step"]: r for r in rows if "gain/gain@0.7" in r}
+    assert sorted(gains) == [0, 2, 3]
+    assert all("gain/reference_gain@0.7" in r for r in gains.values())  # the DiT's own encoder: the reference
+    steps = [r for r in rows if "loss" in r]
+    assert all(abs(r["loss"] - r["distill"]) < 1e-6 for r in steps)  # warm-up: the distillation alone
+    log_text = (tmp_path / "train.log").read_text()
+    assert "distillation teacher: UMT5EncoderModel" in log_text and "conditioning gain at t=0.3/0.5/0.7/0.9" in log_text
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [h["step"] for h in summary["conditioning_gain_history"]] == [0, 2, 3]
+    assert summary["gain_batch"] == {"conversations": 4, "held_out": False}
+    before = load_file(str(tiny_dir / "wan" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    after = load_file(str(tmp_path / "final" / "generator" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # frozen for the first 3 steps
+    from fusion.model import FusedModel
+
+    m = FusedModel.from_pretrained(tmp_path / "final")
+    assert m.teacher is None  # the teacher is never part of the export
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny, sft_run, tmp_path):
