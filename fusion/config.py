@@ -763,6 +763,12 @@ class MakeToyConfig:
     """Batch size of the toy DiTs."""
     dit_pool: int = 4096
     """Training items (scenes and edits) rendered and encoded once before the DiT pretraining."""
+    dit_text_length: int = 48
+    """Tokens the toy DiT's own text encoder pads every request to (its pipeline's max_sequence_length)."""
+    dit_text_layers: int = 2
+    """Layers of the toy DiT's own text encoder (UMT5 / T5 / Gemma2 by family), trained with the DiT."""
+    dit_eval_n: int = 64
+    """Held-out scenes and edits each sampled (20 steps, guidance 3) to score the pretrained toy DiT."""
 
     def __post_init__(self) -> None:
         bad = [f for f in self.dit_families if f not in ("wan", "cosmos", "sana")]
@@ -816,6 +822,14 @@ class DemoConfig:
     """Extra overrides for stage 1 (tools/train.py experiment=toy_sft)."""
     align_overrides: list[str] = field(default_factory=list)
     """Extra overrides for stage 2 (tools/train.py experiment=toy_align)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1])
+    """tools/ablate.py: stage-2 seeds per connector (stage.seed and data.seed); differences are judged against the spread between seeds."""
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ConfigError("seeds must name at least one seed (tools/ablate.py runs stage 2 once per seed)")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds must be unique, got {list(self.seeds)}")
 
 
 def register_configs() -> None:

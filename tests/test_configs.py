@@ -90,6 +90,14 @@ def test_impossible_combinations_fail_validation(overrides, key):
         validate(cfg)
 
 
+@pytest.mark.parametrize("seeds", ["[]", "[0,0]"])
+def test_ablation_seeds_must_be_some_and_unique(seeds):
+    cfg = _compose("ablate", [f"seeds={seeds}"])  # tools/ablate.py checks its top-level schema with OmegaConf.to_object
+    with pytest.raises(ConfigError, match="seeds"):
+        OmegaConf.to_object(cfg)
+    assert OmegaConf.to_object(_compose("ablate")).seeds == [0, 1]
+
+
 def test_published_mllm_configs_point_at_hub_ids():
     for name, hub in (("qwen2_5_vl_3b", "Qwen/Qwen2.5-VL-3B-Instruct"), ("qwen2_5_vl_7b", "Qwen/Qwen2.5-VL-7B-Instruct")):
         cfg = _compose("config", [f"mllm={name}"])

@@ -1,14 +1,18 @@
 """The connector ablation on the toy world: every connector design, same stage-1 model, same
-stage-2 budget and seeds, same test split; one table of the evaluator's metrics per connector.
+stage-2 budget, each run with every seed of ``seeds`` (stage.seed and data.seed), same test split;
+one table of the evaluator's metrics per connector (mean and range over the seeds), ranked, and
+the differences between connectors that exceed the spread between seeds.
 
 Run as:
     python tools/ablate.py                          # make ablation (the full demo's budget per connector)
     python tools/ablate.py profile=quick            # make ablation QUICK=1
-    python tools/ablate.py connectors=[last_mlp,queries] align_steps=300
+    python tools/ablate.py connectors=[last_mlp,queries] align_steps=300 seeds=[0,1,2]
 
 Reuses the demo's toy world and its stage-1 run (<out_dir>/sft, trained here if absent), then
-for each connector runs stage 2 into <out_dir>/ablation/<connector>/align and evaluates it.
-Writes <out_dir>/ablation/ablation.json and ablation.md.
+for each connector and seed k runs stage 2 into <out_dir>/ablation/<connector>/seed<k>/align and
+evaluates it into .../seed<k>/eval (the feature cache is shared by every seed). Writes
+<out_dir>/ablation/ablation.json (per connector: the rows of every seed, the aggregate, the rank;
+the pairwise verdicts) and ablation.md (fusion/toyworld/ablation.py does the arithmetic).
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from rich.table import Table
 
 from fusion.cli import friendly_errors, setup_environment
 from fusion.config import register_configs
-from fusion.toyworld.report import GOALS, run_phase
+from fusion.toyworld.ablation import aggregate, beyond_lines, metrics_of, render_markdown
+from fusion.toyworld.report import run_phase
 
 register_configs()
 console = Console()
@@ -50,44 +55,51 @@ def main(cfg: DictConfig) -> None:
                                       f"hydra.run.dir={out / 'sft'}", *cfg.sft_overrides], timings)
     else:
         console.print(f"stage 1: reusing {out / 'sft'}")
-    rows = {}
+    runs: dict[str, list[dict]] = {}
     for name in cfg.connectors:
-        run = root / name
-        if run.exists():
-            shutil.rmtree(run)
-        t0 = time.time()
-        run_phase(f"align {name}", "train.py", ["experiment=toy_align", f"toy_dir={toy}", f"generator={cfg.generator}", f"connector={name}",
-                                                f"stage.max_steps={cfg.align_steps}", f"init_from={out / 'sft'}", "resume=never",
-                                                "cache=auto", f"cache.dir={root / 'feature_cache'}",  # query connectors run without
-                                                f"hydra.run.dir={run / 'align'}", *cfg.align_overrides], timings)
-        ev = [f"model={run / 'align' / 'final'}", f"data_dir={toy / 'toyworld'}", "split=test", f"steps={cfg.sample_steps}",
-              f"guidance={cfg.guidance}", "transcripts=2", f"hydra.run.dir={run / 'eval'}"]
-        if cfg.eval_n is not None:
-            ev.append(f"n={cfg.eval_n}")
-        run_phase(f"evaluate {name}", "evaluate.py", ev, timings)
-        report = json.loads((run / "eval" / "report.json").read_text())
-        losses = [json.loads(line)["loss"] for line in (run / "align" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-        rows[name] = {**{k: report[k] for k, _ in GOALS if k in report}, "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
-                      "seconds": round(time.time() - t0, 1), "n": report.get("n", {})}
-    keys = [k for k, _ in GOALS if any(k in r for r in rows.values())]
-    result = {"profile": cfg.profile, "generator": cfg.generator, "align_steps": cfg.align_steps, "stage1": str(out / "sft"),
-              "test": str(toy / "toyworld" / "test.jsonl"), "connectors": rows}
+        if (root / name).exists():
+            shutil.rmtree(root / name)
+        runs[name] = []
+        for seed in cfg.seeds:
+            run = root / name / f"seed{seed}"
+            tag = f"{name} seed{seed}"
+            t0 = time.time()
+            run_phase(f"align {tag}", "train.py", ["experiment=toy_align", f"toy_dir={toy}", f"generator={cfg.generator}", f"connector={name}",
+                                                   f"stage.max_steps={cfg.align_steps}", f"init_from={out / 'sft'}", "resume=never",
+                                                   "cache=auto", f"cache.dir={root / 'feature_cache'}",  # query connectors run without
+                                                   f"hydra.run.dir={run / 'align'}", *cfg.align_overrides,
+                                                   f"stage.seed={seed}", f"data.seed={seed}"], timings)
+            ev = [f"model={run / 'align' / 'final'}", f"data_dir={toy / 'toyworld'}", "split=test", f"steps={cfg.sample_steps}",
+                  f"guidance={cfg.guidance}", "transcripts=2", f"hydra.run.dir={run / 'eval'}"]
+            if cfg.eval_n is not None:
+                ev.append(f"n={cfg.eval_n}")
+            run_phase(f"evaluate {tag}", "evaluate.py", ev, timings)
+            report = json.loads((run / "eval" / "report.json").read_text())
+            losses = [json.loads(line)["loss"] for line in (run / "align" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+            runs[name].append({"seed": seed, **metrics_of(report), "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+                               "seconds": round(time.time() - t0, 1), "n": report.get("n", {})})
+    extra = ("final_loss", "seconds")
+    agg = aggregate(runs, extra=extra)
+    result = {"profile": cfg.profile, "generator": cfg.generator, "align_steps": cfg.align_steps, "seeds": list(cfg.seeds),
+              "stage1": str(out / "sft"), "test": str(toy / "toyworld" / "test.jsonl"), **agg}
     tmp = root / "ablation.json.tmp"
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(root / "ablation.json")
-    head = "| connector | " + " | ".join(keys) + " | loss (last 20 steps) | seconds |"
-    lines = [head, "|" + "---|" * (len(keys) + 3)]
-    for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(f"{r[k]:.3f}" if k in r else "" for k in keys) + f" | {r['final_loss']:.4f} | {r['seconds']:.0f} |")
+    seeds = ", ".join(str(s) for s in cfg.seeds)
     (root / "ablation.md").write_text(f"# Connector ablation ({cfg.profile}: {cfg.generator}, {cfg.align_steps} stage-2 steps each, "
-                                      f"same stage-1 model and seeds)\n\n" + "\n".join(lines) + "\n")
-    table = Table(title=f"connector ablation ({cfg.generator}, {cfg.align_steps} stage-2 steps each)")
+                                      f"same stage-1 model, stage-2 seeds {seeds})\n\n" + render_markdown(agg, extra=("final_loss",)))
+    table = Table(title=f"connector ablation ({cfg.generator}, {cfg.align_steps} stage-2 steps each, mean over seeds {seeds})")
     table.add_column("metric")
-    for name in rows:
-        table.add_column(name, justify="right")
-    for k in [*keys, "final_loss"]:
-        table.add_row(k, *(f"{r[k]:.3f}" if r.get(k) is not None else "" for r in rows.values()))
+    for name in agg["ranking"]:
+        table.add_column(f"{agg['connectors'][name]['rank']}. {name}", justify="right")
+    for k in [*agg["keys"], "final_loss"]:
+        cells = [agg["connectors"][name]["aggregate"].get(k) for name in agg["ranking"]]
+        table.add_row(k, *(f"{c['mean']:.3f}" if c is not None else "" for c in cells))
     console.print(table)
+    beyond = beyond_lines(agg)
+    console.print(f"differences beyond the seed spread: {len(beyond)} of {len(agg['differences'])}")
+    for line in [b for b in beyond if b.startswith(f"{agg['primary']}:")]:
+        console.print(f"  {line}")
     console.print(f"wrote {root / 'ablation.json'} and {root / 'ablation.md'}")
 
 

@@ -12,8 +12,9 @@ Parts, in <out_dir>:
                  (colour, shape) pairs never in train
     vae/         diffusers AutoencoderKL trained to reconstruct toy scenes
     qwen2_5_vl/  tiny Qwen2.5-VL (real classes and layout) pretrained on captions and questions
-    <family>/    diffusers pipeline folder (transformer/, vae/, scheduler/) of a toy DiT
-                 pretrained to draw scenes from object tokens and to apply edits to a frame
+    <family>/    diffusers pipeline folder (transformer/, vae/, scheduler/, text_encoder/, tokenizer/) of a
+                 toy DiT pretrained with its own text encoder (the family's class: UMT5 / T5 / Gemma2,
+                 requests padded to dit_text_length tokens) to draw scenes and to apply edits to a frame
 
 Each part is written under a temporary name and renamed when complete, with the settings it
 was built from in ``settings.json`` and its measured figures in ``pretrain.json``.
@@ -102,10 +103,11 @@ def main(cfg: DictConfig) -> None:
     if cfg.dit_steps > 0:
         for family in cfg.dit_families:
             want = {"steps": cfg.dit_steps, "lr": cfg.dit_lr, "batch": cfg.dit_batch, "pool": cfg.dit_pool, "seed": cfg.seed, "vae": vae_want,
-                    "recipe": RECIPES["dit"]}
+                    "text_length": cfg.dit_text_length, "text_layers": cfg.dit_text_layers, "recipe": RECIPES["dit"]}
             cached(out / family, want,
                    lambda p, f=family: pretrain_dit(f, p, out / "vae", steps=cfg.dit_steps, batch=cfg.dit_batch, lr=cfg.dit_lr,
-                                                     seed=cfg.seed, pool_size=cfg.dit_pool),
+                                                     seed=cfg.seed, pool_size=cfg.dit_pool, text_length=cfg.dit_text_length,
+                                                     text_layers=cfg.dit_text_layers, eval_n=cfg.dit_eval_n),
                    lambda s: "sampled scenes read back exactly: " + ", ".join(f"{k} {v:.3f}" for k, v in s["accuracy"].items()))
 
 

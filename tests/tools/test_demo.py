@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 #: a world and budgets small enough for the fast tier (scores are not asserted: they are near 0)
 REDUCED = ["n_train=12", "n_test=6", "eval_n=6", "vae_steps=10", "mllm_steps=6", "dit_steps=6", "sft_steps=2", "align_steps=2",
-           "sample_steps=2", "transcripts=2", "make_toy_overrides=['dit_pool=16','n_val=3']",
+           "sample_steps=2", "transcripts=2", "make_toy_overrides=['dit_pool=16','n_val=3','dit_eval_n=4','dit_text_length=24']",
            "sft_overrides=['stage.save_every=0','stage.micro_batch_size=2']", "align_overrides=['stage.save_every=0','stage.micro_batch_size=2']"]
 
 METRICS = ("trigger_precision", "trigger_recall", "trigger_f1", "exact_scene", "exact_scene_t2i", "attr_shape", "attr_colour", "attr_position",
@@ -57,7 +57,7 @@ def test_demo_reuses_the_cached_world_and_backbones(demo):
     root, _ = demo
     stamps = {part: (root / "toy" / part / "pretrain.json").stat().st_mtime for part in ("vae", "qwen2_5_vl", "wan")}
     p = run("make_toy.py", f"out_dir={root / 'toy'}", "n_train=12", "n_test=6", "n_val=3", "vae_steps=10", "mllm_steps=6", "dit_steps=6",
-            "dit_pool=16", f"hydra.run.dir={root / 'again'}")
+            "dit_pool=16", "dit_eval_n=4", "dit_text_length=24", f"hydra.run.dir={root / 'again'}")
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("cached") == 3 and "reused" in p.stdout
     assert stamps == {part: (root / "toy" / part / "pretrain.json").stat().st_mtime for part in stamps}
@@ -66,14 +66,18 @@ def test_demo_reuses_the_cached_world_and_backbones(demo):
 
 def test_ablation_writes_one_table_for_the_connectors(demo):
     root, _ = demo
-    p = run("ablate.py", f"toy_dir={root / 'toy'}", f"out_dir={root / 'out'}", *REDUCED, "connectors=[last_mlp,queries]")
+    p = run("ablate.py", f"toy_dir={root / 'toy'}", f"out_dir={root / 'out'}", *REDUCED, "connectors=[last_mlp,layer_mix]")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     table = json.loads((root / "out" / "ablation" / "ablation.json").read_text())
-    assert list(table["connectors"]) == ["last_mlp", "queries"]
-    for row in table["connectors"].values():
-        assert "trigger_f1" in row and "exact_scene" in row and row["final_loss"] > 0
+    assert sorted(table["connectors"]) == ["last_mlp", "layer_mix"] and sorted(table["ranking"]) == ["last_mlp", "layer_mix"]
+    assert table["seeds"] == [0, 1]
+    for name, c in table["connectors"].items():
+        assert [r["seed"] for r in c["seeds"]] == [0, 1] and all(r["final_loss"] > 0 for r in c["seeds"])
+        assert "trigger_f1" in c["aggregate"] and "exact_scene" in c["aggregate"] and c["rank"] in (1, 2)
+        assert (root / "out" / "ablation" / name / "seed1" / "eval" / "report.json").is_file()
+    assert "differences" in table
     md = (root / "out" / "ablation" / "ablation.md").read_text()
-    assert "| last_mlp |" in md and "| queries |" in md
+    assert "| last_mlp |" in md and "| layer_mix |" in md and "## Differences beyond the seed spread" in md
     assert "reusing" in p.stdout  # the demo's stage-1 run
 
 
