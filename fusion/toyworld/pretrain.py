@@ -23,7 +23,7 @@ from fusion.toyworld.scenes import random_scene, render
 
 
 #: bumped whenever a pretraining recipe changes in code, so cached parts built by an older one are rebuilt
-RECIPES = {"vae": 2, "mllm": 2, "dit": 2}
+RECIPES = {"vae": 2, "mllm": 2, "dit": 3}
 
 
 def warmup_cosine(steps: int, warmup: int, floor: float = 0.1):
@@ -294,21 +294,58 @@ def _latent_pool(gen, tokenizer, rng: random.Random, n: int, p_edit: float, prog
             bar.update(len(scenes[i : i + chunks]))
         return torch.cat(out) if out else None
 
-    def tok(prompts):
+    def tok(prompts, described):
         t = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
-        return t.input_ids, t.attention_mask
+        return t.input_ids, t.attention_mask, object_labels(t.input_ids, described, tokenizer)
 
     if t2i:
-        pool["t2i"] = (enc(t2i), None, *tok([scene_prompt(rng, s) for s in t2i]))
+        pool["t2i"] = (enc(t2i), None, *tok([scene_prompt(rng, s) for s in t2i], [[(o, True) for o in s] for s in t2i]))
     if edits:
         pool["edit"] = (enc([e[1] for e in edits]), enc([e[0] for e in edits])[:, None],
-                        *tok([edit_prompt(rng, src, op, tgt) for src, _, op, tgt in edits]))
+                        *tok([edit_prompt(rng, src, op, tgt) for src, _, op, tgt in edits],
+                             [[(tgt, op in ("add", "move"))] for _, _, op, tgt in edits]))
     bar.close()
     return pool
 
 
+def object_labels(ids: torch.Tensor, described: list[list[tuple]], tokenizer) -> torch.Tensor:
+    """[N, L, 4] targets (shape, colour, row, col; -100: none) at each shape word of each request: the k-th
+    shape word names the k-th described object (``(obj, position_in_text)``; a position the text does not
+    give, as in "Remove the red circle.", is not a target)."""
+    from fusion.toyworld.scenes import COLOURS, SHAPES
+
+    shape_ids = {tokenizer.convert_tokens_to_ids(w): w for w in SHAPES}
+    out = torch.full((*ids.shape, 4), -100, dtype=torch.long)
+    for i, objs in enumerate(described):
+        pos = [j for j, t in enumerate(ids[i].tolist()) if t in shape_ids]
+        for j, (o, placed) in zip(pos, objs):
+            out[i, j, 0], out[i, j, 1] = SHAPES.index(o.shape), COLOURS.index(o.colour)
+            if placed:
+                out[i, j, 2], out[i, j, 3] = o.row, o.col
+    return out
+
+
+class ObjectProbe(torch.nn.Module):
+    """Linear read-outs of an object's shape, colour, row and column from a text-encoder state: the toy
+    encoder's stand-in for the language pretraining a published T5 / Gemma brings (its states already
+    say which words belong together). Used only while pretraining; not saved."""
+
+    def __init__(self, dim: int):
+        from fusion.toyworld.scenes import COLOURS, SHAPES
+
+        super().__init__()
+        self.sizes = (len(SHAPES), len(COLOURS), 3, 3)
+        self.head = torch.nn.Linear(dim, sum(self.sizes))
+
+    def loss(self, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.head(states).split(self.sizes, dim=-1)
+        terms = [torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels[..., k].reshape(-1), ignore_index=-100)
+                 for k, lg in enumerate(logits) if (labels[..., k] >= 0).any()]
+        return torch.stack(terms).mean() if terms else states.sum() * 0.0
+
+
 def _draw(pool: dict, batch: int, g: torch.Generator):
-    """Random items of one batch, grouped by kind: (target, cond, ids, mask, share of the batch)."""
+    """Random items of one batch, grouped by kind: (target, cond, ids, mask, object labels, share of the batch)."""
     sizes = {k: len(v[0]) for k, v in pool.items()}
     total = sum(sizes.values())
     picks = torch.randint(total, (batch,), generator=g)
@@ -317,8 +354,8 @@ def _draw(pool: dict, batch: int, g: torch.Generator):
         idx = picks[(picks >= start) & (picks < start + size)] - start
         start += size
         if len(idx):
-            target, cond, ids, mask = pool[k]
-            yield target[idx], (cond[idx] if cond is not None else None), ids[idx], mask[idx], len(idx) / batch
+            target, cond, ids, mask, labels = pool[k]
+            yield target[idx], (cond[idx] if cond is not None else None), ids[idx], mask[idx], labels[idx], len(idx) / batch
 
 
 def _frac(xs: list) -> float:
@@ -327,7 +364,8 @@ def _frac(xs: list) -> float:
 
 def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int = 3000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
                  text_dim: int = 64, p_edit: float = 0.5, p_drop_text: float = 0.1, layers: int = 4, pool_size: int = 4096,
-                 text_layers: int = 2, text_length: int = TEXT_LENGTH, eval_n: int = 32, progress: bool = True) -> dict:
+                 text_layers: int = 2, text_length: int = TEXT_LENGTH, eval_n: int = 32, probe_weight: float = 0.1,
+                 progress: bool = True) -> dict:
     """Pretrain a toy DiT of ``family`` together with its own text encoder (the family's class) to draw
     toy scenes from the toy world's requests (padded to ``text_length`` tokens) and to apply edits to a
     clean condition frame; save both (with the VAE, tokenizer and scheduler) in the diffusers layout."""
@@ -345,38 +383,43 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     gen = load_toy_generator(family, out)
     text = TextEncoder.from_pretrained(out)
     text.encoder.train().requires_grad_(True)
-    params = [*gen.transformer.parameters(), *text.encoder.parameters()]
+    probe = ObjectProbe(text_dim)  # object read-outs that shape the encoder's states (probe_weight; 0: the flow loss alone)
+    params = [*gen.transformer.parameters(), *text.encoder.parameters(), *probe.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 100))
-    t0, losses = time.time(), []
+    t0, losses, probes = time.time(), [], []
     pool = _latent_pool(gen, tokenizer, rng, pool_size, p_edit if gen.uses_condition_frames else 0.0, progress)
     bar = tqdm(range(steps), desc=f"toy DiT ({family})", disable=not progress)
     g = torch.Generator().manual_seed(seed)
     gen.transformer.train()
     for step in bar:
-        loss = 0.0
-        for target, cond, ids, mask, share in _draw(pool, batch, g):
+        loss, probe_loss = 0.0, 0.0
+        for target, cond, ids, mask, labels, share in _draw(pool, batch, g):
             states = text.states(ids, mask)
+            if probe_weight:
+                probe_loss = probe_loss + probe.loss(states, labels) * share
             keep = (torch.rand(len(states), generator=g) >= p_drop_text).float()[:, None, None]
             states = states * keep  # a dropped request is all zeros: the null condition of guidance
             t = sample_t(len(states), "logit_normal", g, "cpu")
             noise = torch.randn(target.shape, generator=g)
             loss = loss + gen.flow_loss(target, cond, states, mask, t, noise) * share
         opt.zero_grad()
-        loss.backward()
+        (loss + probe_weight * probe_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
+        probes.append(float(probe_loss.detach()) if isinstance(probe_loss, torch.Tensor) else 0.0)
         if step % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", probe=f"{np.mean(probes[-50:]):.3f}")
     gen.transformer.eval()
     text.encoder.eval().requires_grad_(False)
     acc = dit_accuracy(gen, text, n=eval_n)
     stats = {"family": family, "steps": steps, "seconds": round(time.time() - t0, 1), "first_loss": losses[0],
              "last_loss": float(np.mean(losses[-50:])), "params": sum(p.numel() for p in gen.transformer.parameters()),
              "text_encoder": type(text.encoder).__name__, "text_encoder_params": sum(p.numel() for p in text.encoder.parameters()),
-             "text_length": text_length, "accuracy": acc}
+             "text_length": text_length, "probe_weight": probe_weight,
+             "last_probe_loss": float(np.mean(probes[-50:])), "accuracy": acc}
     gen.transformer.save_pretrained(out / "transformer")
     text.encoder.save_pretrained(out / "text_encoder")
     (out / "pretrain.json").write_text(json.dumps(stats, indent=2))
