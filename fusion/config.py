@@ -747,7 +747,7 @@ class MakeToyConfig:
     """Block widths of the toy AutoencoderKL (f = 2^(blocks-1))."""
     vae_lr: float = 3e-3
     """Peak learning rate of the toy VAE (warm-up, cosine decay)."""
-    mllm_steps: int = 1500
+    mllm_steps: int = 4000
     """Steps of the toy MLLM pretraining (captions and questions) into <out_dir>/qwen2_5_vl (0: skip)."""
     mllm_hidden_size: int = 128
     """Width of the toy MLLM's language model (4 layers, 4 heads)."""
@@ -755,7 +755,7 @@ class MakeToyConfig:
     """Learning rate of the toy MLLM."""
     dit_families: list[str] = field(default_factory=lambda: ["wan"])
     """DiT families to pretrain (wan, cosmos, sana), each into <out_dir>/<family>."""
-    dit_steps: int = 3000
+    dit_steps: int = 4000
     """Steps of each toy DiT's pretraining (0: skip)."""
     dit_lr: float = 1e-3
     """Learning rate of the toy DiTs."""
@@ -794,9 +794,9 @@ class DemoConfig:
     """Test conversations of the toy world."""
     vae_steps: int = 1200
     """Toy VAE pretraining steps."""
-    mllm_steps: int = 1500
+    mllm_steps: int = 4000
     """Toy MLLM pretraining steps."""
-    dit_steps: int = 3000
+    dit_steps: int = 4000
     """Toy DiT pretraining steps."""
     sft_steps: int = 500
     """Stage-1 steps."""

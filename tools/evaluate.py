@@ -68,7 +68,12 @@ def main(cfg: DictConfig) -> None:
     report["model"], report["data"] = cfg.model, str(path)
     report["negative"] = resolve_negative(settings.negative, model.trained_negative)  # negative=auto: what stage 2 trained with
     if cfg.gain_samples:
-        report["conditioning_gain"] = measure_gain(model, path, cfg.gain_samples)
+        gain = report["conditioning_gain"] = measure_gain(model, path, cfg.gain_samples)
+        if gain is not None:  # headline figures: the fused model's gain at t=0.7, its DiT's own-encoder gain, their ratio
+            report["gain@0.7"] = gain["gain@0.7"]
+            if "reference_gain@0.7" in gain:
+                report["reference_gain@0.7"] = gain["reference_gain@0.7"]
+                report["gain_ratio@0.7"] = gain["gain@0.7"] / gain["reference_gain@0.7"] if gain["reference_gain@0.7"] > 0 else 0.0
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     table = format_table(report)
     write_text_atomic(out / "report.md", f"# {cfg.model} on {path}\n\n{table}\n")

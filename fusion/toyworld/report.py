@@ -29,6 +29,9 @@ GOALS = [
     ("edit_move_applied", None),
     ("tracking", 0.7),
     ("text_answer", 0.8),
+    ("gain_ratio@0.7", 0.5),  # the fused model's conditioning gain at t=0.7 / its DiT's own-encoder gain (fusion/gain.py)
+    ("gain@0.7", None),
+    ("reference_gain@0.7", None),
     ("exact_scene", None),
     ("attr_shape", None),
     ("attr_colour", None),

@@ -52,7 +52,8 @@ def evaluate_split(model, path: str | Path, n: int | None = None, settings: Gene
 
 
 def format_table(report: dict, keys: tuple[str, ...] = ("trigger_f1", "exact_scene", "t2i_1obj", "t2i_multi", "edit_applied",
-                                                     "edit_preserved", "edit_move_applied", "tracking", "text_answer")) -> str:
+                                                     "edit_preserved", "edit_move_applied", "tracking", "text_answer", "gain@0.7",
+                                                     "reference_gain@0.7", "gain_ratio@0.7")) -> str:
     rows = ["| metric | value | n |", "|---|---|---|"]
     n = report.get("n", {})
     for k in keys:
