@@ -34,20 +34,15 @@ def metrics_of(report: Mapping) -> dict[str, float]:
     (or already flat in the dict). Missing or null values are left out."""
     out = {k: float(report[k]) for k, _ in GOALS if _number(report.get(k))}
     gain = report.get("conditioning_gain")
-    if GAIN in out:
-        pass
-    elif isinstance(gain, Mapping) and _number(gain.get(GAIN)):
+    if GAIN not in out and isinstance(gain, Mapping) and _number(gain.get(GAIN)):
         out[GAIN] = float(gain[GAIN])
-    elif _number(report.get(GAIN)):
-        out[GAIN] = float(report[GAIN])
     return out
 
 
 def metric_keys(runs: Mapping[str, Sequence[Mapping]]) -> list[str]:
-    """The metrics any seed of any connector reports, in GOALS order, then ``gain@0.7``."""
+    """The metrics any seed of any connector reports, in GOALS order (``gain@0.7`` is one of them)."""
     present = {k for reports in runs.values() for r in reports for k in metrics_of(r)}
-    keys = [k for k, _ in GOALS]
-    return [k for k in [*keys, *([GAIN] if GAIN not in keys else [])] if k in present]
+    return [k for k, _ in GOALS if k in present]
 
 
 def stats(values: Sequence[float]) -> dict[str, float] | None:
