@@ -47,7 +47,7 @@ smoke: setup
 	$(PY) tools/smoke.py -m stage=align generator=tiny_wan,tiny_cosmos,tiny_sana connector=last_mlp,multiscale_queries
 
 test: setup
-	$(PY) -m pytest -q -m "not slow" --timeout=600
+	$(PY) -m pytest -q -m "not slow" --timeout=600 --durations=15
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -352,7 +352,7 @@ class StageConfig:
     distill_weight: float = 0.0
     """align: weight of the distillation term added to the flow loss after the warm-up (0: off)."""
     distill_target: str = "velocity"
-    """align: velocity (the DiT's velocity from the connector's states regresses onto its velocity from its own encoder's states: any connector, any length) or states (the states themselves: the connector must emit the encoder's padded length, e.g. connector=resampler)."""
+    """align: velocity (the DiT's velocity from the connector's states regresses onto its velocity from its own encoder's states: any connector, any length) or states (the states themselves: the connector must emit the encoder's padded length, e.g. connector=resampler) or set (the states as a set: each of the encoder's real tokens matched one-to-one to a connector token, the rest onto zero; for DiTs with no position signal on their text: any connector, any length)."""
     generator_frozen_steps: int = 0
     """align: steps at the start in which the DiT does not move (learning rate 0) while the connector learns to carry the text; keeps a DiT from eroding its own conditioning while the connector carries nothing."""
     gain_every: int = 100
@@ -394,8 +394,8 @@ class StageConfig:
             raise ConfigError(f"stage.lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"stage.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.distill_target not in ("velocity", "states"):
-            raise ConfigError(f"stage.distill_target must be velocity or states, got {self.distill_target!r}")
+        if self.distill_target not in ("velocity", "states", "set"):
+            raise ConfigError(f"stage.distill_target must be velocity, states or set, got {self.distill_target!r}")
         for key in ("distill_steps", "generator_frozen_steps", "gain_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"stage.{key} must be >= 0, got {getattr(self, key)}")

@@ -57,6 +57,29 @@ class AlignSample:
     request: str = ""  # the text the generator's own encoder would read (Conversation.text_before_image)
 
 
+def set_distill_loss(states: torch.Tensor, mask: torch.Tensor, t_states: torch.Tensor, t_mask: torch.Tensor) -> torch.Tensor:
+    """``stage.distill_target=set``: the connector's tokens as a *set* regressed onto the teacher's.
+
+    A DiT whose cross-attention has no position signal on its text (Wan, Cosmos, SANA: rope /
+    position embeddings act on the image tokens only) reads its text states as a set: order is
+    irrelevant, zero tokens are its padding. So each of the teacher's real tokens is matched to
+    one connector token (greedy one-to-one on squared distance, no gradient through the match,
+    as DETR's set loss) and the connector regresses onto that layout: matched tokens onto their
+    teacher token, every other valid token onto zero. Any connector, any number of tokens.
+    """
+    s = states[0].float()[mask[0].bool()]  # [T, D]: the connector's valid tokens
+    real = t_states[0].float()[t_mask[0].bool()]  # [K, D]: the teacher's real (non-padding) tokens
+    target = torch.zeros_like(s)
+    with torch.no_grad():
+        cost = torch.cdist(real, s).pow(2)  # [K, T]
+        for _ in range(min(len(real), len(s))):
+            k, t = divmod(int(cost.argmin()), cost.shape[1])
+            target[t] = real[k]
+            cost[k, :] = float("inf")
+            cost[:, t] = float("inf")
+    return nn.functional.mse_loss(s, target)
+
+
 def _to_container(node: Any) -> Any:
     if not isinstance(node, DictConfig):
         return node
@@ -459,6 +482,8 @@ class FusedModel(nn.Module):
                                           f"of width {t_states.shape[2]}, it emits {states.shape[1]} (use distill_target=velocity, or "
                                           f"connector=resampler with connector.num_queries={t_states.shape[1]})")
                     distills.append(nn.functional.mse_loss(states.float(), t_states.float()))
+                elif distill_target == "set":
+                    distills.append(set_distill_loss(states, mask, t_states, t_mask))
                 else:  # the DiT is the judge: the velocity it predicts from the connector vs from its own encoder
                     with torch.no_grad():
                         v_teacher = gen.velocity(x_t, t, cond, t_states, t_mask)

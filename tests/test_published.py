@@ -226,7 +226,7 @@ def test_plan_says_when_it_does_not_fit(tmp_path):
     assert result["stages"][0]["fits"] is False
 
 
-@pytest.mark.parametrize("mllm", MLLMS)
+@pytest.mark.parametrize("mllm", [pytest.param("qwen2_5_vl_3b", marks=pytest.mark.slow), "qwen2_5_vl_7b"])
 def test_plan_runs_for_every_published_pair(mllm, tmp_path):
     # stage 2 holds every part (stage 1 loads the MLLM alone: planned once per MLLM, by the first pair)
     for i, gen in enumerate(GENERATORS):

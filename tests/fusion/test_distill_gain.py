@@ -159,7 +159,7 @@ def test_state_distillation_needs_the_teachers_length(tiny_dir, convs):
     assert out["distill"] > 0 and model.connector.proj.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("key,value,msg", [("distill_target", "logits", "distill_target"), ("distill_steps", "-1", "distill_steps"),
+@pytest.mark.parametrize("key,value,msg", [("distill_target", "logits", "velocity, states or set"), ("distill_steps", "-1", "distill_steps"),
                                            ("gain_samples", "1", "gain_samples")])
 def test_bad_recipe_settings_fail_naming_the_key(key, value, msg):
     from omegaconf import OmegaConf
@@ -167,3 +167,45 @@ def test_bad_recipe_settings_fail_naming_the_key(key, value, msg):
     cfg = compose_config(["stage=align", f"stage.{key}={value}"])
     with pytest.raises(Exception, match=msg):
         OmegaConf.to_object(cfg.stage)
+
+
+def test_set_distillation_is_blind_to_order_and_sends_the_rest_to_zero():
+    from fusion.model import set_distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    teacher = torch.zeros(1, 8, 4)
+    teacher[0, :3] = torch.randn(3, 4, generator=g)
+    t_mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0, 0]])
+    states = torch.zeros(1, 6, 4)
+    states[0, [4, 0, 2]] = teacher[0, [0, 1, 2]]  # the teacher's tokens in another order, zeros around them
+    ones = torch.ones(1, 6)
+    assert set_distill_loss(states, ones, teacher, t_mask).item() == 0.0
+    noisy = states.clone()
+    noisy[0, 1] = 0.5  # a token that should be padding says something
+    assert set_distill_loss(noisy, ones, teacher, t_mask).item() == pytest.approx(0.25 * 4 / 24)
+    masked = torch.tensor([[1, 0, 1, 1, 1, 1]])  # an invalid connector token is not counted
+    assert set_distill_loss(noisy, masked, teacher, t_mask).item() == 0.0
+    wrong = states.clone().requires_grad_(True)
+    loss = set_distill_loss(wrong * 0.5, ones, teacher, t_mask)  # right layout, wrong scale: a gradient toward the teacher
+    loss.backward()
+    assert loss > 0 and wrong.grad[0, 4].abs().sum() > 0 and wrong.grad[0, 1].abs().sum() == 0
+
+
+def test_set_distillation_trains_a_per_token_connector(tiny_dir, convs):
+    from backbones.generator.text_encoder import TextEncoder
+
+    model, cfg = build(tiny_dir, "multilayer_concat", extra=["stage.distill_steps=5", "stage.distill_target=set",
+                                                             "connector.out_norm=rms_gated"])
+    model.set_teacher(TextEncoder.from_pretrained(cfg.generator.path))
+    model.apply_trainable(cfg.stage)
+    samples = _samples(model, convs)
+    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    model.step = 0
+    first = model.align_loss(samples, g())
+    assert first["distill"] > 0 and torch.allclose(first["loss"], first["distill"])
+    opt = torch.optim.AdamW(model.connector.parameters(), lr=3e-3)
+    for _ in range(6):
+        opt.zero_grad()
+        model.align_loss(samples, g())["loss"].backward()
+        opt.step()
+    assert model.align_loss(samples, g())["distill"].item() < first["distill"].item()

@@ -56,7 +56,8 @@ def test_demo_runs_end_to_end(made, tmp_path):
     assert summary["images_in_cache"] == 1
 
 
-@pytest.mark.parametrize("generator, connector", [("tiny_wan", "last_mlp"), ("tiny_cosmos", "queries"), ("tiny_sana", "multiscale_queries")])
+@pytest.mark.parametrize("generator, connector", [("tiny_wan", "last_mlp"), pytest.param("tiny_cosmos", "queries", marks=pytest.mark.slow),
+                                                   pytest.param("tiny_sana", "multiscale_queries", marks=pytest.mark.slow)])
 def test_demo_fused_step_with_each_generator_needs_no_code_change(made, tmp_path, generator, connector):
     out, _ = made
     p = run("smoke.py", f"tiny_dir={out}", "max_new_tokens=2", "stage=align", f"generator={generator}", f"connector={connector}",
@@ -160,7 +161,7 @@ def test_generate_corrupt_image_is_one_clear_message_and_no_output(fused_dir, tm
     assert not list(out.glob("transcript.*")) and not list(out.glob("*.png"))
 
 
-@pytest.mark.parametrize("fault", ["kill_after_turn@2", "kill_in_transcript@0"])
+@pytest.mark.parametrize("fault", ["kill_after_turn@2", pytest.param("kill_in_transcript@0", marks=pytest.mark.slow)])
 def test_generate_killed_midway_leaves_nothing_that_looks_complete(made, fused_dir, tmp_path, fault):
     out_dir, _ = made
     conv = out_dir / "demo_data" / "conversations.jsonl"
@@ -191,6 +192,7 @@ def test_bench_generation_reports_ratios(made, tmp_path):
     assert (tmp_path / "bench.md").is_file()
 
 
+@pytest.mark.slow
 def test_bench_training_sections_reduced(made, tmp_path):
     """The stage-1/2 sections run end to end on the tiny checkpoints (figures not asserted: the machine is noisy)."""
     out, _ = made

@@ -66,15 +66,15 @@ def test_demo_reuses_the_cached_world_and_backbones(demo):
 
 def test_ablation_writes_one_table_for_the_connectors(demo):
     root, _ = demo
-    p = run("ablate.py", f"toy_dir={root / 'toy'}", f"out_dir={root / 'out'}", *REDUCED, "connectors=[last_mlp,layer_mix]")
+    p = run("ablate.py", f"toy_dir={root / 'toy'}", f"out_dir={root / 'out'}", *REDUCED, "connectors=[last_mlp,layer_mix]", "seeds=[0]")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     table = json.loads((root / "out" / "ablation" / "ablation.json").read_text())
     assert sorted(table["connectors"]) == ["last_mlp", "layer_mix"] and sorted(table["ranking"]) == ["last_mlp", "layer_mix"]
-    assert table["seeds"] == [0, 1]
+    assert table["seeds"] == [0]  # two seeds: the aggregation is tested in tests/fusion/test_ablation.py
     for name, c in table["connectors"].items():
-        assert [r["seed"] for r in c["seeds"]] == [0, 1] and all(r["final_loss"] > 0 for r in c["seeds"])
+        assert [r["seed"] for r in c["seeds"]] == [0] and all(r["final_loss"] > 0 for r in c["seeds"])
         assert "trigger_f1" in c["aggregate"] and "exact_scene" in c["aggregate"] and c["rank"] in (1, 2)
-        assert (root / "out" / "ablation" / name / "seed1" / "eval" / "report.json").is_file()
+        assert (root / "out" / "ablation" / name / "seed0" / "eval" / "report.json").is_file()
     assert "differences" in table
     md = (root / "out" / "ablation" / "ablation.md").read_text()
     assert "| last_mlp |" in md and "| layer_mix |" in md and "## Differences beyond the seed spread" in md

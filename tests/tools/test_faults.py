@@ -75,6 +75,7 @@ def kill_then_resume(common, reference, run_dir: Path, fault: str) -> subprocess
     return resumed
 
 
+@pytest.mark.slow
 def test_kill_inside_a_checkpoint_write_then_resume(common, reference, tmp_path):
     kill_then_resume(common, reference, tmp_path, "kill_in_checkpoint@4")
     log = (tmp_path / "train.log").read_text()
@@ -218,6 +219,7 @@ def test_nan_loss_skips_the_step_and_counts_it(common, tmp_path):
     assert "NaN/Inf loss or gradient: optimizer step skipped" in (two / "train.log").read_text()
 
 
+@pytest.mark.slow
 def test_inf_gradient_with_a_finite_loss_is_caught(common, tmp_path):
     p = run(*common[:1], "stage=sft", "stage.max_steps=4", "stage.on_nonfinite=stop", f"hydra.run.dir={tmp_path}", fault="inf_grad@3",
             check=False)
@@ -225,6 +227,7 @@ def test_inf_gradient_with_a_finite_loss_is_caught(common, tmp_path):
     assert "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_diverged_run_stops_after_too_many_nonfinite_steps(common, tmp_path):
     p = run(*common[:1], "stage=sft", "stage.max_steps=6", "stage.max_nonfinite_in_a_row=2", f"hydra.run.dir={tmp_path}",
             fault="nan_loss@2,nan_loss@3,nan_loss@4", check=False)

@@ -135,6 +135,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny, sft_run, tmp_path)
     assert json.loads((run / "summary.json").read_text())["steps"] == 10
 
 
+@pytest.mark.slow
 def test_offload_preset_runs(tiny, tmp_path):
     # zero3_offload: parameters and optimizer states on the CPU, with the toolkit's own (NaN-guarded) AdamW
     train(tiny, "stage=sft", "deepspeed=zero3_offload", "stage.max_steps=2", f"hydra.run.dir={tmp_path}")
@@ -196,6 +197,7 @@ def test_align_without_or_with_wrong_init_from_fails_early(tiny, tmp_path):
     assert p.returncode == 2 and "no unifuse.json" in p.stderr
 
 
+@pytest.mark.slow
 def test_connector_sweep_writes_one_folder_per_run(tiny, sft_run, tmp_path):
     train("-m", tiny, "stage=align", "generator=tiny_sana", "connector=last_mlp,layer_mix", f"init_from={sft_run}", "stage.max_steps=2",
           f"hydra.sweep.dir={tmp_path}")
