@@ -64,6 +64,7 @@ def test_demo_reuses_the_cached_world_and_backbones(demo):
     assert not [q for q in (root / "toy").iterdir() if q.name.startswith(".")]  # no temporary leftovers
 
 
+@pytest.mark.slow  # 4 stage-2 runs + 4 evaluations; the ranking / spread arithmetic is in tests/fusion/test_ablation.py
 def test_ablation_writes_one_table_for_the_connectors(demo):
     root, _ = demo
     p = run("ablate.py", f"toy_dir={root / 'toy'}", f"out_dir={root / 'out'}", *REDUCED, "connectors=[last_mlp,layer_mix]", "seeds=[0]")

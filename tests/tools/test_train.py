@@ -107,6 +107,7 @@ def test_stage2_distillation_warm_up_with_a_frozen_dit_and_the_gain_instrument(t
     assert m.teacher is None  # the teacher is never part of the export
 
 
+@pytest.mark.slow  # the fast tier resumes after SIGTERM and after a damaged checkpoint (tests/tools/test_faults.py)
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny, sft_run, tmp_path):
     common = [tiny, "stage=align", "generator=tiny_cosmos", "connector=queries", f"init_from={sft_run}", "stage.max_steps=10",
               "stage.save_every=2", "stage.lr=1e-3", "stage.warmup_steps=3", "stage.lr_schedule=cosine", "data.seed=3"]
@@ -250,5 +251,11 @@ def test_stage2_feature_cache_build_use_and_stale(tiny, tiny_dir, sft_run, tmp_p
     p = train(*common, "cache=use", f"hydra.run.dir={tmp_path / 'stale'}", check=False)
     assert p.returncode == 2 and "stale: data changed" in p.stderr, p.stderr[-2000:]
 
-    p = train(*common, "cache=build", "connector=queries", "stage.max_steps=1", f"hydra.run.dir={tmp_path / 'queries'}")
+
+@pytest.mark.slow
+def test_query_connectors_say_they_cannot_be_cached(tiny, tiny_dir, sft_run, tmp_path):
+    demo = tiny_dir / "demo_data"
+    train(tiny, "stage=align", "generator=tiny_wan", "connector=queries", f"init_from={sft_run}", "stage.max_steps=1", "stage.save_every=0",
+          f"data.path={demo / 'conversations.jsonl'}", f"data.image_root={demo}", f"cache.dir={tmp_path / 'cache'}", "cache=build",
+          f"hydra.run.dir={tmp_path / 'queries'}")
     assert "cannot be cached" in (tmp_path / "queries" / "train.log").read_text()
