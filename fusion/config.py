@@ -814,7 +814,7 @@ class DemoConfig:
     """Text guidance at evaluation."""
     transcripts: int = 6
     """Conversations written as HTML transcripts."""
-    connectors: list[str] = field(default_factory=lambda: ["last_mlp", "multilayer_concat", "layer_mix", "queries", "multiscale_queries"])
+    connectors: list[str] = field(default_factory=lambda: ["last_mlp", "multilayer_concat", "layer_mix", "queries", "multiscale_queries", "resampler"])
     """tools/ablate.py: the connectors compared."""
     make_toy_overrides: list[str] = field(default_factory=list)
     """Extra overrides for tools/make_toy.py."""
