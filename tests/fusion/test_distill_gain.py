@@ -69,6 +69,30 @@ def _samples(model, convs):
     return [model.prepare_align_sample(c) for c in convs]
 
 
+def with_teacher(tiny_dir, convs, connector, generator="tiny_wan", extra=()):
+    """A trainable stage-2 model with its generator's own encoder as teacher, and its samples."""
+    from backbones.generator.text_encoder import TextEncoder
+
+    model, cfg = build(tiny_dir, connector, generator, extra)
+    model.set_teacher(TextEncoder.from_pretrained(cfg.generator.path))
+    model.apply_trainable(cfg.stage)
+    return model, _samples(model, convs)
+
+
+def seeded():
+    return torch.Generator().manual_seed(3)
+
+
+def distill_after_training_the_connector(model, samples, steps=6) -> float:
+    """The distillation loss after a few AdamW steps on the connector alone (the warm-up's job)."""
+    opt = torch.optim.AdamW(model.connector.parameters(), lr=3e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        model.align_loss(samples, seeded())["loss"].backward()
+        opt.step()
+    return model.align_loss(samples, seeded())["distill"].item()
+
+
 def test_samples_carry_the_request_their_target_answers(tiny_dir, convs):
     model, _ = build(tiny_dir)
     reqs = [s.request for s in _samples(model, convs)]
@@ -119,30 +143,17 @@ def test_a_teacher_of_another_width_is_refused(tiny_dir):
 
 @pytest.mark.parametrize("generator,folder", [("tiny_wan", "wan"), ("tiny_cosmos", "cosmos2"), ("tiny_sana", "sana")])
 def test_velocity_distillation_warm_up_then_auxiliary(tiny_dir, convs, generator, folder):
-    from backbones.generator.text_encoder import TextEncoder
-
-    gen_extra = [f"generator.path={tiny_dir / folder}"]
-    model, cfg = build(tiny_dir, "last_mlp", generator, ["stage.distill_steps=2", "stage.distill_weight=0.5", *gen_extra])
-    model.set_teacher(TextEncoder.from_pretrained(cfg.generator.path))
-    model.apply_trainable(cfg.stage)
-    samples = _samples(model, convs)
-    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    model, samples = with_teacher(tiny_dir, convs, "last_mlp", generator,
+                                  ["stage.distill_steps=2", "stage.distill_weight=0.5", f"generator.path={tiny_dir / folder}"])
     model.step = 0
-    warm = model.align_loss(samples, g())
+    warm = model.align_loss(samples, seeded())
     assert warm["distill"] > 0 and torch.allclose(warm["loss"], warm["distill"])  # warm-up: distillation alone
     model.step = 2
-    after = model.align_loss(samples, g())
+    after = model.align_loss(samples, seeded())
     assert torch.allclose(after["loss"], after["flow"] + 0.5 * after["distill"])
     # the connector learns to make the DiT predict what its own encoder makes it predict
     model.step = 0
-    opt = torch.optim.AdamW(model.connector.parameters(), lr=3e-3)
-    first = warm["distill"].item()
-    for _ in range(6):
-        opt.zero_grad()
-        out = model.align_loss(samples, g())
-        out["loss"].backward()
-        opt.step()
-    assert model.align_loss(samples, g())["distill"].item() < first
+    assert distill_after_training_the_connector(model, samples) < warm["distill"].item()
 
 
 def test_state_distillation_needs_the_teachers_length(tiny_dir, convs):
@@ -192,20 +203,9 @@ def test_set_distillation_is_blind_to_order_and_sends_the_rest_to_zero():
 
 
 def test_set_distillation_trains_a_per_token_connector(tiny_dir, convs):
-    from backbones.generator.text_encoder import TextEncoder
-
-    model, cfg = build(tiny_dir, "multilayer_concat", extra=["stage.distill_steps=5", "stage.distill_target=set",
-                                                             "connector.out_norm=rms_gated"])
-    model.set_teacher(TextEncoder.from_pretrained(cfg.generator.path))
-    model.apply_trainable(cfg.stage)
-    samples = _samples(model, convs)
-    g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+    model, samples = with_teacher(tiny_dir, convs, "multilayer_concat",
+                                  extra=["stage.distill_steps=5", "stage.distill_target=set", "connector.out_norm=rms_gated"])
     model.step = 0
-    first = model.align_loss(samples, g())
+    first = model.align_loss(samples, seeded())
     assert first["distill"] > 0 and torch.allclose(first["loss"], first["distill"])
-    opt = torch.optim.AdamW(model.connector.parameters(), lr=3e-3)
-    for _ in range(6):
-        opt.zero_grad()
-        model.align_loss(samples, g())["loss"].backward()
-        opt.step()
-    assert model.align_loss(samples, g())["distill"].item() < first["distill"].item()
+    assert distill_after_training_the_connector(model, samples) < first["distill"].item()
