@@ -91,3 +91,51 @@ def encoder(dim: int, layers: int, heads: int) -> nn.TransformerEncoder:
     layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu",
                                        batch_first=True, norm_first=True)
     return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+
+
+def sincos_1d(length: int, dim: int, device=None) -> torch.Tensor:
+    """Fixed 1-D sine-cosine position encodings of ``length`` tokens: [length, dim]."""
+    half = dim // 2
+    omega = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float64, device=device) / max(1, half)))
+    ang = torch.arange(length, dtype=torch.float64, device=device)[:, None] * omega[None]
+    out = torch.cat([torch.sin(ang), torch.cos(ang)], dim=1)
+    return torch.nn.functional.pad(out, (0, dim - 2 * half)).float()
+
+
+class Refiner(nn.Module):
+    """``connector.refiner_layers``: a small bidirectional transformer over a per-token connector's
+    projected tokens (the context refiner of Lumina-Image 2.0 / OmniGen2, here on the MLLM side).
+
+    A causal MLLM's state at a word has not read the words after it, while the DiT's own text
+    encoder (T5 / UMT5 / Gemma read bidirectionally by the DiT) gives every token its whole
+    sentence: "circle" in "a red circle at the top left" carries its place. The refiner lets each
+    token read the others (1-D sine-cosine positions added to its input, masked keys ignored).
+    Residual throughout, so with its output layers near zero it starts close to the identity.
+    ``layers=0``: no refiner (the module is the identity).
+    """
+
+    def __init__(self, dim: int, layers: int = 0, heads: int = 4):
+        super().__init__()
+        if layers < 0:
+            raise ValueError(f"connector.refiner_layers must be >= 0, got {layers}")
+        if layers and dim % heads:
+            raise ValueError(f"connector.refiner_heads={heads} must divide the generator's text width {dim}")
+        self.layers = layers
+        self.encoder = None
+        if layers:
+            layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+            for blk in self.encoder.layers:  # residual branches start small: the identity plus a little
+                nn.init.normal_(blk.self_attn.out_proj.weight, std=1e-3)
+                nn.init.zeros_(blk.self_attn.out_proj.bias)
+                nn.init.normal_(blk.linear2.weight, std=1e-3)
+                nn.init.zeros_(blk.linear2.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B, L, D], mask [B, L] (1 = a real token)."""
+        if self.encoder is None:
+            return x
+        pos = sincos_1d(x.shape[1], x.shape[2], x.device).to(x.dtype)
+        h = self.encoder(x + pos[None], src_key_padding_mask=~mask.bool())
+        return h - pos[None]

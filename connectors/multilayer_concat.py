@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from connectors.common import ConnectorOutput, OutputNorm, mlp
+from connectors.common import ConnectorOutput, OutputNorm, Refiner, mlp
 
 
 class MultilayerConcat(nn.Module):
@@ -20,7 +20,7 @@ class MultilayerConcat(nn.Module):
 
     def __init__(self, mllm_dim: int, text_dim: int, num_mllm_layers: int, dit_dim: int | None = None,
                  layers: list[int] | None = None, projection: str = "linear", hidden_mult: float = 1.0,
-                 out_norm: str = "rms", out_gain: float = 1.0):
+                 out_norm: str = "rms", out_gain: float = 1.0, refiner_layers: int = 0, refiner_heads: int = 4):
         super().__init__()
         self.layers = list(layers) if layers else list(range(1, num_mllm_layers + 1))
         width = mllm_dim * len(self.layers)
@@ -35,6 +35,10 @@ class MultilayerConcat(nn.Module):
             self.proj = mlp(width, max(1, int(hidden_mult * text_dim)), text_dim, 2)
         else:
             raise ValueError(f"connector.projection must be identity, linear or mlp, got {projection!r}")
+        if projection == "identity" and refiner_layers:
+            raise ValueError("connector.refiner_layers needs a projection (linear or mlp): with projection=identity the tokens "
+                             "go to the DiT's own projection as they are")
+        self.refiner = Refiner(text_dim, refiner_layers, refiner_heads)
         self.norm = OutputNorm(text_dim, out_norm, out_gain) if projection != "identity" else nn.Identity()
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> ConnectorOutput:
@@ -42,4 +46,4 @@ class MultilayerConcat(nn.Module):
         h = nn.functional.layer_norm(hidden.float(), hidden.shape[-1:]).to(hidden.dtype)  # per layer, per token
         b, n, length, d = h.shape
         h = h.permute(0, 2, 1, 3).reshape(b, length, n * d)
-        return ConnectorOutput(self.norm(self.proj(h)), mask)
+        return ConnectorOutput(self.norm(self.refiner(self.proj(h), mask)), mask)

@@ -135,7 +135,23 @@ class ConnectorBase:
 
 
 @dataclass
-class LastMLPConfig(ConnectorBase):
+class PerTokenConnectorBase(ConnectorBase):
+    """Fields of the per-token connectors (one DiT text state per context token)."""
+
+    refiner_layers: int = 0
+    """Layers of a bidirectional transformer over the projected tokens (connectors/common.py Refiner), so a token can
+    read the words after it as the DiT's own bidirectional text encoder does; 0: none."""
+    refiner_heads: int = 4
+    """Attention heads of the refiner (must divide the generator's text width)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.refiner_layers < 0:
+            raise ConfigError(f"connector.refiner_layers must be >= 0, got {self.refiner_layers}")
+
+
+@dataclass
+class LastMLPConfig(PerTokenConnectorBase):
     """last_mlp: last-layer hidden states -> MLP -> text_dim."""
 
     _target_: str = "connectors.last_mlp.LastMLP"
@@ -146,7 +162,7 @@ class LastMLPConfig(ConnectorBase):
 
 
 @dataclass
-class MultilayerConcatConfig(ConnectorBase):
+class MultilayerConcatConfig(PerTokenConnectorBase):
     """multilayer_concat: per-token-normalised layers concatenated along channels, projected."""
 
     _target_: str = "connectors.multilayer_concat.MultilayerConcat"
@@ -159,7 +175,7 @@ class MultilayerConcatConfig(ConnectorBase):
 
 
 @dataclass
-class LayerMixConfig(ConnectorBase):
+class LayerMixConfig(PerTokenConnectorBase):
     """layer_mix: learned softmax weights over layers, then an MLP."""
 
     _target_: str = "connectors.layer_mix.LayerMix"
@@ -352,7 +368,7 @@ class StageConfig:
     distill_weight: float = 0.0
     """align: weight of the distillation term added to the flow loss after the warm-up (0: off)."""
     distill_target: str = "velocity"
-    """align: velocity (the DiT's velocity from the connector's states regresses onto its velocity from its own encoder's states: any connector, any length) or states (the states themselves: the connector must emit the encoder's padded length, e.g. connector=resampler) or set (the states as a set: each of the encoder's real tokens matched one-to-one to a connector token, the rest onto zero; for DiTs with no position signal on their text: any connector, any length)."""
+    """align: velocity (the DiT's velocity from the connector's states regresses onto its velocity from its own encoder's states: any connector, any length) or states (the states themselves: the connector must emit the encoder's padded length, e.g. connector=resampler) or set (the states as a set: each of the encoder's real tokens matched one-to-one to a connector token, the rest onto zero; for DiTs with no position signal on their text: any connector, any length) or aligned (each of the encoder's tokens onto the context token that ends the same word, found by characters across the two tokenizers, every other context token onto zero; per-token connectors; fusion/distill.py)."""
     generator_frozen_steps: int = 0
     """align: steps at the start in which the DiT does not move (learning rate 0) while the connector learns to carry the text; keeps a DiT from eroding its own conditioning while the connector carries nothing."""
     gain_every: int = 100
@@ -394,8 +410,8 @@ class StageConfig:
             raise ConfigError(f"stage.lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"stage.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.distill_target not in ("velocity", "states", "set"):
-            raise ConfigError(f"stage.distill_target must be velocity, states or set, got {self.distill_target!r}")
+        if self.distill_target not in ("velocity", "states", "set", "aligned"):
+            raise ConfigError(f"stage.distill_target must be velocity, states, set or aligned, got {self.distill_target!r}")
         for key in ("distill_steps", "generator_frozen_steps", "gain_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"stage.{key} must be >= 0, got {getattr(self, key)}")

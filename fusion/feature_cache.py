@@ -33,6 +33,8 @@ without the cache.
 
 from __future__ import annotations
 
+import functools
+
 import hashlib
 import json
 import logging
@@ -53,7 +55,7 @@ from fusion.data import Conversation, SkipReport, load_images
 from fusion.errors import CheckpointError, DataError
 
 log = logging.getLogger(__name__)
-FORMAT = 1
+FORMAT = 2  # 2: the context's token ids are stored too (stage.distill_target=aligned reads them)
 MANIFEST = "manifest.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WHOLE_FILE = 64 << 20  # files up to this size are hashed whole; larger ones by size + head + tail
@@ -133,6 +135,13 @@ class MLLMFolder(nn.Module):
     def save_pretrained(self, path: str | Path) -> None:
         shutil.copytree(self.path, path, dirs_exist_ok=True)
 
+    @functools.cached_property
+    def tokenizer(self):
+        """The MLLM's tokenizer (``stage.distill_target=aligned`` decodes the cached contexts with it)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.path))
+
 
 # ---------------------------------------------------------------------------- the cache
 class FeatureCache:
@@ -166,6 +175,11 @@ class FeatureCache:
             return None, None
         return f.get_tensor(f"{line}.hidden"), f.get_tensor(f"{line}.latents")
 
+    def ids(self, line: int) -> torch.Tensor:
+        """The token ids of the cached context [L] (the MLLM's tokens the hidden states belong to)."""
+        e = self.entries[line]
+        return self._files[e["shard"]].get_tensor(f"{line}.ids").long()
+
     def entry(self, conv: Conversation) -> dict[str, Any]:
         """A conversation's entry (no tensor read); the DataError the uncached path would raise for it."""
         if conv.line in self.skipped:
@@ -191,8 +205,8 @@ class FeatureCache:
         hidden, latents = self.tensors(conv.line)
         ctx_end = e["starts"][k] if settings.get("include_bov", True) else e["starts"][k] - 1
         neg_len = e["ends"][k - 1] + 1 if k else 0
-        return AlignSample(None, None, None, neg_len, latents[k].float(), latents[:k].float() if k else None, conv.where,
-                           ctx_hidden=hidden[:, :ctx_end], request=conv.text_before_image(k))
+        return AlignSample(self.ids(conv.line)[:ctx_end], None, None, neg_len, latents[k].float(), latents[:k].float() if k else None,
+                           conv.where, ctx_hidden=hidden[:, :ctx_end], request=conv.text_before_image(k))
 
 
 def find(cache_dir: str | Path, key: str) -> Path | None:
@@ -274,6 +288,7 @@ def build(model, convs: Sequence[Conversation], root: str | Path, key: str, part
                               compute_logits=False)["hidden"][0]
                 images = [item["image"] for _, item in conv.image_items()][: last + 1]
                 tensors[f"{conv.line}.hidden"] = hidden.to(store).contiguous().cpu()
+                tensors[f"{conv.line}.ids"] = ids[: entry["starts"][last]].to(torch.int32).contiguous().cpu()
                 tensors[f"{conv.line}.latents"] = gen.encode(images, size=size).contiguous().cpu()
             entries.append(entry)
             if len(entries) >= shard_samples:

@@ -12,7 +12,11 @@ and reports ``gain@t = (loss_zero - loss_true) / loss_zero``: the share of the l
 explains, and ``shuffle_gain@t`` likewise against the shuffled states (positive only when the
 states carry something specific to *this* sample). With the generator's own text encoder at
 hand, ``reference_gain@t`` is the same figure for the DiT reading its own encoder's states of
-each sample's request: what a working connector should approach.
+each sample's request: what a working connector should approach. With a per-token connector,
+``oracle_gain@t`` feeds the DiT the teacher's states laid on the context tokens that say the same
+words, zeros elsewhere (:mod:`fusion.distill`, what ``stage.distill_target=aligned`` regresses
+onto): the ceiling of a connector that imitates the teacher perfectly, through the real path
+(the context's length and padding count, not the teacher's).
 
 Healthy stage 2: the gain rises well above zero in the first few hundred steps. A gain that
 stays near 0 means the DiT is not using the connector's states; the trainer warns
@@ -55,6 +59,7 @@ def conditioning_gain(model, samples: Sequence, ts: Sequence[float] = DEFAULT_TS
         conds = [model.sample_states(s)[:2] for s in samples]
         teacher = getattr(model, "teacher", None)
         refs = [model._teacher_states(s.request) if teacher is not None and s.request else None for s in samples]
+        oracles = [_oracle(model, s, ref, st) if ref is not None else None for s, ref, (st, _) in zip(samples, refs, conds)]
         sums: dict[str, float] = {}
         g = torch.Generator().manual_seed(seed)
         for i, s in enumerate(samples):
@@ -68,12 +73,16 @@ def conditioning_gain(model, samples: Sequence, ts: Sequence[float] = DEFAULT_TS
                 parts = {"true": (states, mask), "zero": (torch.zeros_like(states), mask), "shuffled": (other_states, other_mask)}
                 if refs[i] is not None:
                     parts["reference"] = refs[i]
+                if oracles[i] is not None:
+                    parts["oracle"] = (oracles[i], mask)
+                if refs[i] is not None:
                     parts["reference_zero"] = (torch.zeros_like(refs[i][0]), refs[i][1])
                 for name, (st, mk) in parts.items():
                     key = f"loss_{name}@{tv:g}"
                     sums[key] = sums.get(key, 0.0) + _loss(gen, target, cond, st, mk, t, noise)
-        n_ref = sum(r is not None for r in refs)
-        out = {k: v / (n_ref if k.startswith("loss_reference") else len(samples)) for k, v in sums.items()}
+        n_ref, n_oracle = sum(r is not None for r in refs), sum(o is not None for o in oracles)
+        out = {k: v / (n_ref if k.startswith("loss_reference") else n_oracle if k.startswith("loss_oracle") else len(samples))
+               for k, v in sums.items()}
         for tv in ts:
             z, tr, sh = out[f"loss_zero@{tv:g}"], out[f"loss_true@{tv:g}"], out[f"loss_shuffled@{tv:g}"]
             out[f"gain@{tv:g}"] = (z - tr) / z if z > 0 else 0.0
@@ -81,6 +90,8 @@ def conditioning_gain(model, samples: Sequence, ts: Sequence[float] = DEFAULT_TS
             if f"loss_reference@{tv:g}" in out:
                 rz, r = out[f"loss_reference_zero@{tv:g}"], out[f"loss_reference@{tv:g}"]
                 out[f"reference_gain@{tv:g}"] = (rz - r) / rz if rz > 0 else 0.0
+            if f"loss_oracle@{tv:g}" in out and n_oracle == len(samples):
+                out[f"oracle_gain@{tv:g}"] = (z - out[f"loss_oracle@{tv:g}"]) / z if z > 0 else 0.0
         out["gain"] = sum(out[f"gain@{tv:g}"] for tv in ts) / len(ts)
         out["samples"] = len(samples)
         return out
@@ -89,10 +100,23 @@ def conditioning_gain(model, samples: Sequence, ts: Sequence[float] = DEFAULT_TS
         gen.transformer.train(was[1])
 
 
+def _oracle(model, sample, ref, states: torch.Tensor) -> torch.Tensor | None:
+    """The teacher's states laid on the sample's context tokens [1, L, D] (None: not a per-token connector or no ids)."""
+    from fusion.errors import ConfigError
+
+    try:
+        target, _ = model.aligned_teacher(sample, ref[0], ref[1], states.shape[1])
+    except ConfigError:
+        return None
+    return target[None].to(states.device)
+
+
 def summary_line(g: dict[str, float], ts: Sequence[float] = DEFAULT_TS) -> str:
     """``gain t=0.3/0.5/0.7/0.9: a/b/c/d (shuffled ..., reference ...)`` for logs."""
     fmt = lambda key: "/".join(f"{g[f'{key}@{t:g}']:.3f}" for t in ts)  # noqa: E731
     line = f"conditioning gain at t={'/'.join(f'{t:g}' for t in ts)}: {fmt('gain')} (vs shuffled states {fmt('shuffle_gain')}"
     if f"reference_gain@{ts[0]:g}" in g:
         line += f"; the DiT's own text encoder {fmt('reference_gain')}"
+    if f"oracle_gain@{ts[0]:g}" in g:
+        line += f"; its states laid on the context {fmt('oracle_gain')}"
     return line + f"; {g['samples']} samples)"

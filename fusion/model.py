@@ -35,6 +35,7 @@ from torch import nn
 from backbones.mllm.qwen2_5_vl import RenderedConversation
 from fusion.data import Conversation, load_images
 from fusion.errors import CheckpointError, ConfigError, DataError
+from fusion.distill import aligned_distill_loss
 from fusion.flow import add_noise, sample_t, target_velocity
 
 MANIFEST = "unifuse.json"
@@ -53,7 +54,7 @@ class AlignSample:
     target: torch.Tensor  # [C, h, w] latent
     cond: torch.Tensor | None  # [N, C, h, w] latents of every earlier image
     where: str = ""
-    ctx_hidden: torch.Tensor | None = None  # [n_layers, L, D] from the feature cache (then ctx_ids etc. are None)
+    ctx_hidden: torch.Tensor | None = None  # [n_layers, L, D] from the feature cache (then the pixels and grids are None)
     request: str = ""  # the text the generator's own encoder would read (Conversation.text_before_image)
 
 
@@ -444,6 +445,21 @@ class FusedModel(nn.Module):
         states, mask = self.teacher.encode([request])
         return states.to(self.generator.device, self.generator.dtype), mask.to(self.generator.device)
 
+    def aligned_teacher(self, sample: AlignSample, t_states: torch.Tensor, t_mask: torch.Tensor, length: int):
+        """The teacher's states laid on the sample's context tokens (:mod:`fusion.distill`): (target [L, D], real [L])."""
+        from fusion.distill import align_request, aligned_target, context_pieces
+
+        if getattr(self.connector, "uses_queries", False) or getattr(self.connector, "num_queries", None):
+            raise ConfigError("stage.distill_target=aligned needs a per-token connector (last_mlp, layer_mix, multilayer_concat): "
+                              f"{type(self.connector).__name__} does not emit one state per context token (use distill_target=set)")
+        if sample.ctx_ids is None or len(sample.ctx_ids) != length:
+            raise ConfigError(f"{sample.where}: stage.distill_target=aligned needs the context's token ids "
+                              "(a feature cache written before format 2 has none: rebuild it with cache=build)")
+        pieces = context_pieces(self.mllm.tokenizer, sample.ctx_ids)
+        al = align_request(pieces, sample.request, self.teacher.tokenizer, start=sample.neg_len, max_length=self.teacher.max_length)
+        real_states = t_states[0][t_mask[0].bool()]
+        return aligned_target(real_states.float(), al.positions, length)
+
     def align_loss(self, samples: list[AlignSample], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Stage-2 loss averaged over samples: flow matching on the target (+ alignment loss)
         (+ distillation onto the generator's own text encoder, ``stage.distill_*``)."""
@@ -484,6 +500,9 @@ class FusedModel(nn.Module):
                     distills.append(nn.functional.mse_loss(states.float(), t_states.float()))
                 elif distill_target == "set":
                     distills.append(set_distill_loss(states, mask, t_states, t_mask))
+                elif distill_target == "aligned":
+                    target_s, real = self.aligned_teacher(sample, t_states, t_mask, states.shape[1])
+                    distills.append(aligned_distill_loss(states[0], target_s, real))
                 else:  # the DiT is the judge: the velocity it predicts from the connector vs from its own encoder
                     with torch.no_grad():
                         v_teacher = gen.velocity(x_t, t, cond, t_states, t_mask)

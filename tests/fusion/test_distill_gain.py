@@ -170,7 +170,7 @@ def test_state_distillation_needs_the_teachers_length(tiny_dir, convs):
     assert out["distill"] > 0 and model.connector.proj.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("key,value,msg", [("distill_target", "logits", "velocity, states or set"), ("distill_steps", "-1", "distill_steps"),
+@pytest.mark.parametrize("key,value,msg", [("distill_target", "logits", "velocity, states, set or aligned"), ("distill_steps", "-1", "distill_steps"),
                                            ("gain_samples", "1", "gain_samples")])
 def test_bad_recipe_settings_fail_naming_the_key(key, value, msg):
     from omegaconf import OmegaConf
@@ -209,3 +209,111 @@ def test_set_distillation_trains_a_per_token_connector(tiny_dir, convs):
     first = model.align_loss(samples, seeded())
     assert first["distill"] > 0 and torch.allclose(first["loss"], first["distill"])
     assert distill_after_training_the_connector(model, samples) < first["distill"].item()
+
+
+# ---- distill_target=aligned: the teacher's states on the context tokens that say the same words
+def _tokenizers():
+    from backbones.generator.text_encoder import TINY_WORDS, word_tokenizer
+    from backbones.mllm.tiny_qwen2_5_vl import build_tokenizer
+
+    return build_tokenizer(), word_tokenizer(list(TINY_WORDS), 32)
+
+
+CTX = ("<|im_start|>system\nYou draw.<|im_end|>\n<|im_start|>user\nDraw a red circle at the top left.<|im_end|>\n"
+       "<|im_start|>assistant\nHere it is.")
+
+
+def test_alignment_finds_each_teacher_word_on_the_context_token_that_ends_it():
+    from fusion.distill import align_request, context_pieces
+
+    mllm_tok, teacher_tok = _tokenizers()
+    pieces = context_pieces(mllm_tok, mllm_tok(CTX)["input_ids"])  # Qwen-style byte-level BPE pieces
+    request = "Draw a red circle at the top left. Here it is."
+    al = align_request(pieces, request, teacher_tok)
+    words = teacher_tok.convert_ids_to_tokens(teacher_tok(request)["input_ids"])
+    assert words[-1] == "</s>" and al.positions[-1] == len(pieces) - 1 and al.missed == 0  # </s>: the last token
+    for word, p in zip(words[:-1], al.positions[:-1]):
+        assert "".join(pieces[: p + 1]).lower().endswith(word), (word, pieces[p])  # "Here" is 'H' 'e' 're': lands on 're'
+    user = [p for w, p in zip(words, al.positions) if w in ("draw", "red", "left")]
+    assert user == sorted(user) and pieces[user[0]] == "Draw"  # in order, in the user turn, not the system prompt
+    # the same words earlier in the conversation are never taken when the request starts after them
+    twice = CTX + "<|im_end|>\n<|im_start|>user\nDraw a red circle at the top left.<|im_end|>\n<|im_start|>assistant\nHere it is."
+    pieces2 = context_pieces(mllm_tok, mllm_tok(twice)["input_ids"])
+    start = len(pieces) + 1
+    al2 = align_request(pieces2, request, teacher_tok, start=start)
+    assert min(al2.positions) >= start and al2.missed == 0
+    missing = align_request(pieces, "Draw a blue square.", teacher_tok)  # words the context does not hold
+    assert missing.missed == 2 and missing.positions.count(-1) == 2
+
+
+def test_aligned_target_and_loss():
+    from fusion.distill import aligned_distill_loss, aligned_target
+
+    t = torch.arange(12.0).reshape(3, 4)
+    target, real = aligned_target(t, [2, 2, 5, -1], 7)  # two teacher tokens on one context token are averaged
+    assert real.tolist() == [False, False, True, False, False, True, False]
+    assert torch.equal(target[2], (t[0] + t[1]) / 2) and torch.equal(target[5], t[2]) and target[~real].abs().sum() == 0
+    assert aligned_distill_loss(target.clone(), target, real).item() == 0.0
+    states = target.clone()
+    states[0] = 2.0  # a template token that says something: pulled to zero, weighted against its own kind only
+    assert aligned_distill_loss(states, target, real).item() == pytest.approx(0.5 * 4 * 4 / (5 * 4))
+    states = target.clone().requires_grad_(True)
+    loss = aligned_distill_loss(states * 0.5, target, real)
+    loss.backward()
+    assert loss > 0 and states.grad[2].abs().sum() > 0 and states.grad[0].abs().sum() == 0
+
+
+def test_the_refiner_starts_near_the_identity_and_reads_both_ways():
+    from connectors.common import Refiner
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 6, 16, generator=g)
+    mask = torch.ones(1, 6)
+    assert torch.equal(Refiner(16, 0)(x, mask), x)
+    torch.manual_seed(0)
+    r = Refiner(16, 1, 4)
+    y = r(x, mask)
+    assert (y - x).abs().max() < 0.05  # the residual branches start small
+    with torch.no_grad():
+        for blk in r.encoder.layers:
+            torch.nn.init.normal_(blk.self_attn.out_proj.weight, std=0.3)
+    later = x.clone()
+    later[0, 5] += torch.randn(16, generator=g)  # (a constant shift would vanish in the pre-norm)
+    assert (r(later, mask)[0, 0] - r(x, mask)[0, 0]).abs().max() > 1e-3  # the first token reads the last one
+    masked = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    assert torch.allclose(r(later, masked)[0, :5], r(x, masked)[0, :5], atol=1e-6)  # a masked token is not read
+    with pytest.raises(ValueError, match="refiner_heads=5"):
+        Refiner(16, 1, 5)
+
+
+@pytest.mark.parametrize("connector", ["last_mlp", "multilayer_concat", "layer_mix"])
+def test_aligned_distillation_trains_a_per_token_connector_with_its_refiner(tiny_dir, convs, connector):
+    model, samples = with_teacher(tiny_dir, convs, connector, extra=["stage.distill_steps=5", "stage.distill_target=aligned",
+                                                                      "connector.out_norm=rms_gated", "connector.refiner_layers=1"])
+    assert model.connector.refiner.layers == 1
+    model.step = 0
+    first = model.align_loss(samples, seeded())
+    assert first["distill"] > 0 and torch.allclose(first["loss"], first["distill"])
+    assert distill_after_training_the_connector(model, samples) < first["distill"].item()
+
+
+def test_aligned_distillation_needs_a_per_token_connector(tiny_dir, convs):
+    model, samples = with_teacher(tiny_dir, convs, "resampler", extra=["stage.distill_steps=1", "stage.distill_target=aligned"])
+    model.step = 0
+    with pytest.raises(ConfigError, match="per-token connector.*Resampler"):
+        model.align_loss(samples[:1], seeded())
+
+
+def test_gain_reports_the_aligned_oracle_for_a_per_token_connector(tiny_dir, convs):
+    from fusion.gain import conditioning_gain, summary_line
+
+    model, samples = with_teacher(tiny_dir, convs, "last_mlp")
+    g = conditioning_gain(model, samples, ts=(0.7,))
+    assert "oracle_gain@0.7" in g and g["loss_oracle@0.7"] != g["loss_zero@0.7"]
+    assert "laid on the context" in summary_line(g, (0.7,))
+    # the oracle is the teacher's own states: a connector that emits them exactly scores the oracle's gain
+    targets = [model.aligned_teacher(s, *model._teacher_states(s.request), len(s.ctx_ids))[0] for s in samples]
+    index = {id(s): i for i, s in enumerate(samples)}
+    model.sample_states = lambda s, length=None: (targets[index[id(s)]][None], torch.ones(1, len(s.ctx_ids)), None)
+    g2 = conditioning_gain(model, samples, ts=(0.7,))
+    assert g2["gain@0.7"] == pytest.approx(g2["oracle_gain@0.7"], abs=1e-6)

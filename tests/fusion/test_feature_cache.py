@@ -42,9 +42,14 @@ def cache(tiny_dir, convs, tmp_path_factory):
     ["stage.p_drop_text=1.0", "stage.text_dropout_form=duogen"],  # the DuoGen negative: a shorter slice of the same states
     ["stage.batching=none"],  # uncached contexts one forward each (default: packed into one row)
     ["stage.batching=none", "stage.p_drop_text=1.0", "stage.text_dropout_form=duogen"],
+    ["stage.distill_steps=1", "stage.distill_target=aligned", "connector.refiner_layers=1"],  # reads the cached ids
 ])
 def test_cached_and_uncached_give_the_same_loss(tiny_dir, convs, cache, extra):
-    model, _ = build_model(tiny_dir, *extra)
+    model, cfg = build_model(tiny_dir, *extra)
+    if cfg.stage.distill_steps:
+        from backbones.generator.text_encoder import TextEncoder
+
+        model.set_teacher(TextEncoder.from_pretrained(cfg.generator.path))
     for seed in range(3):
         g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         plain = [model.prepare_align_sample(c, g1) for c in convs]
@@ -53,7 +58,7 @@ def test_cached_and_uncached_give_the_same_loss(tiny_dir, convs, cache, extra):
             # latents: the cache encodes a conversation's images as one VAE batch (float noise ~3e-7 vs one at a time)
             assert torch.allclose(p.target, c.target, atol=1e-5) and p.neg_len == c.neg_len
             assert (p.cond is None) == (c.cond is None) and (p.cond is None or torch.allclose(p.cond, c.cond, atol=1e-5))
-            assert c.ctx_hidden.shape[1] == len(p.ctx_ids)
+            assert c.ctx_hidden.shape[1] == len(p.ctx_ids) and torch.equal(c.ctx_ids, p.ctx_ids)  # the ids (aligned distillation)
         with torch.no_grad():
             a = model.align_loss(plain, torch.Generator().manual_seed(10 + seed))
             b = model.align_loss(cached, torch.Generator().manual_seed(10 + seed))
