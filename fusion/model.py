@@ -472,6 +472,8 @@ class FusedModel(nn.Module):
         distill_target = s.get("distill_target", "velocity")
         if s.get("batching", "packed") == "packed" and not getattr(self.connector, "uses_queries", False):
             samples = self.packed_context_states(samples)
+        # a warm-up on the states alone (flow weight 0, no alignment loss) needs no DiT pass: only the connector trains
+        states_only = w_flow == 0 and distill_target in ("states", "set", "aligned") and not getattr(self.connector, "align_weight", 0.0)
         for sample in samples:
             states, mask, query_hidden = self.sample_states(sample)
             drop_text, drop_cond = self.draw_dropout(generator)
@@ -485,9 +487,11 @@ class FusedModel(nn.Module):
             noise = torch.randn(target.shape, generator=generator).to(dev)
             align_w = getattr(self.connector, "align_weight", 0.0)
             x_t = add_noise(target, noise, t)
-            with gen.capture_block(self.connector.align_layer) if align_w > 0 and query_hidden is not None else contextlib.nullcontext() as store:
-                v = gen.velocity(x_t, t, cond, states.to(gen.dtype), mask)
-            flows.append(nn.functional.mse_loss(v.float(), target_velocity(target, noise).float()))
+            store = None
+            if not states_only:
+                with gen.capture_block(self.connector.align_layer) if align_w > 0 and query_hidden is not None else contextlib.nullcontext() as store:
+                    v = gen.velocity(x_t, t, cond, states.to(gen.dtype), mask)
+                flows.append(nn.functional.mse_loss(v.float(), target_velocity(target, noise).float()))
             if store is not None:
                 aligns.append(self.connector.alignment_loss(store["grid"], query_hidden))
             if w_distill > 0 and not drop_text and sample.request:
@@ -507,7 +511,10 @@ class FusedModel(nn.Module):
                     with torch.no_grad():
                         v_teacher = gen.velocity(x_t, t, cond, t_states, t_mask)
                     distills.append(nn.functional.mse_loss(v.float(), v_teacher.float()))
-        flow = torch.stack(flows).mean()
+        if flows:
+            flow = torch.stack(flows).mean()
+        else:  # the states-only warm-up: a zero that still reaches every trainable DiT weight (ZeRO expects their gradients)
+            flow = sum((p.reshape(-1)[0] for p in gen.parameters() if p.requires_grad), torch.zeros((), device=dev)) * 0.0
         out = {"flow": flow, "drop_text": drops[0], "drop_cond": drops[1]}
         loss = w_flow * flow
         if aligns:
