@@ -429,6 +429,7 @@ class FusedModel(nn.Module):
             raise ConfigError(f"the generator's text encoder is {teacher.dim} wide but its DiT reads {self.generator.text_dim}; "
                               "distillation needs the DiT's own encoder (generator.text_dim must stay the checkpoint's)")
         self.__dict__["_teacher"] = teacher
+        self.__dict__["_teacher_memo"] = {}
 
     def distill_phase(self) -> tuple[float, float]:
         """(flow weight, distillation weight) at the current step (``self.step``, set by the trainer).
@@ -442,8 +443,15 @@ class FusedModel(nn.Module):
         return 1.0, weight
 
     def _teacher_states(self, request: str):
-        states, mask = self.teacher.encode([request])
-        return states.to(self.generator.device, self.generator.dtype), mask.to(self.generator.device)
+        """The frozen teacher's (states, mask) of one request, memoised (a data set repeats its requests every epoch)."""
+        memo = self.__dict__.setdefault("_teacher_memo", {})
+        key = (request, self.generator.device, self.generator.dtype)
+        if key not in memo:
+            if len(memo) >= 8192:
+                memo.clear()
+            states, mask = self.teacher.encode([request])
+            memo[key] = (states.to(self.generator.device, self.generator.dtype), mask.to(self.generator.device))
+        return memo[key]
 
     def aligned_teacher(self, sample: AlignSample, t_states: torch.Tensor, t_mask: torch.Tensor, length: int):
         """The teacher's states laid on the sample's context tokens (:mod:`fusion.distill`): (target [L, D], real [L])."""
