@@ -463,10 +463,16 @@ class FusedModel(nn.Module):
         if sample.ctx_ids is None or len(sample.ctx_ids) != length:
             raise ConfigError(f"{sample.where}: stage.distill_target=aligned needs the context's token ids "
                               "(a feature cache written before format 2 has none: rebuild it with cache=build)")
-        pieces = context_pieces(self.mllm.tokenizer, sample.ctx_ids)
-        al = align_request(pieces, sample.request, self.teacher.tokenizer, start=sample.neg_len, max_length=self.teacher.max_length)
+        memo = self.__dict__.setdefault("_alignment_memo", {})
+        key = (tuple(sample.ctx_ids.tolist()), sample.request, sample.neg_len)
+        if key not in memo:
+            if len(memo) >= 8192:
+                memo.clear()
+            pieces = context_pieces(self.mllm.tokenizer, sample.ctx_ids)
+            memo[key] = align_request(pieces, sample.request, self.teacher.tokenizer, start=sample.neg_len,
+                                      max_length=self.teacher.max_length).positions
         real_states = t_states[0][t_mask[0].bool()]
-        return aligned_target(real_states.float(), al.positions, length)
+        return aligned_target(real_states.float(), memo[key], length)
 
     def align_loss(self, samples: list[AlignSample], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Stage-2 loss averaged over samples: flow matching on the target (+ alignment loss)
