@@ -103,8 +103,8 @@ def sincos_1d(length: int, dim: int, device=None) -> torch.Tensor:
 
 
 class Refiner(nn.Module):
-    """``connector.refiner_layers``: a small bidirectional transformer over a per-token connector's
-    projected tokens (the context refiner of Lumina-Image 2.0 / OmniGen2, here on the MLLM side).
+    """``connector.refiner_layers``: a small bidirectional transformer over a connector's projected
+    output tokens (the context refiner of Lumina-Image 2.0 / OmniGen2, here on the MLLM side).
 
     A causal MLLM's state at a word has not read the words after it, while the DiT's own text
     encoder (T5 / UMT5 / Gemma read bidirectionally by the DiT) gives every token its whole

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from connectors.common import ConnectorOutput, OutputNorm, encoder, sincos_2d
+from connectors.common import ConnectorOutput, OutputNorm, Refiner, encoder, sincos_2d
 
 
 class MultiscaleQueries(nn.Module):
@@ -23,7 +23,7 @@ class MultiscaleQueries(nn.Module):
     def __init__(self, mllm_dim: int, text_dim: int, num_mllm_layers: int, dit_dim: int | None = None,
                  scales: list[int] = (4, 8, 16), encoder_layers: int = 2, encoder_heads: int = 4,
                  layers: list[int] | None = None, align_layer: int = 1, align_weight: float = 0.5,
-                 out_norm: str = "rms", out_gain: float = 1.0, init_std: float = 0.02):
+                 out_norm: str = "rms", out_gain: float = 1.0, init_std: float = 0.02, refiner_layers: int = 0, refiner_heads: int = 4):
         super().__init__()
         self.scales = [int(s) for s in scales]
         if not self.scales or min(self.scales) <= 0:
@@ -35,6 +35,7 @@ class MultiscaleQueries(nn.Module):
             self.register_buffer(f"pos_{i}", sincos_2d(s, mllm_dim) * init_std, persistent=False)
         self.encoder = encoder(mllm_dim, encoder_layers, encoder_heads)
         self.proj = nn.Linear(mllm_dim, text_dim)
+        self.refiner = Refiner(text_dim, refiner_layers, refiner_heads)
         self.norm = OutputNorm(text_dim, out_norm, out_gain)
         self.align_layer = align_layer
         self.align_weight = align_weight
@@ -65,8 +66,8 @@ class MultiscaleQueries(nn.Module):
     def forward(self, query_hidden: torch.Tensor, mask: torch.Tensor | None = None) -> ConnectorOutput:
         """query_hidden [B, n_layers, N, D]: the MLLM's states at the query positions."""
         h = self.encoder(query_hidden[:, -1])
-        states = self.norm(self.proj(h))
-        return ConnectorOutput(states, torch.ones(states.shape[:2], dtype=torch.long, device=states.device))
+        ones = torch.ones(h.shape[:2], dtype=torch.long, device=h.device)
+        return ConnectorOutput(self.norm(self.refiner(self.proj(h), ones)), ones)
 
     def alignment_loss(self, dit_grid: torch.Tensor, query_hidden: torch.Tensor) -> torch.Tensor:
         """dit_grid [B, gh, gw, C_dit] (target tokens of block ``align_layer``); query_hidden as in forward."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from connectors.common import ConnectorOutput, OutputNorm, encoder
+from connectors.common import ConnectorOutput, OutputNorm, Refiner, encoder
 
 
 class Queries(nn.Module):
@@ -22,7 +22,7 @@ class Queries(nn.Module):
 
     def __init__(self, mllm_dim: int, text_dim: int, num_mllm_layers: int, dit_dim: int | None = None,
                  num_queries: int = 64, encoder_layers: int = 2, encoder_heads: int = 4, layers: list[int] | None = None,
-                 out_norm: str = "rms", out_gain: float = 1.0, init_std: float = 0.02):
+                 out_norm: str = "rms", out_gain: float = 1.0, init_std: float = 0.02, refiner_layers: int = 0, refiner_heads: int = 4):
         super().__init__()
         if num_queries <= 0:
             raise ValueError(f"connector.num_queries must be positive, got {num_queries}")
@@ -30,6 +30,7 @@ class Queries(nn.Module):
         self.queries = nn.Parameter(torch.randn(num_queries, mllm_dim) * init_std)
         self.encoder = encoder(mllm_dim, encoder_layers, encoder_heads)
         self.proj = nn.Linear(mllm_dim, text_dim)
+        self.refiner = Refiner(text_dim, refiner_layers, refiner_heads)
         self.norm = OutputNorm(text_dim, out_norm, out_gain)
 
     @property
@@ -43,5 +44,5 @@ class Queries(nn.Module):
     def forward(self, query_hidden: torch.Tensor, mask: torch.Tensor | None = None) -> ConnectorOutput:
         """query_hidden [B, n_layers, N, D]: the MLLM's states at the query positions."""
         h = self.encoder(query_hidden[:, -1])
-        states = self.norm(self.proj(h))
-        return ConnectorOutput(states, torch.ones(states.shape[:2], dtype=torch.long, device=states.device))
+        ones = torch.ones(h.shape[:2], dtype=torch.long, device=h.device)
+        return ConnectorOutput(self.norm(self.refiner(self.proj(h), ones)), ones)

@@ -128,30 +128,21 @@ class ConnectorBase:
     published DiTs saw at unused text positions) or none."""
     out_gain: float = 1.0
     """Initial gain of the output RMSNorm (rms, rms_gated)."""
-
-    def __post_init__(self) -> None:
-        if self.out_norm not in ("rms", "rms_gated", "none"):
-            raise ConfigError(f"connector.out_norm must be rms, rms_gated or none, got {self.out_norm!r}")
-
-
-@dataclass
-class PerTokenConnectorBase(ConnectorBase):
-    """Fields of the per-token connectors (one DiT text state per context token)."""
-
     refiner_layers: int = 0
-    """Layers of a bidirectional transformer over the projected tokens (connectors/common.py Refiner), so a token can
-    read the words after it as the DiT's own bidirectional text encoder does; 0: none."""
+    """Layers of a bidirectional transformer over the connector's output tokens before the output norm (connectors/common.py
+    Refiner), so a token can read the words after it as the DiT's own bidirectional text encoder does; 0: none."""
     refiner_heads: int = 4
     """Attention heads of the refiner (must divide the generator's text width)."""
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        if self.out_norm not in ("rms", "rms_gated", "none"):
+            raise ConfigError(f"connector.out_norm must be rms, rms_gated or none, got {self.out_norm!r}")
         if self.refiner_layers < 0:
             raise ConfigError(f"connector.refiner_layers must be >= 0, got {self.refiner_layers}")
 
 
 @dataclass
-class LastMLPConfig(PerTokenConnectorBase):
+class LastMLPConfig(ConnectorBase):
     """last_mlp: last-layer hidden states -> MLP -> text_dim."""
 
     _target_: str = "connectors.last_mlp.LastMLP"
@@ -162,7 +153,7 @@ class LastMLPConfig(PerTokenConnectorBase):
 
 
 @dataclass
-class MultilayerConcatConfig(PerTokenConnectorBase):
+class MultilayerConcatConfig(ConnectorBase):
     """multilayer_concat: per-token-normalised layers concatenated along channels, projected."""
 
     _target_: str = "connectors.multilayer_concat.MultilayerConcat"
@@ -175,7 +166,7 @@ class MultilayerConcatConfig(PerTokenConnectorBase):
 
 
 @dataclass
-class LayerMixConfig(PerTokenConnectorBase):
+class LayerMixConfig(ConnectorBase):
     """layer_mix: learned softmax weights over layers, then an MLP."""
 
     _target_: str = "connectors.layer_mix.LayerMix"
@@ -816,7 +807,7 @@ class DemoConfig:
     """Toy DiT pretraining steps."""
     sft_steps: int = 500
     """Stage-1 steps."""
-    align_steps: int = 600
+    align_steps: int = 3000
     """Stage-2 steps."""
     generator: str = "toy_wan"
     """Generator config (toy_wan, toy_cosmos, toy_sana)."""
@@ -838,6 +829,10 @@ class DemoConfig:
     """Extra overrides for stage 1 (tools/train.py experiment=toy_sft)."""
     align_overrides: list[str] = field(default_factory=list)
     """Extra overrides for stage 2 (tools/train.py experiment=toy_align)."""
+    connector_overrides: dict[str, list[str]] = field(default_factory=lambda: {
+        name: ["stage.distill_target=set"] for name in ("queries", "multiscale_queries", "resampler")})
+    """Stage-2 overrides by connector, after align_overrides: toy_align's aligned distillation needs one state per
+    context token, so the connectors with a fixed number of tokens distil onto the teacher's states as a set."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     """tools/ablate.py: stage-2 seeds per connector (stage.seed and data.seed); differences are judged against the spread between seeds."""
 

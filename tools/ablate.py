@@ -67,7 +67,7 @@ def main(cfg: DictConfig) -> None:
             run_phase(f"align {tag}", "train.py", ["experiment=toy_align", f"toy_dir={toy}", f"generator={cfg.generator}", f"connector={name}",
                                                    f"stage.max_steps={cfg.align_steps}", f"init_from={out / 'sft'}", "resume=never",
                                                    "cache=auto", f"cache.dir={root / 'feature_cache'}",  # query connectors run without
-                                                   f"hydra.run.dir={run / 'align'}", *cfg.align_overrides,
+                                                   f"hydra.run.dir={run / 'align'}", *cfg.align_overrides, *cfg.connector_overrides.get(name, []),
                                                    f"stage.seed={seed}", f"data.seed={seed}"], timings)
             ev = [f"model={run / 'align' / 'final'}", f"data_dir={toy / 'toyworld'}", "split=test", f"steps={cfg.sample_steps}",
                   f"guidance={cfg.guidance}", "transcripts=2", f"hydra.run.dir={run / 'eval'}"]

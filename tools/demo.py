@@ -55,7 +55,7 @@ def main(cfg: DictConfig) -> None:
     run_phase("align", "train.py", ["experiment=toy_align", f"toy_dir={toy}", f"generator={cfg.generator}", f"connector={cfg.connector}",
                                     f"stage.max_steps={cfg.align_steps}", f"init_from={out / 'sft'}", "resume=never",
                                     "cache=auto", f"cache.dir={out / 'feature_cache'}",  # the frozen MLLM and the VAE run once
-                                    f"hydra.run.dir={out / 'align'}", *cfg.align_overrides], timings)
+                                    f"hydra.run.dir={out / 'align'}", *cfg.align_overrides, *cfg.connector_overrides.get(cfg.connector, [])], timings)
     ev = ["model=" + str(out / "align" / "final"), f"data_dir={toy / 'toyworld'}", "split=test", f"steps={cfg.sample_steps}",
           f"guidance={cfg.guidance}", f"transcripts={cfg.transcripts}", f"hydra.run.dir={out / 'eval'}"]
     if cfg.eval_n is not None:
