@@ -35,6 +35,11 @@ class Alignment:
     missed: int  # teacher tokens with text that were not found in the context
 
 
+def per_token(connector) -> bool:
+    """Whether a connector emits one state per context token (what ``distill_target=aligned`` needs)."""
+    return not getattr(connector, "uses_queries", False) and getattr(connector, "num_queries", None) is None
+
+
 def context_pieces(tokenizer, ids: torch.Tensor | list[int]) -> list[str]:
     """Each context token decoded on its own (special tokens as their own text)."""
     ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)

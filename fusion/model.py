@@ -455,9 +455,9 @@ class FusedModel(nn.Module):
 
     def aligned_teacher(self, sample: AlignSample, t_states: torch.Tensor, t_mask: torch.Tensor, length: int):
         """The teacher's states laid on the sample's context tokens (:mod:`fusion.distill`): (target [L, D], real [L])."""
-        from fusion.distill import align_request, aligned_target, context_pieces
+        from fusion.distill import align_request, aligned_target, context_pieces, per_token
 
-        if getattr(self.connector, "uses_queries", False) or getattr(self.connector, "num_queries", None):
+        if not per_token(self.connector):
             raise ConfigError("stage.distill_target=aligned needs a per-token connector (last_mlp, layer_mix, multilayer_concat): "
                               f"{type(self.connector).__name__} does not emit one state per context token (use distill_target=set)")
         if sample.ctx_ids is None or len(sample.ctx_ids) != length:

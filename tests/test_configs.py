@@ -117,3 +117,18 @@ def test_deepspeed_bf16_false_from_the_command_line():
     cfg = _compose("config", ["deepspeed.bf16=false", "stage=sft"])  # YAML reads false as a bool: the str field holds 'False'
     validate(cfg)
     assert deepspeed_config(cfg.deepspeed, cfg.stage, "cpu")["bf16"]["enabled"] is False
+
+
+@pytest.mark.parametrize("connector", OmegaConf.to_object(_compose("ablate")).connectors)
+def test_toy_align_with_each_ablated_connector_composes_and_its_distillation_fits(connector):
+    """What tools/demo.py and tools/ablate.py run: experiment=toy_align, the connector, its connector_overrides."""
+    from hydra.utils import instantiate
+
+    from fusion.distill import per_token
+
+    extra = OmegaConf.to_object(_compose("ablate")).connector_overrides.get(connector, [])
+    cfg = _compose("config", ["experiment=toy_align", f"connector={connector}", *extra])
+    validate(cfg)
+    assert cfg.connector.refiner_layers == 2
+    conn = instantiate(cfg.connector, mllm_dim=32, text_dim=32, num_mllm_layers=2, dit_dim=32)
+    assert (cfg.stage.distill_target == "aligned") == per_token(conn), (connector, cfg.stage.distill_target)
