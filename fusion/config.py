@@ -231,8 +231,12 @@ class DataConfig:
     """Allow image paths that resolve outside image_root (absolute paths elsewhere, ``..``, symlinks out)."""
     prevalidate: bool = True
     """Decode every image and render every sample once before the first step (set false for huge data: checks then run lazily)."""
+    max_image_pixels: int = 89_478_485
+    """Images whose header declares more pixels are refused before decoding (image_too_large); default: PIL's decompression-bomb threshold."""
 
     def __post_init__(self) -> None:
+        if self.max_image_pixels < 1:
+            raise ConfigError(f"data.max_image_pixels must be positive, got {self.max_image_pixels}")
         if self.on_error not in ("error", "skip"):
             raise ConfigError(f"data.on_error must be 'error' or 'skip', got {self.on_error!r}")
         if self.num_workers < 0:
@@ -607,6 +611,8 @@ class GenerateConfig:
     """One user turn."""
     image: Any = None
     """Images attached to the prompt: image=a.png or image=[a.png,b.png]."""
+    max_image_pixels: int = 89_478_485
+    """Images (attached or in conversation=) whose header declares more pixels are refused before decoding."""
     conversation: str | None = None
     """A JSONL file; the user turns of one line are sent in order (assistant turns are ignored)."""
     conversation_line: int = 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from fusion.errors import DataError
 
 ROLES = ("system", "user", "assistant")
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark: accepted at the start of a file, a JSON error anywhere else
 CONTENT_TYPES = ("text", "image")
 
 
@@ -39,6 +41,10 @@ class Conversation:
     @property
     def where(self) -> str:
         return f"{self.source}:{self.line}" if self.line is not None else self.source
+
+    def has_assistant_turn(self) -> bool:
+        """Whether any message is the assistant's (stage 1 learns from those turns only)."""
+        return any(m["role"] == "assistant" for m in self.messages)
 
     def image_items(self) -> list[tuple[str, dict[str, Any]]]:
         """(role, item) for every image, in conversation order."""
@@ -107,6 +113,7 @@ def parse_conversation(
             raise fail(f"messages[{i}].role is {role!r}; expected one of {', '.join(ROLES)}")
         content = msg.get("content")
         if isinstance(content, str):
+            _check_unicode(content, f"messages[{i}].content", source, line)
             out.append({"role": role, "content": [{"type": "text", "text": content}]})
             continue
         if not isinstance(content, list) or not content:
@@ -116,14 +123,15 @@ def parse_conversation(
             key = f"messages[{i}].content[{j}]"
             if not isinstance(item, dict):
                 raise fail(f"{key} must be an object")
+            if "type" not in item:  # {"image": ...} alone: refused, so what trains is what the file says
+                raise fail(f'{key} has no "type" (expected "type": "text" or "type": "image")')
             ctype = item.get("type")
-            if ctype is None:  # qwen-vl-utils accepts items keyed by "image" / "text" alone
-                ctype = "image" if "image" in item else "text" if "text" in item else None
             if ctype not in CONTENT_TYPES:
                 raise fail(f"{key} has unknown content type {ctype!r}; expected one of {', '.join(CONTENT_TYPES)}")
             if ctype == "text":
                 if not isinstance(item.get("text"), str):
                     raise fail(f'{key} is a text item without a "text" string')
+                _check_unicode(item["text"], f"{key}.text", source, line)
                 items.append({"type": "text", "text": item["text"]})
             else:
                 ref = item.get("image")
@@ -151,12 +159,53 @@ def parse_conversation(
     return Conversation(out, source, line)
 
 
+def _check_unicode(text: str, key: str, source: str, line: int | None) -> None:
+    """Text the tokenizer can encode: no lone surrogates (JSON's ``"\\ud800"`` escapes decode to them) and
+    no other code point UTF-8 cannot carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"{key} holds a code point UTF-8 cannot encode ({e.reason}: U+{ord(text[e.start]):04X} at character {e.start})",
+                        source, line, kind="invalid_unicode") from None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` object hook: a key given twice in one object is an error, not the last value silently winning."""
+    seen: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in seen:
+            raise _DuplicateKey(k)
+        seen[k] = v
+    return seen
+
+
 def _inside(p: Path, root: Path) -> bool:
     try:
         p.resolve().relative_to(root.resolve())
         return True
     except (ValueError, OSError, RuntimeError):
         return False
+
+
+#: default ``data.max_image_pixels``: PIL's own decompression-bomb threshold (89,478,485 pixels)
+MAX_IMAGE_PIXELS = 89_478_485
+_max_pixels = MAX_IMAGE_PIXELS
+
+
+def set_max_image_pixels(n: int | None) -> None:
+    """``data.max_image_pixels``: images with more pixels are refused from their header, before decoding (None: the default)."""
+    global _max_pixels
+    if n is not None and int(n) < 1:
+        raise ValueError(f"data.max_image_pixels must be positive, got {n}")
+    _max_pixels = int(n) if n is not None else MAX_IMAGE_PIXELS
+
+
+def max_image_pixels() -> int:
+    return _max_pixels
 
 
 #: Qwen2-VL's smart_resize (transformers and qwen-vl-utils) refuses images whose long side exceeds 200x the short one
@@ -174,20 +223,34 @@ def check_image_size(im: Image.Image, ref: Any = "") -> Image.Image:
     return im
 
 
+def check_pixels(im: Image.Image, ref: Any = "") -> None:
+    """Refuse an image whose header declares more than ``data.max_image_pixels`` pixels, before it is decoded."""
+    w, h = im.size
+    if w * h > _max_pixels:
+        raise DataError(f"image is {w}x{h} = {w * h:,} pixels, above data.max_image_pixels={_max_pixels:,} (refused before decoding): {ref}",
+                        kind="image_too_large")
+
+
 def open_image(ref: str | Image.Image, where: str = "") -> Image.Image:
     """Open and fully decode an image as RGB; a file that does not decode, or that the processor
     would refuse (:func:`check_image_size`), raises DataError."""
     if isinstance(ref, Image.Image):
         return check_image_size(ref, "<image>").convert("RGB")
     try:
-        with Image.open(ref) as im:
+        with warnings.catch_warnings():  # PIL warns of a decompression bomb on open: check_pixels decides instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(ref)  # reads the header only
+        with im:
+            check_pixels(im, ref)
             im.load()
             return check_image_size(im, ref).convert("RGB")
     except DataError:
         raise
+    except Image.DecompressionBombError as e:  # over twice PIL's own limit: refused by PIL on open
+        raise DataError(f"image is too large to decode safely: {ref} ({e})", where or None, kind="image_too_large") from None
     except FileNotFoundError:
         raise DataError(f"image file not found: {ref}", where or None, kind="missing_image") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(f"image does not decode: {ref} ({type(e).__name__}: {e})", where or None, kind="bad_image") from None
 
 
@@ -259,14 +322,19 @@ def read_jsonl(
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
+                if lineno == 1 and raw.startswith(BOM):  # a UTF-8 byte-order mark (Windows editors): not part of the JSON
+                    raw = raw[len(BOM):]
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    raise DataError(f"line is not valid UTF-8 ({e.reason} at byte {e.start})", str(path), lineno, kind="json")
+                    raise DataError(f"line is not valid UTF-8 ({e.reason} at byte {e.start})", str(path), lineno, kind="invalid_utf8") from None
                 if is_blank(raw):
                     continue
                 try:
-                    obj = json.loads(text)
+                    obj = json.loads(text, object_pairs_hook=_no_duplicates)
+                except _DuplicateKey as e:
+                    raise DataError(f"key {e.args[0]!r} appears twice in one object (the last value would silently win)", str(path), lineno,
+                                    kind="duplicate_key") from None
                 except json.JSONDecodeError as e:
                     raise DataError(f"not valid JSON ({e.msg} at column {e.colno})", str(path), lineno, kind="json")
                 except RecursionError:

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from fusion import faults
 from fusion.atomic import write_text_atomic
-from fusion.data import Conversation, SkipReport, load_images, read_jsonl
+from fusion.data import Conversation, SkipReport, load_images, read_jsonl, set_max_image_pixels
 from fusion.errors import CheckpointError, ConfigError, DataError, NumericalError
 from fusion.model import MANIFEST, FusedModel
 
@@ -101,7 +101,7 @@ def deepspeed_config(ds: DictConfig, stage: DictConfig, device: str) -> dict[str
 # ---------------------------------------------------------------------------- data
 #: DataError kinds that are not faults: the sample is valid but has nothing for this stage (a
 #: text-only conversation in stage 2), so it is skipped and counted under any data.on_error
-NOT_FOR_THIS_STAGE = ("no_target",)
+NOT_FOR_THIS_STAGE = ("no_target", "no_assistant_turn")
 
 
 class ConversationDataset(torch.utils.data.Dataset):
@@ -352,6 +352,7 @@ class Trainer:
 
     def _setup_data(self) -> None:
         d = self.cfg.data
+        set_max_image_pixels(d.max_image_pixels)
         convs = []
         for conv in read_jsonl(d.path, d.image_root, d.on_error, self.report, allow_outside_root=d.allow_outside_root):
             try:
@@ -684,6 +685,9 @@ class Trainer:
         if self.cache is not None:
             return self.cache.sample(conv, self.model.settings, generator)
         if self.cfg.stage.name == "sft":
+            if not conv.has_assistant_turn():
+                raise DataError("no assistant turn to learn from (stage 1 skips it)", conv.source if conv.line is not None else None, conv.line,
+                                kind="no_assistant_turn")
             return self.model.mllm.render(conv)  # raises on over-long samples; the loss uses this rendering
         return self.model.prepare_align_sample(conv, generator)
 

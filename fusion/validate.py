@@ -2,14 +2,19 @@
 
 Per line, in order (the first failing check names the line's problem kind):
 
-``json``            not UTF-8, not JSON
-``schema``          not ``{"messages": [...]}``, unknown role, unknown content type, missing text / image key
+``invalid_utf8``    a line that is not valid UTF-8 (a UTF-8 byte-order mark at the start of the file is accepted)
+``json``            not JSON
+``duplicate_key``   a key given twice in one JSON object (the last value would silently win)
+``schema``          not ``{"messages": [...]}``, unknown role, a content item with no or an unknown ``"type"``, missing text / image key
+``invalid_unicode`` text holding code points UTF-8 cannot carry (lone surrogates from ``"\\ud800"`` escapes)
 ``outside_root``    an image path that resolves outside the image root (``data.allow_outside_root=true`` allows it)
 ``missing_image``   an image file that does not exist
+``image_too_large`` an image whose header declares more than ``data.max_image_pixels`` pixels (refused before decoding)
 ``bad_image``       an image that does not decode
 ``image_size``      an image the processor refuses (aspect ratio above 200, empty)
 ``too_long``        the rendered sample is longer than ``mllm.max_length`` (needs the MLLM's processor)
 ``no_target``       (stage=align only) no assistant image to learn from: skipped by stage 2, a warning here
+``no_assistant_turn`` (stage=sft or none given) no assistant turn at all: skipped by stage 1, a warning here
 
 :func:`validate_file` returns a :class:`ValidationReport`; ``tools/validate_data.py`` prints it.
 """
@@ -21,11 +26,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusion.data import Conversation, is_blank, load_images, read_jsonl
+from fusion.data import BOM, Conversation, is_blank, load_images, read_jsonl
 from fusion.errors import DataError
 
 #: kinds that do not make the file invalid: the sample is fine, it just has nothing for this stage
-WARNING_KINDS = ("no_target",)
+WARNING_KINDS = ("no_target", "no_assistant_turn")
 
 
 @dataclass
@@ -72,7 +77,7 @@ class ValidationReport:
 
 def count_lines(path: str | Path) -> int:
     with open(path, "rb") as f:
-        return sum(1 for raw in f if not is_blank(raw))
+        return sum(1 for n, raw in enumerate(f) if not is_blank(raw[3:] if n == 0 and raw.startswith(BOM) else raw))
 
 
 def check_sample(conv: Conversation, render=None, stage: str | None = None) -> None:
@@ -83,6 +88,8 @@ def check_sample(conv: Conversation, render=None, stage: str | None = None) -> N
         render(loaded)
     if stage == "align" and not loaded.num_target_images():
         raise DataError("no assistant image to learn from (stage 2 skips it)", conv.source, conv.line, kind="no_target")
+    if stage != "align" and not loaded.has_assistant_turn():
+        raise DataError("no assistant turn to learn from (stage 1 skips it)", conv.source, conv.line, kind="no_assistant_turn")
 
 
 def validate_file(path: str | Path, image_root: str | Path | None = None, allow_outside_root: bool = False,

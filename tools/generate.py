@@ -56,8 +56,11 @@ def main(cfg: DictConfig) -> None:
     OmegaConf.to_object(cfg)  # run the schema's checks
     if (cfg.prompt is None) == (cfg.conversation is None):
         raise ConfigError("give either prompt=\"...\" (with optional image=...) or conversation=<file.jsonl>")
+    from fusion.data import set_max_image_pixels
     from fusion.generate import Chat, GenerationSettings
     from fusion.transcript import write_transcript
+
+    set_max_image_pixels(cfg.max_image_pixels)
 
     attached = [] if cfg.image is None else [str(cfg.image)] if isinstance(cfg.image, str) else [str(x) for x in cfg.image]
     turns = [(cfg.prompt, attached)] if cfg.prompt is not None else user_turns(cfg.conversation, cfg.conversation_line)

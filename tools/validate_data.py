@@ -52,6 +52,9 @@ def main(cfg: DictConfig) -> None:
             note = f"rendered length ({e})"
     stage = cfg.stage.name if cfg.stage is not None else None
     d = cfg.data
+    from fusion.data import set_max_image_pixels
+
+    set_max_image_pixels(d.max_image_pixels)
     report = validate_file(d.path, d.image_root, d.allow_outside_root, render, stage, progress=sys.stderr.isatty())
     if note:
         report.skipped_checks = [note]

@@ -169,18 +169,32 @@ def write_bad_data(tiny_dir: Path, folder: Path) -> Path:
         json.dumps({"messages": [{"role": "user", "content": "word " * 3000},
                                  {"role": "assistant", "content": [{"type": "image", "image": "images/red_circle.png"}]}]}),
     ]
+    from PIL import Image
+
+    Image.new("RGB", (128, 128)).save(folder / "images" / "big.png")  # over data.max_image_pixels=10000 (the demo images are 64x64)
+    item = '{"type": "text", "text": "hi"}'
+    bad += [  # issue 19's kinds
+        '{"messages": [{"role": "user", "content": "\\ud800"}, {"role": "assistant", "content": "x"}]}',  # invalid_unicode
+        '{"messages": [{"role": "user", "content": "a"}], "messages": [{"role": "assistant", "content": "b"}]}',  # duplicate_key
+        '{"messages": [{"role": "user", "content": [{"image": "images/red_circle.png"}]}, {"role": "assistant", "content": "x"}]}',
+        f'{{"messages": [{{"role": "user", "content": [{item}]}}]}}',  # no_assistant_turn: stage 1 skips it even under on_error=error
+        src[0].replace("red_circle.png", "big.png"),  # image_too_large
+    ]
     path = folder / "data.jsonl"
-    path.write_text("\n".join(src + bad) + "\n")
+    lines = [line.encode() for line in src + bad] + [b'{"messages": [{"role": "user", "content": "caf\xe9"}]}']  # invalid_utf8
+    path.write_bytes(b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n")  # a UTF-8 byte-order mark first, as Windows editors write
     return path
 
 
 def test_bad_data_skip_finishes_and_counts_each_kind(tiny, tiny_dir, tmp_path):
     data = write_bad_data(tiny_dir, tmp_path / "data")
-    train(tiny, "stage=sft", "stage.max_steps=3", f"data.path={data}", "data.on_error=skip", f"hydra.run.dir={tmp_path / 'run'}")
+    train(tiny, "stage=sft", "stage.max_steps=3", f"data.path={data}", "data.on_error=skip", "data.max_image_pixels=10000",
+          f"hydra.run.dir={tmp_path / 'run'}")
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["skipped"] == {"json": 1, "missing_image": 1, "bad_image": 1, "too_long": 1}
-    assert summary["steps"] == 3
-    assert "skipped 4 samples" in (tmp_path / "run" / "train.log").read_text()
+    assert summary["skipped"] == {"json": 1, "missing_image": 1, "bad_image": 1, "too_long": 1, "invalid_utf8": 1, "invalid_unicode": 1,
+                                  "duplicate_key": 1, "schema": 1, "no_assistant_turn": 1, "image_too_large": 1}
+    assert summary["steps"] == 3  # line 1 starts with a UTF-8 byte-order mark and trains
+    assert "skipped 10 samples" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_bad_data_error_stops_before_the_first_step(tiny, tiny_dir, tmp_path):
