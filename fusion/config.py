@@ -218,7 +218,9 @@ class DataConfig:
     """Interleaved conversations, one JSONL line each (``fusion/data.py``)."""
 
     path: str = MISSING
-    """JSONL file of conversations."""
+    """JSONL file of conversations (data.format=hf: a datasets folder, or parquet / arrow files)."""
+    format: str = "unifuse"
+    """unifuse (Qwen-VL chat JSONL), sharegpt (LLaMA-Factory's multimodal ShareGPT JSONL) or hf (a local Hugging Face datasets set); fusion/formats.py."""
     image_root: str | None = None
     """Folder that relative image paths are resolved against (default: the JSONL's folder)."""
     on_error: str = "error"
@@ -235,6 +237,8 @@ class DataConfig:
     """Images whose header declares more pixels are refused before decoding (image_too_large); default: PIL's decompression-bomb threshold."""
 
     def __post_init__(self) -> None:
+        if self.format not in ("unifuse", "sharegpt", "hf"):
+            raise ConfigError(f"data.format must be unifuse, sharegpt or hf, got {self.format!r}")
         if self.max_image_pixels < 1:
             raise ConfigError(f"data.max_image_pixels must be positive, got {self.max_image_pixels}")
         if self.on_error not in ("error", "skip"):

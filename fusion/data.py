@@ -234,7 +234,8 @@ def check_pixels(im: Image.Image, ref: Any = "") -> None:
 def open_image(ref: str | Image.Image, where: str = "") -> Image.Image:
     """Open and fully decode an image as RGB; a file that does not decode, or that the processor
     would refuse (:func:`check_image_size`), raises DataError."""
-    if isinstance(ref, Image.Image):
+    if isinstance(ref, Image.Image):  # e.g. from a datasets Image column, opened lazily (header read, nothing decoded)
+        check_pixels(ref, "<image>")
         return check_image_size(ref, "<image>").convert("RGB")
     try:
         with warnings.catch_warnings():  # PIL warns of a decompression bomb on open: check_pixels decides instead
@@ -306,11 +307,13 @@ def read_jsonl(
     on_error: str = "error",
     report: SkipReport | None = None,
     allow_outside_root: bool = True,
+    convert=None,
 ) -> Iterator[Conversation]:
     """Yield validated conversations from a JSONL file.
 
     ``on_error='error'`` raises the first :class:`DataError`; ``'skip'`` records it in
-    ``report`` and goes on. Blank lines are ignored. Whatever the bytes, a bad line raises
+    ``report`` and goes on. ``convert``: a function from another layout's decoded line to this
+    one's (``fusion/formats.py``), applied before the checks; its DataErrors name the line too. Blank lines are ignored. Whatever the bytes, a bad line raises
     (or records) a DataError naming file and line, never another exception.
     """
     if on_error not in ("error", "skip"):
@@ -341,6 +344,11 @@ def read_jsonl(
                     raise DataError("JSON nested too deeply to read", str(path), lineno, kind="json") from None
                 except ValueError as e:  # e.g. an integer longer than Python's int-string limit
                     raise DataError(f"not valid JSON ({e})", str(path), lineno, kind="json") from None
+                if convert is not None:
+                    try:
+                        obj = convert(obj)
+                    except DataError as e:
+                        raise DataError(e.reason, str(path), lineno, kind=e.kind) from None
                 yield parse_conversation(obj, str(path), lineno, image_root, allow_outside_root)
             except DataError as e:
                 if on_error == "error":

@@ -92,7 +92,7 @@ def folder_fingerprint(path: str | Path) -> str:
 
 def data_fingerprint(path: str | Path, convs: Sequence[Conversation]) -> str:
     """The data file's content and every image it uses (path, size, modification time)."""
-    h = hashlib.sha256(file_fingerprint(Path(path)).encode())
+    h = hashlib.sha256((file_fingerprint(Path(path)) if Path(path).is_file() else folder_fingerprint(path)).encode())
     for conv in convs:
         for _, item in conv.image_items():
             ref = item["image"]

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from fusion import faults
 from fusion.atomic import write_text_atomic
-from fusion.data import Conversation, SkipReport, load_images, read_jsonl, set_max_image_pixels
+from fusion.data import Conversation, SkipReport, load_images, set_max_image_pixels
 from fusion.errors import CheckpointError, ConfigError, DataError, NumericalError
 from fusion.model import MANIFEST, FusedModel
 
@@ -354,7 +354,9 @@ class Trainer:
         d = self.cfg.data
         set_max_image_pixels(d.max_image_pixels)
         convs = []
-        for conv in read_jsonl(d.path, d.image_root, d.on_error, self.report, allow_outside_root=d.allow_outside_root):
+        from fusion.formats import read_conversations
+
+        for conv in read_conversations(d.path, d.format, d.image_root, d.on_error, self.report, allow_outside_root=d.allow_outside_root):
             try:
                 if d.prevalidate and self.cache_mode == "off":
                     self._prepare(load_images(conv))  # decode + render + length check before the first step

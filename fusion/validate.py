@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fusion.data import BOM, Conversation, is_blank, load_images, read_jsonl
+from fusion.data import BOM, Conversation, is_blank, load_images
 from fusion.errors import DataError
 
 #: kinds that do not make the file invalid: the sample is fine, it just has nothing for this stage
@@ -93,9 +93,11 @@ def check_sample(conv: Conversation, render=None, stage: str | None = None) -> N
 
 
 def validate_file(path: str | Path, image_root: str | Path | None = None, allow_outside_root: bool = False,
-                  render=None, stage: str | None = None, progress: bool = False) -> ValidationReport:
-    """Run every check over ``path``; never raises for a bad sample (each one is counted by kind)."""
-    if not Path(path).is_file():
+                  render=None, stage: str | None = None, progress: bool = False, fmt: str = "unifuse") -> ValidationReport:
+    """Run every check over ``path`` (``fmt``: ``data.format``); never raises for a bad sample (each one is counted by kind)."""
+    from fusion.formats import count_samples, read_conversations
+
+    if not (Path(path).is_file() or (fmt == "hf" and Path(path).is_dir())):
         raise DataError("data file not found", str(path), kind="missing_file")
     report = ValidationReport(str(path))
     report.checks = ["json", "schema", "image path policy", "image exists", "image decodes", "image size/aspect"]
@@ -105,9 +107,9 @@ def validate_file(path: str | Path, image_root: str | Path | None = None, allow_
         report.skipped_checks.append("rendered length (no MLLM processor given: mllm.path)")
     if stage == "align":
         report.checks.append("stage-2 target present")
-    report.lines = count_lines(path)
+    report.lines = count_samples(path, fmt)
 
-    it = read_jsonl(path, image_root, "skip", report, allow_outside_root=allow_outside_root)  # it adds each bad line to the report
+    it = read_conversations(path, fmt, image_root, "skip", report, allow_outside_root=allow_outside_root)  # each bad line: into the report
     if progress:
         from tqdm import tqdm
 

@@ -55,7 +55,7 @@ def main(cfg: DictConfig) -> None:
     from fusion.data import set_max_image_pixels
 
     set_max_image_pixels(d.max_image_pixels)
-    report = validate_file(d.path, d.image_root, d.allow_outside_root, render, stage, progress=sys.stderr.isatty())
+    report = validate_file(d.path, d.image_root, d.allow_outside_root, render, stage, progress=sys.stderr.isatty(), fmt=d.format)
     if note:
         report.skipped_checks = [note]
     print(report.render())
