@@ -121,11 +121,8 @@ class Refiner(nn.Module):
         if layers and dim % heads:
             raise ValueError(f"connector.refiner_heads={heads} must divide the generator's text width {dim}")
         self.layers = layers
-        self.encoder = None
+        self.encoder = encoder(dim, layers, heads) if layers else None
         if layers:
-            layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu",
-                                               batch_first=True, norm_first=True)
-            self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
             for blk in self.encoder.layers:  # residual branches start small: the identity plus a little
                 nn.init.normal_(blk.self_attn.out_proj.weight, std=1e-3)
                 nn.init.zeros_(blk.self_attn.out_proj.bias)

@@ -183,6 +183,18 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
+def parse_converted(obj: Any, convert, source: str, line: int, image_root: str | os.PathLike | None = None,
+                    allow_outside_root: bool = True) -> Conversation:
+    """:func:`parse_conversation` of ``convert(obj)`` (another layout's decoded line or row, ``fusion/formats.py``;
+    None: none), the converter's DataErrors named by ``source`` and ``line`` too."""
+    if convert is not None:
+        try:
+            obj = convert(obj)
+        except DataError as e:
+            raise DataError(e.reason, source, line, kind=e.kind) from None
+    return parse_conversation(obj, source, line, image_root, allow_outside_root)
+
+
 def _inside(p: Path, root: Path) -> bool:
     try:
         p.resolve().relative_to(root.resolve())
@@ -344,12 +356,7 @@ def read_jsonl(
                     raise DataError("JSON nested too deeply to read", str(path), lineno, kind="json") from None
                 except ValueError as e:  # e.g. an integer longer than Python's int-string limit
                     raise DataError(f"not valid JSON ({e})", str(path), lineno, kind="json") from None
-                if convert is not None:
-                    try:
-                        obj = convert(obj)
-                    except DataError as e:
-                        raise DataError(e.reason, str(path), lineno, kind=e.kind) from None
-                yield parse_conversation(obj, str(path), lineno, image_root, allow_outside_root)
+                yield parse_converted(obj, convert, str(path), lineno, image_root, allow_outside_root)
             except DataError as e:
                 if on_error == "error":
                     raise

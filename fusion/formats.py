@@ -34,7 +34,7 @@ from typing import Any
 
 from PIL import Image
 
-from fusion.data import Conversation, SkipReport, parse_conversation, read_jsonl
+from fusion.data import Conversation, SkipReport, parse_converted, read_jsonl
 from fusion.errors import DataError
 
 FORMATS = ("unifuse", "sharegpt", "hf")
@@ -190,11 +190,7 @@ def read_conversations(path: str | os.PathLike, fmt: str = "unifuse", image_root
     root = Path(image_root) if image_root is not None else (Path(path) if Path(path).is_dir() else Path(path).parent)
     for row_no, row in enumerate(ds, start=1):
         try:
-            try:
-                obj = from_hf_row(row)
-            except DataError as e:
-                raise DataError(e.reason, str(path), row_no, kind=e.kind) from None
-            yield parse_conversation(obj, str(path), row_no, root, allow_outside_root)
+            yield parse_converted(row, from_hf_row, str(path), row_no, root, allow_outside_root)
         except DataError as e:
             if on_error == "error":
                 raise

@@ -73,10 +73,9 @@ def conditioning_gain(model, samples: Sequence, ts: Sequence[float] = DEFAULT_TS
                 parts = {"true": (states, mask), "zero": (torch.zeros_like(states), mask), "shuffled": (other_states, other_mask)}
                 if refs[i] is not None:
                     parts["reference"] = refs[i]
+                    parts["reference_zero"] = (torch.zeros_like(refs[i][0]), refs[i][1])
                 if oracles[i] is not None:
                     parts["oracle"] = (oracles[i], mask)
-                if refs[i] is not None:
-                    parts["reference_zero"] = (torch.zeros_like(refs[i][0]), refs[i][1])
                 for name, (st, mk) in parts.items():
                     key = f"loss_{name}@{tv:g}"
                     sums[key] = sums.get(key, 0.0) + _loss(gen, target, cond, st, mk, t, noise)
