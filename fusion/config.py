@@ -235,6 +235,12 @@ class DataConfig:
     """Decode every image and render every sample once before the first step (set false for huge data: checks then run lazily)."""
     max_image_pixels: int = 89_478_485
     """Images whose header declares more pixels are refused before decoding (image_too_large); default: PIL's decompression-bomb threshold."""
+    streaming: bool = False
+    """Read the samples as training consumes them (any format; hf through datasets' streaming mode), never the whole set in memory:
+    a buffered shuffle per epoch, rows sharded by rank, exact resume; checks run per sample (no prevalidation), no feature cache,
+    no loader workers."""
+    shuffle_buffer: int = 10_000
+    """data.streaming: samples held in the shuffle buffer (the shuffle mixes within about this many consecutive samples)."""
 
     def __post_init__(self) -> None:
         if self.format not in ("unifuse", "sharegpt", "hf"):
@@ -245,6 +251,8 @@ class DataConfig:
             raise ConfigError(f"data.on_error must be 'error' or 'skip', got {self.on_error!r}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
 
 
 # ---------------------------------------------------------------------------- stage
@@ -621,6 +629,8 @@ class GenerateConfig:
     """A JSONL file; the user turns of one line are sent in order (assistant turns are ignored)."""
     conversation_line: int = 1
     """Which line of the conversation file to play."""
+    conversation_format: str = "unifuse"
+    """data.format of conversation=: unifuse, sharegpt or hf (then conversation_line is the row)."""
     system: str | None = None
     """System prompt (None: the chat template's default)."""
     output_dir: str = "outputs/generate"
@@ -655,6 +665,8 @@ class GenerateConfig:
             raise ConfigError(f"negative must be auto, duogen or null, got {self.negative!r}")
         if self.steps <= 0 or self.max_new_tokens <= 0 or self.max_images_per_turn < 0:
             raise ConfigError("steps and max_new_tokens must be positive, max_images_per_turn >= 0")
+        if self.conversation_format not in ("unifuse", "sharegpt", "hf"):
+            raise ConfigError(f"conversation_format must be unifuse, sharegpt or hf, got {self.conversation_format!r}")
 
 
 @dataclass

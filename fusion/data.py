@@ -328,12 +328,30 @@ def read_jsonl(
     one's (``fusion/formats.py``), applied before the checks; its DataErrors name the line too. Blank lines are ignored. Whatever the bytes, a bad line raises
     (or records) a DataError naming file and line, never another exception.
     """
+    yield from apply_policy(iter_jsonl(path, image_root, allow_outside_root, convert), on_error, report)
+
+
+def apply_policy(items, on_error: str = "error", report: SkipReport | None = None) -> Iterator[Conversation]:
+    """Conversations of a stream of ``Conversation | DataError``: the first error raised (``error``) or counted (``skip``)."""
     if on_error not in ("error", "skip"):
         raise ValueError(f"on_error must be 'error' or 'skip', got {on_error!r}")
+    report = report if report is not None else SkipReport()
+    for item in items:
+        if isinstance(item, DataError):
+            if on_error == "error":
+                raise item
+            report.add(item)
+        else:
+            yield item
+
+
+def iter_jsonl(path: str | os.PathLike, image_root: str | os.PathLike | None = None, allow_outside_root: bool = True,
+               convert=None) -> Iterator[Conversation | DataError]:
+    """Every non-blank line of a JSONL file in order, as its validated Conversation or the DataError naming it
+    (``.line`` set either way); a missing file raises."""
     path = Path(path)
     if not path.is_file():
         raise DataError("data file not found", str(path), kind="missing_file")
-    report = report if report is not None else SkipReport()
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             try:
@@ -358,6 +376,4 @@ def read_jsonl(
                     raise DataError(f"not valid JSON ({e})", str(path), lineno, kind="json") from None
                 yield parse_converted(obj, convert, str(path), lineno, image_root, allow_outside_root)
             except DataError as e:
-                if on_error == "error":
-                    raise
-                report.add(e)
+                yield e

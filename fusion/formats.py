@@ -17,8 +17,8 @@
   the next entry of the row's ``images`` column) and ``images``: a ``datasets.Image`` column (bytes
   inside the file, or paths) or plain path strings. Errors name the file and the row (1-based,
   written as its line). Embedded images are opened lazily: their size is checked from the header
-  (``image_too_large``) before anything is decoded. Not streamed: the rows' bytes are read into
-  memory (``datasets``' memory-mapped arrow for a ``save_to_disk`` folder).
+  (``image_too_large``) before anything is decoded. ``data.streaming=true`` reads the rows as training
+  consumes them (``datasets``' streaming mode, a buffered shuffle): a set larger than memory trains.
 
 Every check of :mod:`fusion.data` applies to the converted form. ``tools/convert_data.py`` writes any of
 them as unifuse JSONL.
@@ -34,7 +34,7 @@ from typing import Any
 
 from PIL import Image
 
-from fusion.data import Conversation, SkipReport, parse_converted, read_jsonl
+from fusion.data import Conversation, SkipReport, apply_policy, iter_jsonl, parse_converted
 from fusion.errors import DataError
 
 FORMATS = ("unifuse", "sharegpt", "hf")
@@ -148,25 +148,28 @@ def from_hf_row(row: dict[str, Any], raw_images: bool = False) -> dict[str, Any]
     return {"messages": messages}
 
 
-def load_hf(path: str | os.PathLike):
+def load_hf(path: str | os.PathLike, streaming: bool = False):
     """A local ``datasets`` data set (a ``save_to_disk`` folder, parquet / arrow files or a folder of them),
-    image columns set to ``decode=False`` so nothing is decoded before the checks."""
+    image columns set to ``decode=False`` so nothing is decoded before the checks. ``streaming``: a
+    ``datasets.IterableDataset`` that reads the files as it is iterated, never the whole set at once."""
     import datasets
 
     p = Path(path)
     if not p.exists():
         raise DataError("data set not found", str(p), kind="missing_file")
     if p.is_dir() and ((p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file() or (p / "state.json").is_file()):
-        ds = datasets.load_from_disk(str(p))
+        ds = datasets.load_from_disk(str(p))  # memory-mapped arrow: not read into memory either way
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"] if "train" in ds else ds[next(iter(ds))]
+        if streaming:
+            ds = ds.to_iterable_dataset()
     else:
         files = [p] if p.is_file() else sorted([*p.glob("*.parquet"), *p.glob("*.arrow")])
         if not files:
             raise DataError("no save_to_disk data set, parquet or arrow files here", str(p), kind="missing_file")
         kind = "parquet" if files[0].suffix == ".parquet" else "arrow"
-        ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train")
-    for col, feat in ds.features.items():
+        ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", streaming=streaming)
+    for col, feat in (ds.features or {}).items():
         if isinstance(feat, datasets.Image):
             ds = ds.cast_column(col, datasets.Image(decode=False))
         elif isinstance(feat, (datasets.Sequence, datasets.List)) and isinstance(feat.feature, datasets.Image):
@@ -174,27 +177,44 @@ def load_hf(path: str | os.PathLike):
     return ds
 
 
-def read_conversations(path: str | os.PathLike, fmt: str = "unifuse", image_root: str | os.PathLike | None = None, on_error: str = "error",
-                       report: SkipReport | None = None, allow_outside_root: bool = True) -> Iterator[Conversation]:
-    """:func:`fusion.data.read_jsonl` for any ``data.format``: validated conversations, bad ones raised or counted."""
+def iter_samples(path: str | os.PathLike, fmt: str = "unifuse", image_root: str | os.PathLike | None = None,
+                 allow_outside_root: bool = True, streaming: bool = False) -> Iterator[Conversation | DataError]:
+    """Every sample of a data set in file order, as its validated Conversation or the DataError that names its
+    file and line (row); nothing is decoded. ``streaming`` (hf): rows read as iterated, not the whole set."""
     if fmt not in FORMATS:
         raise ValueError(f"data.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    if fmt == "unifuse":
-        yield from read_jsonl(path, image_root, on_error, report, allow_outside_root)
+    if fmt != "hf":
+        yield from iter_jsonl(path, image_root, allow_outside_root, convert=from_sharegpt if fmt == "sharegpt" else None)
         return
-    if fmt == "sharegpt":
-        yield from read_jsonl(path, image_root, on_error, report, allow_outside_root, convert=from_sharegpt)
-        return
-    report = report if report is not None else SkipReport()
-    ds = load_hf(path)
+    ds = load_hf(path, streaming)
     root = Path(image_root) if image_root is not None else (Path(path) if Path(path).is_dir() else Path(path).parent)
     for row_no, row in enumerate(ds, start=1):
         try:
             yield parse_converted(row, from_hf_row, str(path), row_no, root, allow_outside_root)
         except DataError as e:
-            if on_error == "error":
-                raise
-            report.add(e)
+            yield e
+
+
+def read_conversations(path: str | os.PathLike, fmt: str = "unifuse", image_root: str | os.PathLike | None = None, on_error: str = "error",
+                       report: SkipReport | None = None, allow_outside_root: bool = True) -> Iterator[Conversation]:
+    """:func:`fusion.data.read_jsonl` for any ``data.format``: validated conversations, bad ones raised or counted."""
+    yield from apply_policy(iter_samples(path, fmt, image_root, allow_outside_root), on_error, report)
+
+
+def shuffled(items, buffer: int, rng) -> Iterator:
+    """A buffered shuffle of a stream (``random.Random`` ``rng``): each item leaves a ``buffer``-slot reservoir at a
+    random draw, so memory stays at ``buffer`` items whatever the stream's length. (datasets' own
+    ``IterableDataset.shuffle`` does the same but loses each row's number, which every error message names.)"""
+    buf: list = []
+    for item in items:
+        if len(buf) < buffer:
+            buf.append(item)
+            continue
+        j = rng.randrange(buffer)
+        yield buf[j]
+        buf[j] = item
+    rng.shuffle(buf)
+    yield from buf
 
 
 def count_samples(path: str | os.PathLike, fmt: str = "unifuse") -> int:

@@ -144,6 +144,35 @@ class SeededSampler(torch.utils.data.Sampler):
         return len(self.indices(self.epoch)) - self.start
 
 
+class StreamingConversations(torch.utils.data.IterableDataset):
+    """``data.streaming``: the samples read from the data set as training consumes them, never all in memory.
+
+    Each rank takes the samples whose ordinal (file order) is its own modulo the world size, shuffles them through a
+    ``data.shuffle_buffer`` reservoir seeded from (seed, epoch, rank), and skips the first ``start`` of that order on
+    resume, so a resumed run sees exactly the samples an uninterrupted one would. Items are decoded Conversations or the
+    DataError of a bad sample (reported under the run's policy). ``epoch`` / ``start`` mirror :class:`SeededSampler`."""
+
+    def __init__(self, d, rank: int = 0, world: int = 1):
+        self.d, self.rank, self.world = d, rank, world
+        self.epoch, self.start = 0, 0
+
+    def __iter__(self):
+        import itertools
+        import random
+
+        from fusion.formats import iter_samples, shuffled
+
+        d = self.d
+        mine = (s for k, s in enumerate(iter_samples(d.path, d.format, d.image_root, d.allow_outside_root, streaming=True))
+                if k % self.world == self.rank)
+        rng = random.Random((d.seed * 100_003 + self.epoch) * 1_009 + self.rank)
+        for item in itertools.islice(shuffled(mine, d.shuffle_buffer, rng), self.start, None):
+            if isinstance(item, DataError):
+                yield item
+            else:
+                yield ConversationDataset([item])[0]
+
+
 def collate(items):
     return items
 
@@ -303,6 +332,9 @@ class Trainer:
             log.warning("cache=%s: connector %s reads its learnable queries through the MLLM at every step, so its features "
                         "cannot be cached; training without the feature cache", mode, cfg.connector._target_.rsplit(".", 1)[-1])
             return "off"
+        if cfg.data.streaming:
+            raise ConfigError(f"data.streaming=true reads the samples as training consumes them; the feature cache (cache={mode}) "
+                              "needs the whole set up front: use cache=off, or data.streaming=false")
         if init is None:
             raise ConfigError(f"cache={mode} needs init_from=<stage-1 output> (the cached MLLM must be a saved folder)")
         return mode
@@ -353,6 +385,8 @@ class Trainer:
     def _setup_data(self) -> None:
         d = self.cfg.data
         set_max_image_pixels(d.max_image_pixels)
+        if d.streaming:
+            return self._setup_streaming()
         convs = []
         from fusion.formats import read_conversations
 
@@ -373,7 +407,32 @@ class Trainer:
         if self.is_main:
             log.info("data: %d samples from %s; %s", len(convs), d.path, self.report.summary())
         self.dataset = ConversationDataset(convs, decode=self.cache is None)
+        self.first_conv = convs[0]
         self.sampler = SeededSampler(len(convs), d.seed, self.rank, self.world)
+
+    def _setup_streaming(self) -> None:
+        """data.streaming: nothing is read up front but the first samples (the drawn sample, the gain batch)."""
+        import itertools
+
+        from fusion.formats import read_conversations
+
+        d = self.cfg.data
+        if d.num_workers and self.is_main:
+            log.warning("data.streaming=true reads and decodes in the training process: data.num_workers=%d is not used", d.num_workers)
+        st = self.cfg.stage
+        want = max(1, st.gain_samples if st.name == "align" and st.gain_every else 1)
+        head = list(itertools.islice(read_conversations(d.path, d.format, d.image_root, "skip", SkipReport(),
+                                                        allow_outside_root=d.allow_outside_root), 4 * want))
+        if not head:
+            raise DataError("no usable samples in the first ones read (data.streaming=true)", d.path)
+        self.first_conv = head[0]
+        self.gain_convs, self.gain_held_out = [], False
+        if st.name == "align" and st.gain_every and len(head) >= 2:
+            self.gain_convs = [c for c in head if c.num_target_images()][:want]
+        if self.is_main:
+            log.info("data: streaming from %s (%s; shuffle buffer %d); checks run as samples arrive%s", d.path, d.format, d.shuffle_buffer,
+                     f"; conditioning gain on the first {len(self.gain_convs)} (not held out)" if self.gain_convs else "")
+        self.dataset = self.sampler = StreamingConversations(d, self.rank, self.world)
 
     def _setup_gain_batch(self, convs: list[Conversation]) -> list[Conversation]:
         """The fixed batch of the conditioning-gain instrument (fusion/gain.py): the last ``stage.gain_samples``
@@ -483,6 +542,8 @@ class Trainer:
         return usable
 
     def _loader(self):
+        if isinstance(self.dataset, StreamingConversations):
+            return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.stage.micro_batch_size, collate_fn=collate)
         return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.stage.micro_batch_size, sampler=self.sampler,
                                            num_workers=self.cfg.data.num_workers, collate_fn=collate,
                                            persistent_workers=False,
@@ -739,7 +800,7 @@ class Trainer:
         m.connector.eval()
         m.generator.transformer.eval()
         try:
-            conv = self.dataset.convs[0]
+            conv = self.first_conv
             sample = self._prepare(conv if self.cache is not None else load_images(conv))
             with torch.no_grad():
                 states, mask, _ = m.sample_states(sample)

@@ -29,21 +29,25 @@ from fusion.errors import ConfigError, DataError
 register_configs()
 
 
-def user_turns(path: str, line: int) -> list[tuple[str, list]]:
-    """(text, images) of every user turn of one conversation line."""
-    from fusion.data import read_jsonl
+def user_turns(path: str, line: int, fmt: str = "unifuse") -> list[tuple[str, list]]:
+    """(text, images) of every user turn of one conversation line (any data.format; hf: the row). Other lines
+    may be bad; a bad chosen line raises its own DataError (file:line and kind)."""
+    from fusion.formats import iter_samples
 
-    for conv in read_jsonl(path):
-        if conv.line == line:
-            turns = []
-            for m in conv.messages:
-                if m["role"] != "user":
-                    continue
-                text = " ".join(i["text"] for i in m["content"] if i["type"] == "text")
-                turns.append((text, [i["image"] for i in m["content"] if i["type"] == "image"]))
-            if not turns:
-                raise DataError("the conversation has no user turn", path, line)
-            return turns
+    for item in iter_samples(path, fmt):
+        if item.line != line:
+            continue
+        if isinstance(item, DataError):
+            raise item
+        turns = []
+        for m in item.messages:
+            if m["role"] != "user":
+                continue
+            text = " ".join(i["text"] for i in m["content"] if i["type"] == "text")
+            turns.append((text, [i["image"] for i in m["content"] if i["type"] == "image"]))
+        if not turns:
+            raise DataError("the conversation has no user turn", path, line, kind="schema")
+        return turns
     raise DataError(f"no conversation on line {line}", path)
 
 
@@ -63,7 +67,7 @@ def main(cfg: DictConfig) -> None:
     set_max_image_pixels(cfg.max_image_pixels)
 
     attached = [] if cfg.image is None else [str(cfg.image)] if isinstance(cfg.image, str) else [str(x) for x in cfg.image]
-    turns = [(cfg.prompt, attached)] if cfg.prompt is not None else user_turns(cfg.conversation, cfg.conversation_line)
+    turns = [(cfg.prompt, attached)] if cfg.prompt is not None else user_turns(cfg.conversation, cfg.conversation_line, cfg.conversation_format)
     for text, _ in turns:
         if not text or not text.strip():
             raise DataError("the prompt is empty")

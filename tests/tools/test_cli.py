@@ -175,6 +175,52 @@ def test_generate_killed_midway_leaves_nothing_that_looks_complete(made, fused_d
     assert not list(out.glob("transcript.*")) and not list(out.glob("*.png"))  # at most a hidden .transcript.* folder remains
 
 
+@pytest.fixture(scope="module")
+def bad_conversations(tmp_path_factory):
+    """Issue 19's kinds as conversation= lines: a byte-order mark on line 1 (accepted; the line has no assistant turn,
+    which a conversation to play needs none of), then one line per fault."""
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("bad_conv")
+    Image.new("RGB", (128, 128), (0, 90, 200)).save(folder / "big.png")  # 16,384 pixels: over max_image_pixels=10000
+    user = {"role": "user", "content": [{"type": "text", "text": "Draw a red circle at the top left."}]}
+    lines = [
+        b"\xef\xbb\xbf" + json.dumps({"messages": [user]}).encode(),
+        b'{"messages": [{"role": "user", "content": "caf\xe9"}]}',
+        json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "\ud800"}]}]}).encode(),
+        b'{"messages": [{"role": "user", "content": "a"}], "messages": [{"role": "user", "content": "b"}]}',
+        b'{"messages": [{"role": "user", "content": [{"image": "big.png"}]}]}',
+        json.dumps({"messages": [{"role": "user", "content": [{"type": "image", "image": "big.png"}, {"type": "text", "text": "Blue?"}]}]}).encode(),
+    ]
+    path = folder / "chat.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+@pytest.mark.parametrize("line, needle", [
+    (2, ":2: line is not valid UTF-8"),
+    (3, ":3: messages[0].content[0].text holds a code point UTF-8 cannot encode"),
+    (4, ":4: key 'messages' appears twice"),
+    (5, ':5: messages[0].content[0] has no "type"'),
+    (6, "image is 128x128 = 16,384 pixels, above data.max_image_pixels=10,000"),
+])
+def test_generate_refuses_each_bad_conversation_line_by_name(fused_dir, bad_conversations, tmp_path, line, needle):
+    out = tmp_path / "out"
+    p = run("generate.py", f"model={fused_dir}", f"conversation={bad_conversations}", f"conversation_line={line}", "max_image_pixels=10000",
+            "steps=2", "max_new_tokens=4", f"hydra.run.dir={out}")
+    assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert (str(bad_conversations) in p.stderr) == (line != 6)  # a line's own fault names file:line; the image its path
+    assert not list(out.glob("transcript.*")) and not list(out.glob("*.png"))
+
+
+def test_generate_plays_a_good_line_of_a_file_with_bad_ones(fused_dir, bad_conversations, tmp_path):
+    p = run("generate.py", f"model={fused_dir}", f"conversation={bad_conversations}", "conversation_line=1", "steps=2", "max_new_tokens=4",
+            f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]  # line 1 starts with a byte-order mark; lines 2-6 are bad and never read as its
+    data = json.loads((tmp_path / "transcript.json").read_text())
+    assert [s["text"] for s in data["segments"] if s["role"] == "user"] == ["Draw a red circle at the top left."]
+
+
 def test_generate_missing_model_folder(tmp_path):
     p = run("generate.py", f"model={tmp_path}/nothing", "prompt=hi", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 2 and "no unifuse.json" in p.stderr

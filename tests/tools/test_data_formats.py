@@ -133,3 +133,80 @@ def test_validate_data_takes_the_format(tiny_dir, data, fmt, name):
                         f"data.image_root={data}", f"tiny_dir={tiny_dir}"], cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "4 samples, 4 valid, 0 with errors" in p.stdout
+
+
+@pytest.fixture(scope="module")
+def stream_data(data, tmp_path_factory):
+    """Three parquet files of the tiny conversations (13 rows with embedded images), one row bad: its placeholder has no image."""
+    import datasets
+
+    root = tmp_path_factory.mktemp("stream")
+    ds = datasets.load_dataset("parquet", data_files=[str(data / "hf" / "train.parquet")], split="train")
+    rows = ds.to_list()
+    bad = {"messages": [{"role": "user", "content": "<image>Draw it."}, {"role": "assistant", "content": "No."}], "images": []}
+    rows = rows * 3
+    rows.insert(6, bad)
+    for k, chunk in enumerate((rows[:5], rows[5:9], rows[9:])):
+        datasets.Dataset.from_list(chunk, features=ds.features).to_parquet(str(root / f"part-{k}.parquet"))
+    return root
+
+
+def _stream(path, seed=0, epoch=0, rank=0, world=1, start=0, buffer=4):
+    from omegaconf import OmegaConf
+
+    from fusion.train import StreamingConversations
+
+    d = OmegaConf.create({"path": str(path), "format": "hf", "image_root": None, "allow_outside_root": False, "seed": seed,
+                          "shuffle_buffer": buffer})
+    s = StreamingConversations(d, rank, world)
+    s.epoch, s.start = epoch, start
+    return [(x.line, x.kind) if isinstance(x, DataError) else (x.line, None) for x in s]
+
+
+def test_streaming_reads_rows_in_a_seeded_buffered_shuffle_sharded_by_rank(stream_data):
+    from fusion.formats import load_hf
+
+    import datasets
+
+    assert isinstance(load_hf(stream_data, streaming=True), datasets.IterableDataset)  # read as iterated, not loaded
+    whole = _stream(stream_data, buffer=1)
+    assert [n for n, _ in whole] == list(range(1, 14))  # buffer 1: file order, rows numbered across the three files
+    assert [k for _, k in whole if k] == ["schema"] and whole[6] == (7, "schema")  # the bad row named by its row, handed on
+    e0, e1 = _stream(stream_data, epoch=0), _stream(stream_data, epoch=1)
+    assert sorted(e0) == sorted(e1) == whole and e0 != e1 != whole  # each epoch a permutation of its own
+    assert e0 == _stream(stream_data, epoch=0)  # deterministic with the seed
+    assert _stream(stream_data, epoch=0, seed=1) != e0
+    assert _stream(stream_data, epoch=0, start=5) == e0[5:]  # resume: the rest of the same order
+    r0, r1 = _stream(stream_data, rank=0, world=2), _stream(stream_data, rank=1, world=2)
+    assert sorted(r0 + r1) == whole and not set(r0) & set(r1) and (len(r0), len(r1)) == (7, 6)  # ranks: disjoint, covering
+    far = _stream(stream_data, buffer=4)
+    assert all(n <= pos + 1 + 4 for pos, (n, _) in enumerate(far))  # memory: never more than 4 rows read ahead of what leaves
+
+
+def test_streaming_trains_skips_bad_rows_and_resumes_exactly(tiny_dir, stream_data, tmp_path):
+    import subprocess
+
+    from tests.tools.test_train import cmd
+
+    common = [f"tiny_dir={tiny_dir}", "stage=sft", "stage.max_steps=6", "stage.save_every=2", "stage.micro_batch_size=2",
+              f"data.path={stream_data}", "data.format=hf", "data.streaming=true", "data.shuffle_buffer=4", "data.on_error=skip"]
+    train(*common, f"hydra.run.dir={tmp_path / 'full'}")
+    full = losses(tmp_path / "full")
+    assert sorted(full) == [1, 2, 3, 4, 5, 6]  # 2 samples a step: past the first epoch (13 rows, one bad)
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary["skipped"] == {"schema": 1}
+    log = (tmp_path / "full" / "train.log").read_text()
+    assert "data: streaming from" in log
+    run = tmp_path / "killed"
+    p = subprocess.run(cmd(*common, f"hydra.run.dir={run}"), cwd=REPO, env=dict(env(), UNIFUSE_FAULT="kill_after_step@3"),
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and sorted(losses(run)) == [1, 2, 3]
+    train(*common, f"hydra.run.dir={run}")  # resumes from step 2: the stream skips the samples step 1-2 consumed
+    again = losses(run)
+    assert again == full, (again, full)
+    assert "resumed from" in (run / "train.log").read_text()
+    bad = train(*common[:-1], "data.on_error=error", f"hydra.run.dir={tmp_path / 'strict'}", check=False)
+    assert bad.returncode == 2 and f"{stream_data}:7: " in bad.stderr and "Traceback" not in bad.stderr
+    cached = train(*common[:1], "stage=align", "generator=tiny_wan", "connector=last_mlp", "init_from=base", *common[2:], "cache=auto",
+                   f"hydra.run.dir={tmp_path / 'cached'}", check=False)
+    assert cached.returncode == 2 and "data.streaming=true" in cached.stderr and "cache=off" in cached.stderr

@@ -197,6 +197,24 @@ def test_bad_data_skip_finishes_and_counts_each_kind(tiny, tiny_dir, tmp_path):
     assert "skipped 10 samples" in (tmp_path / "run" / "train.log").read_text()
 
 
+@pytest.mark.parametrize("cache", ["off", "auto"])
+def test_stage2_bad_data_skip_counts_each_kind_with_and_without_the_cache(tiny, tiny_dir, sft_run, tmp_path, cache):
+    data = write_bad_data(tiny_dir, tmp_path / "data")
+    run = tmp_path / "run"
+    train(tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", "stage.max_steps=2", "stage.gain_every=0",
+          f"data.path={data}", "data.on_error=skip", "data.max_image_pixels=10000", f"cache={cache}", f"cache.dir={tmp_path / 'cache'}",
+          f"hydra.run.dir={run}")
+    summary = json.loads((run / "summary.json").read_text())
+    faults = {"json": 1, "missing_image": 1, "bad_image": 1, "too_long": 1, "invalid_utf8": 1, "invalid_unicode": 1, "duplicate_key": 1,
+              "schema": 1, "image_too_large": 1}
+    assert {k: v for k, v in summary["skipped"].items() if k != "no_target"} == faults  # the same kinds as stage 1
+    assert summary["skipped"]["no_target"] >= 1  # the line with no assistant turn has nothing to draw: stage 2's own kind
+    assert summary["steps"] == 2 and (summary["feature_cache"] is not None) == (cache == "auto")
+    p = train(tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", f"data.path={data}",
+              f"cache={cache}", f"cache.dir={tmp_path / 'cache2'}", f"hydra.run.dir={tmp_path / 'strict'}", check=False)
+    assert p.returncode == 2 and f"{data}:{len(src_lines(tiny_dir)) + 1}: not valid JSON" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_bad_data_error_stops_before_the_first_step(tiny, tiny_dir, tmp_path):
     data = write_bad_data(tiny_dir, tmp_path / "data")
     p = train(tiny, "stage=sft", f"data.path={data}", "data.on_error=error", f"hydra.run.dir={tmp_path / 'run'}", check=False)
