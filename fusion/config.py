@@ -670,6 +670,66 @@ class GenerateConfig:
 
 
 @dataclass
+class ChatUIConfig:
+    """``tools/chat_ui.py``: a Gradio web chat over a saved fused model (``fusion/chat_ui.py``)."""
+
+    model: str = MISSING
+    """A fused-model folder written by save_pretrained (a run's final/): any generator family, any connector."""
+    host: str = "127.0.0.1"
+    """Address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface, put auth= in front)."""
+    port: int = 7860
+    """Port to bind (0: a free one)."""
+    share: bool = False
+    """Gradio's public share link: sends the page's traffic through Gradio's public relay (off by default)."""
+    auth: str | None = None
+    """Login: "user:password", or a file of user:password lines (None: no login)."""
+    device: str = "cpu"
+    """cpu, cuda, cuda:1 ..."""
+    concurrency: int = 1
+    """Requests answered at once (Gradio's queue and the model share this): 1 on a CPU, more on a GPU with memory to spare."""
+    system: str | None = None
+    """System prompt (None: the chat template's default)."""
+    max_image_pixels: int = 89_478_485
+    """Uploads whose header declares more pixels are refused before decoding (image_too_large)."""
+    max_upload_mb: float = 50.0
+    """Uploads larger than this are refused by the server."""
+    output_dir: str = "outputs/chat_ui"
+    """Each session's images and transcript go to <output_dir>/session-<time>-<id>/."""
+    examples: str = "auto"
+    """auto (the toy world's example prompts for a toy-world model, none otherwise), toy or none."""
+    steps: int = 20
+    """DiT sampler steps (the settings panel starts here)."""
+    guidance: float = 3.0
+    """Text guidance scale."""
+    image_guidance: float = 1.0
+    """Condition-frame guidance scale (1: off)."""
+    negative: str = "auto"
+    """Text-guidance negative: auto (what stage 2 trained with), duogen or null."""
+    seed: int = 0
+    """Seed of the images (image i: seed + i)."""
+    max_images_per_turn: int = 4
+    """Images per assistant turn."""
+    max_new_tokens: int = 256
+    """Text tokens per assistant turn."""
+    force_image_at: int | None = None
+    """Testing: force <|bov|> at this decode step of every assistant turn, the end of turn two steps later (tiny models never emit it)."""
+
+    def __post_init__(self) -> None:
+        if self.negative not in ("auto", "duogen", "null"):
+            raise ConfigError(f"negative must be auto, duogen or null, got {self.negative!r}")
+        if self.steps <= 0 or self.max_new_tokens <= 0 or self.max_images_per_turn < 0:
+            raise ConfigError("steps and max_new_tokens must be positive, max_images_per_turn >= 0")
+        if self.concurrency < 1:
+            raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be 0..65535, got {self.port}")
+        if self.examples not in ("auto", "toy", "none"):
+            raise ConfigError(f"examples must be auto, toy or none, got {self.examples!r}")
+        if self.max_image_pixels < 1 or self.max_upload_mb <= 0:
+            raise ConfigError("max_image_pixels and max_upload_mb must be positive")
+
+
+@dataclass
 class BenchConfig:
     """``tools/bench.py``: side-by-side measurements in one process (ratios, never absolute pass/fail)."""
 
@@ -877,6 +937,7 @@ def register_configs() -> None:
     cs.store(name="plan_schema", node=PlanConfig)
     cs.store(name="validate_data_schema", node=ValidateDataConfig)
     cs.store(name="generate_schema", node=GenerateConfig)
+    cs.store(name="chat_ui_schema", node=ChatUIConfig)
     cs.store(name="bench_schema", node=BenchConfig)
     cs.store(name="evaluate_schema", node=EvaluateConfig)
     cs.store(name="make_toy_schema", node=MakeToyConfig)

@@ -140,6 +140,8 @@ class Chat:
         self.system = system
         self.logits_processor = logits_processor
         self.on_text = on_text
+        self.on_progress: Callable[[int, int], None] | None = None
+        """Called with (step, steps) after each sampler step of a drawing (the web chat's progress line)."""
         self.state = self.mllm.new_state()
         self.state.recompute = recompute
         self.turn = 0
@@ -174,17 +176,20 @@ class Chat:
         loaded = []
         for ref in images:
             loaded.append(open_image(ref, where=str(ref) if isinstance(ref, str) else "image"))
+        turn = self._render_user_turn(text, loaded)  # every check of the user's turn, before the chat changes
         self.turn += 1
         start = len(self.segments)
         for img in loaded:
             self._add_image(img)
             self.segments.append(Segment(self.turn, "user", "image", image=img))
         self.segments.append(Segment(self.turn, "user", "text", text=text))
-        self._append_user_turn(text, loaded)
+        self.mllm.extend(self.state, *turn)
         self._assistant_turn()
         return self.segments[start:]
 
-    def _append_user_turn(self, text: str, images: list[Image.Image]) -> None:
+    def _render_user_turn(self, text: str, images: list[Image.Image]) -> tuple:
+        """(ids, pixel_values, image_grid_thw) of a user turn to append; raises DataError when it does not fit the
+        context. Changes nothing."""
         content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": text}]
         first = self.state.length == 0
         # later turns render behind a placeholder system turn that is cut off below
@@ -197,8 +202,9 @@ class Chat:
             cut = int((ids == self.mllm.end_of_turn_id).nonzero()[0]) + 1  # after the placeholder's <|im_end|>
             ids = ids[cut:]
         if self.state.length + len(ids) > self.mllm.max_length:
-            raise DataError(f"the conversation would exceed mllm.max_length={self.mllm.max_length} tokens")
-        self.mllm.extend(self.state, ids, r.pixel_values, r.image_grid_thw)
+            raise DataError(f"the message does not fit: the conversation would be {self.state.length + len(ids)} tokens, over "
+                            f"mllm.max_length={self.mllm.max_length} (start a new conversation, or send less)", kind="too_long")
+        return ids, r.pixel_values, r.image_grid_thw
 
     def _assistant_turn(self) -> None:
         s, mllm = self.settings, self.mllm
@@ -267,6 +273,7 @@ class Chat:
         h, w = self.size
         latent = gen.sample(states.to(gen.dtype), mask, cond, steps=s.steps, guidance=s.guidance,
                             negative=(neg_states.to(gen.dtype), neg_mask), image_guidance=s.image_guidance,
-                            generator=torch.Generator().manual_seed(s.seed + len(self.draws) - 1), height=h, width=w, decode=False)
+                            generator=torch.Generator().manual_seed(s.seed + len(self.draws) - 1), height=h, width=w, decode=False,
+                            callback=None if self.on_progress is None else (lambda i, t, x: self.on_progress(i + 1, s.steps)))
         image = to_pil(gen.decode(latent))[0]
         return image, latent[0]
