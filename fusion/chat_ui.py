@@ -235,8 +235,10 @@ def build(app: ChatApp):
     def session_of(state: WebSession | None) -> WebSession:
         return state if state is not None else WebSession(app)
 
-    def respond(message, state, steps, guidance, image_guidance, seed, negative, max_images, max_tokens):
+    def respond(message, state, steps, guidance, image_guidance, seed, negative, max_images, max_tokens, request: gr.Request):
         sess = session_of(state)
+        if request is not None and request.session_hash:
+            app.sessions[request.session_hash] = sess  # for unload: the page closed
         message = message or {}
         text = (message.get("text") or "").strip()
         files = [f if isinstance(f, str) else f.get("path") for f in (message.get("files") or [])]
@@ -248,6 +250,7 @@ def build(app: ChatApp):
         if not sess.busy.acquire(blocking=False):
             yield sess.history(), status_html("still answering the previous message", True), message, gr.update(), sess
             return
+        finished = False
         try:
             sess.cancelled.clear()
             sess.apply(UISettings(int(steps), float(guidance), float(image_guidance), int(seed), negative, int(max_images), int(max_tokens)))
@@ -276,6 +279,7 @@ def build(app: ChatApp):
                 line = f"drawing an image: sampler step {drawing[0]} of {drawing[1]}" if drawing else "writing"
                 yield sess.history(None if started else pending, streamed), status_html(line), gr.update(), gr.update(), sess
             worker.join()
+            finished = True
             if kind == "error":  # the message goes back into the box, less an upload the error names, to fix and send again
                 keep = [f for f in files if f not in value]
                 for f in files:
@@ -285,19 +289,31 @@ def build(app: ChatApp):
                 return
             sess.files = sess.write_transcript()
             n_img = sum(1 for s in sess.chat.segments if s.turn == sess.chat.turn and s.role == "assistant" and s.kind == "image")
+            finished = True
             yield sess.history(), status_html(f"turn {sess.chat.turn} done: {n_img} image(s) drawn"), gr.update(), \
                 gr.update(value=sess.files), sess
-        finally:
+        finally:  # also when Gradio drops this generator because the page went away: the request stops too
+            if not finished:
+                sess.cancelled.set()
             sess.busy.release()
 
-    def clear(state):
+    def clear(state, request: gr.Request):
         if state is not None:
             state.close()
+        if request is not None:
+            app.sessions.pop(request.session_hash, None)
         return [], status_html("new conversation"), {"text": "", "files": []}, gr.update(value=None), None
+
+    def closed(request: gr.Request):
+        """The page was closed or reloaded (Gradio's heartbeat ended): cancel what its session runs, forget it."""
+        sess = app.sessions.pop(request.session_hash, None) if request is not None else None
+        if sess is not None:
+            log.info("session %s: page closed", sess.id)
+            sess.close()
 
     with gr.Blocks(title="unifuse chat") as page:
         gr.Markdown(f"### unifuse: interleaved chat with `{html.escape(str(app.model_path))}`")
-        state = gr.State(None, delete_callback=lambda s: s.close() if s is not None else None)
+        state = gr.State(None, delete_callback=lambda s: s.close() if s is not None else None)  # also when it expires
         bot = gr.Chatbot(label="conversation", elem_id="history", height=520, group_consecutive_messages=False)
         status = gr.HTML(status_html("ready"), elem_id="status")
         box = gr.MultimodalTextbox(placeholder="Type a message; drop or attach images", file_count="multiple", elem_id="message",
@@ -308,18 +324,19 @@ def build(app: ChatApp):
             new = gr.Button("New conversation", elem_id="clear", variant="secondary")
         files = gr.File(label="transcript (html, json) and images", file_count="multiple", interactive=False, elem_id="downloads")
         with gr.Accordion("settings", open=False):
-            steps = gr.Slider(1, 100, value=d["steps"], step=1, label="sampler steps")
-            guidance = gr.Slider(1.0, 15.0, value=d["guidance"], step=0.5, label="text guidance")
-            image_guidance = gr.Slider(1.0, 5.0, value=d["image_guidance"], step=0.1, label="image guidance (1: off)")
+            steps = gr.Slider(1, max(100, d["steps"]), value=d["steps"], step=1, label="sampler steps")
+            guidance = gr.Slider(1.0, max(15.0, d["guidance"]), value=d["guidance"], step=0.5, label="text guidance")
+            image_guidance = gr.Slider(1.0, max(5.0, d["image_guidance"]), value=d["image_guidance"], step=0.1, label="image guidance (1: off)")
             seed = gr.Number(value=d["seed"], precision=0, label="seed (image i: seed + i)")
             negative = gr.Dropdown(list(NEGATIVES), value=d["negative"], label="guidance negative (auto: what stage 2 trained with)")
-            max_images = gr.Slider(0, 8, value=d["max_images_per_turn"], step=1, label="max images per turn")
-            max_tokens = gr.Slider(1, 2048, value=d["max_new_tokens"], step=1, label="max new tokens per turn")
+            max_images = gr.Slider(0, max(8, d["max_images_per_turn"]), value=d["max_images_per_turn"], step=1, label="max images per turn")
+            max_tokens = gr.Slider(1, max(2048, d["max_new_tokens"]), value=d["max_new_tokens"], step=1, label="max new tokens per turn")
         controls = [steps, guidance, image_guidance, seed, negative, max_images, max_tokens]
         outputs = [bot, status, box, files, state]
         send_event = box.submit(respond, [box, state, *controls], outputs, show_progress="hidden")
         new.click(clear, [state], outputs, cancels=[send_event])
         bot.clear(clear, [state], outputs, cancels=[send_event])  # the conversation's own trash button: a new conversation too
+        page.unload(closed)
     page.queue(default_concurrency_limit=app.concurrency)
     return page
 

@@ -251,3 +251,44 @@ def test_bad_input_in_the_page_is_one_line_and_the_server_goes_on(server, tmp_pa
     assert server["proc"].poll() is None
     for k, v in seen.items():
         print(f"{k}: {v}")
+
+
+def test_a_closed_session_cancels_its_request_and_the_shared_model_serves_the_next(fused, tmp_path):
+    """What the page's close does (Gradio deletes the session's state and calls WebSession.close): the running request
+    stops at its next sampler step, its model slot is released, another session is answered, histories stay apart."""
+    from fusion.chat_ui import ChatApp, UISettings, WebSession
+    from fusion.model import FusedModel
+
+    model = FusedModel.from_pretrained(fused / "fused")
+    defaults = {"steps": 2, "guidance": 3.0, "image_guidance": 1.0, "seed": 0, "negative": "auto", "max_images_per_turn": 4,
+                "max_new_tokens": 16}
+    app = ChatApp(model, str(fused / "fused"), tmp_path, defaults, force_image_at=1)
+    first = WebSession(app)
+    first.apply(UISettings(steps=10_000))
+    events: queue.Queue = queue.Queue()
+    worker = threading.Thread(target=first.send, args=("Draw a red circle at the top left.", [], events))
+    worker.start()
+    seen = []
+    while not seen or seen[-1][0] != "progress":
+        seen.append(events.get(timeout=120))
+    first.close()  # the page is closed mid-drawing
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+    while not events.empty():
+        seen.append(events.get())
+    assert seen[-1] == ("error", "cancelled") and ("done", None) not in seen
+    assert max(v[0] for k, v in seen if k == "progress") < 10_000
+
+    second = WebSession(app)
+    second.apply(UISettings(steps=2))
+    done: queue.Queue = queue.Queue()
+    t = threading.Thread(target=second.send, args=("Draw a red circle at the top left.", [], done))
+    t.start()
+    t.join(timeout=120)
+    assert not t.is_alive(), "the model slot of the cancelled request was never released"
+    events2 = []
+    while not done.empty():
+        events2.append(done.get())
+    assert events2[-1] == ("done", None)
+    assert [(s.turn, s.role, s.kind) for s in second.chat.segments if s.kind == "image"] == [(1, "assistant", "image")]
+    assert second.chat.turn == 1 and second.chat.state is not first.chat.state  # its own conversation
