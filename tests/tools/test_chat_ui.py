@@ -205,7 +205,12 @@ def test_chat_in_a_browser_two_turns_upload_download_and_isolation(server, tmp_p
     try:
         page = Page(d2, server["url"])
         assert page.rows("user") == [] and page.rows("bot") == [] and page.images() == []
-        assert len(page.send("Draw a red circle at the top left.", "turn 1 done").strip()) > 0
+        example = next(e for e in d2.find_elements(page.By.CSS_SELECTOR, "button, td, .example")
+                       if e.text.strip() == "Draw a red circle at the top left.")
+        example.click()  # the toy world's examples row fills the box with one click
+        box = d2.find_element(page.By.CSS_SELECTOR, "#message textarea")
+        page.wait_for(lambda: box.get_attribute("value") == "Draw a red circle at the top left.", 10, "the example in the box")
+        assert len(page.send("", "turn 1 done").strip()) > 0
         assert len(page.rows("user")) == 1  # turn 1 of its own conversation, not turn 3 of the other
     finally:
         d2.quit()
