@@ -64,8 +64,9 @@ class WebSession:
     def __init__(self, app: ChatApp):
         self.app = app
         self.id = uuid.uuid4().hex[:12]
-        self.dir = app.out / f"session-{time.strftime('%Y%m%d-%H%M%S')}-{self.id}"
+        self.dir = app.out / "sessions" / f"session-{time.strftime('%Y%m%d-%H%M%S')}-{self.id}"
         self.cancelled = threading.Event()
+        self.closed = False
         self.busy = threading.Lock()
         self.chat = self._new_chat()
         self._saved: dict[int, str] = {}  # id(segment) -> its PNG in self.dir
@@ -77,8 +78,19 @@ class WebSession:
                     system=a.system)
 
     def close(self) -> None:
-        """The page was closed: stop what runs, forget the conversation (its files stay on disk)."""
+        """The page was closed or cleared: stop what runs and free the conversation's memory (KV cache, latents) now, not when
+        Gradio drops the closed session's state an hour later. Its files stay on disk."""
         self.cancelled.set()
+        self.closed = True
+        if self.busy.acquire(blocking=False):  # nothing running: free now; else the running request frees it as it ends
+            try:
+                self._free()
+            finally:
+                self.busy.release()
+
+    def _free(self) -> None:
+        self.chat = None
+        self._saved.clear()
 
     # ------------------------------------------------------------------ one message
     def apply(self, ui: UISettings) -> None:
@@ -91,7 +103,6 @@ class WebSession:
         """``Chat.send`` in this thread, reporting ("text", piece), ("progress", (k, n)) and the end ("done", None /
         ("error", message)) to ``events``. A failure after the assistant began leaves a chat that cannot go on: it is reset."""
         chat = self.chat
-        began = [False]
 
         def check() -> None:
             if self.cancelled.is_set():
@@ -99,12 +110,10 @@ class WebSession:
 
         def on_text(piece: str) -> None:
             check()
-            began[0] = True
             events.put(("text", piece))
 
         def on_progress(k: int, n: int) -> None:
             check()
-            began[0] = True
             events.put(("progress", (k, n)))
 
         chat.on_text, chat.on_progress = on_text, on_progress
@@ -119,6 +128,8 @@ class WebSession:
             events.put(("done", None))
         except Cancelled:
             log.info("session %s: request cancelled (page closed or cleared)", self.id)
+            if len(chat.segments) != n_before:
+                self.reset()  # a half-written turn is not a conversation to go on from
             events.put(("error", "cancelled"))
         except UnifuseError as e:  # bad input: the chat is as it was unless the assistant had begun
             if len(chat.segments) != n_before:
@@ -132,8 +143,12 @@ class WebSession:
             events.put(("error", f"internal error ({type(e).__name__}: {e}); the conversation was reset"))
         finally:
             chat.on_text = chat.on_progress = None
+            if self.closed:
+                self._free()
 
     def reset(self) -> None:
+        if self.closed:
+            return self._free()
         self.chat = self._new_chat()
         self._saved.clear()
         self.files = []
@@ -153,7 +168,7 @@ class WebSession:
     def history(self, pending_user: dict | None = None, streaming: str = "", status: str | None = None) -> list[dict]:
         """The Chatbot's messages: one per segment, in conversation order (the text being decoded last)."""
         out: list[dict] = []
-        for seg in self.chat.segments:
+        for seg in (self.chat.segments if self.chat is not None else []):
             if seg.kind == "text":
                 out.append({"role": seg.role, "content": seg.text})
             else:
@@ -191,7 +206,7 @@ class ChatApp:
                                   "(an MLLM-only stage-1 export?), so it cannot draw images: give a stage-2 final/ folder")
         self.model, self.model_path = model, model_path
         self.out = Path(out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "sessions").mkdir(parents=True, exist_ok=True)  # served to the pages (with the examples), nothing else under out
         self.defaults = defaults
         self.system = system
         self.concurrency = concurrency
@@ -236,7 +251,7 @@ def build(app: ChatApp):
         return state if state is not None else WebSession(app)
 
     def respond(message, state, steps, guidance, image_guidance, seed, negative, max_images, max_tokens, request: gr.Request):
-        sess = session_of(state)
+        sess = session_of(state if state is None or not state.closed else None)
         if request is not None and request.session_hash:
             app.sessions[request.session_hash] = sess  # for unload: the page closed
         message = message or {}
@@ -253,19 +268,22 @@ def build(app: ChatApp):
         finished = False
         try:
             sess.cancelled.clear()
-            sess.apply(UISettings(int(steps), float(guidance), float(image_guidance), int(seed), negative, int(max_images), int(max_tokens)))
+            sess.apply(UISettings(int(steps), float(guidance), float(image_guidance), int(seed or 0), negative, int(max_images), int(max_tokens)))
             events: queue.Queue = queue.Queue()
             worker = threading.Thread(target=sess.send, args=(text, files, events), daemon=True, name=f"chat-{sess.id}")
             pending = {"text": text, "files": files}
             yield sess.history(pending), status_html("waiting for the model" if app.concurrency == 1 else "thinking"), \
                 {"text": "", "files": []}, gr.update(), sess
-            worker.start()
             streamed, n0, drawing = "", len(sess.chat.segments), None
+            worker.start()
             while True:
                 try:
                     kind, value = events.get(timeout=0.25)
                 except queue.Empty:
-                    continue
+                    if worker.is_alive() or not events.empty():
+                        continue
+                    kind, value = "error", "internal error: the request ended without an answer (see the server log)"
+                    break
                 if kind == "text":
                     streamed += value
                     drawing = None
@@ -296,6 +314,8 @@ def build(app: ChatApp):
             if not finished:
                 sess.cancelled.set()
             sess.busy.release()
+            if sess.closed and not worker_running(sess):
+                sess._free()
 
     def clear(state, request: gr.Request):
         if state is not None:
@@ -339,6 +359,10 @@ def build(app: ChatApp):
         page.unload(closed)
     page.queue(default_concurrency_limit=app.concurrency)
     return page
+
+
+def worker_running(sess: WebSession) -> bool:
+    return any(t.name == f"chat-{sess.id}" and t.is_alive() for t in threading.enumerate())
 
 
 def status_html(text: str, error: bool = False) -> str:

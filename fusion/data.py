@@ -248,7 +248,12 @@ def open_image(ref: str | Image.Image, where: str = "") -> Image.Image:
     would refuse (:func:`check_image_size`), raises DataError."""
     if isinstance(ref, Image.Image):  # e.g. from a datasets Image column, opened lazily (header read, nothing decoded)
         check_pixels(ref, "<image>")
-        return check_image_size(ref, "<image>").convert("RGB")
+        try:
+            return check_image_size(ref, "<image>").convert("RGB")
+        except DataError:
+            raise
+        except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt embedded bytes
+            raise DataError(f"embedded image does not decode ({type(e).__name__}: {e})", where or None, kind="bad_image") from None
     try:
         with warnings.catch_warnings():  # PIL warns of a decompression bomb on open: check_pixels decides instead
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)

@@ -196,9 +196,9 @@ def iter_samples(path: str | os.PathLike, fmt: str = "unifuse", image_root: str 
 
 
 def read_conversations(path: str | os.PathLike, fmt: str = "unifuse", image_root: str | os.PathLike | None = None, on_error: str = "error",
-                       report: SkipReport | None = None, allow_outside_root: bool = True) -> Iterator[Conversation]:
+                       report: SkipReport | None = None, allow_outside_root: bool = True, streaming: bool = False) -> Iterator[Conversation]:
     """:func:`fusion.data.read_jsonl` for any ``data.format``: validated conversations, bad ones raised or counted."""
-    yield from apply_policy(iter_samples(path, fmt, image_root, allow_outside_root), on_error, report)
+    yield from apply_policy(iter_samples(path, fmt, image_root, allow_outside_root, streaming), on_error, report)
 
 
 def shuffled(items, buffer: int, rng) -> Iterator:

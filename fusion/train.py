@@ -422,7 +422,7 @@ class Trainer:
         st = self.cfg.stage
         want = max(1, st.gain_samples if st.name == "align" and st.gain_every else 1)
         head = list(itertools.islice(read_conversations(d.path, d.format, d.image_root, "skip", SkipReport(),
-                                                        allow_outside_root=d.allow_outside_root), 4 * want))
+                                                        allow_outside_root=d.allow_outside_root, streaming=True), 4 * want))
         if not head:
             raise DataError("no usable samples in the first ones read (data.streaming=true)", d.path)
         self.first_conv = head[0]
@@ -678,6 +678,8 @@ class Trainer:
         self.engine.save_checkpoint(str(partial), tag="state", client_state=client, save_latest=False)
         if self.ema is not None:
             torch.save(self.ema, partial / f"ema_rank{self.rank}.pt")
+        # each rank's own place in the data: ranks' shards differ in length, so they cross epoch boundaries at different steps
+        (partial / f"data_rank{self.rank}.json").write_text(json.dumps({"epoch": self.state.epoch, "position": self.state.position}))
         torch.distributed.barrier()
         faults.maybe_signal("kill_in_checkpoint", step)
         if self.is_main:
@@ -737,6 +739,10 @@ class Trainer:
         _, client = self.engine.load_checkpoint(str(ckpt), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True)
         self.state = TrainState(**client["train_state"])
         self.report.counts.update(client.get("report", {}))
+        own = ckpt / f"data_rank{self.rank}.json"
+        if own.is_file():  # (checkpoints written before these files: rank 0's place for every rank)
+            where = json.loads(own.read_text())
+            self.state.epoch, self.state.position = int(where["epoch"]), int(where["position"])
         self.sampler.epoch, self.sampler.start = self.state.epoch, self.state.position
         if self.ema is not None and (ckpt / f"ema_rank{self.rank}.pt").is_file():
             self.ema = torch.load(ckpt / f"ema_rank{self.rank}.pt")
@@ -755,16 +761,23 @@ class Trainer:
         return self.model.prepare_align_sample(conv, generator)
 
     def _next_batch(self, it, generator: torch.Generator):
-        """The next micro-batch of prepared samples, applying the data policy to lazy errors."""
+        """The next micro-batch of prepared samples, applying the data policy to lazy errors. Two epochs in a row with
+        nothing usable (every sample skipped, or an empty shard) stop the run with the skip report, never a silent spin."""
+        empty_epochs = 0
         while True:
             try:
                 items = next(it)
             except StopIteration:
+                empty_epochs = empty_epochs + 1 if not getattr(self, "_batch_this_epoch", False) else 0
+                if empty_epochs >= 2:
+                    raise DataError(f"rank {self.rank}: a whole epoch of data gave no usable sample for stage {self.cfg.stage.name} "
+                                    f"({self.report.summary()})", self.cfg.data.path) from None
+                self._batch_this_epoch = False
                 self.state.epoch += 1
                 self.state.position = 0
                 self.sampler.epoch, self.sampler.start = self.state.epoch, 0
                 it = iter(self._loader())
-                items = next(it)
+                continue
             self.state.position += len(items)
             batch = []
             for item in items:
@@ -777,6 +790,7 @@ class Trainer:
                         raise
                     self.report.add(e)
             if batch:
+                self._batch_this_epoch = True
                 return batch, it
 
     def _step_generator(self, micro: int) -> torch.Generator:

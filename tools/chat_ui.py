@@ -83,7 +83,7 @@ def main(cfg: DictConfig) -> None:
                   examples=examples)  # refuses an MLLM-only folder, naming what is missing
     page = build(app)
     port = cfg.port or free_port(cfg.host)
-    page.launch(server_name=cfg.host, server_port=port, share=cfg.share, auth=auth, allowed_paths=[str(out.resolve())],
+    page.launch(server_name=cfg.host, server_port=port, share=cfg.share, auth=auth, allowed_paths=[str((out / "sessions").resolve()), str((out / "examples").resolve())],
                 max_file_size=int(cfg.max_upload_mb * 1024 * 1024), prevent_thread_lock=True, show_error=False, quiet=True, css=CSS)
     print(f"web chat: http://{cfg.host}:{port}/  (model {cfg.model}; Ctrl-C stops)", flush=True)
     if page.share_url:

@@ -44,6 +44,9 @@ def user_turns(path: str, line: int, fmt: str = "unifuse") -> list[tuple[str, li
             if m["role"] != "user":
                 continue
             text = " ".join(i["text"] for i in m["content"] if i["type"] == "text")
+            if not text.strip():
+                raise DataError(f"user turn {len(turns) + 1} has no text (a request must say what to do with its images)", path, line,
+                                kind="schema")
             turns.append((text, [i["image"] for i in m["content"] if i["type"] == "image"]))
         if not turns:
             raise DataError("the conversation has no user turn", path, line, kind="schema")

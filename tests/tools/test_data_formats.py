@@ -210,3 +210,11 @@ def test_streaming_trains_skips_bad_rows_and_resumes_exactly(tiny_dir, stream_da
     cached = train(*common[:1], "stage=align", "generator=tiny_wan", "connector=last_mlp", "init_from=base", *common[2:], "cache=auto",
                    f"hydra.run.dir={tmp_path / 'cached'}", check=False)
     assert cached.returncode == 2 and "data.streaming=true" in cached.stderr and "cache=off" in cached.stderr
+
+
+def test_streaming_data_with_nothing_usable_stops_with_the_report_instead_of_spinning(tiny_dir, tmp_path):
+    data = tmp_path / "questions.jsonl"  # valid conversations, none with an assistant turn: nothing for stage 1
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Question {i}?"}]}) + "\n" for i in range(3)))
+    p = train(f"tiny_dir={tiny_dir}", "stage=sft", "stage.max_steps=2", f"data.path={data}", "data.streaming=true",
+              f"hydra.run.dir={tmp_path / 'run'}", check=False)
+    assert p.returncode == 2 and "a whole epoch of data gave no usable sample" in p.stderr and "no_assistant_turn" in p.stderr, p.stderr[-2000:]
