@@ -124,9 +124,9 @@ class MLLMFolder(nn.Module):
         self.hidden_layers = self.resolve_layers(hidden_layers, "mllm.hidden_layers")
 
     def resolve_layers(self, layers: Sequence[int], key: str) -> list[int]:
-        from backbones.mllm.qwen2_5_vl import Qwen25VLAdapter
+        from backbones.mllm.base import resolve_layers
 
-        return Qwen25VLAdapter.resolve_layers(self, layers, key)
+        return resolve_layers(layers, self.num_layers, key)
 
     @property
     def device(self) -> torch.device:
@@ -246,7 +246,7 @@ def build(model, convs: Sequence[Conversation], root: str | Path, key: str, part
     store = DTYPES[dtype] if dtype != "auto" else mllm.model.dtype
     s = model.settings
     size = (gen.image_size, gen.image_size) if s.get("image_size") is None else (s["image_size"], s["image_size"])
-    vs, ve = mllm.token_id("<|vision_start|>"), mllm.token_id("<|vision_end|>")
+    vs, ve = mllm.vision_start_id, mllm.vision_end_id
     entries: list[dict[str, Any]] = []
     tensors: dict[str, torch.Tensor] = {}
     shards: list[str] = []

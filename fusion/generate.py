@@ -199,7 +199,7 @@ class Chat:
         r = self.mllm.render(Conversation(messages), add_generation_prompt=True, check_length=False)
         ids = r.input_ids[0]
         if not first:
-            cut = int((ids == self.mllm.end_of_turn_id).nonzero()[0]) + 1  # after the placeholder's <|im_end|>
+            cut = int((ids == self.mllm.end_of_turn_id).nonzero()[0]) + 1  # after the placeholder's end of turn
             ids = ids[cut:]
         if self.state.length + len(ids) > self.mllm.max_length:
             raise DataError(f"the message does not fit: the conversation would be {self.state.length + len(ids)} tokens, over "
@@ -258,7 +258,7 @@ class Chat:
         else:
             ctx = len(ids) if m.settings.get("include_bov", True) else len(ids) - 1
             states, mask = self._connector_states(ctx)
-        vision_end = self.mllm.token_id("<|vision_end|>")
+        vision_end = self.mllm.vision_end_id
         neg_len = max((i + 1 for i in range(ctx) if ids[i] == vision_end), default=0)
         if self.negative == "duogen" and neg_len > 0 and not m.connector.uses_queries:
             neg_states, neg_mask = self._connector_states(neg_len)

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from backbones.mllm.qwen2_5_vl import RenderedConversation
+from backbones.mllm.base import RenderedConversation
 from fusion.data import Conversation, load_images
 from fusion.errors import CheckpointError, ConfigError, DataError
 from fusion.distill import aligned_distill_loss
@@ -161,7 +161,7 @@ class FusedModel(nn.Module):
         hf = self.mllm.model
         out: dict[str, nn.Module] = {}
         if hf is not None:  # None: the MLLM's features come from the feature cache
-            out = {"mllm": nn.ModuleList([hf.model.language_model, hf.lm_head]), "vision_tower": hf.model.visual}
+            out = {"mllm": nn.ModuleList([self.mllm.language_model, self.mllm.lm_head]), "vision_tower": self.mllm.vision_tower}
         if self.connector is not None:
             out["connector"] = self.connector
         if self.generator is not None:
@@ -182,7 +182,7 @@ class FusedModel(nn.Module):
         if tr["mllm"] == "full":
             parts["mllm"].requires_grad_(True)
         elif tr["mllm"] == "lora":
-            self._inject_lora("mllm", self.mllm.model.model.language_model, stage["lora_mllm"])
+            self._inject_lora("mllm", self.mllm.language_model, stage["lora_mllm"])
         if tr.get("vision_tower"):
             parts["vision_tower"].requires_grad_(True)
         if self.connector is not None and tr.get("connector"):
@@ -212,7 +212,7 @@ class FusedModel(nn.Module):
             if part in ("mllm", "vision_tower") and hf is None:
                 continue  # features come from the cache: no MLLM forward to checkpoint
             if part == "mllm":
-                lm = hf.model.language_model
+                lm = self.mllm.language_model
                 lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 if not lm.training and getattr(self.connector, "uses_queries", False):
                     # A frozen MLLM that query connectors backpropagate through: transformers checkpoints only
@@ -223,7 +223,7 @@ class FusedModel(nn.Module):
                     lm.train()
                     part = "mllm (frozen, in train mode: no dropout in it)"
             elif part == "vision_tower":
-                hf.model.visual.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                self.mllm.vision_tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             elif part == "generator":
                 if self.generator is None:
                     raise ConfigError("stage.gradient_checkpointing names generator but no generator is configured")
@@ -231,7 +231,7 @@ class FusedModel(nn.Module):
             done.append(f"gradient checkpointing: {part}")
         if stage.get("compile"):
             parts = self.parts()
-            targets = {"mllm": hf.model.language_model if hf is not None else None, "vision_tower": hf.model.visual if hf is not None else None,
+            targets = {"mllm": self.mllm.language_model if hf is not None else None, "vision_tower": self.mllm.vision_tower if hf is not None else None,
                        "connector": self.connector, "generator": self.generator.transformer if self.generator is not None else None}
             for name, module in parts.items():
                 if targets.get(name) is not None and any(p.requires_grad for p in module.parameters()):
@@ -313,8 +313,8 @@ class FusedModel(nn.Module):
         else:
             k = targets[-1]
         ids = r.input_ids[0]
-        starts = (ids == self.mllm.token_id("<|vision_start|>")).nonzero().flatten().tolist()
-        ends = (ids == self.mllm.token_id("<|vision_end|>")).nonzero().flatten().tolist()
+        starts = (ids == self.mllm.vision_start_id).nonzero().flatten().tolist()
+        ends = (ids == self.mllm.vision_end_id).nonzero().flatten().tolist()
         ctx_end = starts[k] if s.get("include_bov", True) else starts[k] - 1  # ids[starts[k] - 1] is <|bov|>
         rows = [int(g.prod()) for g in r.image_grid_thw] if r.image_grid_thw is not None else []
         pv = r.pixel_values[: sum(rows[:k])] if k else None
@@ -401,7 +401,7 @@ class FusedModel(nn.Module):
             return out.states, out.mask, None
         if length is None:
             return self.context_states(sample.ctx_ids, sample.ctx_pixel_values, sample.ctx_grids)
-        n_img = int((sample.ctx_ids[:length] == self.mllm.token_id("<|vision_end|>")).sum())
+        n_img = int((sample.ctx_ids[:length] == self.mllm.vision_end_id).sum())
         rows = int(sample.ctx_grids[:n_img].prod(-1).sum()) if n_img else 0
         return self.context_states(sample.ctx_ids[:length], sample.ctx_pixel_values[:rows] if n_img else None,
                                    sample.ctx_grids[:n_img] if n_img else None)
@@ -666,7 +666,7 @@ class FusedModel(nn.Module):
         for part, folder in manifest.get("lora", {}).items():
             from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
-            module = model.mllm.model.model.language_model if part == "mllm" else model.generator.transformer
+            module = model.mllm.language_model if part == "mllm" else model.generator.transformer
             cfg = LoraConfig.from_pretrained(str(path / folder))
             inject_adapter_in_model(cfg, module)
             set_peft_model_state_dict(module, load_file(str(path / folder / "adapter_model.safetensors")))

@@ -90,7 +90,7 @@ def collate(rendered: Sequence[Any], rope_positions: Callable[[torch.Tensor, tor
     """Lay rendered conversations (``RenderedConversation``) out as ``layout`` (packed or padded).
 
     ``rope_positions(ids [1, L], grids)`` gives one sample's 3-D positions [3, 1, L]; the
-    adapter's :meth:`~backbones.mllm.qwen2_5_vl.Qwen25VLAdapter.rope_positions`.
+    adapter's :meth:`~backbones.mllm.base.MLLMAdapter.rope_positions`.
     """
     if layout not in ("packed", "padded"):
         raise ValueError(f"layout must be packed or padded, got {layout!r}")

@@ -243,10 +243,10 @@ def measure_activations(model, stage: dict, work: Workload) -> dict[str, Any]:
     """Bytes autograd keeps for backward per GPU, without and with gradient checkpointing (see the module docstring)."""
     hf = model.mllm.model
     counter = SavedCounter(model)
-    mllm_trains = any(p.requires_grad for p in hf.model.language_model.parameters())
+    mllm_trains = any(p.requires_grad for p in model.mllm.language_model.parameters())
     # checkpointed MLLM blocks: when it trains, or when query connectors backpropagate through it frozen (fusion/model.py)
     mllm_ckpt = mllm_trains or (stage["name"] == "align" and getattr(model.connector, "uses_queries", False))
-    handles = counter.watch({f"mllm.{i}": layer for i, layer in enumerate(hf.model.language_model.layers)},
+    handles = counter.watch({f"mllm.{i}": layer for i, layer in enumerate(model.mllm.language_model.layers)},
                             "mllm" if mllm_ckpt else None)
     if model.generator is not None:
         handles += counter.watch({f"dit.{i}": b for i, b in enumerate(model.generator.dit_blocks())}, "generator")

@@ -30,7 +30,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,70 +37,20 @@ import torch
 from PIL import Image
 from torch import nn
 
+from backbones.mllm.base import BOV_TOKEN, DecodeState, MLLMAdapter, RenderedConversation
 from backbones.paths import architecture_diff, local_folder, plain
 from fusion.data import Conversation, load_images, parse_conversation
 from fusion.errors import CheckpointError, DataError
 
 logger = logging.getLogger(__name__)
 
-BOV_TOKEN = "<|bov|>"
 VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: the published Qwen2.5-VL preprocessor_config.json bounds (4 and 16384 patches of 28 x 28)
 PUBLISHED_PIXELS = {"shortest_edge": 3136, "longest_edge": 12845056}
 
 
-@dataclass
-class RenderedConversation:
-    """One conversation as model inputs (batch dimension 1)."""
-
-    input_ids: torch.Tensor  # [1, L]
-    labels: torch.Tensor  # [1, L], -100 where not supervised
-    attention_mask: torch.Tensor  # [1, L]
-    mm_token_type_ids: torch.Tensor  # [1, L], 1 on image tokens
-    pixel_values: torch.Tensor | None  # [sum(patches), C*T*P*P]
-    image_grid_thw: torch.Tensor | None  # [n_images, 3]
-    image_roles: list[str] = field(default_factory=list)  # role of each image, in order
-    text: str = ""
-
-    @property
-    def length(self) -> int:
-        return self.input_ids.shape[1]
-
-    def model_inputs(self) -> dict[str, Any]:
-        return dict(
-            input_ids=self.input_ids,
-            attention_mask=self.attention_mask,
-            mm_token_type_ids=self.mm_token_type_ids,
-            pixel_values=self.pixel_values,
-            image_grid_thw=self.image_grid_thw,
-        )
-
-
-@dataclass
-class DecodeState:
-    """A conversation being decoded: ids in the KV cache, next rope position, kept hidden states."""
-
-    ids: list[int] = field(default_factory=list)
-    cache: Any = None
-    next_position: int = 0
-    hidden_chunks: list[torch.Tensor] = field(default_factory=list)  # each [n_layers, chunk_len, D]
-    last_logits: torch.Tensor | None = None  # [vocab] logits after the last token
-    image_grids: list[torch.Tensor] = field(default_factory=list)
-    pixel_chunks: list[torch.Tensor] = field(default_factory=list)  # kept for the recompute baselines
-    tokens_forwarded: int = 0  # every token run through the language model, for the 1.00 check
-    recompute: str = "never"  # baselines: "images" re-encodes the full context at each image, "always" at every span
-
-    @property
-    def length(self) -> int:
-        return len(self.ids)
-
-    def hidden_states(self) -> torch.Tensor:
-        """Selected-layer hidden states of every token in the cache: [n_layers, L, D]."""
-        return torch.cat(self.hidden_chunks, dim=1)
-
-
-class Qwen25VLAdapter(nn.Module):
+class Qwen25VLAdapter(MLLMAdapter):
     """Qwen2.5-VL with ``<|bov|>``, conversation rendering, layer selection and cached decoding."""
 
     #: query connectors may append learned embeddings after ``<|bov|>`` (``forward(inputs_embeds=...)``)
@@ -129,17 +78,6 @@ class Qwen25VLAdapter(nn.Module):
         if ip is not None:
             ip.size = {"shortest_edge": self.min_pixels, "longest_edge": self.max_pixels}
         self.hidden_layers = self.resolve_layers(hidden_layers, "mllm.hidden_layers")
-
-    def resolve_layers(self, layers: Sequence[int], key: str) -> list[int]:
-        """Layer indices (negative from the end) as indices into ``output_hidden_states``; ``key`` names the setting."""
-        n = self.num_layers
-        resolved = []
-        for i in layers:
-            j = i + n + 1 if i < 0 else i
-            if not 0 <= j <= n:
-                raise ValueError(f"{key}: layer {i} is out of range for an MLLM with {n} layers (0..{n}, or -1..-{n + 1})")
-            resolved.append(j)
-        return resolved
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod
@@ -259,19 +197,11 @@ class Qwen25VLAdapter(nn.Module):
     def num_layers(self) -> int:
         return self.model.config.text_config.num_hidden_layers
 
-    @property
-    def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
-
     def token_id(self, token: str) -> int:
         i = self.tokenizer.convert_tokens_to_ids(token)
         if i is None or i == self.tokenizer.unk_token_id:
             raise KeyError(f"token {token!r} is not in the tokenizer")
         return i
-
-    @property
-    def bov_token_id(self) -> int:
-        return self.token_id(BOV_TOKEN)
 
     @property
     def end_of_turn_id(self) -> int:
