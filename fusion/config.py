@@ -25,7 +25,8 @@ from fusion.errors import ConfigError
 # ---------------------------------------------------------------------------- mllm
 @dataclass
 class Qwen25VLConfig:
-    """A Qwen2.5-VL checkpoint (``backbones/mllm/qwen2_5_vl.py``)."""
+    """An MLLM checkpoint: Qwen2.5-VL by default (``backbones/mllm/qwen2_5_vl.py``); any adapter on ``backbones/mllm/base.py``
+    through ``_target_`` (``mllm_schema``, e.g. ``conf/mllm/tiny_qwen3_vl.yaml``)."""
 
     _target_: str = "backbones.mllm.qwen2_5_vl.Qwen25VLAdapter.from_pretrained"
     path: str = MISSING
@@ -943,6 +944,7 @@ def register_configs() -> None:
     cs.store(name="make_toy_schema", node=MakeToyConfig)
     cs.store(name="demo_schema", node=DemoConfig)
     cs.store(group="mllm", name="qwen2_5_vl_schema", node=Qwen25VLConfig)
+    cs.store(group="mllm", name="mllm_schema", node=Qwen25VLConfig)  # any adapter on backbones/mllm/base.py (set _target_)
     cs.store(group="generator", name="wan_schema", node=WanGeneratorConfig)
     cs.store(group="generator", name="cosmos_schema", node=CosmosGeneratorConfig)
     cs.store(group="generator", name="sana_schema", node=SanaGeneratorConfig)

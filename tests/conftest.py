@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
-    """A folder with every tiny part written by make_tiny (``qwen2_5_vl``, ``demo_data``)."""
+    """A folder with every tiny part written by make_tiny (``qwen2_5_vl``, ``qwen3_vl``, the generators, ``demo_data``)."""
     from backbones.mllm.tiny_qwen2_5_vl import make_tiny
     from fusion.demo_data import make_demo_data
 
@@ -41,6 +41,9 @@ def tiny_dir(tmp_path_factory) -> Path:
     cosmos.make_tiny(out, seed=0, name="cosmos", variant="2.5")
     cosmos.make_tiny(out, seed=0, name="cosmos2", variant="2")
     sana.make_tiny(out, seed=0, name="sana")
+    from backbones.mllm import qwen3_vl
+
+    qwen3_vl.make_tiny(out, seed=0)
     return out
 
 
@@ -60,12 +63,24 @@ def tiny_mllm_path(tiny_dir) -> Path:
     return tiny_dir / "qwen2_5_vl"
 
 
-@pytest.fixture(scope="session")
-def mllm(tiny_mllm_path):
-    """The tiny adapter, layers [0, 2, -1], in eval mode (shared: tests must not modify it)."""
-    from backbones.mllm.qwen2_5_vl import Qwen25VLAdapter
+#: every MLLM family: its tiny folder (tools/make_tiny.py part), adapter class and tiny config (conf/mllm/). A new family is a line here.
+MLLM_FAMILIES = {
+    "qwen2_5_vl": ("backbones.mllm.qwen2_5_vl.Qwen25VLAdapter", "tiny"),
+    "qwen3_vl": ("backbones.mllm.qwen3_vl.Qwen3VLAdapter", "tiny_qwen3_vl"),
+}
 
-    a = Qwen25VLAdapter.from_pretrained(str(tiny_mllm_path), hidden_layers=[0, 2, -1])
+
+@pytest.fixture(scope="session", params=list(MLLM_FAMILIES))
+def mllm_family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def mllm(tiny_dir, mllm_family):
+    """The tiny adapter of each family, layers [0, 2, -1], in eval mode (shared: tests must not modify it)."""
+    from hydra.utils import get_class
+
+    a = get_class(MLLM_FAMILIES[mllm_family][0]).from_pretrained(str(tiny_dir / mllm_family), hidden_layers=[0, 2, -1])
     return a.eval()
 
 

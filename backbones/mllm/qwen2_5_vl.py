@@ -55,6 +55,17 @@ class Qwen25VLAdapter(MLLMAdapter):
 
     #: query connectors may append learned embeddings after ``<|bov|>`` (``forward(inputs_embeds=...)``)
     supports_query_embeddings = True
+    #: the processor's pixel bounds when building on the meta device (the published preprocessor_config.json)
+    published_pixels = PUBLISHED_PIXELS
+    #: the family's name in messages
+    family = "Qwen2.5-VL"
+
+    @classmethod
+    def hf_classes(cls) -> tuple[type, type]:
+        """(config class, model class) of the family in transformers."""
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     def __init__(
         self,
@@ -70,7 +81,7 @@ class Qwen25VLAdapter(MLLMAdapter):
         self.processor = processor  # None: an architecture on the meta device (tools/plan.py), nothing to render with
         self.max_length = max_length
         ip = processor.image_processor if processor is not None else None
-        default = ip.size if ip is not None else PUBLISHED_PIXELS
+        default = ip.size if ip is not None else self.published_pixels
         self.min_pixels = int(min_pixels if min_pixels is not None else default["shortest_edge"])
         self.max_pixels = int(max_pixels if max_pixels is not None else default["longest_edge"])
         if self.min_pixels > self.max_pixels:
@@ -99,23 +110,24 @@ class Qwen25VLAdapter(MLLMAdapter):
         ``device="meta"`` builds the architecture only (no weights, no memory, no processor) from
         ``architecture`` (a config.json written out in the yaml) or the local folder's config.json.
         Otherwise every field of ``architecture`` that differs from the loaded checkpoint is logged."""
-        from transformers import AutoProcessor, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        from transformers import AutoProcessor
 
+        config_cls, model_cls = cls.hf_classes()
         if dtype not in DTYPES:
             raise ValueError(f"mllm.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         path = str(path)
         architecture = plain(architecture)
         if str(device) == "meta":
             if architecture is not None:
-                config = Qwen2_5_VLConfig.from_dict(architecture)
+                config = config_cls.from_dict(architecture)
             else:
                 p = local_folder(path, "mllm.path")
                 if p is None:
                     raise CheckpointError(f"mllm.path: {path!r} is a hub id and mllm.architecture is not written out; "
                                           "building on the meta device needs one of them")
-                config = Qwen2_5_VLConfig.from_pretrained(p)
+                config = config_cls.from_pretrained(p)
             with torch.device("meta"):
-                model = Qwen2_5_VLForConditionalGeneration._from_config(config, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
+                model = model_cls._from_config(config, dtype=DTYPES[dtype], attn_implementation=attn_implementation)
             processor = None
             if local_folder(path, "mllm.path") is not None and (Path(path) / "tokenizer_config.json").is_file():
                 processor = AutoProcessor.from_pretrained(path)  # a local folder: rendering works (tools/validate_data.py)
@@ -129,7 +141,7 @@ class Qwen25VLAdapter(MLLMAdapter):
             path = str(p)
         try:
             processor = AutoProcessor.from_pretrained(path)
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            model = model_cls.from_pretrained(
                 path, dtype=DTYPES[dtype], attn_implementation=attn_implementation
             )
         except OSError as e:
@@ -138,9 +150,9 @@ class Qwen25VLAdapter(MLLMAdapter):
             raise CheckpointError(f"mllm.path: could not load {path!r}{hint}: {str(e).splitlines()[0]}") from None
         if architecture is not None:
             try:
-                differ = architecture_diff(Qwen2_5_VLConfig.from_dict(architecture).to_dict(), model.config.to_dict())
+                differ = architecture_diff(config_cls.from_dict(architecture).to_dict(), model.config.to_dict())
             except (ValueError, TypeError) as e:
-                differ = [f"mllm.architecture is not a valid Qwen2.5-VL config ({e})"]
+                differ = [f"mllm.architecture is not a valid {cls.family} config ({e})"]
             if differ:
                 logger.warning("mllm.architecture differs from %s (the checkpoint's values are used): %s", path, "; ".join(differ))
         if device is not None:
@@ -227,6 +239,10 @@ class Qwen25VLAdapter(MLLMAdapter):
             out.append({"role": m["role"], "content": items})
         return out
 
+    def _vision_messages(self, conv: Conversation) -> list[dict[str, Any]]:
+        """Messages ``qwen-vl-utils`` reads the images (in order, with the pixel bounds) from."""
+        return self._template_messages(conv)
+
     def render(
         self, conversation: Conversation | dict | list, add_generation_prompt: bool = False, check_length: bool = True
     ) -> RenderedConversation:
@@ -240,7 +256,7 @@ class Qwen25VLAdapter(MLLMAdapter):
         messages = self._template_messages(conv)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         patch = self.model.config.vision_config.patch_size
-        images, _ = process_vision_info(messages, image_patch_size=patch)[:2]
+        images, _ = process_vision_info(self._vision_messages(conv), image_patch_size=patch)[:2]
         enc = self.processor(text=[text], images=images, return_tensors="pt")
         ids = enc["input_ids"]
         if check_length and ids.shape[1] > self.max_length:

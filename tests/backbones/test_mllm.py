@@ -1,11 +1,11 @@
-"""The Qwen2.5-VL adapter on a tiny checkpoint of the real architecture."""
+"""Every MLLM adapter (tests/conftest.py ``MLLM_FAMILIES``: Qwen2.5-VL, Qwen3-VL) on a tiny checkpoint of its real architecture."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from backbones.mllm.qwen2_5_vl import BOV_TOKEN, VISION_TOKENS, Qwen25VLAdapter
+from backbones.mllm.qwen2_5_vl import BOV_TOKEN, VISION_TOKENS
 from fusion.errors import CheckpointError
 
 # Cached and full forwards run the same float32 kernels on different chunkings; they agree
@@ -30,23 +30,39 @@ def two_turn(images):
     ]
 
 
-def test_tiny_checkpoint_loads_with_stock_auto_classes(tiny_mllm_path):
+@pytest.fixture(scope="module")
+def family(tiny_dir, mllm_family):
+    """(the tiny folder, the adapter class) of each family."""
+    from hydra.utils import get_class
+
+    from tests.conftest import MLLM_FAMILIES
+
+    return tiny_dir / mllm_family, get_class(MLLM_FAMILIES[mllm_family][0])
+
+
+#: what the published folders of each family load as through transformers' auto classes
+STOCK = {"qwen2_5_vl": ("Qwen2_5_VLProcessor", "Qwen2_5_VLForConditionalGeneration"), "qwen3_vl": ("Qwen3VLProcessor", "Qwen3VLForConditionalGeneration")}
+
+
+def test_tiny_checkpoint_loads_with_stock_auto_classes(family, mllm_family):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
+    tiny_mllm_path, _ = family
     cfg = AutoConfig.from_pretrained(tiny_mllm_path)
-    assert cfg.model_type == "qwen2_5_vl"
+    assert cfg.model_type == mllm_family
     proc = AutoProcessor.from_pretrained(tiny_mllm_path)
-    assert type(proc).__name__ == "Qwen2_5_VLProcessor"
+    assert type(proc).__name__ == STOCK[mllm_family][0]
     model = AutoModelForImageTextToText.from_pretrained(tiny_mllm_path)
-    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(model).__name__ == STOCK[mllm_family][1]
     for t in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|image_pad|>"):
         assert proc.tokenizer.convert_tokens_to_ids(t) in proc.tokenizer.all_special_ids
     assert proc.tokenizer.convert_tokens_to_ids("<|image_pad|>") == cfg.image_token_id
     assert proc.chat_template and "<|im_start|>" in proc.chat_template
 
 
-def test_roundtrip_and_bov_added_once(tiny_mllm_path, tmp_path):
-    a = Qwen25VLAdapter.from_pretrained(str(tiny_mllm_path), add_bov=False)
+def test_roundtrip_and_bov_added_once(family, tmp_path):
+    tiny_mllm_path, adapter = family
+    a = adapter.from_pretrained(str(tiny_mllm_path), add_bov=False)
     n_tok = len(a.tokenizer)
     assert BOV_TOKEN not in a.tokenizer.get_vocab()
     emb_before = a.model.get_input_embeddings().weight.detach().clone()
@@ -60,7 +76,7 @@ def test_roundtrip_and_bov_added_once(tiny_mllm_path, tmp_path):
     assert len(a.tokenizer) == n_tok + 1
 
     a.save_pretrained(tmp_path / "saved")
-    b = Qwen25VLAdapter.from_pretrained(str(tmp_path / "saved"))
+    b = adapter.from_pretrained(str(tmp_path / "saved"))
     assert b.bov_token_id == bov and len(b.tokenizer) == n_tok + 1
     assert b.add_bov_token() is False
     sa, sb = a.model.state_dict(), b.model.state_dict()
@@ -71,8 +87,9 @@ def test_roundtrip_and_bov_added_once(tiny_mllm_path, tmp_path):
     assert ids[-1] == bov  # one special token, not split into characters
 
 
-def test_bov_resizes_embeddings_when_there_is_no_padding(tiny_mllm_path):
-    a = Qwen25VLAdapter.from_pretrained(str(tiny_mllm_path), add_bov=False)
+def test_bov_resizes_embeddings_when_there_is_no_padding(family):
+    tiny_mllm_path, adapter = family
+    a = adapter.from_pretrained(str(tiny_mllm_path), add_bov=False)
     n = len(a.tokenizer)
     a.model.resize_token_embeddings(n, mean_resizing=False)  # published 3B-style: rows == tokens
     old = a.model.get_input_embeddings().weight.detach().clone()
@@ -141,7 +158,7 @@ def test_selected_hidden_states_shapes_and_identity(mllm, images):
 
 def test_hidden_layer_out_of_range_names_the_key(mllm):
     with pytest.raises(ValueError, match="mllm.hidden_layers"):
-        Qwen25VLAdapter(mllm.model, mllm.processor, hidden_layers=[mllm.num_layers + 1])
+        type(mllm)(mllm.model, mllm.processor, hidden_layers=[mllm.num_layers + 1])
 
 
 def cached_run(mllm, r, images, position_ids=True):
@@ -161,7 +178,8 @@ def cached_run(mllm, r, images, position_ids=True):
         o = mllm.model(input_ids=ids[None, : bov + 1], pixel_values=r.pixel_values[:n_user], image_grid_thw=r.image_grid_thw[:1],
                        mm_token_type_ids=(ids[None, : bov + 1] == mllm.image_token_id).int(), past_key_values=s.cache, use_cache=True)
         v_ids, pv, grid = mllm.image_inputs(images["wide"])
-        o = mllm.model(input_ids=v_ids[None], pixel_values=pv, image_grid_thw=grid, past_key_values=o.past_key_values, use_cache=True)
+        o = mllm.model(input_ids=v_ids[None], pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=(v_ids[None] == mllm.image_token_id).int(),
+                       past_key_values=o.past_key_values, use_cache=True)
         rest = ids[None, bov + 1 + len(v_ids) :]
         mllm.model.model.rope_deltas = None
         o = mllm.model(input_ids=rest, past_key_values=o.past_key_values, use_cache=True, output_hidden_states=True)
@@ -251,17 +269,19 @@ def test_sampling_is_seeded(mllm):
     assert outs[0] == outs[1]
 
 
-def test_missing_checkpoint_folder_is_a_clear_error(tmp_path):
+def test_missing_checkpoint_folder_is_a_clear_error(family, tmp_path):
+    _, adapter = family
     with pytest.raises(CheckpointError, match="checkpoint folder not found: .*nope"):
-        Qwen25VLAdapter.from_pretrained(str(tmp_path / "nope"))
+        adapter.from_pretrained(str(tmp_path / "nope"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):
-        Qwen25VLAdapter.from_pretrained(str(tmp_path / "empty"))
+        adapter.from_pretrained(str(tmp_path / "empty"))
 
 
-def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
+def test_hub_id_offline_is_a_clear_error(family, monkeypatch, tmp_path):
+    _, adapter = family
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
     monkeypatch.chdir(tmp_path)
     with pytest.raises(CheckpointError, match="HF_HUB_OFFLINE"):
-        Qwen25VLAdapter.from_pretrained("Qwen/Qwen2.5-VL-7B-Instruct")
+        adapter.from_pretrained("Qwen/Qwen2.5-VL-7B-Instruct" if adapter.family == "Qwen2.5-VL" else "Qwen/Qwen3-VL-2B-Instruct")
