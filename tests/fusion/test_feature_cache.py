@@ -15,9 +15,11 @@ from fusion.model import FusedModel
 from tests.conftest import compose_config
 
 
-def build_model(tiny_dir, *extra):
-    cfg = compose_config([f"tiny_dir={tiny_dir}", "stage=align", "generator=tiny_wan", "connector=multilayer_concat",
-                          "stage.p_drop_cond=0", *extra])
+def build_model(tiny_dir, *extra, family="qwen2_5_vl"):
+    from tests.conftest import MLLM_FAMILIES
+
+    cfg = compose_config([f"tiny_dir={tiny_dir}", f"mllm={MLLM_FAMILIES[family][1]}", "stage=align", "generator=tiny_wan",
+                          "connector=multilayer_concat", "stage.p_drop_cond=0", *extra])
     torch.manual_seed(0)
     return FusedModel.build(cfg).eval(), cfg
 
@@ -28,8 +30,8 @@ def convs(tiny_dir):
 
 
 @pytest.fixture(scope="module")
-def cache(tiny_dir, convs, tmp_path_factory):
-    model, _ = build_model(tiny_dir)
+def cache(tiny_dir, convs, tmp_path_factory, mllm_family):
+    model, _ = build_model(tiny_dir, family=mllm_family)
     root = tmp_path_factory.mktemp("cache")
     path = fc.build(model, convs, root, "k1", {"test": 1}, "error", SkipReport(), progress=False, shard_samples=3)
     return fc.FeatureCache(path)
@@ -44,8 +46,8 @@ def cache(tiny_dir, convs, tmp_path_factory):
     ["stage.batching=none", "stage.p_drop_text=1.0", "stage.text_dropout_form=duogen"],
     ["stage.distill_steps=1", "stage.distill_target=aligned", "connector.refiner_layers=1"],  # reads the cached ids
 ])
-def test_cached_and_uncached_give_the_same_loss(tiny_dir, convs, cache, extra):
-    model, cfg = build_model(tiny_dir, *extra)
+def test_cached_and_uncached_give_the_same_loss(tiny_dir, convs, cache, extra, mllm_family):
+    model, cfg = build_model(tiny_dir, *extra, family=mllm_family)
     if cfg.stage.distill_steps:
         from backbones.generator.text_encoder import TextEncoder
 

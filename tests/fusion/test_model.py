@@ -16,8 +16,11 @@ CONNECTORS = ["last_mlp", "multilayer_concat", "layer_mix", "queries", "multisca
 GENERATORS = ["tiny_wan", "tiny_cosmos", "tiny_sana"]
 
 
-def build(tiny_dir, connector="last_mlp", generator="tiny_wan", stage="align", extra=()):
-    cfg = compose_config([f"tiny_dir={tiny_dir}", f"stage={stage}", f"generator={generator}", f"connector={connector}", *extra])
+def build(tiny_dir, connector="last_mlp", generator="tiny_wan", stage="align", extra=(), family="qwen2_5_vl"):
+    from tests.conftest import MLLM_FAMILIES
+
+    cfg = compose_config([f"tiny_dir={tiny_dir}", f"mllm={MLLM_FAMILIES[family][1]}", f"stage={stage}", f"generator={generator}",
+                          f"connector={connector}", *extra])
     return FusedModel.build(cfg), cfg
 
 
@@ -60,8 +63,8 @@ def test_connector_x_generator_trains_a_step(tiny_dir, convs, connector, generat
 
 
 @pytest.mark.parametrize("connector", ["queries", "multiscale_queries"])
-def test_query_connectors_train_only_their_own_embeddings_through_the_frozen_mllm(tiny_dir, convs, connector):
-    model, cfg = build(tiny_dir, connector, "tiny_sana", extra=["stage.p_drop_text=0", "stage.p_drop_cond=0"])
+def test_query_connectors_train_only_their_own_embeddings_through_the_frozen_mllm(tiny_dir, convs, connector, mllm_family):
+    model, cfg = build(tiny_dir, connector, "tiny_sana", extra=["stage.p_drop_text=0", "stage.p_drop_cond=0"], family=mllm_family)
     model.apply_trainable(cfg.stage)
     out = model.align_loss([model.prepare_align_sample(convs[1])], torch.Generator().manual_seed(0))
     out["loss"].backward()
@@ -94,8 +97,8 @@ def test_trainable_set_align_full_and_lora(tiny_dir, convs):
     assert any(n.endswith("to_q.lora_A.default.weight") for n in dit)
 
 
-def test_trainable_set_sft_full_lora_and_vision(tiny_dir, convs):
-    model, cfg = build(tiny_dir, "last_mlp", "tiny_wan", stage="sft")
+def test_trainable_set_sft_full_lora_and_vision(tiny_dir, convs, mllm_family):
+    model, cfg = build(tiny_dir, "last_mlp", "tiny_wan", stage="sft", family=mllm_family)
     model.apply_trainable(cfg.stage)
     trained = names(model.mllm.model)
     assert trained and not any(n.startswith("model.visual.") for n in trained)
@@ -106,7 +109,8 @@ def test_trainable_set_sft_full_lora_and_vision(tiny_dir, convs):
     assert all(p.grad is None for p in model.generator.transformer.parameters())
     assert model.mllm.model.lm_head.weight.grad is not None
 
-    model, cfg = build(tiny_dir, "last_mlp", "tiny_wan", stage="sft", extra=["stage.trainable.mllm=lora", "stage.trainable.vision_tower=true"])
+    model, cfg = build(tiny_dir, "last_mlp", "tiny_wan", stage="sft", extra=["stage.trainable.mllm=lora", "stage.trainable.vision_tower=true"],
+                       family=mllm_family)
     model.apply_trainable(cfg.stage)
     trained = names(model.mllm.model)
     lm = {n for n in trained if n.startswith("model.language_model.")}
@@ -179,9 +183,9 @@ def test_widths_that_cannot_fit_fail_before_training(tiny_dir):
     ("multiscale_queries", "tiny_sana", []),
     ("resampler", "tiny_wan", ["connector.layers=[1,-1]"]),
 ])
-def test_save_load_gives_identical_outputs(tiny_dir, convs, tmp_path, connector, generator, extra):
+def test_save_load_gives_identical_outputs(tiny_dir, convs, tmp_path, connector, generator, extra, mllm_family):
     torch.manual_seed(0)
-    model, cfg = build(tiny_dir, connector, generator, extra=["stage.p_drop_text=0", "stage.p_drop_cond=0", *extra])
+    model, cfg = build(tiny_dir, connector, generator, extra=["stage.p_drop_text=0", "stage.p_drop_cond=0", *extra], family=mllm_family)
     model.apply_trainable(cfg.stage)
     opt = torch.optim.AdamW(model.param_groups(cfg.stage), lr=1e-2)
     samples = [model.prepare_align_sample(c) for c in convs]

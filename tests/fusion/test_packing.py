@@ -87,12 +87,10 @@ def test_per_sample_loss_ignores_padding(mllm, rendered):
         assert torch.allclose(losses[i], own, atol=1e-5)
 
 
-def test_packed_gradients_match_per_sample(tiny_dir, rendered):
-    from backbones.mllm.qwen2_5_vl import Qwen25VLAdapter
-
+def test_packed_gradients_match_per_sample(tiny_dir, mllm, mllm_family, rendered):
     grads = {}
     for batching in ("none", "packed"):
-        m = FusedModel(Qwen25VLAdapter.from_pretrained(str(tiny_dir / "qwen2_5_vl")))
+        m = FusedModel(type(mllm).from_pretrained(str(tiny_dir / mllm_family)))
         m.sft_loss(rendered[:3], batching=batching)["loss"].backward()
         grads[batching] = m.mllm.model.lm_head.weight.grad.clone()
     assert torch.allclose(grads["none"], grads["packed"], atol=1e-5)
