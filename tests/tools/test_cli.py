@@ -13,11 +13,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run(tool, *overrides, cwd=None):
+def run(tool, *overrides, cwd=None, timeout=300):
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", HYDRA_FULL_ERROR="0")
     return subprocess.run(
         [sys.executable, str(REPO / "tools" / tool), *overrides],
-        cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=300,
+        cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout,
     )
 
 
@@ -56,11 +56,11 @@ def test_demo_runs_end_to_end(made, tmp_path):
     assert summary["images_in_cache"] == 1
 
 
-@pytest.mark.parametrize("generator, connector", [("tiny_wan", "last_mlp"), pytest.param("tiny_cosmos", "queries", marks=pytest.mark.slow),
-                                                   pytest.param("tiny_sana", "multiscale_queries", marks=pytest.mark.slow)])
-def test_demo_fused_step_with_each_generator_needs_no_code_change(made, tmp_path, generator, connector):
+@pytest.mark.parametrize("generator, connector, mllm", [("tiny_wan", "last_mlp", "tiny"), ("tiny_cosmos", "queries", "tiny_qwen3_vl"),
+                                                         pytest.param("tiny_sana", "multiscale_queries", "tiny", marks=pytest.mark.slow)])
+def test_demo_fused_step_with_each_generator_needs_no_code_change(made, tmp_path, generator, connector, mllm):
     out, _ = made
-    p = run("smoke.py", f"tiny_dir={out}", "max_new_tokens=2", "stage=align", f"generator={generator}", f"connector={connector}",
+    p = run("smoke.py", f"tiny_dir={out}", "max_new_tokens=2", "stage=align", f"mllm={mllm}", f"generator={generator}", f"connector={connector}",
             f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
     g = json.loads((tmp_path / "demo_summary.json").read_text())["fused"]
@@ -71,6 +71,18 @@ def test_demo_fused_step_with_each_generator_needs_no_code_change(made, tmp_path
     from fusion.model import FusedModel
 
     assert FusedModel.from_pretrained(g["saved"]).connector is not None
+
+
+@pytest.mark.slow
+def test_smoke_sweep_of_both_mllm_families_x_three_generators_x_two_connectors(made, tmp_path):
+    out, _ = made
+    p = run("smoke.py", "-m", f"tiny_dir={out}", "stage=align", "mllm=tiny,tiny_qwen3_vl", "generator=tiny_wan,tiny_cosmos,tiny_sana",
+            "connector=last_mlp,queries", "max_new_tokens=2", f"hydra.sweep.dir={tmp_path}", timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = sorted(tmp_path.glob("*/demo_summary.json"))
+    assert len(runs) == 12
+    for r in runs:
+        assert json.loads(r.read_text())["fused"]["loss"] > 0
 
 
 def test_demo_generator_without_connector_is_a_clear_error(made, tmp_path):

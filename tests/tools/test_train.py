@@ -223,6 +223,25 @@ def test_bad_data_error_stops_before_the_first_step(tiny, tiny_dir, tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+@pytest.mark.parametrize("mllm", [pytest.param("tiny", marks=pytest.mark.slow), "tiny_qwen3_vl"])  # tiny: the tests above, in detail
+def test_both_stages_train_and_export_for_each_mllm_family(tiny, tmp_path, mllm):
+    train(tiny, f"mllm={mllm}", "stage=sft", "stage.max_steps=2", "stage.save_every=0", f"hydra.run.dir={tmp_path / 'sft'}")
+    assert sorted(losses(tmp_path / "sft")) == [1, 2]
+    train(tiny, f"mllm={mllm}", "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={tmp_path / 'sft'}", "stage.max_steps=2",
+          "stage.save_every=0", "stage.gain_every=0", f"hydra.run.dir={tmp_path / 'align'}")
+    assert sorted(losses(tmp_path / "align")) == [1, 2]
+    manifest = json.loads((tmp_path / "align" / "final" / "unifuse.json").read_text())
+    from hydra.utils import get_class
+
+    from fusion.model import FusedModel
+    from tests.conftest import MLLM_FAMILIES
+
+    family = {v[1]: k for k, v in MLLM_FAMILIES.items()}[mllm]
+    model = FusedModel.from_pretrained(tmp_path / "align" / "final")
+    assert type(model.mllm) is get_class(MLLM_FAMILIES[family][0]) and manifest["parts"]["generator"]
+    assert json.loads((tmp_path / "align" / "final" / "mllm" / "config.json").read_text())["model_type"] == family
+
+
 def test_align_without_or_with_wrong_init_from_fails_early(tiny, tmp_path):
     p = train(tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"hydra.run.dir={tmp_path}", check=False)
     assert p.returncode == 2 and "stage=align needs init_from=" in p.stderr
