@@ -615,29 +615,18 @@ class MakeTinyConfig:
 
 
 @dataclass
-class GenerateConfig:
-    """``tools/generate.py``: one prompt or a scripted multi-turn chat with a saved fused model."""
+class ChatSettingsConfig:
+    """What a chat decodes and draws with (``fusion.generate.GenerationSettings``): shared by ``tools/generate.py`` and
+    ``tools/chat_ui.py``."""
 
     model: str = MISSING
-    """A fused-model folder written by save_pretrained (e.g. a run's final/)."""
-    prompt: str | None = None
-    """One user turn."""
-    image: Any = None
-    """Images attached to the prompt: image=a.png or image=[a.png,b.png]."""
-    max_image_pixels: int = 89_478_485
-    """Images (attached or in conversation=) whose header declares more pixels are refused before decoding."""
-    conversation: str | None = None
-    """A JSONL file; the user turns of one line are sent in order (assistant turns are ignored)."""
-    conversation_line: int = 1
-    """Which line of the conversation file to play."""
-    conversation_format: str = "unifuse"
-    """data.format of conversation=: unifuse, sharegpt or hf (then conversation_line is the row)."""
-    system: str | None = None
-    """System prompt (None: the chat template's default)."""
-    output_dir: str = "outputs/generate"
-    """Where PNGs and transcript.{md,html,json} go."""
+    """A fused-model folder written by save_pretrained (a run's final/): any generator family, any connector."""
     device: str = "cpu"
     """cpu, cuda, cuda:1 ..."""
+    system: str | None = None
+    """System prompt (None: the chat template's default)."""
+    max_image_pixels: int = 89_478_485
+    """Images whose header declares more pixels are refused before decoding (image_too_large)."""
     max_new_tokens: int = 256
     """Text tokens per assistant turn."""
     max_images_per_turn: int = 4
@@ -651,7 +640,33 @@ class GenerateConfig:
     negative: str = "auto"
     """Text-guidance negative: auto (what stage 2 trained with, from the model's manifest; null if unknown), duogen (the prefix up to the last image) or null (zeros). A choice other than the trained one is kept, with a warning."""
     seed: int = 0
-    """Seed of the images (and of text sampling)."""
+    """Seed of the images (image i: seed + i) and of text sampling."""
+
+    def __post_init__(self) -> None:
+        if self.negative not in ("auto", "duogen", "null"):
+            raise ConfigError(f"negative must be auto, duogen or null, got {self.negative!r}")
+        if self.steps <= 0 or self.max_new_tokens <= 0 or self.max_images_per_turn < 0:
+            raise ConfigError("steps and max_new_tokens must be positive, max_images_per_turn >= 0")
+        if self.max_image_pixels < 1:
+            raise ConfigError(f"max_image_pixels must be positive, got {self.max_image_pixels}")
+
+
+@dataclass
+class GenerateConfig(ChatSettingsConfig):
+    """``tools/generate.py``: one prompt or a scripted multi-turn chat with a saved fused model."""
+
+    prompt: str | None = None
+    """One user turn."""
+    image: Any = None
+    """Images attached to the prompt: image=a.png or image=[a.png,b.png]."""
+    conversation: str | None = None
+    """A JSONL file; the user turns of one line are sent in order (assistant turns are ignored)."""
+    conversation_line: int = 1
+    """Which line of the conversation file to play."""
+    conversation_format: str = "unifuse"
+    """data.format of conversation=: unifuse, sharegpt or hf (then conversation_line is the row)."""
+    output_dir: str = "outputs/generate"
+    """Where PNGs and transcript.{md,html,json} go."""
     temperature: float = 0.0
     """0: greedy."""
     top_p: float = 1.0
@@ -662,20 +677,16 @@ class GenerateConfig:
     """Image width (None: the generator's image_size)."""
 
     def __post_init__(self) -> None:
-        if self.negative not in ("auto", "duogen", "null"):
-            raise ConfigError(f"negative must be auto, duogen or null, got {self.negative!r}")
-        if self.steps <= 0 or self.max_new_tokens <= 0 or self.max_images_per_turn < 0:
-            raise ConfigError("steps and max_new_tokens must be positive, max_images_per_turn >= 0")
+        super().__post_init__()
         if self.conversation_format not in ("unifuse", "sharegpt", "hf"):
             raise ConfigError(f"conversation_format must be unifuse, sharegpt or hf, got {self.conversation_format!r}")
 
 
 @dataclass
-class ChatUIConfig:
-    """``tools/chat_ui.py``: a Gradio web chat over a saved fused model (``fusion/chat_ui.py``)."""
+class ChatUIConfig(ChatSettingsConfig):
+    """``tools/chat_ui.py``: a Gradio web chat over a saved fused model (``fusion/chat_ui.py``); the sampling fields are the
+    settings panel's starting values."""
 
-    model: str = MISSING
-    """A fused-model folder written by save_pretrained (a run's final/): any generator family, any connector."""
     host: str = "127.0.0.1"
     """Address to bind (127.0.0.1: this machine only; 0.0.0.0: every interface, put auth= in front)."""
     port: int = 7860
@@ -684,50 +695,27 @@ class ChatUIConfig:
     """Gradio's public share link: sends the page's traffic through Gradio's public relay (off by default)."""
     auth: str | None = None
     """Login: "user:password", or a file of user:password lines (None: no login)."""
-    device: str = "cpu"
-    """cpu, cuda, cuda:1 ..."""
     concurrency: int = 1
     """Requests answered at once (Gradio's queue and the model share this): 1 on a CPU, more on a GPU with memory to spare."""
-    system: str | None = None
-    """System prompt (None: the chat template's default)."""
-    max_image_pixels: int = 89_478_485
-    """Uploads whose header declares more pixels are refused before decoding (image_too_large)."""
     max_upload_mb: float = 50.0
     """Uploads larger than this are refused by the server."""
     output_dir: str = "outputs/chat_ui"
-    """Each session's images and transcript go to <output_dir>/session-<time>-<id>/."""
+    """Each session's images and transcript go to <output_dir>/sessions/session-<time>-<id>/."""
     examples: str = "auto"
     """auto (the toy world's example prompts for a toy-world model, none otherwise), toy or none."""
-    steps: int = 20
-    """DiT sampler steps (the settings panel starts here)."""
-    guidance: float = 3.0
-    """Text guidance scale."""
-    image_guidance: float = 1.0
-    """Condition-frame guidance scale (1: off)."""
-    negative: str = "auto"
-    """Text-guidance negative: auto (what stage 2 trained with), duogen or null."""
-    seed: int = 0
-    """Seed of the images (image i: seed + i)."""
-    max_images_per_turn: int = 4
-    """Images per assistant turn."""
-    max_new_tokens: int = 256
-    """Text tokens per assistant turn."""
     force_image_at: int | None = None
     """Testing: force <|bov|> at this decode step of every assistant turn, the end of turn two steps later (tiny models never emit it)."""
 
     def __post_init__(self) -> None:
-        if self.negative not in ("auto", "duogen", "null"):
-            raise ConfigError(f"negative must be auto, duogen or null, got {self.negative!r}")
-        if self.steps <= 0 or self.max_new_tokens <= 0 or self.max_images_per_turn < 0:
-            raise ConfigError("steps and max_new_tokens must be positive, max_images_per_turn >= 0")
+        super().__post_init__()
         if self.concurrency < 1:
             raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be 0..65535, got {self.port}")
         if self.examples not in ("auto", "toy", "none"):
             raise ConfigError(f"examples must be auto, toy or none, got {self.examples!r}")
-        if self.max_image_pixels < 1 or self.max_upload_mb <= 0:
-            raise ConfigError("max_image_pixels and max_upload_mb must be positive")
+        if self.max_upload_mb <= 0:
+            raise ConfigError(f"max_upload_mb must be positive, got {self.max_upload_mb}")
 
 
 @dataclass

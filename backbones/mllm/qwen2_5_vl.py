@@ -224,24 +224,26 @@ class Qwen25VLAdapter(MLLMAdapter):
         return self.model.config.image_token_id
 
     # ------------------------------------------------------------------ rendering
-    def _template_messages(self, conv: Conversation) -> list[dict[str, Any]]:
-        """Messages for the chat template: ``<|bov|>`` before assistant images, pixel bounds on images."""
+    #: write assistant images as literal vision-span text (for a chat template that renders only the text of assistant turns)
+    assistant_images_as_text = False
+
+    def _template_messages(self, conv: Conversation, for_vision: bool = False) -> list[dict[str, Any]]:
+        """Messages for the chat template: ``<|bov|>`` before assistant images, pixel bounds on images. ``for_vision``: the
+        messages ``qwen-vl-utils`` reads the images from (every image an image item, in conversation order)."""
         out = []
         for m in conv.messages:
             items = []
             for item in m["content"]:
-                if item["type"] == "image":
+                if item["type"] != "image":
+                    items.append(item)
+                elif m["role"] == "assistant" and self.assistant_images_as_text and not for_vision:
+                    items.append({"type": "text", "text": BOV_TOKEN + "<|vision_start|><|image_pad|><|vision_end|>"})
+                else:
                     if m["role"] == "assistant":
                         items.append({"type": "text", "text": BOV_TOKEN})
                     items.append({"type": "image", "image": item["image"], "min_pixels": self.min_pixels, "max_pixels": self.max_pixels})
-                else:
-                    items.append(item)
             out.append({"role": m["role"], "content": items})
         return out
-
-    def _vision_messages(self, conv: Conversation) -> list[dict[str, Any]]:
-        """Messages ``qwen-vl-utils`` reads the images (in order, with the pixel bounds) from."""
-        return self._template_messages(conv)
 
     def render(
         self, conversation: Conversation | dict | list, add_generation_prompt: bool = False, check_length: bool = True
@@ -256,7 +258,7 @@ class Qwen25VLAdapter(MLLMAdapter):
         messages = self._template_messages(conv)
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
         patch = self.model.config.vision_config.patch_size
-        images, _ = process_vision_info(self._vision_messages(conv), image_patch_size=patch)[:2]
+        images, _ = process_vision_info(self._template_messages(conv, for_vision=True), image_patch_size=patch)[:2]
         enc = self.processor(text=[text], images=images, return_tensors="pt")
         ids = enc["input_ids"]
         if check_length and ids.shape[1] > self.max_length:

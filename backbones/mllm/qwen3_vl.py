@@ -34,13 +34,10 @@ from typing import Any
 
 import torch
 
-from backbones.mllm.base import BOV_TOKEN
 from backbones.mllm.qwen2_5_vl import Qwen25VLAdapter
-from fusion.data import Conversation
 
 #: the published Qwen3-VL preprocessor_config.json bounds (64 and 16384 tokens of 32 x 32 pixels)
 PUBLISHED_PIXELS = {"shortest_edge": 65536, "longest_edge": 16777216}
-VISION_SPAN = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 class Qwen3VLAdapter(Qwen25VLAdapter):
@@ -48,30 +45,13 @@ class Qwen3VLAdapter(Qwen25VLAdapter):
 
     published_pixels = PUBLISHED_PIXELS
     family = "Qwen3-VL"
+    assistant_images_as_text = True  # the published Instruct template renders only the text of assistant turns
 
     @classmethod
     def hf_classes(cls) -> tuple[type, type]:
         from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
         return Qwen3VLConfig, Qwen3VLForConditionalGeneration
-
-    def _template_messages(self, conv: Conversation) -> list[dict[str, Any]]:
-        """Assistant images as literal vision-span text (the published template drops assistant image items)."""
-        out = []
-        for m in conv.messages:
-            items = []
-            for item in m["content"]:
-                if item["type"] == "image" and m["role"] == "assistant":
-                    items.append({"type": "text", "text": BOV_TOKEN + VISION_SPAN})
-                elif item["type"] == "image":
-                    items.append({"type": "image", "image": item["image"], "min_pixels": self.min_pixels, "max_pixels": self.max_pixels})
-                else:
-                    items.append(item)
-            out.append({"role": m["role"], "content": items})
-        return out
-
-    def _vision_messages(self, conv: Conversation) -> list[dict[str, Any]]:
-        return super()._template_messages(conv)  # every image as an image item, in conversation order
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 mm_token_type_ids=None, labels=None, position_ids=None, past_key_values=None, use_cache: bool = False,
