@@ -161,7 +161,7 @@ class WebSession:
             k = sum(1 for s in self.chat.segments[: self.chat.segments.index(seg) + 1] if s.kind == "image" and s.turn == seg.turn
                     and s.role == seg.role)
             path = self.dir / f"turn{seg.turn:02d}_{seg.role}_{k}.png"
-            seg.image.save(path)
+            display_copy(seg.image).save(path)  # what the page shows; the transcript and downloads keep the image as drawn
             self._saved[key] = str(path)
         return self._saved[key]
 
@@ -237,7 +237,6 @@ def is_toy_world_model(manifest: dict) -> bool:
 CSS = """
 #status {min-height: 1.5em; padding: 0 .5em}
 #status .error {color: #b00020; font-weight: 600}
-#history img {image-rendering: pixelated; min-width: 160px}
 """
 
 
@@ -334,7 +333,7 @@ def build(app: ChatApp):
     with gr.Blocks(title="unifuse chat") as page:
         gr.Markdown(f"### unifuse: interleaved chat with `{html.escape(str(app.model_path))}`")
         state = gr.State(None, delete_callback=lambda s: s.close() if s is not None else None)  # also when it expires
-        bot = gr.Chatbot(label="conversation", elem_id="history", height=520, group_consecutive_messages=False)
+        bot = gr.Chatbot(label="conversation", elem_id="history", height=640, group_consecutive_messages=False)
         status = gr.HTML(status_html("ready"), elem_id="status")
         box = gr.MultimodalTextbox(placeholder="Type a message; drop or attach images", file_count="multiple", elem_id="message",
                                    show_label=False, submit_btn=True)
@@ -359,6 +358,18 @@ def build(app: ChatApp):
         page.unload(closed)
     page.queue(default_concurrency_limit=app.concurrency)
     return page
+
+
+DISPLAY_SIDE = 256
+
+
+def display_copy(image):
+    """An image small enough to be a blur when the browser scales it (a 64 px toy image) enlarged with sharp pixels to
+    about ``DISPLAY_SIDE``; larger images as they are."""
+    from PIL import Image
+
+    k = DISPLAY_SIDE // max(1, min(image.size))
+    return image.resize((image.width * k, image.height * k), Image.NEAREST) if k > 1 else image
 
 
 def worker_running(sess: WebSession) -> bool:
