@@ -70,7 +70,9 @@ MLLM_FAMILIES = {
 }
 
 
-@pytest.fixture(scope="session", params=list(MLLM_FAMILIES))
+#: the families after the first run their per-family tests in the slow tier (the fast tier keeps `make test` under 15 minutes);
+#: the fast tier still trains both stages and runs a fused smoke step on each (tests/tools)
+@pytest.fixture(scope="session", params=[name if i == 0 else pytest.param(name, marks=pytest.mark.slow) for i, name in enumerate(MLLM_FAMILIES)])
 def mllm_family(request) -> str:
     return request.param
 

@@ -177,6 +177,7 @@ def _validate(*overrides):
                           text=True, timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
 
 
+@pytest.mark.slow  # the CLI end to end; every kind is checked through validate_file in tests/fusion/test_data_intake.py
 def test_validate_data_reports_every_kind(root, tiny_dir, tmp_path):
     Image.new("RGB", (1000, 3)).save(root / "images" / "thin.png")
     good = {"messages": [{"role": "user", "content": [{"type": "text", "text": "Draw a red square."}]},

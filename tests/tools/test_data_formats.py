@@ -99,6 +99,7 @@ def test_a_bad_parquet_row_is_named_by_its_row(tmp_path):
     assert report.counts == {"schema": 1} and report.examples[0].startswith(f"{tmp_path / 'x.parquet'}:2: 1 <image>")
 
 
+@pytest.mark.slow  # three stage-1 runs (~1 min); the conversions themselves are checked in the fast tier above
 def test_convert_then_train_gives_the_same_losses(tiny_dir, data, tmp_path):
     tiny = f"tiny_dir={tiny_dir}"
     import subprocess

@@ -197,7 +197,7 @@ def test_bad_data_skip_finishes_and_counts_each_kind(tiny, tiny_dir, tmp_path):
     assert "skipped 10 samples" in (tmp_path / "run" / "train.log").read_text()
 
 
-@pytest.mark.parametrize("cache", ["off", "auto"])
+@pytest.mark.parametrize("cache", [pytest.param("off", marks=pytest.mark.slow), "auto"])  # off: the stage-1 path, tested above
 def test_stage2_bad_data_skip_counts_each_kind_with_and_without_the_cache(tiny, tiny_dir, sft_run, tmp_path, cache):
     data = write_bad_data(tiny_dir, tmp_path / "data")
     run = tmp_path / "run"
