@@ -209,14 +209,29 @@ def bad_conversations(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("line, needle", [
+BAD_LINES = [
     (2, ":2: line is not valid UTF-8"),
     (3, ":3: messages[0].content[0].text holds a code point UTF-8 cannot encode"),
     (4, ":4: key 'messages' appears twice"),
     (5, ':5: messages[0].content[0] has no "type"'),
-    (6, "image is 128x128 = 16,384 pixels, above data.max_image_pixels=10,000"),
-])
-def test_generate_refuses_each_bad_conversation_line_by_name(fused_dir, bad_conversations, tmp_path, line, needle):
+]
+
+
+def test_generate_reads_only_its_line_and_names_that_lines_fault(bad_conversations):
+    sys.path.insert(0, str(REPO / "tools"))
+    from generate import user_turns
+
+    from fusion.errors import DataError
+
+    assert user_turns(str(bad_conversations), 1) == [("Draw a red circle at the top left.", [])]  # bad lines elsewhere are not read as it
+    for line, needle in BAD_LINES:
+        with pytest.raises(DataError) as e:
+            user_turns(str(bad_conversations), line)
+        assert needle in str(e.value) and str(bad_conversations) in str(e.value)
+
+
+@pytest.mark.parametrize("line, needle", [BAD_LINES[0], (6, "image is 128x128 = 16,384 pixels, above data.max_image_pixels=10,000")])
+def test_generate_refuses_a_bad_conversation_line_by_name(fused_dir, bad_conversations, tmp_path, line, needle):
     out = tmp_path / "out"
     p = run("generate.py", f"model={fused_dir}", f"conversation={bad_conversations}", f"conversation_line={line}", "max_image_pixels=10000",
             "steps=2", "max_new_tokens=4", f"hydra.run.dir={out}")
@@ -265,6 +280,7 @@ def test_bench_training_sections_reduced(made, tmp_path):
     assert "feature cache" in md and "fusion overhead" in md and "packed sequences" in md
 
 
+@pytest.mark.slow  # the reduced demo (slow tier) runs make_toy too
 def test_make_toy_writes_three_splits(tmp_path):
     args = ["make_toy.py", f"out_dir={tmp_path}", "n_train=12", "n_val=6", "n_test=6", "vae_steps=3", "vae_channels=[8,8,8]",
             "mllm_steps=0", "dit_steps=0", f"hydra.run.dir={tmp_path}/h"]

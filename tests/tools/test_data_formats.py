@@ -206,7 +206,13 @@ def test_streaming_trains_skips_bad_rows_and_resumes_exactly(tiny_dir, stream_da
     again = losses(run)
     assert again == full, (again, full)
     assert "resumed from" in (run / "train.log").read_text()
-    bad = train(*common[:-1], "data.on_error=error", f"hydra.run.dir={tmp_path / 'strict'}", check=False)
+
+
+@pytest.mark.slow
+def test_streaming_error_policy_and_cache_refusal(tiny_dir, stream_data, tmp_path):
+    common = [f"tiny_dir={tiny_dir}", "stage=sft", "stage.max_steps=6", "stage.micro_batch_size=2", f"data.path={stream_data}", "data.format=hf",
+              "data.streaming=true", "data.shuffle_buffer=4"]  # the bad row 7 comes within the 12 samples of 6 steps
+    bad = train(*common, "data.on_error=error", f"hydra.run.dir={tmp_path / 'strict'}", check=False)
     assert bad.returncode == 2 and f"{stream_data}:7: " in bad.stderr and "Traceback" not in bad.stderr
     cached = train(*common[:1], "stage=align", "generator=tiny_wan", "connector=last_mlp", "init_from=base", *common[2:], "cache=auto",
                    f"hydra.run.dir={tmp_path / 'cached'}", check=False)

@@ -36,6 +36,7 @@ def demo(tmp_path_factory):
     return root, p
 
 
+@pytest.mark.slow  # the reduced demo end to end (~75 s with the next test); its phases are tested one by one in the fast tier
 def test_demo_writes_a_report_with_every_metric(demo):
     root, p = demo
     report = json.loads((root / "out" / "report.json").read_text())
@@ -53,6 +54,7 @@ def test_demo_writes_a_report_with_every_metric(demo):
     assert (root / "out" / "align" / "final" / "unifuse.json").is_file()
 
 
+@pytest.mark.slow
 def test_demo_reuses_the_cached_world_and_backbones(demo):
     root, _ = demo
     stamps = {part: (root / "toy" / part / "pretrain.json").stat().st_mtime for part in ("vae", "qwen2_5_vl", "wan")}
