@@ -26,7 +26,6 @@ import shutil
 import threading
 import time
 import uuid
-from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,17 +44,8 @@ class Cancelled(Exception):
     """Raised inside a running ``Chat.send`` when its page was closed or cleared."""
 
 
-@dataclass
-class UISettings:
-    """What the settings panel controls (a subset of :class:`GenerationSettings`)."""
-
-    steps: int = 20
-    guidance: float = 3.0
-    image_guidance: float = 1.0
-    seed: int = 0
-    negative: str = "auto"
-    max_images_per_turn: int = 4
-    max_new_tokens: int = 256
+#: the :class:`GenerationSettings` fields the settings panel controls, in the panel's order
+PANEL = ("steps", "guidance", "image_guidance", "seed", "negative", "max_images_per_turn", "max_new_tokens")
 
 
 class WebSession:
@@ -93,10 +83,11 @@ class WebSession:
         self._saved.clear()
 
     # ------------------------------------------------------------------ one message
-    def apply(self, ui: UISettings) -> None:
+    def apply(self, **values: Any) -> None:
+        """Set panel settings (names from :data:`PANEL`) for the next message."""
         s = self.chat.settings
-        for f in fields(UISettings):
-            setattr(s, f.name, getattr(ui, f.name))
+        for name, value in values.items():
+            setattr(s, name, value)
         self.chat.negative = resolve_negative(s.negative, self.chat.model.trained_negative)
 
     def send(self, text: str, files: list[str], events: queue.Queue) -> None:
@@ -190,7 +181,7 @@ class WebSession:
         folder = self.dir / "transcript"
         if folder.exists():
             shutil.rmtree(folder)
-        meta = {"model": str(self.app.model_path), "settings": {f.name: getattr(self.chat.settings, f.name) for f in fields(UISettings)},
+        meta = {"model": str(self.app.model_path), "settings": {name: getattr(self.chat.settings, name) for name in PANEL},
                 "negative": self.chat.negative}
         write_transcript(self.chat.segments, folder, title="unifuse web chat", meta=meta)
         return [str(folder / "transcript.html"), str(folder / "transcript.json")] + sorted(str(p) for p in folder.glob("*.png"))
@@ -267,7 +258,8 @@ def build(app: ChatApp):
         finished = False
         try:
             sess.cancelled.clear()
-            sess.apply(UISettings(int(steps), float(guidance), float(image_guidance), int(seed or 0), negative, int(max_images), int(max_tokens)))
+            sess.apply(steps=int(steps), guidance=float(guidance), image_guidance=float(image_guidance), seed=int(seed or 0), negative=negative,
+                       max_images_per_turn=int(max_images), max_new_tokens=int(max_tokens))
             events: queue.Queue = queue.Queue()
             worker = threading.Thread(target=sess.send, args=(text, files, events), daemon=True, name=f"chat-{sess.id}")
             pending = {"text": text, "files": files}
@@ -313,7 +305,7 @@ def build(app: ChatApp):
             if not finished:
                 sess.cancelled.set()
             sess.busy.release()
-            if sess.closed and not worker_running(sess):
+            if sess.closed:  # a worker still running holds its own reference to the chat
                 sess._free()
 
     def clear(state, request: gr.Request):
@@ -370,10 +362,6 @@ def display_copy(image):
 
     k = DISPLAY_SIDE // max(1, min(image.size))
     return image.resize((image.width * k, image.height * k), Image.NEAREST) if k > 1 else image
-
-
-def worker_running(sess: WebSession) -> bool:
-    return any(t.name == f"chat-{sess.id}" and t.is_alive() for t in threading.enumerate())
 
 
 def status_html(text: str, error: bool = False) -> str:

@@ -115,15 +115,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         return len(self.convs)
 
     def __getitem__(self, i: int) -> Conversation | DataError:
-        if not self.decode:
-            return self.convs[i]
-        try:
-            return load_images(self.convs[i])
-        except DataError as e:  # reported by the main process under the run's policy
-            return e
-        except Exception as e:  # noqa: BLE001 - anything else a sample triggers is reported the same way, never a dead worker
-            c = self.convs[i]
-            return DataError(f"could not load the sample ({type(e).__name__}: {e})", c.source, c.line, kind="load_failed")
+        return decode_sample(self.convs[i]) if self.decode else self.convs[i]
 
 
 class SeededSampler(torch.utils.data.Sampler):
@@ -142,6 +134,17 @@ class SeededSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.indices(self.epoch)) - self.start
+
+
+def decode_sample(conv: Conversation) -> Conversation | DataError:
+    """A conversation with its images decoded, or the DataError it raises (reported by the main process under the run's
+    policy; anything else a sample triggers becomes ``load_failed``, never a dead loader worker)."""
+    try:
+        return load_images(conv)
+    except DataError as e:
+        return e
+    except Exception as e:  # noqa: BLE001
+        return DataError(f"could not load the sample ({type(e).__name__}: {e})", conv.source, conv.line, kind="load_failed")
 
 
 class StreamingConversations(torch.utils.data.IterableDataset):
@@ -167,10 +170,7 @@ class StreamingConversations(torch.utils.data.IterableDataset):
                 if k % self.world == self.rank)
         rng = random.Random((d.seed * 100_003 + self.epoch) * 1_009 + self.rank)
         for item in itertools.islice(shuffled(mine, d.shuffle_buffer, rng), self.start, None):
-            if isinstance(item, DataError):
-                yield item
-            else:
-                yield ConversationDataset([item])[0]
+            yield item if isinstance(item, DataError) else decode_sample(item)
 
 
 def collate(items):
@@ -289,6 +289,7 @@ class Trainer:
         self.report = SkipReport()
         self.cache = None  # a FeatureCache when stage 2 trains from cached features
         self.cache_info: dict[str, Any] = {}
+        self._batch_this_epoch = False  # whether the current epoch has given a usable micro-batch (_next_batch)
 
     # -- setup ---------------------------------------------------------------------
     def _setup_distributed(self) -> None:
@@ -768,7 +769,7 @@ class Trainer:
             try:
                 items = next(it)
             except StopIteration:
-                empty_epochs = empty_epochs + 1 if not getattr(self, "_batch_this_epoch", False) else 0
+                empty_epochs = 0 if self._batch_this_epoch else empty_epochs + 1
                 if empty_epochs >= 2:
                     raise DataError(f"rank {self.rank}: a whole epoch of data gave no usable sample for stage {self.cfg.stage.name} "
                                     f"({self.report.summary()})", self.cfg.data.path) from None

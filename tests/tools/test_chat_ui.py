@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 import queue
 import shutil
 import socket
@@ -17,17 +16,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.tools.test_train import env
+
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 needs_browser = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="browser tests need Debian's chromium and chromium-driver "
                                                                        "(apt-get install -y chromium chromium-driver; .ci/run does it)")
-
-
-def env() -> dict:
-    e = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", HYDRA_FULL_ERROR="0", GRADIO_ANALYTICS_ENABLED="False")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        e.pop(k, None)
-    return e
 
 
 def ui(*overrides, timeout=300):
@@ -261,7 +255,7 @@ def test_bad_input_in_the_page_is_one_line_and_the_server_goes_on(server, tmp_pa
 def test_a_closed_session_cancels_its_request_and_the_shared_model_serves_the_next(fused, tmp_path):
     """What the page's close does (Gradio deletes the session's state and calls WebSession.close): the running request
     stops at its next sampler step, its model slot is released, another session is answered, histories stay apart."""
-    from fusion.chat_ui import ChatApp, UISettings, WebSession
+    from fusion.chat_ui import ChatApp, WebSession
     from fusion.model import FusedModel
 
     model = FusedModel.from_pretrained(fused / "fused")
@@ -269,7 +263,7 @@ def test_a_closed_session_cancels_its_request_and_the_shared_model_serves_the_ne
                 "max_new_tokens": 16}
     app = ChatApp(model, str(fused / "fused"), tmp_path, defaults, force_image_at=1)
     first = WebSession(app)
-    first.apply(UISettings(steps=10_000))
+    first.apply(steps=10_000)
     events: queue.Queue = queue.Queue()
     worker = threading.Thread(target=first.send, args=("Draw a red circle at the top left.", [], events))
     worker.start()
@@ -285,7 +279,7 @@ def test_a_closed_session_cancels_its_request_and_the_shared_model_serves_the_ne
     assert max(v[0] for k, v in seen if k == "progress") < 10_000
 
     second = WebSession(app)
-    second.apply(UISettings(steps=2))
+    second.apply(steps=2)
     done: queue.Queue = queue.Queue()
     t = threading.Thread(target=second.send, args=("Draw a red circle at the top left.", [], done))
     t.start()
