@@ -266,6 +266,7 @@ def build(app: ChatApp):
             yield sess.history(pending), status_html("waiting for the model" if app.concurrency == 1 else "thinking"), \
                 {"text": "", "files": []}, gr.update(), sess
             streamed, n0, drawing = "", len(sess.chat.segments), None
+            t0 = time.monotonic()
             worker.start()
             while True:
                 try:
@@ -299,7 +300,9 @@ def build(app: ChatApp):
             sess.files = sess.write_transcript()
             n_img = sum(1 for s in sess.chat.segments if s.turn == sess.chat.turn and s.role == "assistant" and s.kind == "image")
             finished = True
-            yield sess.history(), status_html(f"turn {sess.chat.turn} done: {n_img} image(s) drawn"), gr.update(), \
+            took = time.monotonic() - t0
+            log.info("session %s: turn %d answered in %.1f s (%d image(s) drawn)", sess.id, sess.chat.turn, took, n_img)
+            yield sess.history(), status_html(f"turn {sess.chat.turn} done: {n_img} image(s) drawn in {took:.1f} s"), gr.update(), \
                 gr.update(value=sess.files), sess
         finally:  # also when Gradio drops this generator because the page went away: the request stops too
             if not finished:
