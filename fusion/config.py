@@ -365,6 +365,8 @@ class StageConfig:
     """sft: merge an MLLM LoRA into its weights in the final export (stage 2 reads plain weights)."""
     batching: str = "packed"
     """How the MLLM sees a micro-batch: packed (samples end to end, block-diagonal attention, almost no padding), padded (one right-padded row per sample) or none (one forward per sample); the loss is the same. align (uncached): packed runs the frozen MLLM once over all contexts, else once per context."""
+    dit_batching: str = "grouped"
+    """align: how the DiT sees a micro-batch: grouped (one forward/backward per group of samples sharing a target size and number of condition frames, texts of different lengths padded and masked) or none (one forward per sample); the loss is the same."""
     pack_length: int | None = None
     """Tokens per packed row (None: the longest sample of the micro-batch, so a row is never longer than a padded one; measured fastest here)."""
     gradient_checkpointing: list[str] = field(default_factory=list)
@@ -407,6 +409,8 @@ class StageConfig:
             raise ConfigError(f"stage.lr_scale has unknown parts {sorted(unknown)}; use mllm, vision_tower, connector, generator")
         if self.batching not in ("packed", "padded", "none"):
             raise ConfigError(f"stage.batching must be packed, padded or none, got {self.batching!r}")
+        if self.dit_batching not in ("grouped", "none"):
+            raise ConfigError(f"stage.dit_batching must be grouped or none, got {self.dit_batching!r}")
         if self.pack_length is not None and self.pack_length <= 0:
             raise ConfigError(f"stage.pack_length must be positive, got {self.pack_length}")
         bad = set(self.gradient_checkpointing) - {"mllm", "vision_tower", "generator"}

@@ -24,6 +24,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -32,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from backbones.generator.base import DiTRow
 from backbones.mllm.base import RenderedConversation
 from fusion.data import Conversation, load_images
 from fusion.errors import CheckpointError, ConfigError, DataError
@@ -362,8 +364,6 @@ class FusedModel(nn.Module):
         (:mod:`fusion.packing`: no attention across samples, each sample's own positions);
         returns the samples with ``ctx_hidden`` set. The DuoGen negative is a prefix of the
         same states, so it costs no second forward."""
-        from types import SimpleNamespace
-
         from fusion.packing import collate
 
         todo = [i for i, smp in enumerate(samples) if smp.ctx_hidden is None]
@@ -476,55 +476,71 @@ class FusedModel(nn.Module):
 
     def align_loss(self, samples: list[AlignSample], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Stage-2 loss averaged over samples: flow matching on the target (+ alignment loss)
-        (+ distillation onto the generator's own text encoder, ``stage.distill_*``)."""
+        (+ distillation onto the generator's own text encoder, ``stage.distill_*``).
+
+        Each sample draws its own dropout, ``t`` and noise, in sample order (the same numbers
+        whatever the batching). The DiT then runs once per group of samples that share a shape
+        (``stage.dit_batching=grouped``: target size and condition frames; texts of different
+        lengths padded and masked, :meth:`~backbones.generator.base.FlowGenerator.batched_velocity`)
+        or once per sample (``none``); the loss is the mean of each sample's own loss either way.
+        """
         s = self.settings
         gen, dev = self.generator, self.generator.device
-        flows, aligns, distills, drops = [], [], [], torch.zeros(2)
+        distills, drops = [], torch.zeros(2)
         w_flow, w_distill = self.distill_phase() if self.teacher is not None else (1.0, 0.0)
         if w_distill > 0 and self.teacher is None:
             raise ConfigError("stage.distill_steps / distill_weight need the generator's text encoder (FusedModel.set_teacher)")
         distill_target = s.get("distill_target", "velocity")
         if s.get("batching", "packed") == "packed" and not getattr(self.connector, "uses_queries", False):
             samples = self.packed_context_states(samples)
+        align_w = getattr(self.connector, "align_weight", 0.0)
         # a warm-up on the states alone (flow weight 0, no alignment loss) needs no DiT pass: only the connector trains
-        states_only = w_flow == 0 and distill_target in ("states", "set", "aligned") and not getattr(self.connector, "align_weight", 0.0)
+        states_only = w_flow == 0 and distill_target in ("states", "set", "aligned") and not align_w
+        plans = []
         for sample in samples:
             states, mask, query_hidden = self.sample_states(sample)
             drop_text, drop_cond = self.draw_dropout(generator)
             drops += torch.tensor([drop_text, drop_cond], dtype=torch.float)
             if drop_text:
                 states, mask = self.negative_states(sample, states, mask)
-            cond = None if (drop_cond or sample.cond is None) else sample.cond[None].to(dev)
             target = sample.target[None].to(dev)
             t = sample_t(1, s.get("timestep_sampling", "logit_normal"), generator, dev,
                          s.get("logit_mean", 0.0), s.get("logit_std", 1.0), s.get("time_shift", 1.0))
             noise = torch.randn(target.shape, generator=generator).to(dev)
-            align_w = getattr(self.connector, "align_weight", 0.0)
-            x_t = add_noise(target, noise, t)
-            store = None
-            if not states_only:
-                with gen.capture_block(self.connector.align_layer) if align_w > 0 and query_hidden is not None else contextlib.nullcontext() as store:
-                    v = gen.velocity(x_t, t, cond, states.to(gen.dtype), mask)
-                flows.append(nn.functional.mse_loss(v.float(), target_velocity(target, noise).float()))
-            if store is not None:
-                aligns.append(self.connector.alignment_loss(store["grid"], query_hidden))
-            if w_distill > 0 and not drop_text and sample.request:
-                t_states, t_mask = self._teacher_states(sample.request)
+            plans.append(SimpleNamespace(sample=sample, states=states, mask=mask, query_hidden=query_hidden, drop_text=drop_text,
+                                         cond=None if (drop_cond or sample.cond is None) else sample.cond.to(dev),
+                                         target=target, noise=noise, t=t, x_t=add_noise(target, noise, t)))
+        batched = s.get("dit_batching", "grouped") == "grouped"
+        flows, aligns, velocities = [], [], []
+        if not states_only:
+            capture = self.connector.align_layer if align_w > 0 and any(p.query_hidden is not None for p in plans) else None
+            rows = [DiTRow(p.x_t[0], p.t[0], p.cond, p.states[0].to(gen.dtype), p.mask[0]) for p in plans]
+            velocities, grids = gen.batched_velocity(rows, batch=batched, capture=capture)
+            for p, v, grid in zip(plans, velocities, grids):
+                flows.append(nn.functional.mse_loss(v[None].float(), target_velocity(p.target, p.noise).float()))
+                if grid is not None and p.query_hidden is not None:
+                    aligns.append(self.connector.alignment_loss(grid[None], p.query_hidden))
+        if w_distill > 0:
+            todo = [i for i, p in enumerate(plans) if not p.drop_text and p.sample.request]
+            teacher = {i: self._teacher_states(plans[i].sample.request) for i in todo}
+            if distill_target == "velocity":  # the DiT is the judge: its velocity from the connector vs from its own encoder
+                with torch.no_grad():
+                    rows = [DiTRow(plans[i].x_t[0], plans[i].t[0], plans[i].cond, teacher[i][0][0], teacher[i][1][0]) for i in todo]
+                    v_teacher, _ = gen.batched_velocity(rows, batch=batched)
+                distills = [nn.functional.mse_loss(velocities[i].float(), vt.float()) for i, vt in zip(todo, v_teacher)]
+            for i in todo if distill_target != "velocity" else []:
+                p, (t_states, t_mask) = plans[i], teacher[i]
                 if distill_target == "states":
-                    if t_states.shape != states.shape:
+                    if t_states.shape != p.states.shape:
                         raise ConfigError(f"stage.distill_target=states needs the connector to emit the teacher's {t_states.shape[1]} tokens "
-                                          f"of width {t_states.shape[2]}, it emits {states.shape[1]} (use distill_target=velocity, or "
+                                          f"of width {t_states.shape[2]}, it emits {p.states.shape[1]} (use distill_target=velocity, or "
                                           f"connector=resampler with connector.num_queries={t_states.shape[1]})")
-                    distills.append(nn.functional.mse_loss(states.float(), t_states.float()))
+                    distills.append(nn.functional.mse_loss(p.states.float(), t_states.float()))
                 elif distill_target == "set":
-                    distills.append(set_distill_loss(states, mask, t_states, t_mask))
-                elif distill_target == "aligned":
-                    target_s, real = self.aligned_teacher(sample, t_states, t_mask, states.shape[1])
-                    distills.append(aligned_distill_loss(states[0], target_s, real))
-                else:  # the DiT is the judge: the velocity it predicts from the connector vs from its own encoder
-                    with torch.no_grad():
-                        v_teacher = gen.velocity(x_t, t, cond, t_states, t_mask)
-                    distills.append(nn.functional.mse_loss(v.float(), v_teacher.float()))
+                    distills.append(set_distill_loss(p.states, p.mask, t_states, t_mask))
+                else:  # aligned
+                    target_s, real = self.aligned_teacher(p.sample, t_states, t_mask, p.states.shape[1])
+                    distills.append(aligned_distill_loss(p.states[0], target_s, real))
         if flows:
             flow = torch.stack(flows).mean()
         else:  # the states-only warm-up: a zero that still reaches every trainable DiT weight (ZeRO expects their gradients)

@@ -5,21 +5,26 @@ scheduler and implements three things:
 
 * (the VAE comes in its slot, ``backbones/generator/vae.py``: the checkpoint's own autoencoder
   class with its latent normalisation);
-* ``_frames_velocity(frames [B,F,C,h,w], t [B], n_cond, text, mask) -> v [B,F,C,h,w]``:
+* ``_frames_velocity(frames [B,F,C,h,w], t [B], n_cond, text, mask, lengths) -> v [B,F,C,h,w]``:
   one DiT forward over the condition frames (the first ``n_cond``, clean) and the noisy
   target (the last), each family conditioning its own native way, returning velocities
-  under the toolkit's convention (:mod:`fusion.flow`);
+  under the toolkit's convention (:mod:`fusion.flow`). ``lengths`` (None, or [B]) marks
+  batch padding: a row's text positions at or past its length were added only to stack
+  rows of different lengths, and the family keeps its cross-attention off them, so each
+  row's velocity is the one its own text alone gives (:func:`pad_text`);
 * ``text_dim`` (the width its cross-attention expects, read from the model config).
 
 Everything else is here, the same for all families: :meth:`velocity` (the contract's
 ``velocity(noisy_target, t, cond_latents, text_states, text_mask)``), :meth:`flow_loss`
 (condition frames never carry loss) and :meth:`sample` (one loop over a diffusers flow
-scheduler, classifier-free guidance, condition frames held clean at every step).
+scheduler, classifier-free guidance with its passes batched, condition frames held clean at
+every step).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,6 +58,45 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """[B,3,H,W] in [-1,1] -> PIL images."""
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray(a) for a in x]
+
+
+def pad_text(states: list[torch.Tensor], masks: list[torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Stack text conditions of different lengths for one batched DiT pass.
+
+    ``states``: each ``[1, T_i, D]`` (or ``[T_i, D]``); ``masks``: each ``[1, T_i]`` or None (all
+    real). Returns ``(states [B, T, D], mask [B, T], lengths [B])``, zeros past each row's own
+    length (mask 0 there too); ``lengths`` is None when every row has the same length, so the
+    batch carries no padding at all.
+    """
+    rows = [s[0] if s.ndim == 3 else s for s in states]
+    ms = [torch.ones(r.shape[0], dtype=torch.long, device=r.device) if m is None else (m[0] if m.ndim == 2 else m).long()
+          for r, m in zip(rows, masks)]
+    n = max(r.shape[0] for r in rows)
+    lengths = torch.tensor([r.shape[0] for r in rows], device=rows[0].device)
+    out = rows[0].new_zeros(len(rows), n, rows[0].shape[-1])
+    mask = torch.zeros(len(rows), n, dtype=torch.long, device=rows[0].device)
+    for i, (r, m) in enumerate(zip(rows, ms)):
+        out[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = m
+    return out, mask, (None if bool((lengths == n).all()) else lengths)
+
+
+def length_mask(lengths: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    """``[B, n]`` bool, True on each row's own positions (``pad_text``'s lengths); None for no padding."""
+    if lengths is None:
+        return None
+    return torch.arange(n, device=lengths.device)[None] < lengths[:, None]
+
+
+@dataclass
+class DiTRow:
+    """One row of a batched DiT pass (:meth:`FlowGenerator.batched_velocity`)."""
+
+    x: torch.Tensor  # [C, h, w] the noisy target
+    t: torch.Tensor  # its time in [0, 1] (one value)
+    cond: torch.Tensor | None  # [N, C, h, w] clean condition latents, or None
+    states: torch.Tensor  # [T, D] its text condition
+    mask: torch.Tensor | None  # [T] (None: all real)
 
 
 class FlowGenerator(nn.Module):
@@ -105,8 +149,14 @@ class FlowGenerator(nn.Module):
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.vae_slot.decode(z)
 
-    def _frames_velocity(self, frames, t, n_cond, text_states, text_mask) -> torch.Tensor:
+    def _frames_velocity(self, frames, t, n_cond, text_states, text_mask, text_lengths=None) -> torch.Tensor:
         raise NotImplementedError
+
+    @property
+    def pads_text(self) -> bool:
+        """Whether rows with texts of different lengths can share one DiT pass right now
+        (:func:`pad_text`); when False the batched paths group rows by text length too."""
+        return True
 
     def dit_blocks(self) -> nn.ModuleList:
         """The DiT's transformer blocks (for feature hooks such as representation alignment)."""
@@ -177,14 +227,21 @@ class FlowGenerator(nn.Module):
         cond_latents: torch.Tensor | None,
         text_states: torch.Tensor,
         text_mask: torch.Tensor | None = None,
+        text_lengths: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Velocity (``eps - x0``) of the noisy target [B,C,h,w] at ``t`` [B] in [0,1]."""
+        """Velocity (``eps - x0``) of the noisy target [B,C,h,w] at ``t`` [B] in [0,1].
+
+        ``text_lengths`` [B] (from :func:`pad_text`): each row's own text length; positions past
+        it are batch padding, never attended, so a row's velocity is the one of its text alone.
+        """
         frames, n_cond = self._frames(noisy_target, cond_latents)
         self._last_frames_shape = tuple(frames.shape)
         t = torch.as_tensor(t, device=frames.device, dtype=torch.float32).reshape(-1).expand(frames.shape[0])
         if text_mask is None:
             text_mask = torch.ones(text_states.shape[:2], dtype=torch.long, device=text_states.device)
-        return self._frames_velocity(frames, t, n_cond, text_states, text_mask)[:, -1]
+        if text_lengths is not None and not self.pads_text:
+            raise ValueError(f"{type(self).__name__} cannot take padded text rows right now (pads_text is False): group rows by text length")
+        return self._frames_velocity(frames, t, n_cond, text_states, text_mask, text_lengths)[:, -1]
 
     def flow_loss(
         self,
@@ -210,6 +267,41 @@ class FlowGenerator(nn.Module):
         """A fresh diffusers scheduler (schedulers keep per-run state)."""
         return self._scheduler_cls.from_config(self._scheduler_cfg)
 
+    def batched_velocity(self, rows: list[DiTRow], batch: bool = True, capture: int | None = None):
+        """Velocities of many rows in as few DiT passes as their shapes allow.
+
+        Rows sharing a target shape and a number of condition frames go through one forward
+        (texts of different lengths padded, :func:`pad_text`; grouped by text length too when
+        :attr:`pads_text` is False); each row's velocity is the one it gets alone, to float
+        tolerance. ``batch=False``: one forward per row, in order (the reference). ``capture``:
+        also return the target-frame grid of DiT block ``capture`` per row (:meth:`capture_block`).
+        Returns ``(velocities, grids)``: lists aligned with ``rows`` (``grids`` holds None
+        without ``capture``).
+        """
+        groups: dict[Any, list[int]] = {}
+        for i, r in enumerate(rows):
+            key = (tuple(r.x.shape), self._n_cond(r.cond), None if self.pads_text else r.states.shape[-2]) if batch else i
+            groups.setdefault(key, []).append(i)
+        velocities: list[torch.Tensor | None] = [None] * len(rows)
+        grids: list[torch.Tensor | None] = [None] * len(rows)
+        for idx in groups.values():
+            first = rows[idx[0]]
+            x = torch.stack([rows[i].x for i in idx])
+            t = torch.stack([torch.as_tensor(rows[i].t, dtype=torch.float32, device=x.device).reshape(()) for i in idx])
+            cond = torch.stack([rows[i].cond for i in idx]) if self._n_cond(first.cond) else None
+            states, mask, lengths = pad_text([rows[i].states for i in idx], [rows[i].mask for i in idx])
+            with self.capture_block(capture) if capture is not None else nullcontext() as store:
+                v = self.velocity(x, t, cond, states, mask, lengths)
+            for j, i in enumerate(idx):
+                velocities[i] = v[j]
+                if store is not None:
+                    grids[i] = store["grid"][j]
+        return velocities, grids
+
+    def _n_cond(self, cond: torch.Tensor | None) -> int:
+        """Condition frames one row's ``cond`` [N,C,h,w] puts in front of its target."""
+        return 0 if cond is None or not self.uses_condition_frames else int(cond.shape[0])
+
     @torch.no_grad()
     def sample(
         self,
@@ -225,6 +317,7 @@ class FlowGenerator(nn.Module):
         image_guidance: float = 1.0,
         decode: bool = True,
         callback: Any = None,
+        batch_guidance: bool = True,
     ) -> torch.Tensor:
         """Draw images [B,3,H,W] in [-1,1] (or latents if ``decode=False``).
 
@@ -234,6 +327,12 @@ class FlowGenerator(nn.Module):
         not given. ``image_guidance > 1`` adds a third pass without condition frames:
         ``v = v_uncond_img + image_guidance * (v_neg - v_uncond_img) + guidance * (v_pos - v_neg)``.
         Condition frames enter clean at every step; only the target evolves.
+
+        ``batch_guidance`` (default): the passes of a step share DiT forwards
+        (:meth:`batched_velocity`: positive and negative in one batch, texts of different
+        lengths padded; the no-image pass joins them where its frame layout is the same, else
+        it is a second batch); False runs each pass as its own forward (the same latents to
+        float tolerance, slower).
         """
         device = self.device
         height, width = height or self.image_size, width or self.image_size
@@ -245,25 +344,35 @@ class FlowGenerator(nn.Module):
         x = torch.randn(shape, generator=generator, device="cpu" if generator is None else generator.device).to(device)
         if text_mask is None:
             text_mask = torch.ones(text_states.shape[:2], dtype=torch.long, device=text_states.device)
+        passes = [(cond_latents, text_states, text_mask)]  # positive, then negative, then (image guidance) no image
         if guidance != 1.0 or image_guidance != 1.0:
             if negative is None:
                 negative = (torch.zeros_like(text_states), text_mask)
             neg_states, neg_mask = negative
             if neg_mask is None:
                 neg_mask = torch.ones(neg_states.shape[:2], dtype=torch.long, device=neg_states.device)
+            passes.append((cond_latents, neg_states, neg_mask))
+            if image_guidance != 1.0 and cond_latents is not None:
+                passes.append((None, neg_states, neg_mask))
         sched = self.make_scheduler()
         sched.set_timesteps(steps, device=device)
         sigmas = sched.sigmas
         for i, ts in enumerate(sched.timesteps):
             t = sigmas[i].reshape(1).expand(b).to(device)
-            v = self.velocity(x, t, cond_latents, text_states, text_mask)
-            if guidance != 1.0 or image_guidance != 1.0:
-                v_neg = self.velocity(x, t, cond_latents, neg_states, neg_mask)
-                if image_guidance != 1.0 and cond_latents is not None:
-                    v_none = self.velocity(x, t, None, neg_states, neg_mask)
-                    v = v_none + image_guidance * (v_neg - v_none) + guidance * (v - v_neg)
-                else:
-                    v = v_neg + guidance * (v - v_neg)
+            if len(passes) == 1 or not batch_guidance:
+                vs = [self.velocity(x, t, c, s, m) for c, s, m in passes]
+            else:
+                rows = [DiTRow(x[j], t[j], None if c is None else c[j], s[j], m[j]) for c, s, m in passes for j in range(b)]
+                out, _ = self.batched_velocity(rows)
+                vs = [torch.stack(out[k * b : (k + 1) * b]) for k in range(len(passes))]
+            if len(vs) == 3:
+                v_pos, v_neg, v_none = vs
+                v = v_none + image_guidance * (v_neg - v_none) + guidance * (v_pos - v_neg)
+            elif len(vs) == 2:
+                v_pos, v_neg = vs
+                v = v_neg + guidance * (v_pos - v_neg)
+            else:
+                v = vs[0]
             x = sched.step(v.to(x.dtype), ts, x, return_dict=False)[0]
             if callback is not None:
                 callback(i, t, x)

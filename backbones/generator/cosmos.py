@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from backbones.generator.base import FlowGenerator, load_parts, transformer_config
+from backbones.generator.base import FlowGenerator, length_mask, load_parts, transformer_config
 from backbones.generator.wan import DTYPES
 
 
@@ -86,7 +86,7 @@ class CosmosGenerator(FlowGenerator):
         _, ph, pw = self.transformer.config.patch_size
         return tokens.reshape(b, f, h // ph, w // pw, tokens.shape[-1])[:, -1]
 
-    def _frames_velocity(self, frames, t, n_cond, text_states, text_mask):
+    def _frames_velocity(self, frames, t, n_cond, text_states, text_mask, text_lengths=None):
         b, f, c, h, w = frames.shape
         x = frames.permute(0, 2, 1, 3, 4).to(self.dtype)
         text = (text_states * text_mask[..., None].to(text_states.dtype)).to(self.dtype)
@@ -101,6 +101,9 @@ class CosmosGenerator(FlowGenerator):
             if n_cond:
                 raise ValueError("this Cosmos checkpoint (Text2Image, no condition-mask channel) takes no condition frames")
             timestep = t
+        keep = length_mask(text_lengths, text.shape[1])
+        if keep is not None:  # batch padding only: the model's own cross-attention mask keeps each row on its own tokens
+            kwargs["attention_mask"] = keep
         if self.transformer.config.concat_padding_mask:
             kwargs["padding_mask"] = torch.zeros(1, 1, h, w, device=x.device, dtype=x.dtype)
         out = self.transformer(hidden_states=x, timestep=timestep.to(x.dtype), encoder_hidden_states=text, return_dict=False, **kwargs)[0]

@@ -76,7 +76,8 @@ class SanaGenerator(FlowGenerator):
         p = self.transformer.config.patch_size
         return tokens.reshape(b, h // p, f * w // p, tokens.shape[-1])[:, :, -(w // p):]
 
-    def _frames_velocity(self, frames, t, n_cond, text_states, text_mask):
+    def _frames_velocity(self, frames, t, n_cond, text_states, text_mask, text_lengths=None):
+        # batch padding (text_lengths) is already masked out: pad_text gives it mask 0, and SANA never attends a masked token
         b, f, c, h, w = frames.shape
         x = frames.permute(0, 2, 3, 1, 4).reshape(b, c, h, f * w)  # side by side along the width
         out = self.transformer(

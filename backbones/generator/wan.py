@@ -9,7 +9,12 @@ are concatenated along time before the noisy target, and the timestep is given p
 token, 0 on the clean frames and ``t * 1000`` on the target (pipeline_wan_i2v.py builds the
 same ``first_frame_mask * t`` per token). Their velocity is replaced by 0, so they never
 move under a flow solver and carry no loss. Wan has no text mask: padded text positions are
-zeroed, as the pipeline's zero padding does.
+zeroed, as the pipeline's zero padding does. Rows batched with texts of different lengths
+(``text_lengths``): the cross-attention of each block gets a key mask for the added padding
+only (through a forward pre-hook on ``attn2``, whose processor takes ``attention_mask``; the
+block itself passes none), so each row attends exactly the tokens it would alone. With the
+DiT's gradient checkpointing on in a training forward the hook would be gone when backward
+recomputes a block, so then :attr:`pads_text` is False and rows are grouped by length instead.
 
 Coordinate channels (toy checkpoints): a transformer whose ``in_channels`` exceed its
 ``out_channels`` by 2 gets two fixed input channels holding each latent cell's (y, x) in
@@ -25,12 +30,13 @@ Run as: ``python tools/train.py generator=tiny_wan ...`` (published: ``generator
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from backbones.generator.base import FlowGenerator, load_parts
+from backbones.generator.base import FlowGenerator, length_mask, load_parts
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -81,7 +87,34 @@ class WanGenerator(FlowGenerator):
         _, ph, pw = self.transformer.config.patch_size
         return tokens.reshape(b, f, h // ph, w // pw, tokens.shape[-1])[:, -1]
 
-    def _frames_velocity(self, frames, t, n_cond, text_states, text_mask):
+    @property
+    def pads_text(self) -> bool:
+        return not (getattr(self.transformer, "gradient_checkpointing", False) and torch.is_grad_enabled())
+
+    @contextmanager
+    def _cross_attention_keys(self, keep: torch.Tensor | None):
+        """Every block's cross-attention attends only the ``keep`` [B, S] text positions (None: all)."""
+        if keep is None:
+            yield
+            return
+        mask = keep[:, None, None, :]  # [B, 1, 1, S] over the keys, broadcast over heads and queries
+
+        def pre(module, args, kwargs):
+            args = list(args)
+            if len(args) > 2:
+                args[2] = mask
+            else:
+                kwargs["attention_mask"] = mask
+            return tuple(args), kwargs
+
+        handles = [block.attn2.register_forward_pre_hook(pre, with_kwargs=True) for block in self.transformer.blocks]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _frames_velocity(self, frames, t, n_cond, text_states, text_mask, text_lengths=None):
         b, f, c, h, w = frames.shape
         _, ph, pw = self.transformer.config.patch_size
         per_frame = t[:, None].expand(b, f).clone()
@@ -93,12 +126,13 @@ class WanGenerator(FlowGenerator):
             ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)[:, None].expand(h, w)
             xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)[None, :].expand(h, w)
             x = torch.cat([x, torch.stack([ys, xs]).expand(b, f, 2, h, w)], dim=2)
-        out = self.transformer(
-            hidden_states=x.permute(0, 2, 1, 3, 4).to(self.dtype),
-            timestep=timestep,
-            encoder_hidden_states=text.to(self.dtype),
-            return_dict=False,
-        )[0]
+        with self._cross_attention_keys(length_mask(text_lengths, text.shape[1])):
+            out = self.transformer(
+                hidden_states=x.permute(0, 2, 1, 3, 4).to(self.dtype),
+                timestep=timestep,
+                encoder_hidden_states=text.to(self.dtype),
+                return_dict=False,
+            )[0]
         v = out.permute(0, 2, 1, 3, 4)
         if n_cond:
             v = torch.cat([torch.zeros_like(v[:, :n_cond]), v[:, n_cond:]], dim=1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from backbones.generator.base import reinitialised_keys
+from backbones.generator.base import DiTRow, pad_text, reinitialised_keys
 from fusion.errors import CheckpointError
 from tests.conftest import compose_config
 
@@ -141,6 +141,85 @@ def test_sample_returns_requested_size(gen, hw):
     again = gen.sample(text, mask, cond, steps=2, guidance=3.0, negative=(torch.zeros_like(text), mask),
                        generator=torch.Generator().manual_seed(0), height=hw[0], width=hw[1])
     assert torch.equal(out, again)  # seeded
+
+
+def ragged_rows(gen, seed=0):
+    """Rows of every kind one micro-batch can mix: texts of 3, 5 and 7 tokens (one with masked tokens of its own),
+    two condition frames or none, two target sizes."""
+    g = torch.Generator().manual_seed(seed)
+    f, c = gen.spatial_factor, gen.latent_channels
+    rows = []
+    for i, (n_text, n_cond, w) in enumerate([(5, 2, 64), (3, 2, 64), (7, 0, 64), (3, 0, 64), (5, 2, 128), (7, 2, 64)]):
+        mask = torch.ones(n_text, dtype=torch.long)
+        if i == 5:
+            mask[4:] = 0  # masked tokens inside the row's own text stay as they are (Wan and Cosmos read them as zeros)
+        rows.append(DiTRow(torch.randn(c, 64 // f, w // f, generator=g), torch.rand((), generator=g),
+                           torch.randn(n_cond, c, 64 // f, w // f, generator=g) if n_cond else None,
+                           torch.randn(n_text, gen.text_dim, generator=g), mask))
+    return rows
+
+
+class Forwards:
+    """Counts DiT forwards and the batch size of each."""
+
+    def __init__(self, gen):
+        self.sizes = []
+        self.handle = gen.transformer.register_forward_hook(lambda m, a, kw, out: self.sizes.append(kw.get("hidden_states", a[0] if a else None).shape[0]),
+                                                           with_kwargs=True)
+
+
+def test_padding_and_batching_never_change_a_rows_velocity(gen):
+    rows = ragged_rows(gen)
+    counter = Forwards(gen)
+    with torch.no_grad():
+        alone = [gen.velocity(r.x[None], r.t[None], None if r.cond is None else r.cond[None], r.states[None], r.mask[None])[0] for r in rows]
+        n_alone = len(counter.sizes)
+        batched, _ = gen.batched_velocity(rows)
+    counter.handle.remove()
+    for a, b in zip(alone, batched):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+    groups = {(tuple(r.x.shape), gen._n_cond(r.cond)) for r in rows}
+    assert n_alone == len(rows) and counter.sizes[n_alone:] == sorted(counter.sizes[n_alone:], reverse=True)
+    assert len(counter.sizes) - n_alone == len(groups) < len(rows)  # one forward per shape, whatever the text lengths
+    states, mask, lengths = pad_text([r.states for r in rows[:3]], [r.mask for r in rows[:3]])
+    assert states.shape == (3, 7, gen.text_dim) and lengths.tolist() == [5, 3, 7] and mask.sum(1).tolist() == [5, 3, 7]
+    assert pad_text([r.states for r in rows[:1]] * 2, [None, None])[2] is None  # equal lengths: no padding at all
+
+
+def test_batched_gradients_equal_per_row_gradients_with_and_without_checkpointing(tiny_dir):
+    for name in ("tiny_wan", "tiny_cosmos", "tiny_sana"):
+        g = build(tiny_dir, name).train()
+        rows = ragged_rows(g, seed=1)
+        for checkpointing in (False, True):
+            if checkpointing:
+                g.transformer.enable_gradient_checkpointing()
+            grads = []
+            for batch in (False, True):
+                g.zero_grad(set_to_none=True)
+                vs, _ = g.batched_velocity(rows, batch=batch)
+                torch.stack([v.square().mean() for v in vs]).mean().backward()
+                grads.append({k: p.grad.clone() for k, p in g.transformer.named_parameters() if p.grad is not None})
+            scale = max(v.abs().max() for v in grads[0].values())
+            assert grads[0].keys() == grads[1].keys()
+            for k in grads[0]:
+                torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-5 * scale, rtol=1e-4, msg=f"{name} {k} checkpointing={checkpointing}")
+
+
+def test_batched_guidance_gives_the_same_latents(gen):
+    x, cond, text, mask, _ = inputs(gen, b=2, n_cond=1)
+    negative = (torch.randn(2, 3, gen.text_dim, generator=torch.Generator().manual_seed(5)), None)  # shorter, as DuoGen's
+    for image_guidance in (1.0, 1.5):
+        latents, forwards = [], []
+        for batch in (False, True):
+            counter = Forwards(gen)
+            latents.append(gen.sample(text, mask, cond, steps=3, guidance=3.0, negative=negative, image_guidance=image_guidance,
+                                      generator=torch.Generator().manual_seed(0), decode=False, batch_guidance=batch))
+            counter.handle.remove()
+            forwards.append(len(counter.sizes))
+        torch.testing.assert_close(latents[1], latents[0], atol=1e-5, rtol=1e-5)
+        passes = 3 if image_guidance != 1.0 else 2
+        batched = 1 if passes == 2 or not gen.uses_condition_frames else 2  # the no-image pass has its own frame layout
+        assert forwards == [3 * passes, 3 * batched]
 
 
 def test_one_training_step_updates_only_the_dit(tiny_dir):

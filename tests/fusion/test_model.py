@@ -62,6 +62,51 @@ def test_connector_x_generator_trains_a_step(tiny_dir, convs, connector, generat
     assert loss()["loss"].item() < before
 
 
+def loss_and_grads(model, samples, seed=3):
+    model.zero_grad(set_to_none=True)
+    out = model.align_loss(samples, torch.Generator().manual_seed(seed))
+    out["loss"].backward()
+    return {k: float(v.detach()) for k, v in out.items()}, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("generator", GENERATORS)
+def test_grouped_dit_passes_equal_the_per_sample_loop(tiny_dir, convs, tmp_path, generator):
+    """stage.dit_batching=grouped (one DiT pass per shape) vs none (one per sample): the same losses and gradients, for
+    per-token states of different lengths (DuoGen negatives shorter still), samples with and without condition frames,
+    from the feature cache or not, with a query connector and its alignment loss, and with velocity distillation."""
+    from backbones.generator.text_encoder import TextEncoder
+    from fusion import feature_cache as fc
+    from fusion.data import SkipReport
+
+    drops = ["stage.p_drop_text=0.4", "stage.p_drop_cond=0.3", "stage.text_dropout_form=duogen"]
+    cases = [("last_mlp", [], "plain"), ("last_mlp", [], "cache"), ("multiscale_queries", [], "plain")]
+    if generator != "tiny_cosmos":  # the tiny Cosmos has no text encoder of its own (no distillation teacher)
+        cases.append(("last_mlp", ["stage.distill_weight=0.5"], "plain"))
+    for connector, extra, source in cases:
+        results = []
+        for mode in ("none", "grouped"):
+            torch.manual_seed(0)
+            model, cfg = build(tiny_dir, connector, generator, extra=[*drops, *extra, f"stage.dit_batching={mode}"])
+            model.apply_trainable(cfg.stage)
+            if cfg.stage.distill_weight:
+                model.set_teacher(TextEncoder.from_pretrained(cfg.generator.path))
+            if source == "cache":
+                cache = fc.FeatureCache(fc.build(model, convs, tmp_path / mode, "k", {}, "error", SkipReport(), progress=False))
+                samples = [cache.sample(c, model.settings) for c in convs * 2]
+            else:
+                samples = [model.prepare_align_sample(c) for c in convs * 2]
+            results.append(loss_and_grads(model, samples))
+        (la, ga), (lb, gb) = results
+        case = f"{generator} {connector} {extra} {source}"
+        assert la.keys() == lb.keys() and ga.keys() == gb.keys(), case
+        assert 0 < la["drop_text"] < 8 and 0 < la["drop_cond"] < 8, case  # a mix: dropped and kept texts, with and without frames
+        for k in la:
+            assert math.isclose(la[k], lb[k], rel_tol=1e-5, abs_tol=1e-6), (case, k, la[k], lb[k])
+        scale = max(g.abs().max() for g in ga.values())
+        for k in ga:
+            torch.testing.assert_close(gb[k], ga[k], atol=1e-5 * scale, rtol=1e-4, msg=f"{case}: {k}")
+
+
 @pytest.mark.parametrize("connector", ["queries", "multiscale_queries"])
 def test_query_connectors_train_only_their_own_embeddings_through_the_frozen_mllm(tiny_dir, convs, connector, mllm_family):
     model, cfg = build(tiny_dir, connector, "tiny_sana", extra=["stage.p_drop_text=0", "stage.p_drop_cond=0"], family=mllm_family)
