@@ -236,6 +236,14 @@ class DataConfig:
     """Decode every image and render every sample once before the first step (set false for huge data: checks then run lazily)."""
     max_image_pixels: int = 89_478_485
     """Images whose header declares more pixels are refused before decoding (image_too_large); default: PIL's decompression-bomb threshold."""
+    buckets: Any = None
+    """Stage 2: aspect-ratio buckets (fusion/buckets.py): null (one square, stage.image_size or the generator's), a list of HxW sizes
+    (["64x64", "48x80", "80x48"]) or generator (the family's published sizes scaled to that square's area). Each conversation goes to
+    the bucket nearest its last assistant image's aspect (all its images resized to cover it and centre-cropped); micro-batches hold
+    one bucket each (with data.streaming they may mix: the DiT then runs one pass per bucket)."""
+    render_cache_mb: int = 4096
+    """Stage 1: keep each sample's rendering made by prevalidation (token ids, labels, pixel tensors) in memory, up to this many MB,
+    so training never renders a sample again (samples past the budget are rendered at each step); 0: off."""
     streaming: bool = False
     """Read the samples as training consumes them (any format; hf through datasets' streaming mode), never the whole set in memory:
     a buffered shuffle per epoch, rows sharded by rank, exact resume; checks run per sample (no prevalidation), no feature cache,
@@ -252,6 +260,8 @@ class DataConfig:
             raise ConfigError(f"data.on_error must be 'error' or 'skip', got {self.on_error!r}")
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.render_cache_mb < 0:
+            raise ConfigError(f"data.render_cache_mb must be >= 0, got {self.render_cache_mb}")
         if self.shuffle_buffer < 1:
             raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
 
@@ -458,6 +468,9 @@ class DeepSpeedConfig:
     """Elements per gradient-reduction bucket."""
     stage3_gather_16bit_weights_on_model_save: bool = False
     """ZeRO-3: gather full weights at save (off: save shards, convert with zero_to_fp32)."""
+    single_rank_zero0: bool = True
+    """A run on one rank with zero_stage 1 or 2 and no offload runs as ZeRO-0: there is nothing to partition, while ZeRO 1/2 still pay
+    a reduce hook per parameter every step (tools/bench.py stage1_overhead); the update is the same. false: keep the stage as written."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -676,9 +689,9 @@ class GenerateConfig(ChatSettingsConfig):
     top_p: float = 1.0
     """Nucleus sampling."""
     height: int | None = None
-    """Image height (None: the generator's image_size)."""
+    """Image height (None: the trained bucket nearest the last user image's aspect when the model was trained with data.buckets, else the generator's image_size)."""
     width: int | None = None
-    """Image width (None: the generator's image_size)."""
+    """Image width (None: as height)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -722,12 +735,15 @@ class ChatUIConfig(ChatSettingsConfig):
             raise ConfigError(f"max_upload_mb must be positive, got {self.max_upload_mb}")
 
 
+BENCH_SECTIONS = ("cache", "stage2_batching", "sampling_guidance", "overhead", "stage1_overhead", "packing", "generation")
+
+
 @dataclass
 class BenchConfig:
     """``tools/bench.py``: side-by-side measurements in one process (ratios, never absolute pass/fail)."""
 
-    sections: list[str] = field(default_factory=lambda: ["cache", "overhead", "packing", "generation"])
-    """What to measure: cache (stage 2 with/without the feature cache), overhead (fused step vs bare parts), packing (stage 1 packed vs padded), generation."""
+    sections: list[str] = field(default_factory=lambda: list(BENCH_SECTIONS))
+    """What to measure (tools/bench.py's docstring): cache (stage 2 with/without the feature cache), stage2_batching (DiT passes per shape vs per sample), sampling_guidance (guidance passes batched vs separate), overhead (stage-2 fused step vs bare parts), stage1_overhead (stage-1 step vs bare forward/backward/optimizer on pre-rendered tensors), packing (stage 1 packed vs padded), generation."""
     toy_dir: str = "checkpoints/toy"
     """The toy world (make_toy): its MLLM, Wan DiT and training data for cache / overhead / packing."""
     use_toy: bool = True
@@ -735,7 +751,9 @@ class BenchConfig:
     batch: int = 8
     """Stage-2 micro-batch (cache, overhead)."""
     sft_batch: int = 8
-    """Stage-1 micro-batch (packing)."""
+    """Stage-1 micro-batch (packing, stage1_overhead)."""
+    stage1_zero: int = 2
+    """DeepSpeed ZeRO stage of the stage1_overhead section's trainer (conf/deepspeed's default is 2)."""
     batches: int = 4
     """Distinct micro-batches cycled through the repeats (every variant runs the same ones)."""
     model: str | None = None
@@ -755,16 +773,18 @@ class BenchConfig:
     words_per_turn: int = 120
     """Words of user text per history turn."""
     steps: int = 4
-    """DiT sampler steps per image."""
+    """DiT sampler steps per image (generation)."""
+    sample_steps: int = 20
+    """Sampler steps of the sampling_guidance section."""
     repeats: int = 5
     """Timed repetitions per variant (the median is reported, with min and max)."""
     output_dir: str = "outputs/bench"
     """Where bench.json and bench.md go."""
 
     def __post_init__(self) -> None:
-        bad = set(self.sections) - {"cache", "overhead", "packing", "generation"}
+        bad = set(self.sections) - set(BENCH_SECTIONS)
         if bad:
-            raise ConfigError(f"sections: unknown {sorted(bad)}; choose from cache, overhead, packing, generation")
+            raise ConfigError(f"sections: unknown {sorted(bad)}; choose from {', '.join(BENCH_SECTIONS)}")
         if self.repeats <= 0 or self.batch <= 0 or self.sft_batch <= 0 or self.batches <= 0:
             raise ConfigError("repeats, batch, sft_batch and batches must be positive")
 

@@ -12,7 +12,8 @@ every epoch. The cache stores, per conversation:
 * the hidden states [n_layers, L, D] of the tokens up to the ``<|bov|>`` of its *last*
   assistant image (a causal model's states of a prefix are those of the prefix alone, so
   every target's context, and the DuoGen negative, is a slice of this one forward);
-* the latents of every image up to that one, at the stage's target size;
+* the latents of every image up to that one, at the stage's target size (with ``data.buckets``:
+  fitted to the conversation's bucket, which the entry records);
 * where each image starts and ends in the ids, and which images are targets.
 
 Training then picks the target exactly as the uncached path does (same random draw), so
@@ -51,6 +52,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from fusion.buckets import fit, image_size, nearest
 from fusion.data import Conversation, SkipReport, load_images
 from fusion.errors import CheckpointError, DataError
 
@@ -206,7 +208,8 @@ class FeatureCache:
         ctx_end = e["starts"][k] if settings.get("include_bov", True) else e["starts"][k] - 1
         neg_len = e["ends"][k - 1] + 1 if k else 0
         return AlignSample(self.ids(conv.line)[:ctx_end], None, None, neg_len, latents[k].float(), latents[:k].float() if k else None,
-                           conv.where, ctx_hidden=hidden[:, :ctx_end], request=conv.text_before_image(k))
+                           conv.where, ctx_hidden=hidden[:, :ctx_end], request=conv.text_before_image(k),
+                           bucket=tuple(e["bucket"]) if e.get("bucket") else None)
 
 
 def find(cache_dir: str | Path, key: str) -> Path | None:
@@ -245,7 +248,7 @@ def build(model, convs: Sequence[Conversation], root: str | Path, key: str, part
     mllm, gen = model.mllm, model.generator
     store = DTYPES[dtype] if dtype != "auto" else mllm.model.dtype
     s = model.settings
-    size = (gen.image_size, gen.image_size) if s.get("image_size") is None else (s["image_size"], s["image_size"])
+    buckets = [tuple(b) for b in s.get("buckets") or []]
     vs, ve = mllm.vision_start_id, mllm.vision_end_id
     entries: list[dict[str, Any]] = []
     tensors: dict[str, torch.Tensor] = {}
@@ -287,6 +290,11 @@ def build(model, convs: Sequence[Conversation], root: str | Path, key: str, part
                 hidden = mllm(ids[None, : entry["starts"][last]].to(mllm.device), pixel_values=pv, image_grid_thw=grids,
                               compute_logits=False)["hidden"][0]
                 images = [item["image"] for _, item in conv.image_items()][: last + 1]
+                size = model.square_size
+                if buckets:  # the conversation's bucket, as prepare_align_sample picks it: every image fitted to it
+                    size = nearest(buckets, *image_size(images[last]))
+                    images = [fit(im, size) for im in images]
+                    entry["bucket"] = list(size)
                 tensors[f"{conv.line}.hidden"] = hidden.to(store).contiguous().cpu()
                 tensors[f"{conv.line}.ids"] = ids[: entry["starts"][last]].to(torch.int32).contiguous().cpu()
                 tensors[f"{conv.line}.latents"] = gen.encode(images, size=size).contiguous().cpu()

@@ -81,9 +81,9 @@ class GenerationSettings:
     top_p: float = 1.0
     """Nucleus sampling when temperature > 0."""
     height: int | None = None
-    """Image height (None: the generator's image_size)."""
+    """Image height (None: the trained bucket nearest the last user image's aspect with data.buckets, else the generator's image_size)."""
     width: int | None = None
-    """Image width (None: the generator's image_size)."""
+    """Image width (None: as height)."""
     max_condition_frames: int | None = None
     """Use only the most recent N earlier images as condition frames (None: all)."""
 
@@ -146,7 +146,7 @@ class Chat:
         self.state.recompute = recompute
         self.turn = 0
         self.images: list[Image.Image] = []  # every image of the conversation, in order
-        self._latents: list[torch.Tensor] = []  # their latents at the target size, cached
+        self._latent_at: dict[tuple[int, tuple[int, int]], torch.Tensor] = {}  # (image index, size) -> its latent, encoded once
         self.segments: list[Segment] = []
         self.draws: list[DrawRecord] = []
         self._text_rng = torch.Generator().manual_seed(self.settings.seed)
@@ -158,15 +158,41 @@ class Chat:
     # ------------------------------------------------------------------ sizes and latents
     @property
     def size(self) -> tuple[int, int]:
-        g = self.model.generator
-        return (self.settings.height or g.image_size, self.settings.width or g.image_size)
+        """(height, width) of the next drawing: ``height=`` / ``width=`` when set; else, for a model trained with
+        ``data.buckets``, the trained bucket nearest the last user image's aspect; else the generator's square."""
+        g, s = self.model.generator, self.settings
+        h, w = g.image_size, g.image_size
+        users = [seg.image for seg in self.segments if seg.kind == "image" and seg.role == "user" and seg.image is not None]
+        if users and self.model.settings.get("buckets"):
+            h, w = self.model.bucket_for(users[-1].height, users[-1].width)
+        return (s.height or h, s.width or w)
 
     def _add_image(self, image: Image.Image, latent: torch.Tensor | None = None) -> int:
+        """Add an image to the conversation (a drawn one with the latent it was drawn as); returns its index."""
         self.images.append(image)
-        if latent is None:
-            latent = self.model.generator.encode(image, size=self.size)[0]
-        self._latents.append(latent)
+        if latent is not None:
+            f = self.model.generator.spatial_factor
+            self._latent_at[(len(self.images) - 1, (latent.shape[-2] * f, latent.shape[-1] * f))] = latent
         return len(self.images) - 1
+
+    def _latent(self, i: int, size: tuple[int, int]) -> torch.Tensor:
+        """Image ``i``'s latent at ``size``, encoded once per size (as stage 2 saw its images: fitted to the bucket with
+        ``data.buckets``, else resized)."""
+        key = (i, tuple(size))
+        if key not in self._latent_at:
+            gen = self.model.generator
+            if self.model.settings.get("buckets"):
+                from fusion.buckets import fit
+
+                self._latent_at[key] = gen.encode(fit(self.images[i], size))[0]
+            else:
+                self._latent_at[key] = gen.encode(self.images[i], size=size)[0]
+        return self._latent_at[key]
+
+    @property
+    def _latents(self) -> list[torch.Tensor]:
+        """Every image's latent at the current drawing size."""
+        return [self._latent(i, self.size) for i in range(len(self.images))]
 
     # ------------------------------------------------------------------ one turn
     def send(self, text: str, images: list[str | Image.Image] = ()) -> list[Segment]:
@@ -268,9 +294,9 @@ class Chat:
         if s.max_condition_frames is not None:
             cond_idx = cond_idx[-s.max_condition_frames:] if s.max_condition_frames > 0 else []
         gen = m.generator
-        cond = torch.stack([self._latents[i] for i in cond_idx])[None] if cond_idx and gen.uses_condition_frames else None
-        self.draws.append(DrawRecord(ctx, neg_len, cond_idx if cond is not None else []))
         h, w = self.size
+        cond = torch.stack([self._latent(i, (h, w)) for i in cond_idx])[None] if cond_idx and gen.uses_condition_frames else None
+        self.draws.append(DrawRecord(ctx, neg_len, cond_idx if cond is not None else []))
         latent = gen.sample(states.to(gen.dtype), mask, cond, steps=s.steps, guidance=s.guidance,
                             negative=(neg_states.to(gen.dtype), neg_mask), image_guidance=s.image_guidance,
                             generator=torch.Generator().manual_seed(s.seed + len(self.draws) - 1), height=h, width=w, decode=False,

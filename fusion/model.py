@@ -58,6 +58,7 @@ class AlignSample:
     where: str = ""
     ctx_hidden: torch.Tensor | None = None  # [n_layers, L, D] from the feature cache (then the pixels and grids are None)
     request: str = ""  # the text the generator's own encoder would read (Conversation.text_before_image)
+    bucket: tuple[int, int] | None = None  # (height, width) every image of the sample was fitted to (data.buckets; None: square)
 
 
 def set_distill_loss(states: torch.Tensor, mask: torch.Tensor, t_states: torch.Tensor, t_mask: torch.Tensor) -> torch.Tensor:
@@ -146,6 +147,11 @@ class FusedModel(nn.Module):
             if getattr(connector, "uses_queries", False) and not getattr(mllm, "supports_query_embeddings", False):
                 raise ConfigError(f"connector={cfg.connector._target_}: this MLLM adapter cannot take extra query embeddings")
         settings = _to_container(cfg.stage) if cfg.get("stage") is not None else {}
+        if generator is not None and cfg.get("data") is not None and cfg.data.get("buckets") is not None:
+            from fusion.buckets import resolve
+
+            side = settings.get("image_size") or generator.image_size
+            settings["buckets"] = [list(b) for b in resolve(_to_container(cfg.data.buckets), generator, side)]
         model = cls(mllm, generator, connector, specs, settings)
         if generator is not None:
             model.generator_source = str(cfg.generator.path)
@@ -324,10 +330,28 @@ class FusedModel(nn.Module):
         neg_len = ends[k - 1] + 1 if k else 0
         images = [item["image"] for _, item in load_images(conv).image_items()]
         gen = self.generator
-        size = (gen.image_size, gen.image_size) if s.get("image_size") is None else (s["image_size"], s["image_size"])
+        size, bucket = self.square_size, None
+        if s.get("buckets"):  # every image of the conversation fitted to the bucket of its last assistant image
+            from fusion.buckets import fit, image_size, nearest
+
+            bucket = nearest([tuple(b) for b in s["buckets"]], *image_size(images[targets[-1]]))
+            images, size = [fit(im, bucket) for im in images[: k + 1]], None
         target = gen.encode(images[k], size=size)[0]
         cond = gen.encode(images[:k], size=size) if k else None
-        return AlignSample(ids[:ctx_end], pv, grids, neg_len, target, cond, conv.where, request=conv.text_before_image(k))
+        return AlignSample(ids[:ctx_end], pv, grids, neg_len, target, cond, conv.where, request=conv.text_before_image(k), bucket=bucket)
+
+    @property
+    def square_size(self) -> tuple[int, int]:
+        """The target size without buckets: ``stage.image_size`` (else the generator's) on both sides."""
+        side = self.settings.get("image_size") or self.generator.image_size
+        return side, side
+
+    def bucket_for(self, height: int, width: int) -> tuple[int, int]:
+        """The trained bucket (``data.buckets``) nearest an image's aspect; the square size when trained without buckets."""
+        from fusion.buckets import nearest
+
+        buckets = self.settings.get("buckets")
+        return nearest([tuple(b) for b in buckets], height, width) if buckets else self.square_size
 
     def context_states(self, ctx_ids: torch.Tensor, pixel_values=None, grids=None):
         """Connector output for one context: (states [1, T, text_dim], mask [1, T], query_hidden or None)."""

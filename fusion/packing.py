@@ -117,7 +117,8 @@ def collate(rendered: Sequence[Any], rope_positions: Callable[[torch.Tensor, tor
             targets[r, at : at + n] = shifted_targets(s.labels[0])
             segments[r, at : at + n] = i
             mm[r, at : at + n] = s.mm_token_type_ids[0]
-            rope[:, r, at : at + n] = rope_positions(s.input_ids, s.image_grid_thw)[:, 0].cpu()
+            pos = getattr(s, "position_ids", None)  # kept with a sample rendered once (the trainer's render cache)
+            rope[:, r, at : at + n] = (pos if pos is not None else rope_positions(s.input_ids, s.image_grid_thw))[:, 0].cpu()
             text_pos[r, at : at + n] = torch.arange(n)
             spans[i] = (r, at, n)
             if s.pixel_values is not None:

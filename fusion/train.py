@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
+from backbones.mllm.base import RenderedConversation
 from fusion import faults
 from fusion.atomic import write_text_atomic
 from fusion.data import Conversation, SkipReport, load_images, set_max_image_pixels
@@ -74,10 +75,18 @@ def setup_distributed() -> tuple[int, int, str]:
     return rank, world, device
 
 
-def deepspeed_config(ds: DictConfig, stage: DictConfig, device: str) -> dict[str, Any]:
-    """The DeepSpeed json for a run: ZeRO stage, offload, clipping, bf16 where supported."""
+def zero_stage_for(ds: DictConfig, world: int) -> int:
+    """The ZeRO stage a run uses: as configured, except 1/2 on a single rank without offload (``deepspeed.single_rank_zero0``)."""
+    if world == 1 and ds.zero_stage in (1, 2) and ds.offload_optimizer == "none" and ds.get("single_rank_zero0", True):
+        return 0
+    return ds.zero_stage
+
+
+def deepspeed_config(ds: DictConfig, stage: DictConfig, device: str, world: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed json for a run: ZeRO stage, offload, clipping, bf16 where supported. ``world`` (ranks; None: as
+    configured) lets a single rank skip ZeRO 1/2's partitioning (:func:`zero_stage_for`)."""
     bf16 = {"auto": device.startswith("cuda") and torch.cuda.is_bf16_supported(), "true": True, "false": False}[str(ds.bf16).lower()]
-    zero: dict[str, Any] = {"stage": ds.zero_stage, "overlap_comm": ds.overlap_comm and device.startswith("cuda"),
+    zero: dict[str, Any] = {"stage": ds.zero_stage if world is None else zero_stage_for(ds, world), "overlap_comm": ds.overlap_comm and device.startswith("cuda"),
                             "reduce_bucket_size": ds.reduce_bucket_size, "contiguous_gradients": True}
     for key in ("offload_optimizer", "offload_param"):
         dev = getattr(ds, key)
@@ -105,16 +114,20 @@ NOT_FOR_THIS_STAGE = ("no_target", "no_assistant_turn")
 
 
 class ConversationDataset(torch.utils.data.Dataset):
-    """Validated conversations; ``__getitem__`` decodes the images (in loader workers)."""
+    """Validated conversations; ``__getitem__`` decodes the images (in loader workers), or gives the sample's
+    rendering kept from prevalidation (stage 1, ``data.render_cache_mb``): rendered once, never per epoch."""
 
-    def __init__(self, convs: list[Conversation], decode: bool = True):
+    def __init__(self, convs: list[Conversation], decode: bool = True, rendered: dict[int, Any] | None = None):
         self.convs = convs
         self.decode = decode  # False: stage 2 from the feature cache reads no image
+        self.rendered = rendered or {}
 
     def __len__(self) -> int:
         return len(self.convs)
 
-    def __getitem__(self, i: int) -> Conversation | DataError:
+    def __getitem__(self, i: int) -> Any:
+        if i in self.rendered:
+            return self.rendered[i]
         return decode_sample(self.convs[i]) if self.decode else self.convs[i]
 
 
@@ -178,14 +191,28 @@ def collate(items):
 
 
 class GuardedAdamW(torch.optim.AdamW):
-    """AdamW whose next ``step()`` is skipped when ``skip_next`` is set: a step with a NaN / Inf loss or
-    gradient leaves the weights and the Adam moments exactly as they were (whatever the ZeRO stage or
-    precision; DeepSpeed calls this step on its own partitions)."""
+    """AdamW that leaves the weights and the Adam moments exactly as they were when this step's loss
+    (``nonfinite_loss``, set by the trainer) or any gradient it is about to apply is NaN / Inf on any rank.
 
-    skip_next = False
+    DeepSpeed calls this step on what it owns (ZeRO 1-3: a few flat fp32 partitions; ZeRO 0: the
+    parameters), after its reduction and clipping, whatever the precision; NaN / Inf survive both, so
+    one fused norm over those gradients is the whole check (no hook per parameter), and the ranks
+    agree through one all-reduce. ``last_step_nonfinite`` holds the verdict of the last call.
+    """
+
+    nonfinite_loss = False
+    last_step_nonfinite = False
 
     def step(self, closure=None):
-        if self.skip_next:
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        bad = torch.tensor(float(self.nonfinite_loss))
+        if grads:  # a norm overflows only for gradients near 1e19: a diverged step either way
+            norm = torch.nn.utils.get_total_norm(grads)
+            bad = bad.to(norm.device) + (~torch.isfinite(norm)).float()
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(bad)
+        self.last_step_nonfinite = bool(bad.item())
+        if self.last_step_nonfinite:
             return None
         return super().step(closure)
 
@@ -391,10 +418,16 @@ class Trainer:
         convs = []
         from fusion.formats import read_conversations
 
+        # stage 1 keeps what prevalidation rendered (ids, labels, pixel tensors): no sample is rendered again at any step
+        keep, budget = {}, d.render_cache_mb * 2**20 if self.cfg.stage.name == "sft" else 0
         for conv in read_conversations(d.path, d.format, d.image_root, d.on_error, self.report, allow_outside_root=d.allow_outside_root):
             try:
                 if d.prevalidate and self.cache_mode == "off":
-                    self._prepare(load_images(conv))  # decode + render + length check before the first step
+                    prepared = self._prepare(load_images(conv))  # decode + render + length check before the first step
+                    if isinstance(prepared, RenderedConversation) and prepared.nbytes <= budget:
+                        prepared.position_ids = self.model.mllm.rope_positions(prepared.input_ids, prepared.image_grid_thw).cpu()
+                        keep[id(conv)] = prepared
+                        budget -= prepared.nbytes
                 convs.append(conv)
             except DataError as e:
                 if d.on_error == "error" and e.kind not in NOT_FOR_THIS_STAGE:
@@ -407,9 +440,34 @@ class Trainer:
         convs = self._setup_gain_batch(convs)
         if self.is_main:
             log.info("data: %d samples from %s; %s", len(convs), d.path, self.report.summary())
-        self.dataset = ConversationDataset(convs, decode=self.cache is None)
+        rendered = {i: keep[id(c)] for i, c in enumerate(convs) if id(c) in keep}
+        if rendered and self.is_main:
+            log.info("data: %d of %d samples rendered once and kept (%.1f MB; data.render_cache_mb)%s", len(rendered), len(convs),
+                     sum(r.nbytes for r in rendered.values()) / 2**20,
+                     "; no loader workers needed" if len(rendered) == len(convs) and d.num_workers else "")
+        self.dataset = ConversationDataset(convs, decode=self.cache is None, rendered=rendered)
         self.first_conv = convs[0]
-        self.sampler = SeededSampler(len(convs), d.seed, self.rank, self.world)
+        buckets = [tuple(b) for b in self.model.settings.get("buckets") or []] if self.cfg.stage.name == "align" else []
+        if len(buckets) > 1:  # micro-batches within one bucket each
+            from fusion.buckets import BucketBatchSampler
+
+            of = [buckets.index(self._bucket_of(c, buckets)) for c in convs]
+            self.sampler = BucketBatchSampler(of, self.cfg.stage.micro_batch_size, d.seed, self.rank, self.world)
+            if self.is_main:
+                counts = {f"{h}x{w}": of.count(i) for i, (h, w) in enumerate(buckets)}
+                log.info("data: aspect-ratio buckets (samples each): %s", ", ".join(f"{k}: {v}" for k, v in counts.items()))
+        else:
+            self.sampler = SeededSampler(len(convs), d.seed, self.rank, self.world)
+
+    def _bucket_of(self, conv: Conversation, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+        """A stage-2 conversation's bucket: the feature cache's record, else the nearest to its last assistant image
+        (read from the image file's header, nothing decoded)."""
+        from fusion.buckets import image_size, nearest
+
+        if self.cache is not None:
+            return tuple(self.cache.entry(conv)["bucket"])
+        last = [item for role, item in conv.image_items() if role == "assistant"][-1]
+        return nearest(buckets, *image_size(last["image"]))
 
     def _setup_streaming(self) -> None:
         """data.streaming: nothing is read up front but the first samples (the drawn sample, the gain batch)."""
@@ -503,6 +561,8 @@ class Trainer:
                  "vae": fc.folder_fingerprint(gen_path / "vae" if (gen_path / "vae").is_dir() else cfg.generator.path),
                  "dtype": cfg.cache.dtype if cfg.cache.dtype != "auto" else cfg.mllm.dtype,
                  "data_path": str(Path(cfg.data.path).resolve()), "data": fc.data_fingerprint(cfg.data.path, convs)}
+        if model.settings.get("buckets"):  # (absent without buckets: the keys of caches built before them stay valid)
+            parts["buckets"] = model.settings["buckets"]
         key = fc.cache_key(parts)
         root = Path(cfg.cache.dir)
         found = fc.find(root, key)
@@ -545,10 +605,12 @@ class Trainer:
     def _loader(self):
         if isinstance(self.dataset, StreamingConversations):
             return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.stage.micro_batch_size, collate_fn=collate)
-        return torch.utils.data.DataLoader(self.dataset, batch_size=self.cfg.stage.micro_batch_size, sampler=self.sampler,
-                                           num_workers=self.cfg.data.num_workers, collate_fn=collate,
-                                           persistent_workers=False,
-                                           worker_init_fn=_ignore_stop_signals if self.cfg.data.num_workers else None)
+        # every sample rendered once and kept: a loader worker would only copy tensors across processes
+        workers = 0 if len(self.dataset.rendered) == len(self.dataset) else self.cfg.data.num_workers
+        batching = {"batch_sampler": self.sampler} if hasattr(self.sampler, "batches") else \
+            {"batch_size": self.cfg.stage.micro_batch_size, "sampler": self.sampler}
+        return torch.utils.data.DataLoader(self.dataset, **batching, num_workers=workers, collate_fn=collate, persistent_workers=False,
+                                           worker_init_fn=_ignore_stop_signals if workers else None)
 
     def _setup_engine(self) -> None:
         import deepspeed
@@ -572,7 +634,10 @@ class Trainer:
         lambdas = [frozen_then(schedule, st.generator_frozen_steps) if g["name"] == "generator" and st.name == "align" else schedule
                    for g in groups]
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
-        ds = deepspeed_config(self.cfg.deepspeed, st, self.device)
+        ds = deepspeed_config(self.cfg.deepspeed, st, self.device, self.world)
+        if ds["zero_optimization"]["stage"] != self.cfg.deepspeed.zero_stage and self.is_main:
+            log.info("one rank: ZeRO-%d runs as ZeRO-0 (nothing to partition; deepspeed.single_rank_zero0=false keeps it)",
+                     self.cfg.deepspeed.zero_stage)
         if ds["bf16"]["enabled"]:
             log.info("bf16 mixed precision on")
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -582,33 +647,17 @@ class Trainer:
             if self.cfg.deepspeed.zero_stage == 3:
                 raise ConfigError("stage.ema_decay with deepspeed.zero_stage=3 is not supported (partitioned weights)")
             self.ema = {n: p.detach().float().clone() for n, p in self.module.named_parameters() if p.requires_grad}
-        self._watch_gradients()
 
     # -- numerical faults ----------------------------------------------------------
-    def _watch_gradients(self) -> None:
-        """A hook on every trainable parameter flags a NaN / Inf gradient (before DeepSpeed reduces it)."""
-        self._bad_grads = torch.zeros((), device=self.device)
-        self._inject_inf = False
+    def _inject_inf_gradient(self):
+        """Fault injection (``inf_grad``, fusion/faults.py): the next backward gives one trainable gradient +Inf. Returns the hook."""
+        p = next(p for p in self.module.parameters() if p.requires_grad)
+        return p.register_hook(lambda g: torch.full_like(g, float("inf")))
 
-        def hook(g: torch.Tensor) -> torch.Tensor | None:
-            if self._inject_inf:  # fault injection (fusion/faults.py): one gradient becomes +Inf
-                self._inject_inf = False
-                g = torch.full_like(g, float("inf"))
-            self._bad_grads += (~torch.isfinite(g)).any().to(self._bad_grads.dtype)
-            return g
-
-        for p in self.module.parameters():
-            if p.requires_grad:
-                p.register_hook(hook)
-
-    def _nonfinite_verdict(self, losses: list[torch.Tensor]) -> bool:
-        """Whether this step's loss or gradients were NaN / Inf on any rank; applies stage.on_nonfinite."""
-        bad = self._bad_grads.clone().float()
-        for loss in losses:
-            bad += (~torch.isfinite(loss.detach())).any().float().to(bad.device)
-        torch.distributed.all_reduce(bad)
-        self._bad_grads.zero_()
-        if bad.item() == 0:
+    def _nonfinite_verdict(self, bad: bool, losses: list[torch.Tensor]) -> bool:
+        """Applies stage.on_nonfinite to this step's verdict (``bad``: its loss or a gradient was NaN / Inf on some rank,
+        so :class:`GuardedAdamW` skipped the update); returns ``bad``."""
+        if not bad:
             self.state.nonfinite_run = 0
             return False
         st = self.cfg.stage
@@ -751,7 +800,9 @@ class Trainer:
             log.info("resumed from %s at step %d", ckpt, self.state.step)
 
     # -- steps ---------------------------------------------------------------------
-    def _prepare(self, conv: Conversation, generator: torch.Generator | None = None):
+    def _prepare(self, conv: Conversation | RenderedConversation, generator: torch.Generator | None = None):
+        if isinstance(conv, RenderedConversation):  # kept from prevalidation (stage 1)
+            return conv
         if self.cache is not None:
             return self.cache.sample(conv, self.model.settings, generator)
         if self.cfg.stage.name == "sft":
@@ -831,6 +882,43 @@ class Trainer:
         pil.save(path)
         self.logger.log_images({"sample": pil}, step=self.state.step)
 
+    def _train_step(self, it):
+        """One optimizer step (``stage.grad_accum`` micro-batches from the loader iterator ``it``): (iterator, metrics)."""
+        st = self.cfg.stage
+        metrics: dict[str, float] = {}
+        step_losses = []
+        self.model.step = self.state.step
+        for micro in range(st.grad_accum):
+            batch, it = self._next_batch(it, self._step_generator(micro))
+            out = self.engine(batch, self._step_generator(micro))
+            if faults.due("nan_loss", self.state.step + 1):
+                out["loss"] = out["loss"] * float("nan")
+            inject = self._inject_inf_gradient() if micro == 0 and faults.due("inf_grad", self.state.step + 1) else None
+            step_losses.append(out["loss"].detach())
+            self.engine.backward(out["loss"])
+            if inject is not None:
+                inject.remove()
+            for k, v in out.items():
+                metrics[k] = metrics.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) / st.grad_accum
+            if micro == st.grad_accum - 1:  # the accumulation boundary: GuardedAdamW skips the update if anything went NaN / Inf
+                opt = self.inner_optimizer
+                opt.nonfinite_loss = not all(math.isfinite(float(x)) for x in step_losses)
+                opt.last_step_nonfinite = False
+            self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
+        self._nonfinite_verdict(self.inner_optimizer.last_step_nonfinite, step_losses)
+        self.inner_optimizer.nonfinite_loss = False
+        self.state.step += 1
+        if self.ema is not None:
+            self._update_ema()
+        if self.world > 1:
+            loss = torch.tensor(metrics["loss"], device=self.device)
+            torch.distributed.all_reduce(loss)
+            metrics["loss"] = loss.item() / self.world
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["skipped"] = self.report.total
+        metrics["nonfinite_steps"] = self.state.nonfinite
+        return it, metrics
+
     def train(self) -> dict[str, Any]:
         self._setup_distributed()
         self._setup_model()
@@ -851,32 +939,7 @@ class Trainer:
         if measure_gain and self.state.step == 0:
             self._log_gain()
         while self.state.step < st.max_steps:
-            metrics: dict[str, float] = {}
-            step_losses = []
-            self.model.step = self.state.step
-            for micro in range(st.grad_accum):
-                batch, it = self._next_batch(it, self._step_generator(micro))
-                out = self.engine(batch, self._step_generator(micro))
-                if faults.due("nan_loss", self.state.step + 1):
-                    out["loss"] = out["loss"] * float("nan")
-                self._inject_inf = faults.due("inf_grad", self.state.step + 1)
-                step_losses.append(out["loss"])
-                self.engine.backward(out["loss"])
-                for k, v in out.items():
-                    metrics[k] = metrics.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) / st.grad_accum
-                if micro == st.grad_accum - 1:  # the accumulation boundary: skip the update if anything went NaN / Inf
-                    self.inner_optimizer.skip_next = self._nonfinite_verdict(step_losses)
-                self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
-            self.inner_optimizer.skip_next = False
-            self.state.step += 1
-            if self.ema is not None:
-                self._update_ema()
-            loss = torch.tensor(metrics["loss"], device=self.device)
-            torch.distributed.all_reduce(loss)
-            metrics["loss"] = loss.item() / self.world
-            metrics["lr"] = self.scheduler.get_last_lr()[0]
-            metrics["skipped"] = self.report.total
-            metrics["nonfinite_steps"] = self.state.nonfinite
+            it, metrics = self._train_step(it)
             losses.append(metrics["loss"])
             if self.is_main:
                 self.logger.log(metrics, step=self.state.step)

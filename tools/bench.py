@@ -11,9 +11,20 @@ drift on a noisy machine hits both alike):
 ``cache``       stage-2 optimizer step (connector + DiT, MLLM frozen) from the feature cache vs
                 without it (render, frozen MLLM forward, VAE encode every step); the build
                 time of the cache; the loss difference of the two on the same batch and seed.
+``stage2_batching``  stage-2 optimizer step (feature cache, micro-batch ``batch``) with the DiT run once per
+                group of samples sharing a shape (``stage.dit_batching=grouped``, the default) vs once per
+                sample (``none``, the loop before); DiT forwards per step; the loss difference of the two.
+``sampling_guidance``  one image with classifier-free guidance (``sample_steps`` steps, DuoGen-style shorter
+                negative, one condition frame): the guidance passes of a step batched into shared DiT
+                forwards vs one forward per pass; with text guidance (2 passes) and with image guidance
+                too (3 passes); the largest latent difference of the two.
 ``overhead``    a full stage-2 step of the fused model (cached features) vs the bare parts
                 timed alone on the same tensors: connector forward + DiT loss forward/backward
                 + optimizer step, with pre-drawn t and noise. The ratio is the glue's cost.
+``stage1_overhead``  a stage-1 optimizer step as the trainer runs it (``Trainer._train_step``: loader, the data
+                policy, DeepSpeed ZeRO-``stage1_zero`` forward/backward/step, the NaN/Inf guard, metrics) vs the
+                bare parts on the same pre-rendered, pre-collated tensors (MLLM forward, per-sample loss,
+                backward, a plain torch AdamW step). The ratio is the trainer's cost per step.
 ``packing``     stage-1 tokens per second with packed rows vs right-padded rows vs one forward
                 per sample, on the same micro-batches; the padding fraction of each.
 ``generation``  one answer with ``images`` images (``<|bov|>`` forced at fixed decode steps, so
@@ -26,7 +37,9 @@ Writes bench.json and bench.md to the run folder.
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -82,11 +95,13 @@ def world(cfg: DictConfig) -> dict:
             "data": tiny / "demo_data" / "conversations.jsonl"}
 
 
-def stage2_model(w: dict, cfg: DictConfig):
+def stage2_model(w: dict, cfg: DictConfig, dropout: bool = False):
+    """An untrained stage-2 model (connector ``connector_name``) and its optimizer; ``dropout``: the stage's default
+    classifier-free-guidance dropout (else none, so two variants see the very same samples)."""
     from fusion.model import FusedModel
 
-    c = compose([*w["overrides"], "stage=align", f"connector={cfg.connector_name}", "stage.p_drop_text=0", "stage.p_drop_cond=0",
-                 "stage.target_image=last"])
+    drops = [] if dropout else ["stage.p_drop_text=0", "stage.p_drop_cond=0"]
+    c = compose([*w["overrides"], "stage=align", f"connector={cfg.connector_name}", *drops, "stage.target_image=last"])
     torch.manual_seed(0)
     model = FusedModel.build(c)
     model.apply_trainable(c.stage)
@@ -151,6 +166,89 @@ def bench_cache(cfg: DictConfig, w: dict) -> dict:
             "cache_build_samples": len(convs), "loss_diff_same_batch": abs(float(a - b)), "batch": cfg.batch}
 
 
+class DiTForwards(list):
+    """Fills with the batch size of every DiT forward until ``remove()``."""
+
+    def __init__(self, gen):
+        super().__init__()
+        self.handle = gen.transformer.register_forward_hook(
+            lambda m, args, kwargs, out: self.append((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[0]),
+            with_kwargs=True)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+
+def bench_stage2_batching(cfg: DictConfig, w: dict) -> dict:
+    from fusion import feature_cache as fc
+    from fusion.data import SkipReport
+
+    model, opt = stage2_model(w, cfg, dropout=True)
+    convs = target_convs(w["data"], cfg.batch * cfg.batches)
+    batches = [convs[i * cfg.batch : (i + 1) * cfg.batch] for i in range(cfg.batches)]
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = fc.FeatureCache(fc.build(model, convs, tmp, "bench", {}, "error", SkipReport(), progress=False))
+    it = {"per_sample": 0, "batched": 0}
+    forwards = {"per_sample": [], "batched": []}
+
+    def step(name, mode):
+        def fn():
+            batch = batches[it[name] % len(batches)]
+            seed = it[name]
+            it[name] += 1
+            model.settings["dit_batching"] = mode
+            counter = DiTForwards(model.generator)
+            try:
+                optimizer_step(model.align_loss([cache.sample(c, model.settings) for c in batch], torch.Generator().manual_seed(seed))["loss"], opt)
+            finally:
+                counter.remove()
+                model.settings["dit_batching"] = "grouped"
+            forwards[name].append(len(counter))
+        return fn
+
+    with torch.no_grad():
+        loss = {}
+        for mode in ("none", "grouped"):
+            model.settings["dit_batching"] = mode
+            loss[mode] = float(model.align_loss([cache.sample(c, model.settings) for c in batches[0]], torch.Generator().manual_seed(0))["loss"])
+        model.settings["dit_batching"] = "grouped"
+    times = interleaved({"per_sample": step("per_sample", "none"), "batched": step("batched", "grouped")}, cfg.repeats)
+    r = {k: spread(v) for k, v in times.items()}
+    return {"step_seconds": r, "speedup": r["per_sample"]["median"] / r["batched"]["median"], "batch": cfg.batch,
+            "dit_forwards_per_step": {k: statistics.mean(v) for k, v in forwards.items()},
+            "loss_diff_same_batch": abs(loss["none"] - loss["grouped"]),
+            "dropout": {"p_drop_text": model.settings.get("p_drop_text"), "p_drop_cond": model.settings.get("p_drop_cond")}}
+
+
+def bench_sampling_guidance(cfg: DictConfig, w: dict) -> dict:
+    model, _ = stage2_model(w, cfg)
+    gen = model.generator.eval()
+    g = torch.Generator().manual_seed(0)
+    f, side = gen.spatial_factor, gen.image_size
+    states = torch.randn(1, 48, gen.text_dim, generator=g)
+    negative = (states[:, :36].clone(), None)  # DuoGen: the context without its final text chunk, shorter
+    cond = torch.randn(1, 1, gen.latent_channels, side // f, side // f, generator=g)
+    out, latents = {}, {}
+    for name, image_guidance in (("text_guidance", 1.0), ("text_and_image_guidance", 1.5)):
+        def run(batch, image_guidance=image_guidance, name=name):
+            def fn():
+                counter = DiTForwards(gen)
+                latents[(name, batch)] = gen.sample(states, None, cond, steps=cfg.sample_steps, guidance=3.0, negative=negative,
+                                                    image_guidance=image_guidance, generator=torch.Generator().manual_seed(1),
+                                                    decode=False, batch_guidance=batch)
+                counter.remove()
+                out.setdefault(name, {}).setdefault("dit_forwards", {})["batched" if batch else "separate"] = len(counter)
+            return fn
+
+        times = interleaved({"separate": run(False), "batched": run(True)}, cfg.repeats)
+        r = {k: spread(v) for k, v in times.items()}
+        out[name].update(seconds=r, speedup=r["separate"]["median"] / r["batched"]["median"],
+                         max_latent_diff=float((latents[(name, True)] - latents[(name, False)]).abs().max()))
+    out["meta"] = {"steps": cfg.sample_steps, "image_size": side, "text_tokens": states.shape[1], "negative_tokens": negative[0].shape[1],
+                   "condition_frames": 1, "generator": type(gen).__name__}
+    return out
+
+
 def bench_overhead(cfg: DictConfig, w: dict) -> dict:
     from fusion import feature_cache as fc
     from fusion.data import SkipReport
@@ -180,6 +278,57 @@ def bench_overhead(cfg: DictConfig, w: dict) -> dict:
     times = interleaved({"fused_step": full, "bare_parts": bare}, cfg.repeats)
     r = {k: spread(v) for k, v in times.items()}
     return {"step_seconds": r, "overhead": r["fused_step"]["median"] / r["bare_parts"]["median"], "batch": cfg.batch}
+
+
+def bench_stage1_overhead(cfg: DictConfig, w: dict) -> dict:
+    import logging
+
+    from omegaconf import OmegaConf
+
+    from fusion.packing import collate, per_sample_loss
+    from fusion.train import Trainer
+
+    tmp = tempfile.mkdtemp(prefix="bench_stage1_")
+    c = compose([*w["overrides"], "stage=sft", "data=jsonl", f"data.path={w['data']}", "data.num_workers=0",
+                 f"stage.micro_batch_size={cfg.sft_batch}", "stage.max_steps=1000000", "stage.lr=1e-5",
+                 f"deepspeed.zero_stage={cfg.stage1_zero}", "logger=jsonl"])
+    OmegaConf.set_struct(c, False)
+    c.output_dir = tmp
+    logging.getLogger("fusion.train").setLevel(logging.WARNING)
+    trainer = Trainer(c)
+    trainer._setup_distributed()
+    trainer._setup_model()
+    trainer._setup_data()
+    bare_model = copy.deepcopy(trainer.model)  # before DeepSpeed hooks the trainer's parameters: the bare parts are plain torch
+    trainer._setup_engine()
+    rendered = trainer.dataset.rendered
+    state = {"it": iter(trainer._loader())}
+
+    def trainer_step():
+        state["it"], _ = trainer._train_step(state["it"])
+
+    model = bare_model
+    params = [p for p in model.mllm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    mllm = model.mllm
+    order = trainer.sampler.indices(0)
+    batches = [[rendered[i] for i in order[k : k + cfg.sft_batch]] for k in range(0, len(order) - cfg.sft_batch + 1, cfg.sft_batch)]
+    collated = [collate(b, mllm.rope_positions, mllm.tokenizer.pad_token_id, "packed", max(r.length for r in b)) for b in batches]
+    collated = [(model._on_mllm(b.inputs), b) for b in collated]
+    it = {"bare": 0}
+
+    def bare():
+        inputs, batch = collated[it["bare"] % len(collated)]
+        it["bare"] += 1
+        logits = mllm(**inputs)["logits"]
+        optimizer_step(per_sample_loss(logits, batch).mean(), opt)
+
+    times = interleaved({"trainer_step": trainer_step, "bare_parts": bare}, cfg.repeats * 4, warmup=2)
+    r = {k: spread(v) for k, v in times.items()}
+    shutil.rmtree(tmp, ignore_errors=True)
+    return {"step_seconds": r, "overhead": r["trainer_step"]["median"] / r["bare_parts"]["median"], "batch": cfg.sft_batch,
+            "samples": len(trainer.dataset), "rendered_once": len(rendered), "zero_stage": cfg.stage1_zero,
+            "trainable_params": sum(p.numel() for p in params)}
 
 
 def bench_packing(cfg: DictConfig, w: dict) -> dict:
@@ -320,12 +469,39 @@ def markdown(results: dict) -> str:
             f"| with cache | {fmt(r['step_seconds']['cached'])} | 1.00x |\n\n"
             f"Micro-batch {r['batch']}; cache build {r['cache_build_seconds']:.1f} s for {r['cache_build_samples']} samples "
             f"(paid once); loss difference on the same batch and seed {r['loss_diff_same_batch']:.1e}.")
+    if "stage2_batching" in results:
+        r = results["stage2_batching"]
+        parts.append(
+            "### stage 2: batched DiT passes\n\n| variant | step s | DiT forwards / step | ratio |\n|---|---|---|---|\n"
+            f"| one DiT pass per sample (stage.dit_batching=none) | {fmt(r['step_seconds']['per_sample'])} | "
+            f"{r['dit_forwards_per_step']['per_sample']:.1f} | {r['speedup']:.2f}x slower |\n"
+            f"| one DiT pass per shape (grouped, default) | {fmt(r['step_seconds']['batched'])} | "
+            f"{r['dit_forwards_per_step']['batched']:.1f} | 1.00x |\n\n"
+            f"Micro-batch {r['batch']}, feature cache on, CFG dropout {r['dropout']}; loss difference on the same batch and seed "
+            f"{r['loss_diff_same_batch']:.1e}. (Each DiT forward is followed by its backward.)")
+    if "sampling_guidance" in results:
+        r = results["sampling_guidance"]
+        rows = "\n".join(f"| {k.replace('_', ' ')} | {fmt(r[k]['seconds']['separate'])} ({r[k]['dit_forwards']['separate']}) | "
+                         f"{fmt(r[k]['seconds']['batched'])} ({r[k]['dit_forwards']['batched']}) | {r[k]['speedup']:.2f}x | {r[k]['max_latent_diff']:.1e} |"
+                         for k in ("text_guidance", "text_and_image_guidance"))
+        parts.append("### sampling: batched guidance passes\n\n" + json.dumps(r["meta"]) +
+                     "\n\n| guidance | separate passes s (DiT forwards) | batched s (DiT forwards) | separate / batched | max latent diff |\n"
+                     "|---|---|---|---|---|\n" + rows)
     if "overhead" in results:
         r = results["overhead"]
         parts.append(
             "### stage 2: fusion overhead\n\n| variant | step s | ratio |\n|---|---|---|\n"
             f"| fused model step | {fmt(r['step_seconds']['fused_step'])} | {r['overhead']:.3f}x |\n"
             f"| bare parts (connector + DiT loss + optimizer) | {fmt(r['step_seconds']['bare_parts'])} | 1.000x |")
+    if "stage1_overhead" in results:
+        r = results["stage1_overhead"]
+        parts.append(
+            "### stage 1: trainer overhead\n\n| variant | step s | ratio |\n|---|---|---|\n"
+            f"| trainer step (loader, DeepSpeed ZeRO-{r['zero_stage']}, NaN/Inf guard, metrics) | {fmt(r['step_seconds']['trainer_step'])} | "
+            f"{r['overhead']:.3f}x |\n"
+            f"| bare parts (forward, loss, backward, torch AdamW) on pre-collated tensors | {fmt(r['step_seconds']['bare_parts'])} | 1.000x |\n\n"
+            f"Micro-batch {r['batch']}; {r['rendered_once']} of {r['samples']} samples rendered once before training "
+            f"(data.render_cache_mb); {r['trainable_params']:,} trainable parameters.")
     if "packing" in results:
         r = results["packing"]
         rows = "\n".join(f"| {k} | {fmt(r[k]['step_seconds'])} | {r[k]['tokens_per_second']:.0f} | {r[k]['pad_fraction']:.1%} |"
@@ -353,7 +529,9 @@ def main(cfg: DictConfig) -> None:
     w = world(cfg)
     results: dict = {"meta": {"world": w["name"], "repeats": cfg.repeats, "torch_threads": torch.get_num_threads(),
                               "sections": list(cfg.sections)}}
-    run = {"cache": lambda: bench_cache(cfg, w), "overhead": lambda: bench_overhead(cfg, w), "packing": lambda: bench_packing(cfg, w),
+    run = {"cache": lambda: bench_cache(cfg, w), "stage2_batching": lambda: bench_stage2_batching(cfg, w),
+           "sampling_guidance": lambda: bench_sampling_guidance(cfg, w), "overhead": lambda: bench_overhead(cfg, w),
+           "stage1_overhead": lambda: bench_stage1_overhead(cfg, w), "packing": lambda: bench_packing(cfg, w),
            "generation": lambda: bench_generation(cfg, w)}
     from hydra.core.hydra_config import HydraConfig
 

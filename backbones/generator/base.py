@@ -143,6 +143,15 @@ class FlowGenerator(nn.Module):
         """Pixels per latent cell along each side."""
         return self.vae_slot.spatial_factor
 
+    @property
+    def size_unit(self) -> int:
+        """Pixels per DiT token along each side (latent cell x patch): image sides are multiples of it."""
+        p = self.transformer.config.patch_size
+        return self.spatial_factor * int(p[-1] if isinstance(p, (list, tuple)) else p)
+
+    #: the family's published (height, width) sizes (``data.buckets=generator`` scales them, :mod:`fusion.buckets`)
+    published_buckets: tuple[tuple[int, int], ...] = ()
+
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.vae_slot.encode(x)
 

@@ -38,6 +38,9 @@ def _width_key(config) -> str:
 class CosmosGenerator(FlowGenerator):
     """Cosmos-Predict DiT + Wan2.1 VAE under the toolkit's flow convention."""
 
+    #: Cosmos-Predict2.5's 16:9 size (diffusers' Cosmos2_5 pipeline default, 704x1280) and its portrait transpose
+    published_buckets = ((704, 1280), (1280, 704))
+
     def __init__(self, transformer, vae, scheduler: Any = None, image_size: int = 512, cond_timestep: float = 1e-4):
         super().__init__(transformer, vae, scheduler, image_size)
         self.cond_timestep = cond_timestep

@@ -33,6 +33,13 @@ CONDITION_MODES = ("mllm_only", "spatial_concat")
 class SanaGenerator(FlowGenerator):
     """SANA DiT + DC-AE under the toolkit's flow convention."""
 
+    @property
+    def published_buckets(self):
+        """SANA's 1024 aspect-ratio bins (the pipeline's ``ASPECT_RATIO_1024_BIN``, from PixArt-alpha)."""
+        from diffusers.pipelines.pixart_alpha.pipeline_pixart_alpha import ASPECT_RATIO_1024_BIN
+
+        return tuple((int(h), int(w)) for h, w in ASPECT_RATIO_1024_BIN.values())
+
     timestep_scale = 1000.0
 
     def __init__(self, transformer, vae, scheduler: Any = None, image_size: int = 512, condition_mode: str = "mllm_only"):

@@ -45,6 +45,8 @@ class WanGenerator(FlowGenerator):
     """Wan DiT + VAE under the toolkit's flow convention."""
 
     timestep_scale = 1000.0
+    #: Wan2.1 T2V-1.3B's supported sizes (its configs' SUPPORTED_SIZES '832*480' and '480*832', width*height)
+    published_buckets = ((480, 832), (832, 480))
 
     @classmethod
     def from_pretrained(

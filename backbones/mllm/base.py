@@ -41,10 +41,17 @@ class RenderedConversation:
     image_grid_thw: torch.Tensor | None  # [n_images, 3]
     image_roles: list[str] = field(default_factory=list)  # role of each image, in order
     text: str = ""
+    position_ids: torch.Tensor | None = None  # [3, 1, L] its rope positions when computed once and kept (else the collate computes them)
 
     @property
     def length(self) -> int:
         return self.input_ids.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """Memory its tensors hold."""
+        ts = (self.input_ids, self.labels, self.attention_mask, self.mm_token_type_ids, self.pixel_values, self.image_grid_thw)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def model_inputs(self) -> dict[str, Any]:
         return dict(
