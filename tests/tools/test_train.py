@@ -137,6 +137,34 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tiny, sft_run, tmp_path)
 
 
 @pytest.mark.slow
+def test_stage2_buckets_batch_within_a_bucket_and_resume_exactly(tiny, sft_run, tmp_path):
+    """data.buckets on a data set with three aspect ratios through the trainer (its bucket sampler, from the feature cache's
+    records): a run stopped by SIGTERM and resumed gives the losses of the uninterrupted run. (Batches within one bucket:
+    tests/fusion/test_buckets.py.)"""
+    from tests.fusion.test_buckets import BUCKETS, write_ragged_data
+
+    (tmp_path / "data").mkdir()
+    data = write_ragged_data(tmp_path / "data")
+    common = [tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", "data=jsonl", f"data.path={data}",
+              f"data.buckets=[{','.join(BUCKETS)}]", "stage.micro_batch_size=3", "stage.max_steps=8", "stage.save_every=3",
+              "stage.lr=1e-3", "cache=auto", f"cache.dir={tmp_path / 'cache'}", "data.seed=5"]
+    train(*common, f"hydra.run.dir={tmp_path / 'full'}")
+    log = (tmp_path / "full" / "train.log").read_text()
+    assert "aspect-ratio buckets (samples each): 64x64: 4, 64x96: 4, 96x64: 4" in log
+    full = losses(tmp_path / "full")
+    run = tmp_path / "stopped"
+    p = subprocess.run(cmd(*common, f"hydra.run.dir={run}"), cwd=REPO, env={**env(), "UNIFUSE_FAULT": "term_after_step@5"},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 143, p.stderr[-2000:]
+    train(*common, f"hydra.run.dir={run}")
+    assert "resumed from" in (run / "train.log").read_text()
+    resumed = losses(run)
+    assert sorted(resumed) == list(range(1, 9))
+    for step, loss in full.items():
+        assert abs(resumed[step] - loss) < 1e-5, (step, resumed[step], loss)
+
+
+@pytest.mark.slow
 def test_offload_preset_runs(tiny, tmp_path):
     # zero3_offload: parameters and optimizer states on the CPU, with the toolkit's own (NaN-guarded) AdamW
     train(tiny, "stage=sft", "deepspeed=zero3_offload", "stage.max_steps=2", f"hydra.run.dir={tmp_path}")
