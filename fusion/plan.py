@@ -400,6 +400,8 @@ def render(plan: dict[str, Any]) -> str:
     for name, c in counts.items():
         lines.append(f"| {name} | {fmt_count(c['total'])} |")
     lines.append(f"| **total** | {fmt_count(sum(c['total'] for c in counts.values()))} |")
+    for note in plan["config"].get("notes", []):
+        lines.append(f"\nNote: {note}")
     for st in plan["stages"]:
         tr = sum(st["trainable"].values())
         parts = ", ".join(f"{k} {v:,}" for k, v in st["trainable"].items() if v)

@@ -202,10 +202,13 @@ class GuardedAdamW(torch.optim.AdamW):
 
     nonfinite_loss = False
     last_step_nonfinite = False
+    clip_norm = 0.0  # > 0: clip here with the norm the check computes (a single rank under ZeRO-0: the trainer takes it off DeepSpeed)
 
     def step(self, closure=None):
-        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
         bad = torch.tensor(float(self.nonfinite_loss))
+        norm = None
         if grads:  # a norm overflows only for gradients near 1e19: a diverged step either way
             norm = torch.nn.utils.get_total_norm(grads)
             bad = bad.to(norm.device) + (~torch.isfinite(norm)).float()
@@ -214,6 +217,8 @@ class GuardedAdamW(torch.optim.AdamW):
         self.last_step_nonfinite = bool(bad.item())
         if self.last_step_nonfinite:
             return None
+        if self.clip_norm > 0 and norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, self.clip_norm, norm)  # (takes the parameters, clips their .grad)
         return super().step(closure)
 
 
@@ -618,7 +623,7 @@ class Trainer:
         st = self.cfg.stage
         self.module = StageModule(self.model, st.name)
         groups = self.model.param_groups(st)
-        optimizer = self.inner_optimizer = GuardedAdamW(groups, betas=(0.9, 0.999), eps=1e-8)
+        optimizer = self.inner_optimizer = GuardedAdamW(groups, betas=(0.9, 0.999), eps=1e-8, foreach=True)  # (the default on GPUs; on CPUs too)
         warm, total = st.warmup_steps, st.max_steps
 
         def schedule(step: int) -> float:
@@ -638,10 +643,15 @@ class Trainer:
         if ds["zero_optimization"]["stage"] != self.cfg.deepspeed.zero_stage and self.is_main:
             log.info("one rank: ZeRO-%d runs as ZeRO-0 (nothing to partition; deepspeed.single_rank_zero0=false keeps it)",
                      self.cfg.deepspeed.zero_stage)
+        single = self.world == 1 and ds["zero_optimization"]["stage"] == 0
+        if single:  # one rank, no partitions: the guarded step clips with the norm it computes anyway (DeepSpeed would walk every
+            optimizer.clip_norm, ds["gradient_clipping"] = ds["gradient_clipping"], 0.0  # parameter again for a second norm)
         if ds["bf16"]["enabled"]:
             log.info("bf16 mixed precision on")
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.module, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+        if single:  # averaging gradients over one rank changes nothing: skip the flatten/all-reduce/unflatten of every backward
+            self.engine.enable_backward_allreduce = False
         self.ema = None
         if st.ema_decay > 0:
             if self.cfg.deepspeed.zero_stage == 3:
@@ -871,8 +881,10 @@ class Trainer:
             with torch.no_grad():
                 states, mask, _ = m.sample_states(sample)
                 cond = None if sample.cond is None else sample.cond[None]
+                f = m.generator.spatial_factor  # at the sample's own size (its bucket with data.buckets)
                 img = m.generator.sample(states, mask, cond, steps=self.cfg.stage.sample_steps, guidance=self.cfg.stage.sample_guidance,
-                                         generator=torch.Generator().manual_seed(0))
+                                         generator=torch.Generator().manual_seed(0), height=sample.target.shape[-2] * f,
+                                         width=sample.target.shape[-1] * f)
         finally:
             m.connector.train(was[0])
             m.generator.transformer.train(was[1])

@@ -16,7 +16,7 @@ from fusion.errors import CheckpointError
 from fusion.model import FusedModel
 from tests.conftest import compose_config
 
-MLLMS = ["qwen2_5_vl_3b", "qwen2_5_vl_7b"]
+MLLMS = ["qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen3_vl_4b", "qwen3_vl_8b"]  # qwen3_vl_2b: no published exact count found offline
 GENERATORS = ["wan2_1_t2v_1_3b", "wan2_2_ti2v_5b", "cosmos_predict2_2b_t2i", "cosmos_predict2_2b_v2w",
               "cosmos_predict2_5_2b", "sana_1600m", "sana1_5_1_6b"]
 
@@ -24,6 +24,8 @@ GENERATORS = ["wan2_1_t2v_1_3b", "wan2_2_ti2v_5b", "cosmos_predict2_2b_t2i", "co
 PUBLISHED_MLLM = {
     "qwen2_5_vl_3b": (3_754_622_976, "Qwen/Qwen2.5-VL-3B-Instruct model.safetensors.index.json total_size 7,509,245,952 B (bf16) / 2; model page 3.75B"),
     "qwen2_5_vl_7b": (8_292_166_656, "Qwen/Qwen2.5-VL-7B-Instruct hub listing numParameters; model page 8.29B"),
+    "qwen3_vl_4b": (4_440_000_000, "Qwen3-VL-4B-Instruct: 4.44 B parameters (its model page's size, as quoted by public write-ups)"),
+    "qwen3_vl_8b": (8_770_000_000, "Qwen3-VL-8B-Instruct: 8.77 B parameters (its model page's size, as issue 17 quotes it)"),
 }
 PUBLISHED_DIT = {
     "wan2_1_t2v_1_3b": (1_418_996_800, "Wan2.1-T2V-1.3B-Diffusers transformer safetensors 5,675,987,200 B (fp32) / 4; 'about 1.42B'"),
@@ -236,6 +238,21 @@ def test_plan_runs_for_every_published_pair(mllm, tmp_path):
         assert all(s["activations"]["bytes"] > 0 for s in result["stages"])
         assert result["parameters"]["generator"]["total"] > 1e9
         assert result["stages"][-1]["trainable"]["generator"] == result["parameters"]["generator"]["total"]
+
+
+def test_plan_qwen3_vl_8b_with_cosmos_predict2_5_says_how_its_text_projection_is_read(tmp_path, capsys):
+    result = _plan(["mllm=qwen3_vl_8b", "generator=cosmos_predict2_5_2b", "connector=multilayer_concat", "seq_len=256", "image_size=256"],
+                   tmp_path)
+    assert [s["name"] for s in result["stages"]] == ["sft", "align"]
+    assert result["parameters"]["mllm"]["total"] + result["parameters"]["vision_tower"]["total"] == 8_767_123_696
+    assert result["stages"][1]["trainable"]["generator"] == PUBLISHED_DIT["cosmos_predict2_5_2b"][0]  # the projection keeps its width
+    out = capsys.readouterr().out
+    assert "crossattn_proj_in_channels 100,352" in out and "36 x 4096 = 147,456" in out and "generator.text_dim=147456" in out
+    # the re-initialised projection reads all 36 layers: only its input width changes
+    wide = _plan(["mllm=qwen3_vl_8b", "generator=cosmos_predict2_5_2b", "generator.text_dim=147456", "connector=multilayer_concat",
+                  "stage=align", "seq_len=256", "image_size=256"], tmp_path)
+    grown = wide["parameters"]["generator"]["total"] - PUBLISHED_DIT["cosmos_predict2_5_2b"][0]
+    assert grown == (147_456 - 100_352) * 1024 and not wide["config"]["notes"]
 
 
 def test_plan_ming_experiment(tmp_path):

@@ -20,11 +20,13 @@ drift on a noisy machine hits both alike):
                 too (3 passes); the largest latent difference of the two.
 ``overhead``    a full stage-2 step of the fused model (cached features) vs the bare parts
                 timed alone on the same tensors: connector forward + DiT loss forward/backward
-                + optimizer step, with pre-drawn t and noise. The ratio is the glue's cost.
+                (one pass per shape, as the fused step) + optimizer step, with pre-drawn t and
+                noise. The ratio is the glue's cost.
 ``stage1_overhead``  a stage-1 optimizer step as the trainer runs it (``Trainer._train_step``: loader, the data
                 policy, DeepSpeed ZeRO-``stage1_zero`` forward/backward/step, the NaN/Inf guard, metrics) vs the
                 bare parts on the same pre-rendered, pre-collated tensors (MLLM forward, per-sample loss,
-                backward, a plain torch AdamW step). The ratio is the trainer's cost per step.
+                backward, the configured gradient clipping, a plain torch AdamW step). The ratio is the
+                trainer's cost per step.
 ``packing``     stage-1 tokens per second with packed rows vs right-padded rows vs one forward
                 per sample, on the same micro-batches; the padding fraction of each.
 ``generation``  one answer with ``images`` images (``<|bov|>`` forced at fixed decode steps, so
@@ -267,13 +269,27 @@ def bench_overhead(cfg: DictConfig, w: dict) -> dict:
     def full():
         optimizer_step(model.align_loss(samples, torch.Generator().manual_seed(3))["loss"], opt)
 
+    from backbones.generator.base import pad_text
+    from fusion.flow import add_noise, target_velocity
+
+    groups: dict = {}  # the DiT batched by shape, as the fused step runs it
+    for i, s in enumerate(samples):
+        groups.setdefault((tuple(s.target.shape), 0 if s.cond is None else s.cond.shape[0]), []).append(i)
+
     def bare():
-        losses = []
-        for s, ti, ni in zip(samples, t, noise):
+        outs = []
+        for s in samples:
             h = s.ctx_hidden[None]
-            out = conn(h, torch.ones(1, h.shape[2], dtype=torch.long))
-            losses.append(gen.flow_loss(s.target[None], None if s.cond is None else s.cond[None], out.states, out.mask, ti, ni))
-        optimizer_step(torch.stack(losses).mean(), opt)
+            outs.append(conn(h, torch.ones(1, h.shape[2], dtype=torch.long)))
+        total = 0.0
+        for idx in groups.values():
+            target = torch.stack([samples[i].target for i in idx])
+            cond = torch.stack([samples[i].cond for i in idx]) if samples[idx[0]].cond is not None else None
+            states, mask, lengths = pad_text([outs[i].states for i in idx], [outs[i].mask for i in idx])
+            ti, ni = torch.cat([t[i] for i in idx]), torch.cat([noise[i] for i in idx])
+            v = gen.velocity(add_noise(target, ni, ti), ti, cond, states, mask, lengths)
+            total = total + (v.float() - target_velocity(target, ni).float()).square().mean(dim=(1, 2, 3)).sum()
+        optimizer_step(total / len(samples), opt)
 
     times = interleaved({"fused_step": full, "bare_parts": bare}, cfg.repeats)
     r = {k: spread(v) for k, v in times.items()}
@@ -309,7 +325,7 @@ def bench_stage1_overhead(cfg: DictConfig, w: dict) -> dict:
 
     model = bare_model
     params = [p for p in model.mllm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5)
+    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)  # as the trainer's
     mllm = model.mllm
     order = trainer.sampler.indices(0)
     batches = [[rendered[i] for i in order[k : k + cfg.sft_batch]] for k in range(0, len(order) - cfg.sft_batch + 1, cfg.sft_batch)]
@@ -317,17 +333,22 @@ def bench_stage1_overhead(cfg: DictConfig, w: dict) -> dict:
     collated = [(model._on_mllm(b.inputs), b) for b in collated]
     it = {"bare": 0}
 
+    clip = c.deepspeed.gradient_clipping
+
     def bare():
         inputs, batch = collated[it["bare"] % len(collated)]
         it["bare"] += 1
         logits = mllm(**inputs)["logits"]
-        optimizer_step(per_sample_loss(logits, batch).mean(), opt)
+        per_sample_loss(logits, batch).mean().backward()
+        torch.nn.utils.clip_grad_norm_(params, clip, foreach=True)  # the configured clipping, as the trainer applies it
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     times = interleaved({"trainer_step": trainer_step, "bare_parts": bare}, cfg.repeats * 4, warmup=2)
     r = {k: spread(v) for k, v in times.items()}
     shutil.rmtree(tmp, ignore_errors=True)
     return {"step_seconds": r, "overhead": r["trainer_step"]["median"] / r["bare_parts"]["median"], "batch": cfg.sft_batch,
-            "samples": len(trainer.dataset), "rendered_once": len(rendered), "zero_stage": cfg.stage1_zero,
+            "samples": len(trainer.dataset), "rendered_once": len(rendered), "zero_stage": trainer.engine.zero_optimization_stage(),
             "trainable_params": sum(p.numel() for p in params)}
 
 
@@ -492,14 +513,14 @@ def markdown(results: dict) -> str:
         parts.append(
             "### stage 2: fusion overhead\n\n| variant | step s | ratio |\n|---|---|---|\n"
             f"| fused model step | {fmt(r['step_seconds']['fused_step'])} | {r['overhead']:.3f}x |\n"
-            f"| bare parts (connector + DiT loss + optimizer) | {fmt(r['step_seconds']['bare_parts'])} | 1.000x |")
+            f"| bare parts (connector + DiT loss per shape + optimizer) | {fmt(r['step_seconds']['bare_parts'])} | 1.000x |")
     if "stage1_overhead" in results:
         r = results["stage1_overhead"]
         parts.append(
             "### stage 1: trainer overhead\n\n| variant | step s | ratio |\n|---|---|---|\n"
-            f"| trainer step (loader, DeepSpeed ZeRO-{r['zero_stage']}, NaN/Inf guard, metrics) | {fmt(r['step_seconds']['trainer_step'])} | "
+            f"| trainer step (loader, DeepSpeed ZeRO-{r['zero_stage']} on one rank, NaN/Inf guard, metrics) | {fmt(r['step_seconds']['trainer_step'])} | "
             f"{r['overhead']:.3f}x |\n"
-            f"| bare parts (forward, loss, backward, torch AdamW) on pre-collated tensors | {fmt(r['step_seconds']['bare_parts'])} | 1.000x |\n\n"
+            f"| bare parts (forward, loss, backward, clipping, torch AdamW) on pre-collated tensors | {fmt(r['step_seconds']['bare_parts'])} | 1.000x |\n\n"
             f"Micro-batch {r['batch']}; {r['rendered_once']} of {r['samples']} samples rendered once before training "
             f"(data.render_cache_mb); {r['trainable_params']:,} trainable parameters.")
     if "packing" in results:

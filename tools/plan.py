@@ -71,10 +71,11 @@ def main(argv: list[str] | None = None) -> dict:
             model = FusedModel.build(scfg, device="meta")
             if counts is None:
                 counts = P.count_parts(model)
+                notes = model.generator.text_width_notes(model.mllm.num_layers, model.mllm.hidden_size)
             stages.append(P.plan_stage(model, stage, OmegaConf.to_container(scfg.deepspeed), hw, work, name or stage["name"]))
         label = " + ".join(str(cfg[k]._target_).rsplit(".", 2)[-2] if k == "connector" else Path(str(cfg[k].path)).name
                            for k in ("mllm", "generator", "connector"))
-        result = P.to_json(counts, stages, hw, {"name": label, "overrides": overrides,
+        result = P.to_json(counts, stages, hw, {"name": label, "overrides": overrides, "notes": notes,
                                                         "deepspeed": OmegaConf.to_container(cfg.deepspeed)})
     out = Path(cfg.output_dir)
     text = P.render(result)

@@ -152,6 +152,11 @@ class FlowGenerator(nn.Module):
     #: the family's published (height, width) sizes (``data.buckets=generator`` scales them, :mod:`fusion.buckets`)
     published_buckets: tuple[tuple[int, int], ...] = ()
 
+    def text_width_notes(self, mllm_layers: int, mllm_width: int) -> list[str]:
+        """What a planner should say about this checkpoint's text width next to an MLLM of ``mllm_layers`` x ``mllm_width``
+        (a checkpoint whose text projection was trained on one particular MLLM); none by default."""
+        return []
+
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.vae_slot.encode(x)
 

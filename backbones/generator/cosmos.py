@@ -72,6 +72,16 @@ class CosmosGenerator(FlowGenerator):
     def uses_condition_frames(self) -> bool:  # type: ignore[override]
         return self.has_condition_channel
 
+    def text_width_notes(self, mllm_layers: int, mllm_width: int) -> list[str]:
+        c = self.transformer.config
+        if not c.get("use_crossattn_projection", False) or c.crossattn_proj_in_channels == mllm_layers * mllm_width:
+            return []
+        return [f"Cosmos-Predict2.5's crossattn_proj_in_channels {c.crossattn_proj_in_channels:,} is the width it was trained on "
+                "(28 Qwen2.5-VL-7B layers x 3584); this MLLM gives "
+                f"{mllm_layers} x {mllm_width} = {mllm_layers * mllm_width:,}. As configured the connector maps into "
+                f"{c.crossattn_proj_in_channels:,} and the projection keeps its weights; generator.text_dim={mllm_layers * mllm_width} "
+                "re-initialises the projection alone (every other DiT weight loads) to read all of this MLLM's layers"]
+
     @property
     def text_dim(self) -> int:
         c = self.transformer.config

@@ -64,6 +64,51 @@ def test_stage1_sft_zero2_runs_lowers_loss_and_exports(sft_run):
     assert (sft_run / "train.log").is_file()
 
 
+def test_guarded_adamw_clips_like_torch_and_skips_nonfinite_steps():
+    """The single-rank path clips inside the guarded step (with the norm its NaN/Inf check computes): the same update as
+    torch's clip_grad_norm_ then AdamW; a NaN gradient or loss leaves weights and moments untouched."""
+    from fusion.train import GuardedAdamW
+
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(20, 10)) for _ in range(3)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    grads = [torch.randn(20, 10) * 5 for _ in a]
+    guarded, plain = GuardedAdamW(a, lr=0.1, foreach=True), torch.optim.AdamW(b, lr=0.1)
+    guarded.clip_norm = 1.0
+    for p, q, g in zip(a, b, grads):
+        p.grad, q.grad = g.clone(), g.clone()
+    norm = torch.nn.utils.clip_grad_norm_(b, 1.0)
+    assert norm > 10  # clipping is active
+    guarded.step()
+    plain.step()
+    assert not guarded.last_step_nonfinite
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q)
+    before = [p.detach().clone() for p in a]
+    moments = [guarded.state[p]["exp_avg"].clone() for p in a]
+    a[1].grad = torch.full_like(a[1], float("nan"))
+    guarded.step()
+    assert guarded.last_step_nonfinite
+    assert all(torch.equal(p, x) for p, x in zip(a, before))
+    assert all(torch.equal(guarded.state[p]["exp_avg"], m) for p, m in zip(a, moments))
+    for p in a:
+        p.grad = torch.ones_like(p)
+    guarded.nonfinite_loss = True  # a NaN loss with finite gradients is skipped too
+    guarded.step()
+    assert guarded.last_step_nonfinite and all(torch.equal(p, x) for p, x in zip(a, before))
+
+
+def test_single_rank_zero0_trains_exactly_as_zero2(tiny, sft_run, tmp_path):
+    """One rank runs ZeRO-2 as ZeRO-0 (clipping in the guarded step, no gradient all-reduce); keeping ZeRO-2 gives the same losses."""
+    assert "one rank: ZeRO-2 runs as ZeRO-0" in (sft_run / "train.log").read_text()
+    train(tiny, "stage=sft", "stage.max_steps=12", "stage.lr=1e-3", "stage.warmup_steps=0", "deepspeed.single_rank_zero0=false",
+          f"hydra.run.dir={tmp_path}")
+    zero2, zero0 = losses(tmp_path), losses(sft_run)
+    assert "runs as ZeRO-0" not in (tmp_path / "train.log").read_text()
+    for step, loss in zero2.items():
+        assert abs(zero0[step] - loss) < 1e-4 * max(1.0, abs(loss)), (step, zero0[step], loss)
+
+
 def test_stage2_align_zero3_from_stage1_lowers_loss_and_reloads(tiny, sft_run, tmp_path):
     train(tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", "deepspeed=zero3",
           "stage.max_steps=16", "stage.lr=2e-3", "stage.warmup_steps=0", "stage.sample_every=8", f"hydra.run.dir={tmp_path}")
