@@ -83,18 +83,19 @@ def test_grouped_dit_passes_equal_the_per_sample_loop(tiny_dir, convs, tmp_path,
     if generator != "tiny_cosmos":  # the tiny Cosmos has no text encoder of its own (no distillation teacher)
         cases.append(("last_mlp", ["stage.distill_weight=0.5"], "plain"))
     for connector, extra, source in cases:
+        torch.manual_seed(0)
+        model, cfg = build(tiny_dir, connector, generator, extra=[*drops, *extra])
+        model.apply_trainable(cfg.stage)
+        if cfg.stage.distill_weight:
+            model.set_teacher(TextEncoder.from_pretrained(cfg.generator.path))
+        if source == "cache":
+            cache = fc.FeatureCache(fc.build(model, convs, tmp_path / connector, "k", {}, "error", SkipReport(), progress=False))
+            samples = [cache.sample(c, model.settings) for c in convs * 2]
+        else:
+            samples = [model.prepare_align_sample(c) for c in convs * 2]
         results = []
-        for mode in ("none", "grouped"):
-            torch.manual_seed(0)
-            model, cfg = build(tiny_dir, connector, generator, extra=[*drops, *extra, f"stage.dit_batching={mode}"])
-            model.apply_trainable(cfg.stage)
-            if cfg.stage.distill_weight:
-                model.set_teacher(TextEncoder.from_pretrained(cfg.generator.path))
-            if source == "cache":
-                cache = fc.FeatureCache(fc.build(model, convs, tmp_path / mode, "k", {}, "error", SkipReport(), progress=False))
-                samples = [cache.sample(c, model.settings) for c in convs * 2]
-            else:
-                samples = [model.prepare_align_sample(c) for c in convs * 2]
+        for mode in ("none", "grouped"):  # the same model and samples, the same draws (seeded), batched or not
+            model.settings["dit_batching"] = mode
             results.append(loss_and_grads(model, samples))
         (la, ga), (lb, gb) = results
         case = f"{generator} {connector} {extra} {source}"
