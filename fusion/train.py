@@ -460,7 +460,9 @@ class Trainer:
             self.sampler = BucketBatchSampler(of, self.cfg.stage.micro_batch_size, d.seed, self.rank, self.world)
             if self.is_main:
                 counts = {f"{h}x{w}": of.count(i) for i, (h, w) in enumerate(buckets)}
-                log.info("data: aspect-ratio buckets (samples each): %s", ", ".join(f"{k}: {v}" for k, v in counts.items()))
+                empty = sum(1 for v in counts.values() if not v)
+                log.info("data: aspect-ratio buckets (samples each): %s%s", ", ".join(f"{k}: {v}" for k, v in counts.items() if v),
+                         f" ({empty} of {len(buckets)} buckets empty)" if empty else "")
         else:
             self.sampler = SeededSampler(len(convs), d.seed, self.rank, self.world)
 
