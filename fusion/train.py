@@ -54,6 +54,18 @@ FILES = "files.json"  # per checkpoint: every file with its size (and sha256), c
 
 
 # ---------------------------------------------------------------------------- distributed
+def _skip_cpu_shared_memory_allreduce() -> None:
+    """One CPU rank: DeepSpeed's shared-memory all-reduce op (which speeds up several ranks on one CPU node) has nothing
+    to do, and building it just in time costs 35-60 s on every fresh machine or environment; mark it unavailable, so
+    DeepSpeed's torch backend uses plain gloo (what it does wherever the op cannot be built)."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
+
+
 def setup_distributed() -> tuple[int, int, str]:
     """(rank, world size, device). Without a launcher: a single-rank gloo group on a free port."""
     if "RANK" not in os.environ:
@@ -65,6 +77,9 @@ def setup_distributed() -> tuple[int, int, str]:
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
+
+    if not cuda and os.environ.get("WORLD_SIZE") == "1":
+        _skip_cpu_shared_memory_allreduce()
 
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")

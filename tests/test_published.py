@@ -48,7 +48,7 @@ def _meta_generator(name):
     return instantiate(cfg.generator, device="meta")
 
 
-@pytest.mark.parametrize("name", MLLMS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "qwen2_5_vl_3b" else n for n in MLLMS])
 def test_published_mllm_parameter_count(name):
     published, source = PUBLISHED_MLLM[name]
     m = _meta_mllm(name)
@@ -228,7 +228,8 @@ def test_plan_says_when_it_does_not_fit(tmp_path):
     assert result["stages"][0]["fits"] is False
 
 
-@pytest.mark.parametrize("mllm", [pytest.param("qwen2_5_vl_3b", marks=pytest.mark.slow), "qwen2_5_vl_7b"])
+@pytest.mark.slow  # the fast tier plans DuoGen (Qwen2.5-VL-7B + Cosmos-Predict2.5), Ming (SANA) and Qwen3-VL-8B + Cosmos-Predict2.5
+@pytest.mark.parametrize("mllm", ["qwen2_5_vl_3b", "qwen2_5_vl_7b", "qwen3_vl_8b"])
 def test_plan_runs_for_every_published_pair(mllm, tmp_path):
     # stage 2 holds every part (stage 1 loads the MLLM alone: planned once per MLLM, by the first pair)
     for i, gen in enumerate(GENERATORS):
