@@ -52,7 +52,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from fusion.buckets import fit, image_size, nearest
+from fusion.buckets import fit, image_size
 from fusion.data import Conversation, SkipReport, load_images
 from fusion.errors import CheckpointError, DataError
 
@@ -248,7 +248,6 @@ def build(model, convs: Sequence[Conversation], root: str | Path, key: str, part
     mllm, gen = model.mllm, model.generator
     store = DTYPES[dtype] if dtype != "auto" else mllm.model.dtype
     s = model.settings
-    buckets = [tuple(b) for b in s.get("buckets") or []]
     vs, ve = mllm.vision_start_id, mllm.vision_end_id
     entries: list[dict[str, Any]] = []
     tensors: dict[str, torch.Tensor] = {}
@@ -291,8 +290,8 @@ def build(model, convs: Sequence[Conversation], root: str | Path, key: str, part
                               compute_logits=False)["hidden"][0]
                 images = [item["image"] for _, item in conv.image_items()][: last + 1]
                 size = model.square_size
-                if buckets:  # the conversation's bucket, as prepare_align_sample picks it: every image fitted to it
-                    size = nearest(buckets, *image_size(images[last]))
+                if s.get("buckets"):  # the conversation's bucket, as prepare_align_sample picks it: every image fitted to it
+                    size = model.bucket_for(*image_size(images[last]))
                     images = [fit(im, size) for im in images]
                     entry["bucket"] = list(size)
                 tensors[f"{conv.line}.hidden"] = hidden.to(store).contiguous().cpu()

@@ -192,7 +192,8 @@ class Chat:
     @property
     def _latents(self) -> list[torch.Tensor]:
         """Every image's latent at the current drawing size."""
-        return [self._latent(i, self.size) for i in range(len(self.images))]
+        size = self.size
+        return [self._latent(i, size) for i in range(len(self.images))]
 
     # ------------------------------------------------------------------ one turn
     def send(self, text: str, images: list[str | Image.Image] = ()) -> list[Segment]:

@@ -332,9 +332,9 @@ class FusedModel(nn.Module):
         gen = self.generator
         size, bucket = self.square_size, None
         if s.get("buckets"):  # every image of the conversation fitted to the bucket of its last assistant image
-            from fusion.buckets import fit, image_size, nearest
+            from fusion.buckets import fit, image_size
 
-            bucket = nearest([tuple(b) for b in s["buckets"]], *image_size(images[targets[-1]]))
+            bucket = self.bucket_for(*image_size(images[targets[-1]]))
             images, size = [fit(im, bucket) for im in images[: k + 1]], None
         target = gen.encode(images[k], size=size)[0]
         cond = gen.encode(images[:k], size=size) if k else None
@@ -552,19 +552,20 @@ class FusedModel(nn.Module):
                     rows = [DiTRow(plans[i].x_t[0], plans[i].t[0], plans[i].cond, teacher[i][0][0], teacher[i][1][0]) for i in todo]
                     v_teacher, _ = gen.batched_velocity(rows, batch=batched)
                 distills = [nn.functional.mse_loss(velocities[i].float(), vt.float()) for i, vt in zip(todo, v_teacher)]
-            for i in todo if distill_target != "velocity" else []:
-                p, (t_states, t_mask) = plans[i], teacher[i]
-                if distill_target == "states":
-                    if t_states.shape != p.states.shape:
-                        raise ConfigError(f"stage.distill_target=states needs the connector to emit the teacher's {t_states.shape[1]} tokens "
-                                          f"of width {t_states.shape[2]}, it emits {p.states.shape[1]} (use distill_target=velocity, or "
-                                          f"connector=resampler with connector.num_queries={t_states.shape[1]})")
-                    distills.append(nn.functional.mse_loss(p.states.float(), t_states.float()))
-                elif distill_target == "set":
-                    distills.append(set_distill_loss(p.states, p.mask, t_states, t_mask))
-                else:  # aligned
-                    target_s, real = self.aligned_teacher(p.sample, t_states, t_mask, p.states.shape[1])
-                    distills.append(aligned_distill_loss(p.states[0], target_s, real))
+            else:
+                for i in todo:
+                    p, (t_states, t_mask) = plans[i], teacher[i]
+                    if distill_target == "states":
+                        if t_states.shape != p.states.shape:
+                            raise ConfigError(f"stage.distill_target=states needs the connector to emit the teacher's {t_states.shape[1]} "
+                                              f"tokens of width {t_states.shape[2]}, it emits {p.states.shape[1]} (use distill_target="
+                                              f"velocity, or connector=resampler with connector.num_queries={t_states.shape[1]})")
+                        distills.append(nn.functional.mse_loss(p.states.float(), t_states.float()))
+                    elif distill_target == "set":
+                        distills.append(set_distill_loss(p.states, p.mask, t_states, t_mask))
+                    else:  # aligned
+                        target_s, real = self.aligned_teacher(p.sample, t_states, t_mask, p.states.shape[1])
+                        distills.append(aligned_distill_loss(p.states[0], target_s, real))
         if flows:
             flow = torch.stack(flows).mean()
         else:  # the states-only warm-up: a zero that still reaches every trainable DiT weight (ZeRO expects their gradients)

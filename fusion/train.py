@@ -471,7 +471,7 @@ class Trainer:
         if len(buckets) > 1:  # micro-batches within one bucket each
             from fusion.buckets import BucketBatchSampler
 
-            of = [buckets.index(self._bucket_of(c, buckets)) for c in convs]
+            of = [buckets.index(self._bucket_of(c)) for c in convs]
             self.sampler = BucketBatchSampler(of, self.cfg.stage.micro_batch_size, d.seed, self.rank, self.world)
             if self.is_main:
                 counts = {f"{h}x{w}": of.count(i) for i, (h, w) in enumerate(buckets)}
@@ -481,15 +481,15 @@ class Trainer:
         else:
             self.sampler = SeededSampler(len(convs), d.seed, self.rank, self.world)
 
-    def _bucket_of(self, conv: Conversation, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    def _bucket_of(self, conv: Conversation) -> tuple[int, int]:
         """A stage-2 conversation's bucket: the feature cache's record, else the nearest to its last assistant image
         (read from the image file's header, nothing decoded)."""
-        from fusion.buckets import image_size, nearest
+        from fusion.buckets import image_size
 
         if self.cache is not None:
             return tuple(self.cache.entry(conv)["bucket"])
         last = [item for role, item in conv.image_items() if role == "assistant"][-1]
-        return nearest(buckets, *image_size(last["image"]))
+        return self.model.bucket_for(*image_size(last["image"]))
 
     def _setup_streaming(self) -> None:
         """data.streaming: nothing is read up front but the first samples (the drawn sample, the gain batch)."""
@@ -930,9 +930,8 @@ class Trainer:
             for k, v in out.items():
                 metrics[k] = metrics.get(k, 0.0) + float(v.detach() if isinstance(v, torch.Tensor) else v) / st.grad_accum
             if micro == st.grad_accum - 1:  # the accumulation boundary: GuardedAdamW skips the update if anything went NaN / Inf
-                opt = self.inner_optimizer
-                opt.nonfinite_loss = not all(math.isfinite(float(x)) for x in step_losses)
-                opt.last_step_nonfinite = False
+                self.inner_optimizer.nonfinite_loss = not math.isfinite(metrics["loss"])  # (a NaN / Inf of any micro-batch stays in the sum)
+                self.inner_optimizer.last_step_nonfinite = False
             self.engine.step()  # DeepSpeed applies the optimizer at the accumulation boundary
         self._nonfinite_verdict(self.inner_optimizer.last_step_nonfinite, step_losses)
         self.inner_optimizer.nonfinite_loss = False
