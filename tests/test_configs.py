@@ -82,6 +82,8 @@ def test_wrong_type_names_the_key():
         (["deepspeed.gradient_clipping=0"], "deepspeed.gradient_clipping"),
         (["data.on_error=ignore"], "data.on_error"),
         (["mllm.dtype=float8"], "mllm.dtype"),
+        (["stage=align", "stage.dit_batching=padded"], "stage.dit_batching"),
+        (["data.render_cache_mb=-1"], "data.render_cache_mb"),
     ],
 )
 def test_impossible_combinations_fail_validation(overrides, key):
