@@ -308,6 +308,28 @@ def _latent_pool(gen, tokenizer, rng: random.Random, n: int, p_edit: float, prog
     return pool
 
 
+@torch.no_grad()
+def fit_losses(gen, text, pools: dict[str, dict], n: int = 256, ts=(0.3, 0.5, 0.7, 0.9), seed: int = 40_013) -> dict:
+    """Flow loss of the trained DiT (its own encoder's states, no text dropout) at fixed ``t`` and
+    noise on the first ``n`` items of each pool, by kind: ``{"t2i": {"train": .., "held_out": ..}, ...}``.
+    Training and held-out items level: the model is under-fitted (more steps or width help, more
+    data does not); held-out far above training: it memorised its pool (more data helps)."""
+    out: dict = {}
+    for name, pool in pools.items():
+        for kind, (target, cond, ids, mask, _) in pool.items():
+            g = torch.Generator().manual_seed(seed)
+            total, count = 0.0, 0
+            for t in ts:
+                for i in range(0, min(n, len(target)), 64):
+                    j = min(i + 64, n, len(target))
+                    states = text.states(ids[i:j], mask[i:j])
+                    noise = torch.randn(target[i:j].shape, generator=g)
+                    loss = gen.flow_loss(target[i:j], None if cond is None else cond[i:j], states, mask[i:j], torch.full((j - i,), t), noise)
+                    total, count = total + loss.item() * (j - i), count + (j - i)
+            out.setdefault(kind, {})[name] = round(total / count, 5)
+    return out
+
+
 def object_labels(ids: torch.Tensor, described: list[list[tuple]], tokenizer) -> torch.Tensor:
     """[N, L, 4] targets (shape, colour, row, col; -100: none) at each shape word of each request: the k-th
     shape word names the k-th described object (``(obj, position_in_text)``; a position the text does not
@@ -365,7 +387,7 @@ def _frac(xs: list) -> float:
 def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int = 3000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
                  text_dim: int = 64, p_edit: float = 0.5, p_drop_text: float = 0.1, layers: int = 4, pool_size: int = 4096,
                  text_layers: int = 2, text_length: int = TEXT_LENGTH, eval_n: int = 32, probe_weight: float = 0.1,
-                 progress: bool = True) -> dict:
+                 fit_n: int = 256, progress: bool = True) -> dict:
     """Pretrain a toy DiT of ``family`` together with its own text encoder (the family's class) to draw
     toy scenes from the toy world's requests (padded to ``text_length`` tokens) and to apply edits to a
     clean condition frame; save both (with the VAE, tokenizer and scheduler) in the diffusers layout."""
@@ -415,11 +437,13 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     gen.transformer.eval()
     text.encoder.eval().requires_grad_(False)
     acc = dit_accuracy(gen, text, n=eval_n)
+    held_out = _latent_pool(gen, tokenizer, random.Random(seed + 54_321), min(fit_n, pool_size), p_edit if gen.uses_condition_frames else 0.0, False)
+    fit = fit_losses(gen, text, {"train": pool, "held_out": held_out}, n=fit_n)
     stats = {"family": family, "steps": steps, "seconds": round(time.time() - t0, 1), "first_loss": losses[0],
              "last_loss": float(np.mean(losses[-50:])), "params": sum(p.numel() for p in gen.transformer.parameters()),
              "text_encoder": type(text.encoder).__name__, "text_encoder_params": sum(p.numel() for p in text.encoder.parameters()),
              "text_length": text_length, "probe_weight": probe_weight,
-             "last_probe_loss": float(np.mean(probes[-50:])), "accuracy": acc}
+             "last_probe_loss": float(np.mean(probes[-50:])), "accuracy": acc, "fit": fit}
     gen.transformer.save_pretrained(out / "transformer")
     text.encoder.save_pretrained(out / "text_encoder")
     (out / "pretrain.json").write_text(json.dumps(stats, indent=2))

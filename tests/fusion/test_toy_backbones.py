@@ -77,6 +77,8 @@ def test_toy_dit_pretrains_saves_and_loads_through_its_config(tmp_path, toy_vae,
     stats = pretrain_dit(family, root, toy_vae, steps=4, batch=4, pool_size=16, eval_n=4, text_length=24, progress=False)
     assert stats["steps"] == 4 and stats["last_loss"] > 0
     assert set(stats["accuracy"]) >= {"t2i", "t2i_1obj"}
+    assert set(stats["fit"]) <= {"t2i", "edit"} and "t2i" in stats["fit"]
+    assert all(set(v) == {"train", "held_out"} and v["train"] > 0 and v["held_out"] > 0 for v in stats["fit"].values())
     for part in ("transformer", "vae", "scheduler", "text_encoder", "tokenizer"):
         assert (root / part / "config.json").is_file() or (root / part / "scheduler_config.json").is_file() or (root / part / "tokenizer.json").is_file()
     assert json.loads((root / "model_index.json").read_text())["vae"] == ["diffusers", "AutoencoderKL"]
@@ -104,6 +106,29 @@ def test_toy_dit_pretrains_saves_and_loads_through_its_config(tmp_path, toy_vae,
         states, mask = TextEncoder.from_pretrained(root).encode(["Add a red circle at the top left."])
         v = gen.velocity(x, torch.tensor([0.5]), cond, states, mask)
         assert v.shape == x.shape and torch.isfinite(v).all()
+
+
+def test_fit_losses_are_the_flow_loss_of_each_pool_by_kind(tmp_path, toy_vae):
+    """make_toy's fit figures: per kind and pool, the mean flow loss at the fixed t values and noise
+    (recomputed here directly); different items give different figures, the same items the same."""
+    from backbones.generator.text_encoder import TextEncoder
+    from fusion.toyworld.pretrain import _latent_pool, fit_losses, save_generator, toy_tokenizer, toy_transformer
+
+    tok = toy_tokenizer(24)
+    torch.manual_seed(0)
+    save_generator(tmp_path / "wan", "wan", toy_transformer("wan", 8, 64, layers=1), toy_vae, toy_text_encoder("wan", len(tok), 64, 1), tok)
+    gen, text = load_toy_generator("wan", tmp_path / "wan"), TextEncoder.from_pretrained(tmp_path / "wan")
+    a = _latent_pool(gen, tok, random.Random(0), 12, 0.5, False)
+    b = _latent_pool(gen, tok, random.Random(1), 12, 0.5, False)
+    fit = fit_losses(gen, text, {"train": a, "held_out": b, "again": a}, n=3, ts=(0.4, 0.8), seed=5)
+    assert set(fit) == {"t2i", "edit"}
+    for kind, (target, cond, ids, mask, _) in a.items():
+        g = torch.Generator().manual_seed(5)
+        with torch.no_grad():
+            direct = [gen.flow_loss(target[:3], None if cond is None else cond[:3], text.states(ids[:3], mask[:3]), mask[:3],
+                                    torch.full((3,), t), torch.randn(target[:3].shape, generator=g)).item() for t in (0.4, 0.8)]
+        assert fit[kind]["train"] == pytest.approx(sum(direct) / 2, rel=1e-4)
+        assert fit[kind]["again"] == fit[kind]["train"] != fit[kind]["held_out"]
 
 
 def test_wan_coordinate_channels_tell_positions_apart(tmp_path, toy_vae):
