@@ -20,10 +20,11 @@ from fusion.toyworld.report import GOALS
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
-#: goals missed by the full demo as measured (README, "The toy world"): metric -> measured value
-MISSED: dict[str, float] = {"t2i_1obj": 0.833, "edit_applied": 0.5, "edit_preserved": 0.3, "edit_recolour_applied": 0.364,
-                            "edit_add_applied": 0.571, "edit_remove_applied": 0.8, "tracking": 0.0, "text_answer": 0.368}
-#: measured total seconds of the full demo with the world built from scratch (README): 3 s over the 30-minute budget
+#: goals missed by the full demo as measured (README, "The toy world"; 240 test conversations): metric -> measured value.
+#: t2i_1obj is met there at 0.957 (22 of 23): one more miss would take it below its goal
+MISSED: dict[str, float] = {"exact_scene_t2i": 0.7, "edit_applied": 0.392, "edit_preserved": 0.225, "edit_recolour_applied": 0.15,
+                            "edit_add_applied": 0.45, "edit_remove_applied": 0.741, "tracking": 0.0, "text_answer": 0.576}
+#: measured total seconds of the full demo with the world built from scratch (README, 60 test conversations then): 3 s over the 30-minute budget
 MEASURED_TOTAL_S = 1803
 
 
