@@ -930,6 +930,9 @@ class DemoConfig:
     context token, so the connectors with a fixed number of tokens distil onto the teacher's states as a set."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     """tools/ablate.py: stage-2 seeds per connector (stage.seed and data.seed); differences are judged against the spread between seeds."""
+    reuse: bool = True
+    """tools/ablate.py: keep a connector/seed run that finished (its evaluation report is there) with the same stage-1 model,
+    stage-2 and evaluation arguments (recorded in its run.json), so an ablation can be extended or resumed; false: rerun every run."""
 
     def __post_init__(self) -> None:
         if not self.seeds:

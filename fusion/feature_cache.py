@@ -28,8 +28,13 @@ with the parts that changed, ``cache=build``/``auto`` build a new one. A cache i
 into a hidden ``.partial-*`` folder and renamed when complete.
 
 Query connectors (``queries``, ``multiscale_queries``) read learnable queries through the
-MLLM at every step, so their features cannot be cached: the trainer says so and runs
-without the cache.
+MLLM at every step, so their hidden states cannot be cached; what can be is the context's
+key/value cache (``kind: kv``): every layer's keys and values of the same prefix, and the rope
+position that follows each of its prefixes. Each step then runs only the query tokens through
+the frozen MLLM, attending to the stored prefix (gradients reach the query embeddings as
+before), instead of the whole context and its images: the same hidden states (tested) at the
+cost of the queries. The MLLM is loaded (its vision tower is never run); the cache is larger
+(all layers, keys and values, at the key/value heads' width).
 """
 
 from __future__ import annotations
@@ -169,13 +174,19 @@ class FeatureCache:
     def __len__(self) -> int:
         return len(self.entries)
 
+    @property
+    def kind(self) -> str:
+        """``hidden`` (selected-layer hidden states) or ``kv`` (every layer's keys and values: query connectors)."""
+        return self.manifest.get("kind", "hidden")
+
     def tensors(self, line: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(hidden [n_layers, L, D] or None, latents [N, C, h, w] or None) of one conversation."""
+        """(hidden [n_layers, L, D] or None, latents [N, C, h, w] or None) of one conversation (kind ``kv``:
+        the first is the key/value cache [layers, 2, kv_heads, L, head_dim])."""
         e = self.entries[line]
         f = self._files[e["shard"]]
         if not e["targets"]:
             return None, None
-        return f.get_tensor(f"{line}.hidden"), f.get_tensor(f"{line}.latents")
+        return f.get_tensor(f"{line}.{'kv' if self.kind == 'kv' else 'hidden'}"), f.get_tensor(f"{line}.latents")
 
     def ids(self, line: int) -> torch.Tensor:
         """The token ids of the cached context [L] (the MLLM's tokens the hidden states belong to)."""
@@ -204,12 +215,18 @@ class FeatureCache:
             k = targets[int(torch.randint(len(targets), (1,), generator=generator))]
         else:
             k = targets[-1]
-        hidden, latents = self.tensors(conv.line)
+        features, latents = self.tensors(conv.line)
         ctx_end = e["starts"][k] if settings.get("include_bov", True) else e["starts"][k] - 1
         neg_len = e["ends"][k - 1] + 1 if k else 0
+        if self.kind == "kv":
+            f = self._files[e["shard"]]
+            kv = (features[:, :, :, :ctx_end], f.get_tensor(f"{conv.line}.next")[:ctx_end].long())
+            hidden = None
+        else:
+            kv, hidden = None, features[:, :ctx_end]
         return AlignSample(self.ids(conv.line)[:ctx_end], None, None, neg_len, latents[k].float(), latents[:k].float() if k else None,
-                           conv.where, ctx_hidden=hidden[:, :ctx_end], request=conv.text_before_image(k),
-                           bucket=tuple(e["bucket"]) if e.get("bucket") else None)
+                           conv.where, ctx_hidden=hidden, request=conv.text_before_image(k),
+                           bucket=tuple(e["bucket"]) if e.get("bucket") else None, ctx_kv=kv)
 
 
 def find(cache_dir: str | Path, key: str) -> Path | None:
@@ -248,6 +265,7 @@ def build(model, convs: Sequence[Conversation], root: str | Path, key: str, part
     mllm, gen = model.mllm, model.generator
     store = DTYPES[dtype] if dtype != "auto" else mllm.model.dtype
     s = model.settings
+    kind = "kv" if getattr(model.connector, "uses_queries", False) else "hidden"
     vs, ve = mllm.vision_start_id, mllm.vision_end_id
     entries: list[dict[str, Any]] = []
     tensors: dict[str, torch.Tensor] = {}
@@ -286,15 +304,20 @@ def build(model, convs: Sequence[Conversation], root: str | Path, key: str, part
                 rows = [int(g.prod()) for g in r.image_grid_thw]
                 pv = r.pixel_values[: sum(rows[:last])].to(mllm.device, mllm.model.dtype) if last else None
                 grids = r.image_grid_thw[:last].to(mllm.device) if last else None
-                hidden = mllm(ids[None, : entry["starts"][last]].to(mllm.device), pixel_values=pv, image_grid_thw=grids,
-                              compute_logits=False)["hidden"][0]
+                if kind == "kv":
+                    kv, nxt = mllm.prefix_cache(ids[: entry["starts"][last]], pv, grids)
+                    tensors[f"{conv.line}.kv"] = kv.to(store).contiguous().cpu()
+                    tensors[f"{conv.line}.next"] = nxt.to(torch.int32).contiguous().cpu()
+                else:
+                    hidden = mllm(ids[None, : entry["starts"][last]].to(mllm.device), pixel_values=pv, image_grid_thw=grids,
+                                  compute_logits=False)["hidden"][0]
+                    tensors[f"{conv.line}.hidden"] = hidden.to(store).contiguous().cpu()
                 images = [item["image"] for _, item in conv.image_items()][: last + 1]
                 size = model.square_size
                 if s.get("buckets"):  # the conversation's bucket, as prepare_align_sample picks it: every image fitted to it
                     size = model.bucket_for(*image_size(images[last]))
                     images = [fit(im, size) for im in images]
                     entry["bucket"] = list(size)
-                tensors[f"{conv.line}.hidden"] = hidden.to(store).contiguous().cpu()
                 tensors[f"{conv.line}.ids"] = ids[: entry["starts"][last]].to(torch.int32).contiguous().cpu()
                 tensors[f"{conv.line}.latents"] = gen.encode(images, size=size).contiguous().cpu()
             entries.append(entry)
@@ -313,7 +336,7 @@ def build(model, convs: Sequence[Conversation], root: str | Path, key: str, part
             f.unlink()
         manifest = {"format": FORMAT, "key": key, "parts": parts, "shards": all_shards, "skipped": all_skipped,
                     "samples": len(convs), "dtype": str(store).removeprefix("torch."), "seconds": round(time.time() - t0, 1),
-                    "layers": list(mllm.hidden_layers), "hidden_size": mllm.hidden_size}
+                    "layers": list(mllm.hidden_layers), "hidden_size": mllm.hidden_size, "kind": kind}
         (partial / MANIFEST).write_text(json.dumps(manifest, indent=2))
         if final.exists():
             shutil.rmtree(final)

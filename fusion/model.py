@@ -59,6 +59,7 @@ class AlignSample:
     ctx_hidden: torch.Tensor | None = None  # [n_layers, L, D] from the feature cache (then the pixels and grids are None)
     request: str = ""  # the text the generator's own encoder would read (Conversation.text_before_image)
     bucket: tuple[int, int] | None = None  # (height, width) every image of the sample was fitted to (data.buckets; None: square)
+    ctx_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # feature cache, query connectors: (keys/values [layers, 2, H, L, d], next rope position [L])
 
 
 def set_distill_loss(states: torch.Tensor, mask: torch.Tensor, t_states: torch.Tensor, t_mask: torch.Tensor) -> torch.Tensor:
@@ -418,6 +419,12 @@ class FusedModel(nn.Module):
         A sample from the feature cache carries the MLLM's states already (``ctx_hidden``):
         the connector reads them and the MLLM does not run.
         """
+        if sample.ctx_kv is not None:  # query connectors from the feature cache: only the queries run, after the stored prefix
+            kv, nxt = sample.ctx_kv
+            n = kv.shape[3] if length is None else length
+            query_hidden = self.mllm.queries_after_prefix(kv[:, :, :, :n], int(nxt[n - 1]), self.connector.query_embeds())
+            out = self.connector(query_hidden)
+            return out.states, out.mask, query_hidden
         if sample.ctx_hidden is not None:
             hidden = sample.ctx_hidden[:, :length] if length is not None else sample.ctx_hidden
             hidden = hidden[None].to(self.generator.device, self.connector_dtype)

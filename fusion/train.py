@@ -376,10 +376,6 @@ class Trainer:
         mode = cfg.cache.mode
         if mode == "off" or cfg.stage.name != "align":
             return "off"
-        if cfg.get("connector") is not None and getattr(get_class(cfg.connector._target_), "uses_queries", False):
-            log.warning("cache=%s: connector %s reads its learnable queries through the MLLM at every step, so its features "
-                        "cannot be cached; training without the feature cache", mode, cfg.connector._target_.rsplit(".", 1)[-1])
-            return "off"
         if cfg.data.streaming:
             raise ConfigError(f"data.streaming=true reads the samples as training consumes them; the feature cache (cache={mode}) "
                               "needs the whole set up front: use cache=off, or data.streaming=false")
@@ -403,12 +399,23 @@ class Trainer:
                 log.info("stage=sft: generator and connector are not loaded (stage 1 trains the MLLM alone)")
         self.run_cfg = cfg
         self.cache_mode = self._cache_mode(init)
+        self.cache_kind = "kv" if cfg.get("connector") is not None and getattr(get_class(cfg.connector._target_), "uses_queries", False) else "hidden"
         stand_in = None
-        if self.cache_mode != "off":  # the MLLM is loaded only if the cache has to be built
+        if self.cache_mode != "off" and self.cache_kind == "hidden":  # the MLLM is loaded only if the cache has to be built
             from fusion.feature_cache import MLLMFolder
 
             stand_in = MLLMFolder(cfg.mllm.path, cfg.mllm.hidden_layers)
         self.model = FusedModel.build(cfg, device=self.device, mllm=stand_in)
+        if self.cache_mode != "off" and self.cache_kind == "kv":
+            if not getattr(self.model.mllm, "supports_prefix_cache", False):
+                log.warning("cache=%s: connector %s reads its learnable queries through the MLLM, and %s cannot store a context's "
+                            "key/value cache; training without the feature cache", self.cache_mode, cfg.connector._target_.rsplit(".", 1)[-1],
+                            type(self.model.mllm).__name__)
+                self.cache_mode = "off"
+            elif self.is_main:
+                log.info("cache=%s: connector %s reads its queries through the MLLM: the cache holds each context's key/value cache "
+                         "and every step runs the query tokens alone after it (the MLLM is loaded, its vision tower unused)",
+                         self.cache_mode, cfg.connector._target_.rsplit(".", 1)[-1])
         report = self.model.apply_trainable(cfg.stage)
         switched = self.model.apply_memory_and_speed(cfg.stage)
         if self.is_main:
@@ -585,6 +592,8 @@ class Trainer:
                  "data_path": str(Path(cfg.data.path).resolve()), "data": fc.data_fingerprint(cfg.data.path, convs)}
         if model.settings.get("buckets"):  # (absent without buckets: the keys of caches built before them stay valid)
             parts["buckets"] = model.settings["buckets"]
+        if self.cache_kind == "kv":  # query connectors: every layer's keys and values (absent for hidden states: older keys stay valid)
+            parts["kind"] = "kv"
         key = fc.cache_key(parts)
         root = Path(cfg.cache.dir)
         found = fc.find(root, key)
@@ -597,16 +606,16 @@ class Trainer:
             if self.is_main:
                 log.info("feature cache %s: building (%s)", key, why)
             stand_in = model.mllm
-            real = instantiate(cfg.mllm, device=self.device)
-            real.hidden_layers = list(stand_in.hidden_layers)
-            real.eval().requires_grad_(False)
-            model.mllm = real
+            if isinstance(stand_in, fc.MLLMFolder):
+                real = instantiate(cfg.mllm, device=self.device)
+                real.hidden_layers = list(stand_in.hidden_layers)
+                real.eval().requires_grad_(False)
+                model.mllm = real
             try:
                 found = fc.build(model, convs, root, key, parts, cfg.data.on_error, SkipReport(), parts["dtype"],
                                  cfg.cache.shard_samples, self.rank, self.world, progress=self.is_main)
             finally:
                 model.mllm = stand_in
-                del real
             built = True
         elif self.is_main:
             log.info("feature cache %s: using %s", key, found)

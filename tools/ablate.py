@@ -13,6 +13,9 @@ for each connector and seed k runs stage 2 into <out_dir>/ablation/<connector>/s
 evaluates it into .../seed<k>/eval (the feature cache is shared by every seed). Writes
 <out_dir>/ablation/ablation.json (per connector: the rows of every seed, the aggregate, the rank;
 the pairwise verdicts) and ablation.md (fusion/toyworld/ablation.py does the arithmetic).
+A run that finished with the same stage-1 model and arguments (its run.json) is reused
+(``reuse=false``: rerun), so connectors can be added to a table, or a stopped ablation resumed:
+    python tools/ablate.py connectors=[queries,multiscale_queries]   # then the full list: only the new ones run
 """
 
 from __future__ import annotations
@@ -55,29 +58,41 @@ def main(cfg: DictConfig) -> None:
                                       f"hydra.run.dir={out / 'sft'}", *cfg.sft_overrides], timings)
     else:
         console.print(f"stage 1: reusing {out / 'sft'}")
+    stage1 = out / "sft" / "final"
+    stage1_id = {"path": str(stage1), "mtime": max(f.stat().st_mtime for f in stage1.rglob("*") if f.is_file())}
     runs: dict[str, list[dict]] = {}
     for name in cfg.connectors:
-        if (root / name).exists():
-            shutil.rmtree(root / name)
         runs[name] = []
         for seed in cfg.seeds:
             run = root / name / f"seed{seed}"
             tag = f"{name} seed{seed}"
-            t0 = time.time()
-            run_phase(f"align {tag}", "train.py", ["experiment=toy_align", f"toy_dir={toy}", f"generator={cfg.generator}", f"connector={name}",
-                                                   f"stage.max_steps={cfg.align_steps}", f"init_from={out / 'sft'}", "resume=never",
-                                                   "cache=auto", f"cache.dir={root / 'feature_cache'}",  # query connectors run without
-                                                   f"hydra.run.dir={run / 'align'}", *cfg.align_overrides, *cfg.connector_overrides.get(name, []),
-                                                   f"stage.seed={seed}", f"data.seed={seed}"], timings)
+            align = ["experiment=toy_align", f"toy_dir={toy}", f"generator={cfg.generator}", f"connector={name}",
+                     f"stage.max_steps={cfg.align_steps}", f"init_from={out / 'sft'}", "resume=never",
+                     "cache=auto", f"cache.dir={root / 'feature_cache'}",  # shared by every seed and connector it fits
+                     f"hydra.run.dir={run / 'align'}", *cfg.align_overrides, *cfg.connector_overrides.get(name, []),
+                     f"stage.seed={seed}", f"data.seed={seed}"]
             ev = [f"model={run / 'align' / 'final'}", f"data_dir={toy / 'toyworld'}", "split=test", f"steps={cfg.sample_steps}",
                   f"guidance={cfg.guidance}", "transcripts=2", f"hydra.run.dir={run / 'eval'}"]
             if cfg.eval_n is not None:
                 ev.append(f"n={cfg.eval_n}")
+            want = {"stage1": stage1_id, "align": align, "evaluate": ev}
+            stamp = run / "run.json"
+            if cfg.reuse and stamp.is_file() and (run / "eval" / "report.json").is_file() and json.loads(stamp.read_text()).get("want") == want:
+                console.print(f"{tag}: reusing the finished run in {run} (reuse=false reruns it)")
+                runs[name].append(json.loads(stamp.read_text())["row"])
+                continue
+            if run.exists():
+                shutil.rmtree(run)
+            t0 = time.time()
+            run_phase(f"align {tag}", "train.py", align, timings)
             run_phase(f"evaluate {tag}", "evaluate.py", ev, timings)
             report = json.loads((run / "eval" / "report.json").read_text())
             losses = [json.loads(line)["loss"] for line in (run / "align" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
-            runs[name].append({"seed": seed, **metrics_of(report), "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
-                               "seconds": round(time.time() - t0, 1), "n": report.get("n", {})})
+            row = {"seed": seed, **metrics_of(report), "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])),
+                   "seconds": round(time.time() - t0, 1), "n": report.get("n", {})}
+            runs[name].append(row)
+            (run / "run.json.tmp").write_text(json.dumps({"want": want, "row": row}, indent=2))
+            (run / "run.json.tmp").replace(stamp)  # written last: a run stopped halfway is never reused
     extra = ("final_loss", "seconds")
     agg = aggregate(runs, extra=extra)
     result = {"profile": cfg.profile, "generator": cfg.generator, "align_steps": cfg.align_steps, "seeds": list(cfg.seeds),

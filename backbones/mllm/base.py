@@ -110,6 +110,8 @@ class MLLMAdapter(nn.Module, abc.ABC):
 
     supports_query_embeddings: bool = False
     """Whether ``forward(inputs_embeds=...)`` and :meth:`run_queries` accept learned query embeddings (query connectors)."""
+    supports_prefix_cache: bool = False
+    """Whether :meth:`prefix_cache` / :meth:`queries_after_prefix` work (the feature cache of query connectors)."""
 
     model: nn.Module
     processor: Any
@@ -244,3 +246,17 @@ class MLLMAdapter(nn.Module, abc.ABC):
     @abc.abstractmethod
     def run_queries(self, state: DecodeState, query_embeds: torch.Tensor) -> torch.Tensor:
         """Hidden states [1, n_layers, N, D] of learned query embeddings appended after the cache (which is left as it was)."""
+
+    # ------------------------------------------------------------------ query connectors over a stored prefix (feature cache)
+    def prefix_cache(self, ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                     image_grid_thw: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key/value cache of a context, [layers, 2, kv_heads, L, head_dim], and the rope position that follows each
+        of its prefixes, [L] (entry ``n - 1``: after the first ``n`` tokens). A causal model's cache of a prefix is
+        the first ``n`` positions of this one, so one forward serves every target of a conversation."""
+        raise NotImplementedError(f"{type(self).__name__} cannot store a prefix cache (query connectors then run without the feature cache)")
+
+    def queries_after_prefix(self, kv: torch.Tensor, next_position: int, query_embeds: torch.Tensor) -> torch.Tensor:
+        """Hidden states [1, n_layers, N, D] of query embeddings read after a prefix given by its stored cache
+        (:meth:`prefix_cache`, cut to the prefix): what the whole context's forward gives them, with gradients
+        to the embeddings, at the cost of the N query tokens."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read queries after a stored prefix")

@@ -55,6 +55,7 @@ class Qwen25VLAdapter(MLLMAdapter):
 
     #: query connectors may append learned embeddings after ``<|bov|>`` (``forward(inputs_embeds=...)``)
     supports_query_embeddings = True
+    supports_prefix_cache = True
     #: the processor's pixel bounds when building on the meta device (the published preprocessor_config.json)
     published_pixels = PUBLISHED_PIXELS
     #: the family's name in messages
@@ -452,6 +453,32 @@ class Qwen25VLAdapter(MLLMAdapter):
                            past_key_values=state.cache, use_cache=True, compute_logits=False)
         state.cache = out["past_key_values"]
         state.cache.crop(-n)
+        return out["hidden"]
+
+    @torch.no_grad()
+    def prefix_cache(self, ids, pixel_values=None, image_grid_thw=None):
+        from transformers import DynamicCache
+
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(1, -1)
+        grids = image_grid_thw.to(self.device) if image_grid_thw is not None else None
+        pv = pixel_values.to(self.device, self.model.dtype) if pixel_values is not None else None
+        pos = self.rope_positions(ids, grids)
+        out = self.forward(ids, pixel_values=pv, image_grid_thw=grids, position_ids=pos, past_key_values=DynamicCache(config=self.model.config),
+                           use_cache=True, compute_logits=False)
+        kv = torch.stack([torch.stack([layer.keys[0], layer.values[0]]) for layer in out["past_key_values"].layers])
+        return kv, pos.amax(dim=(0, 1)).cummax(dim=0).values + 1
+
+    def queries_after_prefix(self, kv, next_position, query_embeds):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        dtype = self.model.dtype
+        for i, layer in enumerate(kv):
+            cache.update(layer[0][None].to(self.device, dtype), layer[1][None].to(self.device, dtype), i)
+        n = query_embeds.shape[0]
+        pad = torch.full((1, n), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
+        out = self.forward(pad, inputs_embeds=query_embeds[None].to(self.device, dtype), position_ids=self.rope_positions(pad, start=int(next_position)),
+                           past_key_values=cache, use_cache=True, compute_logits=False)
         return out["hidden"]
 
     def prefill(self, state: DecodeState, rendered: RenderedConversation) -> DecodeState:

@@ -15,11 +15,11 @@ from fusion.model import FusedModel
 from tests.conftest import compose_config
 
 
-def build_model(tiny_dir, *extra, family="qwen2_5_vl"):
+def build_model(tiny_dir, *extra, family="qwen2_5_vl", connector="multilayer_concat"):
     from tests.conftest import MLLM_FAMILIES
 
     cfg = compose_config([f"tiny_dir={tiny_dir}", f"mllm={MLLM_FAMILIES[family][1]}", "stage=align", "generator=tiny_wan",
-                          "connector=multilayer_concat", "stage.p_drop_cond=0", *extra])
+                          f"connector={connector}", "stage.p_drop_cond=0", *extra])
     torch.manual_seed(0)
     return FusedModel.build(cfg).eval(), cfg
 
@@ -65,6 +65,35 @@ def test_cached_and_uncached_give_the_same_loss(tiny_dir, convs, cache, extra, m
             a = model.align_loss(plain, torch.Generator().manual_seed(10 + seed))
             b = model.align_loss(cached, torch.Generator().manual_seed(10 + seed))
         assert torch.allclose(a["loss"], b["loss"], atol=1e-5, rtol=1e-5), (extra, a, b)
+
+
+@pytest.mark.parametrize("connector,extra", [
+    ("queries", []),
+    ("multiscale_queries", ["stage.p_drop_text=1.0", "stage.text_dropout_form=duogen"]),  # the negative: a shorter prefix of the cache
+])
+def test_query_connectors_read_the_stored_prefix_with_the_same_loss_and_gradients(tiny_dir, convs, tmp_path, mllm_family, connector, extra):
+    """Query connectors' cache (kind kv): each context's keys and values; a step runs only the queries after them."""
+    model, _ = build_model(tiny_dir, *extra, family=mllm_family, connector=connector)
+    cache = fc.FeatureCache(fc.build(model, convs, tmp_path, "kv", {}, "error", SkipReport(), progress=False))
+    assert cache.kind == "kv" and cache.manifest["kind"] == "kv"
+    queries = [p for n, p in model.connector.named_parameters() if "quer" in n]
+    assert queries
+    for seed in range(2):
+        g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        plain = [model.prepare_align_sample(c, g1) for c in convs]
+        cached = [cache.sample(c, model.settings, g2) for c in convs]
+        for p, c in zip(plain, cached):
+            assert c.ctx_hidden is None and c.ctx_kv[0].shape[3] == len(p.ctx_ids) == len(c.ctx_kv[1])
+        grads = []
+        for samples in (plain, cached):
+            model.zero_grad()
+            out = model.align_loss(samples, torch.Generator().manual_seed(10 + seed))
+            out["loss"].backward()
+            grads.append((out["loss"].detach(), [q.grad.clone() for q in queries]))
+        (a, ga), (b, gb) = grads
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5), (connector, a, b)
+        for x, y in zip(ga, gb):
+            assert x.abs().sum() > 0 and torch.allclose(x, y, atol=1e-5, rtol=1e-3), (connector, (x - y).abs().max())
 
 
 def test_cache_is_sharded_and_complete(cache, convs):

@@ -82,6 +82,13 @@ def test_ablation_writes_one_table_for_the_connectors(demo):
     md = (root / "out" / "ablation" / "ablation.md").read_text()
     assert "| last_mlp |" in md and "| layer_mix |" in md and "## Differences beyond the seed spread" in md
     assert "reusing" in p.stdout  # the demo's stage-1 run
+    # a second call reuses the finished runs (same stage-1 model and arguments) and rewrites the same table
+    report = root / "out" / "ablation" / "layer_mix" / "seed0" / "eval" / "report.json"
+    stamp = report.stat().st_mtime
+    again = run("ablate.py", f"toy_dir={root / 'toy'}", f"out_dir={root / 'out'}", *REDUCED, "connectors=[layer_mix,last_mlp]", "seeds=[0]")
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("reusing the finished run") == 2 and report.stat().st_mtime == stamp
+    assert json.loads((root / "out" / "ablation" / "ablation.json").read_text())["connectors"] == table["connectors"]
 
 
 def test_a_failing_phase_stops_the_demo_with_its_name(tmp_path):

@@ -392,9 +392,15 @@ def test_stage2_cached_run_has_the_losses_of_the_uncached_run(tiny, tiny_dir, sf
 
 
 @pytest.mark.slow
-def test_query_connectors_say_they_cannot_be_cached(tiny, tiny_dir, sft_run, tmp_path):
+def test_query_connectors_train_from_the_key_value_cache_with_the_uncached_losses(tiny, tiny_dir, sft_run, tmp_path):
     demo = tiny_dir / "demo_data"
-    train(tiny, "stage=align", "generator=tiny_wan", "connector=queries", f"init_from={sft_run}", "stage.max_steps=1", "stage.save_every=0",
-          f"data.path={demo / 'conversations.jsonl'}", f"data.image_root={demo}", f"cache.dir={tmp_path / 'cache'}", "cache=build",
-          f"hydra.run.dir={tmp_path / 'queries'}")
-    assert "cannot be cached" in (tmp_path / "queries" / "train.log").read_text()
+    common = [tiny, "stage=align", "generator=tiny_wan", "connector=queries", f"init_from={sft_run}", "stage.max_steps=3", "stage.save_every=0",
+              "stage.warmup_steps=0", f"data.path={demo / 'conversations.jsonl'}", f"data.image_root={demo}", f"cache.dir={tmp_path / 'cache'}"]
+    train(*common, "cache=off", f"hydra.run.dir={tmp_path / 'off'}")
+    train(*common, "cache=build", f"hydra.run.dir={tmp_path / 'kv'}")
+    assert "key/value cache" in (tmp_path / "kv" / "train.log").read_text()
+    assert json.loads((tmp_path / "kv" / "summary.json").read_text())["feature_cache"]["built"]
+    off, kv = losses(tmp_path / "off"), losses(tmp_path / "kv")
+    assert sorted(off) == [1, 2, 3]
+    for step in off:
+        assert abs(off[step] - kv[step]) < 1e-4, (off, kv)
