@@ -437,6 +437,13 @@ class FusedModel(nn.Module):
         return self.context_states(sample.ctx_ids[:length], sample.ctx_pixel_values[:rows] if n_img else None,
                                    sample.ctx_grids[:n_img] if n_img else None)
 
+    def queries_from_cache(self, samples: list[AlignSample]) -> torch.Tensor | None:
+        """Query connectors with the feature cache: every sample's queries read after its stored prefix in one
+        MLLM forward ([B, n_layers, N, D], row i the same as :meth:`sample_states` gives sample i); None otherwise."""
+        if len(samples) < 2 or not all(smp.ctx_kv is not None for smp in samples):
+            return None
+        return self.mllm.queries_after_prefixes([(smp.ctx_kv[0], int(smp.ctx_kv[1][-1])) for smp in samples], self.connector.query_embeds())
+
     @property
     def connector_dtype(self) -> torch.dtype:
         return next(self.connector.parameters()).dtype
@@ -528,8 +535,14 @@ class FusedModel(nn.Module):
         # a warm-up on the states alone (flow weight 0, no alignment loss) needs no DiT pass: only the connector trains
         states_only = w_flow == 0 and distill_target in ("states", "set", "aligned") and not align_w
         plans = []
-        for sample in samples:
-            states, mask, query_hidden = self.sample_states(sample)
+        batched_queries = self.queries_from_cache(samples)
+        batched_out = self.connector(batched_queries) if batched_queries is not None else None  # a fixed number of tokens: one call
+        for i, sample in enumerate(samples):
+            if batched_queries is not None:
+                query_hidden = batched_queries[i : i + 1]
+                states, mask = batched_out.states[i : i + 1], batched_out.mask[i : i + 1]
+            else:
+                states, mask, query_hidden = self.sample_states(sample)
             drop_text, drop_cond = self.draw_dropout(generator)
             drops += torch.tensor([drop_text, drop_cond], dtype=torch.float)
             if drop_text:

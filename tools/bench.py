@@ -11,6 +11,9 @@ drift on a noisy machine hits both alike):
 ``cache``       stage-2 optimizer step (connector + DiT, MLLM frozen) from the feature cache vs
                 without it (render, frozen MLLM forward, VAE encode every step); the build
                 time of the cache; the loss difference of the two on the same batch and seed.
+``cache_queries``  the same for the ``queries`` connector (MetaQuery-style learnable queries read through the
+                frozen MLLM): its cache holds each context's key/value cache, so a cached step runs only
+                the query tokens through the MLLM, against the whole context and its images uncached.
 ``stage2_batching``  stage-2 optimizer step (feature cache, micro-batch ``batch``) with the DiT run once per
                 group of samples sharing a shape (``stage.dit_batching=grouped``, the default) vs once per
                 sample (``none``, the loop before); DiT forwards per step; the loss difference of the two.
@@ -97,13 +100,13 @@ def world(cfg: DictConfig) -> dict:
             "data": tiny / "demo_data" / "conversations.jsonl"}
 
 
-def stage2_model(w: dict, cfg: DictConfig, dropout: bool = False):
-    """An untrained stage-2 model (connector ``connector_name``) and its optimizer; ``dropout``: the stage's default
-    classifier-free-guidance dropout (else none, so two variants see the very same samples)."""
+def stage2_model(w: dict, cfg: DictConfig, dropout: bool = False, connector: str | None = None):
+    """An untrained stage-2 model (connector ``connector_name``, or ``connector``) and its optimizer; ``dropout``: the
+    stage's default classifier-free-guidance dropout (else none, so two variants see the very same samples)."""
     from fusion.model import FusedModel
 
     drops = [] if dropout else ["stage.p_drop_text=0", "stage.p_drop_cond=0"]
-    c = compose([*w["overrides"], "stage=align", f"connector={cfg.connector_name}", *drops, "stage.target_image=last"])
+    c = compose([*w["overrides"], "stage=align", f"connector={connector or cfg.connector_name}", *drops, "stage.target_image=last"])
     torch.manual_seed(0)
     model = FusedModel.build(c)
     model.apply_trainable(c.stage)
@@ -125,11 +128,11 @@ def optimizer_step(loss: torch.Tensor, opt) -> None:
 
 
 # ---------------------------------------------------------------------------- sections
-def bench_cache(cfg: DictConfig, w: dict) -> dict:
+def bench_cache(cfg: DictConfig, w: dict, connector: str | None = None) -> dict:
     from fusion import feature_cache as fc
     from fusion.data import SkipReport, load_images
 
-    model, opt = stage2_model(w, cfg)
+    model, opt = stage2_model(w, cfg, connector=connector)
     convs = target_convs(w["data"], cfg.batch * cfg.batches)
     batches = [convs[i * cfg.batch : (i + 1) * cfg.batch] for i in range(cfg.batches)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -165,7 +168,8 @@ def bench_cache(cfg: DictConfig, w: dict) -> dict:
     r = {k: spread(v) for k, v in times.items()}
     return {"step_seconds": r, "speedup": r["uncached"]["median"] / r["cached"]["median"],
             "speedup_vs_per_context": r["uncached_per_context"]["median"] / r["cached"]["median"], "cache_build_seconds": build_s,
-            "cache_build_samples": len(convs), "loss_diff_same_batch": abs(float(a - b)), "batch": cfg.batch}
+            "cache_build_samples": len(convs), "loss_diff_same_batch": abs(float(a - b)), "batch": cfg.batch,
+            "connector": connector or cfg.connector_name, "cache_kind": cache.kind}
 
 
 class DiTForwards(list):
@@ -480,14 +484,20 @@ def fmt(s: dict) -> str:
 def markdown(results: dict) -> str:
     parts = [f"{results['meta']['world']}; {results['meta']['repeats']} repeats, median (min-max) seconds; "
              f"{results['meta']['torch_threads']} torch threads"]
-    if "cache" in results:
-        r = results["cache"]
+    for section in ("cache", "cache_queries"):
+        if section not in results:
+            continue
+        r = results[section]
+        kv = r.get("cache_kind") == "kv"
         parts.append(
-            "### stage 2: feature cache\n\n| variant | step s | ratio |\n|---|---|---|\n"
-            f"| without cache (contexts packed, one MLLM forward) | {fmt(r['step_seconds']['uncached'])} | {r['speedup']:.2f}x slower |\n"
-            f"| without cache (one MLLM forward per context) | {fmt(r['step_seconds']['uncached_per_context'])} | "
-            f"{r['speedup_vs_per_context']:.2f}x slower |\n"
-            f"| with cache | {fmt(r['step_seconds']['cached'])} | 1.00x |\n\n"
+            f"### stage 2: feature cache ({r.get('connector', 'multilayer_concat')}"
+            f"{': each context stored as its key/value cache, only the queries run' if kv else ''})\n\n"
+            "| variant | step s | ratio |\n|---|---|---|\n"
+            f"| without cache ({'the whole context and the queries through the MLLM, one forward per context' if kv else 'contexts packed, one MLLM forward'}) "
+            f"| {fmt(r['step_seconds']['uncached'])} | {r['speedup']:.2f}x slower |\n"
+            + ("" if kv else f"| without cache (one MLLM forward per context) | {fmt(r['step_seconds']['uncached_per_context'])} | "
+                                f"{r['speedup_vs_per_context']:.2f}x slower |\n")
+            + f"| with cache | {fmt(r['step_seconds']['cached'])} | 1.00x |\n\n"
             f"Micro-batch {r['batch']}; cache build {r['cache_build_seconds']:.1f} s for {r['cache_build_samples']} samples "
             f"(paid once); loss difference on the same batch and seed {r['loss_diff_same_batch']:.1e}.")
     if "stage2_batching" in results:
@@ -550,7 +560,7 @@ def main(cfg: DictConfig) -> None:
     w = world(cfg)
     results: dict = {"meta": {"world": w["name"], "repeats": cfg.repeats, "torch_threads": torch.get_num_threads(),
                               "sections": list(cfg.sections)}}
-    run = {"cache": lambda: bench_cache(cfg, w), "stage2_batching": lambda: bench_stage2_batching(cfg, w),
+    run = {"cache": lambda: bench_cache(cfg, w), "cache_queries": lambda: bench_cache(cfg, w, "queries"), "stage2_batching": lambda: bench_stage2_batching(cfg, w),
            "sampling_guidance": lambda: bench_sampling_guidance(cfg, w), "overhead": lambda: bench_overhead(cfg, w),
            "stage1_overhead": lambda: bench_stage1_overhead(cfg, w), "packing": lambda: bench_packing(cfg, w),
            "generation": lambda: bench_generation(cfg, w)}

@@ -260,3 +260,7 @@ class MLLMAdapter(nn.Module, abc.ABC):
         (:meth:`prefix_cache`, cut to the prefix): what the whole context's forward gives them, with gradients
         to the embeddings, at the cost of the N query tokens."""
         raise NotImplementedError(f"{type(self).__name__} cannot read queries after a stored prefix")
+
+    def queries_after_prefixes(self, prefixes: Sequence[tuple[torch.Tensor, int]], query_embeds: torch.Tensor) -> torch.Tensor:
+        """:meth:`queries_after_prefix` for several ``(kv, next_position)`` prefixes in one batch: [B, n_layers, N, D]."""
+        raise NotImplementedError(f"{type(self).__name__} cannot read queries after stored prefixes")

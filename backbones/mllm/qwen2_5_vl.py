@@ -469,15 +469,29 @@ class Qwen25VLAdapter(MLLMAdapter):
         return kv, pos.amax(dim=(0, 1)).cummax(dim=0).values + 1
 
     def queries_after_prefix(self, kv, next_position, query_embeds):
+        return self.queries_after_prefixes([(kv, next_position)], query_embeds)
+
+    def queries_after_prefixes(self, prefixes, query_embeds):
+        """:meth:`queries_after_prefix` for several prefixes in one forward: [B, n_layers, N, D]. The stored caches are
+        right-padded to the longest and the padding masked out; each row's queries take its own rope positions."""
         from transformers import DynamicCache
 
+        dtype, dev = self.model.dtype, self.device
+        lengths = [kv.shape[3] for kv, _ in prefixes]
+        longest, b, n = max(lengths), len(prefixes), query_embeds.shape[0]
         cache = DynamicCache(config=self.model.config)
-        dtype = self.model.dtype
-        for i, layer in enumerate(kv):
-            cache.update(layer[0][None].to(self.device, dtype), layer[1][None].to(self.device, dtype), i)
-        n = query_embeds.shape[0]
-        pad = torch.full((1, n), self.tokenizer.pad_token_id, dtype=torch.long, device=self.device)
-        out = self.forward(pad, inputs_embeds=query_embeds[None].to(self.device, dtype), position_ids=self.rope_positions(pad, start=int(next_position)),
+        for i in range(prefixes[0][0].shape[0]):
+            keys, values = (torch.stack([nn.functional.pad(kv[i, j], (0, 0, 0, longest - kv.shape[3])) for kv, _ in prefixes]).to(dev, dtype)
+                            for j in (0, 1))
+            cache.update(keys, values, i)
+        mask = None
+        if min(lengths) < longest:
+            mask = torch.ones(b, longest + n, dtype=torch.long, device=dev)
+            for row, length in enumerate(lengths):
+                mask[row, length:longest] = 0
+        pad = torch.full((b, n), self.tokenizer.pad_token_id, dtype=torch.long, device=dev)
+        pos = torch.cat([self.rope_positions(pad[:1], start=int(start)) for _, start in prefixes], dim=1)  # [3, B, N]
+        out = self.forward(pad, attention_mask=mask, inputs_embeds=query_embeds[None].expand(b, -1, -1).to(dev, dtype), position_ids=pos,
                            past_key_values=cache, use_cache=True, compute_logits=False)
         return out["hidden"]
 

@@ -269,11 +269,12 @@ def test_bench_generation_reports_ratios(made, tmp_path):
 def test_bench_training_sections_reduced(made, tmp_path):
     """The stage-1/2 sections run end to end on the tiny checkpoints (figures not asserted: the machine is noisy)."""
     out, _ = made
-    p = run("bench.py", f"tiny_dir={out}", "use_toy=false", "sections=[cache,stage2_batching,sampling_guidance,overhead,stage1_overhead,packing]",
+    p = run("bench.py", f"tiny_dir={out}", "use_toy=false", "sections=[cache,cache_queries,stage2_batching,sampling_guidance,overhead,stage1_overhead,packing]",
             "repeats=1", "batch=2", "sft_batch=2", "batches=2", "sample_steps=2", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((tmp_path / "bench.json").read_text())
     assert r["cache"]["speedup"] > 0 and r["cache"]["loss_diff_same_batch"] < 1e-4
+    assert r["cache_queries"]["cache_kind"] == "kv" and r["cache_queries"]["loss_diff_same_batch"] < 1e-4
     assert r["stage2_batching"]["loss_diff_same_batch"] < 1e-5 and r["stage2_batching"]["dit_forwards_per_step"]["per_sample"] == 2
     g = r["sampling_guidance"]
     assert g["text_guidance"]["max_latent_diff"] < 1e-5 and g["text_guidance"]["dit_forwards"] == {"separate": 4, "batched": 2}
