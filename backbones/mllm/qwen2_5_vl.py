@@ -491,8 +491,17 @@ class Qwen25VLAdapter(MLLMAdapter):
                 mask[row, length:longest] = 0
         pad = torch.full((b, n), self.tokenizer.pad_token_id, dtype=torch.long, device=dev)
         pos = torch.cat([self.rope_positions(pad[:1], start=int(start)) for _, start in prefixes], dim=1)  # [3, B, N]
-        out = self.forward(pad, attention_mask=mask, inputs_embeds=query_embeds[None].expand(b, -1, -1).to(dev, dtype), position_ids=pos,
-                           past_key_values=cache, use_cache=True, compute_logits=False)
+        # A checkpointed layer in train mode drops its cache (transformers: caching is incompatible with gradient
+        # checkpointing), and the queries would then attend to themselves alone. The frozen MLLM (train mode only so
+        # that it checkpoints, no dropout in it) reads the queries in eval mode: their activations are N tokens a row.
+        lm = self.language_model
+        training = lm.training
+        lm.eval()
+        try:
+            out = self.forward(pad, attention_mask=mask, inputs_embeds=query_embeds[None].expand(b, -1, -1).to(dev, dtype), position_ids=pos,
+                               past_key_values=cache, use_cache=True, compute_logits=False)
+        finally:
+            lm.train(training)
         return out["hidden"]
 
     def prefill(self, state: DecodeState, rendered: RenderedConversation) -> DecodeState:

@@ -70,10 +70,15 @@ def test_cached_and_uncached_give_the_same_loss(tiny_dir, convs, cache, extra, m
 @pytest.mark.parametrize("connector,extra", [
     ("queries", []),
     ("multiscale_queries", ["stage.p_drop_text=1.0", "stage.text_dropout_form=duogen"]),  # the negative: a shorter prefix of the cache
+    ("queries", ["stage.gradient_checkpointing=[mllm]"]),  # the frozen MLLM in train mode so that it checkpoints: its layers would drop a cache
 ])
 def test_query_connectors_read_the_stored_prefix_with_the_same_loss_and_gradients(tiny_dir, convs, tmp_path, mllm_family, connector, extra):
     """Query connectors' cache (kind kv): each context's keys and values; a step runs only the queries after them."""
-    model, _ = build_model(tiny_dir, *extra, family=mllm_family, connector=connector)
+    model, cfg = build_model(tiny_dir, *extra, family=mllm_family, connector=connector)
+    if cfg.stage.gradient_checkpointing:
+        model.apply_trainable(cfg.stage)
+        model.apply_memory_and_speed(cfg.stage)
+        assert model.mllm.language_model.training  # the case where a checkpointed layer would drop the cache
     cache = fc.FeatureCache(fc.build(model, convs, tmp_path, "kv", {}, "error", SkipReport(), progress=False))
     assert cache.kind == "kv" and cache.manifest["kind"] == "kv"
     queries = [p for n, p in model.connector.named_parameters() if "quer" in n]
