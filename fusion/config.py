@@ -74,6 +74,8 @@ class GeneratorConfig:
     """Diffusers flow scheduler for sampling (_target_ + kwargs)."""
     image_size: int = 512
     """Default square image side in pixels for generation."""
+    text_length: int | None = None
+    """Text positions the DiT was pretrained with: its pipeline zero-pads the encoder's states to this length (Wan, Cosmos: 512), and a DiT with no text mask attends those zeros, so shorter conditions (a fixed number of queries) are zero-padded to it. None: the generator folder's tokenizer/ says (its pipeline's length); no tokenizer there: no padding."""
     architecture: dict[str, Any] | None = None
     """The checkpoint's transformer/ and vae/ config.json written out in full (published configs): builds the model on the meta device with nothing downloaded (tools/plan.py); a real load warns about every field that differs. None: read them from the local folder."""
 

@@ -625,6 +625,8 @@ class FusedModel(nn.Module):
             if self.generator is not None:
                 self._save_generator(tmp / "generator")
                 spec = self.specs.get("generator") or {"_target_": f"{type(self.generator).__module__}.{type(self.generator).__name__}.from_pretrained"}
+                if getattr(self.generator, "text_length", None):  # the saved folder has no tokenizer/ to derive it from
+                    spec = {**spec, "text_length": int(self.generator.text_length)}
                 manifest["parts"]["generator"] = {"folder": "generator", "spec": spec}
             if self.connector is not None:
                 (tmp / "connector").mkdir()

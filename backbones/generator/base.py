@@ -104,6 +104,12 @@ class FlowGenerator(nn.Module):
 
     #: whether condition frames reach the DiT (False for SANA's ``mllm_only``)
     uses_condition_frames: bool = True
+    #: whether the DiT attends its text padding (no text mask: Wan, Cosmos), so that the number of zero
+    #: positions it was pretrained with is part of what it reads (see :attr:`text_length`)
+    attends_text_padding: bool = False
+    #: the text length the family's pipeline pads its encoder's states to (zeros), which the DiT was
+    #: trained with; shorter conditions are zero-padded to it when :attr:`attends_text_padding` (None: never)
+    text_length: int | None = None
 
     def __init__(self, transformer: nn.Module, vae: nn.Module, scheduler: Any = None, image_size: int = 512):
         super().__init__()
@@ -255,7 +261,32 @@ class FlowGenerator(nn.Module):
             text_mask = torch.ones(text_states.shape[:2], dtype=torch.long, device=text_states.device)
         if text_lengths is not None and not self.pads_text:
             raise ValueError(f"{type(self).__name__} cannot take padded text rows right now (pads_text is False): group rows by text length")
+        text_states, text_mask, text_lengths = self.pad_to_text_length(text_states, text_mask, text_lengths)
         return self._frames_velocity(frames, t, n_cond, text_states, text_mask, text_lengths)[:, -1]
+
+    def pad_to_text_length(self, states: torch.Tensor, mask: torch.Tensor, lengths: torch.Tensor | None = None):
+        """Zero-pad a text condition shorter than :attr:`text_length`, as the family's pipeline pads its encoder's.
+
+        A DiT with no text mask (Wan, Cosmos) attends its zero padding: the pipeline's zeros take
+        part of every softmax, so the DiT reads a condition through the share of attention those
+        zeros hold. A connector that emits fewer tokens than the DiT was pretrained with (a fixed
+        number of queries) would hand it a condition it never saw, even if each token were exactly
+        its encoder's (measured on the toy Wan DiT: its own encoder's real tokens with no padding
+        explain less than nothing at t=0.7; padded to its 48 tokens, 0.32 of the loss). Rows of a
+        batch (``lengths``) each attend at least :attr:`text_length` positions, as they would alone.
+        """
+        n = self.text_length
+        if not self.attends_text_padding or not n or states.shape[1] >= n and lengths is None:
+            return states, mask, lengths
+        extra = max(0, n - states.shape[1])
+        if extra:
+            states = torch.nn.functional.pad(states, (0, 0, 0, extra))
+            mask = torch.nn.functional.pad(mask, (0, extra), value=1)
+        if lengths is not None:
+            lengths = lengths.clamp(min=n)
+            if bool((lengths == states.shape[1]).all()):
+                lengths = None
+        return states, mask, lengths
 
     def flow_loss(
         self,

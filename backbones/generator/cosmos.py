@@ -29,6 +29,7 @@ import torch
 
 from backbones.generator.base import FlowGenerator, length_mask, load_parts, transformer_config
 from backbones.generator.wan import DTYPES
+from backbones.generator.text_encoder import pipeline_text_length
 
 
 def _width_key(config) -> str:
@@ -37,6 +38,8 @@ def _width_key(config) -> str:
 
 class CosmosGenerator(FlowGenerator):
     """Cosmos-Predict DiT + Wan2.1 VAE under the toolkit's flow convention."""
+
+    attends_text_padding = True  # no text mask: the pipeline's zero padding is attended
 
     #: Cosmos-Predict2.5's 16:9 size (diffusers' Cosmos2_5 pipeline default, 704x1280) and its portrait transpose
     published_buckets = ((704, 1280), (1280, 704))
@@ -56,12 +59,14 @@ class CosmosGenerator(FlowGenerator):
         cond_timestep: float = 1e-4,
         device: str | None = None,
         architecture: dict | None = None,
+        text_length: int | None = None,
     ) -> CosmosGenerator:
         from diffusers import CosmosTransformer3DModel
 
         key = _width_key(transformer_config(CosmosTransformer3DModel, path, architecture))
         transformer, vae = load_parts(CosmosTransformer3DModel, path, key, text_dim, DTYPES[dtype], architecture, device)
         gen = cls(transformer, vae, scheduler, image_size, cond_timestep)
+        gen.text_length = text_length if text_length is not None else pipeline_text_length(path)
         return gen.to(device) if device else gen
 
     @property

@@ -26,6 +26,7 @@ import torch
 
 from backbones.generator.base import FlowGenerator, load_parts
 from backbones.generator.wan import DTYPES
+from backbones.generator.text_encoder import pipeline_text_length
 
 CONDITION_MODES = ("mllm_only", "spatial_concat")
 
@@ -60,11 +61,13 @@ class SanaGenerator(FlowGenerator):
         condition_mode: str = "mllm_only",
         device: str | None = None,
         architecture: dict | None = None,
+        text_length: int | None = None,
     ) -> SanaGenerator:
         from diffusers import SanaTransformer2DModel
 
         transformer, vae = load_parts(SanaTransformer2DModel, path, "caption_channels", text_dim, DTYPES[dtype], architecture, device)
         gen = cls(transformer, vae, scheduler, image_size, condition_mode)
+        gen.text_length = text_length if text_length is not None else pipeline_text_length(path)
         return gen.to(device) if device else gen
 
     @property

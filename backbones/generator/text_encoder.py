@@ -37,6 +37,20 @@ from fusion.errors import CheckpointError
 PIPELINE_LENGTH = {"WanTransformer3DModel": 512, "CosmosTransformer3DModel": 512, "SanaTransformer2DModel": 300}
 
 
+def pipeline_text_length(path: str | Path) -> int | None:
+    """The length a generator folder's pipeline pads its text encoder's states to (``PIPELINE_LENGTH`` of its
+    transformer class, capped by ``tokenizer/``'s ``model_max_length``); None when the folder holds no
+    tokenizer (a hub id, a tiny test checkpoint, a fused model's generator part: its manifest records it)."""
+    p = Path(path)
+    cfg = p / "tokenizer" / "tokenizer_config.json"
+    if not cfg.is_file():
+        return None
+    index = json.loads((p / "model_index.json").read_text()) if (p / "model_index.json").is_file() else {}
+    length = PIPELINE_LENGTH.get(index.get("transformer", [None, None])[1], 512)
+    most = json.loads(cfg.read_text()).get("model_max_length")
+    return min(length, int(most)) if isinstance(most, (int, float)) and most > 0 else length
+
+
 class TextEncoder(nn.Module):
     """Tokenizer + encoder of a generator folder; frozen, eval mode."""
 

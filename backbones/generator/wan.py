@@ -37,12 +37,15 @@ from typing import Any
 import torch
 
 from backbones.generator.base import FlowGenerator, length_mask, load_parts
+from backbones.generator.text_encoder import pipeline_text_length
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class WanGenerator(FlowGenerator):
     """Wan DiT + VAE under the toolkit's flow convention."""
+
+    attends_text_padding = True  # no text mask: the pipeline's zero padding is attended
 
     timestep_scale = 1000.0
     #: Wan2.1 T2V-1.3B's supported sizes (its configs' SUPPORTED_SIZES '832*480' and '480*832', width*height)
@@ -58,11 +61,13 @@ class WanGenerator(FlowGenerator):
         image_size: int = 512,
         device: str | None = None,
         architecture: dict | None = None,
+        text_length: int | None = None,
     ) -> WanGenerator:
         from diffusers import WanTransformer3DModel
 
         transformer, vae = load_parts(WanTransformer3DModel, path, "text_dim", text_dim, DTYPES[dtype], architecture, device)
         gen = cls(transformer, vae, scheduler, image_size)
+        gen.text_length = text_length if text_length is not None else pipeline_text_length(path)
         return gen.to(device) if device else gen
 
     @property

@@ -49,7 +49,9 @@ def raw_forward(gen, x, cond, text, mask, t):
         return out[..., -x.shape[-1]:]
     frames = torch.cat([cond, x[:, None]], dim=1).permute(0, 2, 1, 3, 4)  # [B,C,F,h,w]
     b, _, f, h, w = frames.shape
-    text = text * mask[..., None]  # Wan/Cosmos pipelines pad text with zeros
+    text = text * mask[..., None]  # Wan/Cosmos pipelines pad text with zeros, to their max_sequence_length
+    if gen.text_length and text.shape[1] < gen.text_length:
+        text = torch.cat([text, text.new_zeros(text.shape[0], gen.text_length - text.shape[1], text.shape[2])], dim=1)
     if name == "WanTransformer3DModel":  # pipeline_wan_i2v: first_frame_mask * t per patch token
         m = torch.ones(1, 1, f, h, w)
         m[:, :, : cond.shape[1]] = 0
@@ -76,6 +78,61 @@ def test_velocity_equals_raw_diffusers_forward(gen):
     torch.testing.assert_close(v0, ref0, atol=1e-5, rtol=1e-5)
     if gen.uses_condition_frames:  # the condition frames really condition the target
         assert (v - v0).abs().max() > 1e-4
+
+
+def test_a_short_condition_is_zero_padded_to_the_length_the_dit_was_trained_with(tiny_dir):
+    """Wan and Cosmos attend their text padding: a condition shorter than generator.text_length reads as the
+    pipeline hands it (its tokens, then zeros up to the length), also inside a batch of ragged rows; SANA masks
+    its padding, so the length changes nothing there."""
+    for name in ("tiny_wan", "tiny_cosmos", "tiny_sana"):
+        g = build(tiny_dir, name).eval()
+        x, cond, text, mask, t = inputs(g)
+        cond = cond if g.uses_condition_frames else cond[:, :0]
+        with torch.no_grad():
+            g.text_length = None
+            unpadded = g.velocity(x, t, cond, text, mask)
+            g.text_length = 12
+            v = g.velocity(x, t, cond, text, mask)
+            if not g.attends_text_padding:
+                torch.testing.assert_close(v, unpadded, atol=1e-6, rtol=1e-6)
+                continue
+            padded_text = torch.cat([text * mask[..., None], torch.zeros(2, 7, g.text_dim)], dim=1)
+            ref = raw_forward(g, x, cond, padded_text, torch.ones(2, 12, dtype=torch.long), t)
+            torch.testing.assert_close(v, ref, atol=1e-5, rtol=1e-5)
+            assert (v - unpadded).abs().max() > 1e-4, f"{name}: the padding count should change what the DiT reads"
+            rows = ragged_rows(g)  # texts of 5, 3, 7, ... tokens: every row padded to 12 alone and in the batch
+            g.text_length = 6
+            alone = [g.velocity(r.x[None], r.t[None], None if r.cond is None else r.cond[None], r.states[None], r.mask[None])[0] for r in rows]
+            batched, _ = g.batched_velocity(rows)
+            for a, b in zip(alone, batched):
+                torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+
+
+def test_text_length_comes_from_the_pipeline_folder(tmp_path, tiny_dir):
+    import json
+    import shutil
+
+    from backbones.generator.text_encoder import make_tiny_text_encoder, pipeline_text_length
+
+    folder = tmp_path / "wan"
+    shutil.copytree(tiny_dir / "wan", folder)
+    shutil.rmtree(folder / "tokenizer", ignore_errors=True)
+    assert pipeline_text_length(folder) is None  # no tokenizer/: no padding
+    make_tiny_text_encoder(folder, "UMT5EncoderModel", dim=16, max_length=20)
+    (folder / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "WanTransformer3DModel"],
+                                                         "text_encoder": ["transformers", "UMT5EncoderModel"]}))
+    assert pipeline_text_length(folder) == 20  # the pipeline's 512, capped by the tokenizer's model_max_length
+    cfg = json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())
+    cfg["model_max_length"] = 100000
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert pipeline_text_length(folder) == 512
+    assert build(tiny_dir, "tiny_wan").text_length == pipeline_text_length(tiny_dir / "wan") > 0  # the yaml leaves it to the folder
+    from backbones.generator.wan import WanGenerator
+
+    g = WanGenerator.from_pretrained(str(folder), scheduler={"_target_": "diffusers.FlowMatchEulerDiscreteScheduler"})
+    assert g.text_length == 512
+    assert WanGenerator.from_pretrained(str(folder), scheduler={"_target_": "diffusers.FlowMatchEulerDiscreteScheduler"},
+                                        text_length=48).text_length == 48
 
 
 def test_mllm_only_sana_ignores_condition_frames(tiny_dir):

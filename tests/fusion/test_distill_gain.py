@@ -123,12 +123,20 @@ def test_gain_reads_zero_when_the_connector_says_nothing_and_is_deterministic(ti
 
 def test_gain_with_the_dits_own_encoder_as_reference(tiny_dir, convs):
     from backbones.generator.text_encoder import TextEncoder
-    from fusion.gain import conditioning_gain
+    from fusion.gain import conditioning_gain, summary_line
 
     model, cfg = build(tiny_dir)
     model.set_teacher(TextEncoder.from_pretrained(cfg.generator.path))
-    g = conditioning_gain(model, _samples(model, convs), ts=(0.7,))
+    samples = _samples(model, convs)
+    g = conditioning_gain(model, samples, ts=(0.7,))
     assert "reference_gain@0.7" in g and g["loss_reference@0.7"] != g["loss_reference_zero@0.7"]
+    # its real tokens alone read as its padded states when the generator pads to the length the DiT knows
+    assert model.generator.text_length == model.teacher.max_length
+    assert g["reference_real_gain@0.7"] == pytest.approx(g["reference_gain@0.7"], abs=1e-6)
+    model.generator.text_length = None  # no padding: the Wan DiT attends fewer zeros and reads something else
+    g = conditioning_gain(model, samples, ts=(0.7,))
+    assert abs(g["reference_real_gain@0.7"] - g["reference_gain@0.7"]) > 1e-4
+    assert "its real tokens alone" in summary_line(g, (0.7,))
 
 
 def test_a_teacher_of_another_width_is_refused(tiny_dir):

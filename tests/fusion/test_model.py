@@ -227,7 +227,7 @@ def test_widths_that_cannot_fit_fail_before_training(tiny_dir):
     ("queries", "tiny_cosmos", []),
     ("multilayer_concat", "tiny_wan", ["stage.trainable.generator=lora"]),
     ("multiscale_queries", "tiny_sana", []),
-    ("resampler", "tiny_wan", ["connector.layers=[1,-1]"]),
+    ("resampler", "tiny_wan", ["connector.layers=[1,-1]", "generator.text_length=64"]),  # padded: the length is saved
 ])
 def test_save_load_gives_identical_outputs(tiny_dir, convs, tmp_path, connector, generator, extra, mllm_family):
     torch.manual_seed(0)
@@ -243,6 +243,7 @@ def test_save_load_gives_identical_outputs(tiny_dir, convs, tmp_path, connector,
     assert (out / "generator" / "transformer" / "config.json").is_file() and (out / "connector" / "model.safetensors").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     loaded = FusedModel.from_pretrained(out)
+    assert loaded.generator.text_length == model.generator.text_length  # the saved generator folder has no tokenizer/
     with torch.no_grad():
         ref = model.align_loss(samples, torch.Generator().manual_seed(5))
         got = loaded.align_loss([loaded.prepare_align_sample(c) for c in convs], torch.Generator().manual_seed(5))
