@@ -276,7 +276,7 @@ class FlowGenerator(nn.Module):
         batch (``lengths``) each attend at least :attr:`text_length` positions, as they would alone.
         """
         n = self.text_length
-        if not self.attends_text_padding or not n or states.shape[1] >= n and lengths is None:
+        if not self.attends_text_padding or not n or (states.shape[1] >= n and lengths is None):
             return states, mask, lengths
         extra = max(0, n - states.shape[1])
         if extra:

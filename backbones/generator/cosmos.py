@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from backbones.generator.base import FlowGenerator, length_mask, load_parts, transformer_config
-from backbones.generator.wan import DTYPES
 from backbones.generator.text_encoder import pipeline_text_length
+from backbones.generator.wan import DTYPES
 
 
 def _width_key(config) -> str:

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 
 from backbones.generator.base import FlowGenerator, load_parts
-from backbones.generator.wan import DTYPES
 from backbones.generator.text_encoder import pipeline_text_length
+from backbones.generator.wan import DTYPES
 
 CONDITION_MODES = ("mllm_only", "spatial_concat")
 

@@ -88,8 +88,7 @@ class TextEncoder(nn.Module):
         tokenizer = AutoTokenizer.from_pretrained(str(p / "tokenizer"))
         encoder = enc_cls.from_pretrained(str(p / "text_encoder"), dtype=dtype).to(device)
         if max_length is None:
-            dit = index.get("transformer", [None, None])[1]
-            max_length = min(PIPELINE_LENGTH.get(dit, 512), int(tokenizer.model_max_length or 512))
+            max_length = pipeline_text_length(p) or PIPELINE_LENGTH.get(index.get("transformer", [None, None])[1], 512)
         return cls(tokenizer, encoder, max_length)
 
     @property
