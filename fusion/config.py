@@ -84,6 +84,8 @@ class GeneratorConfig:
             raise ConfigError("generator.architecture must have a transformer and a vae entry (their config.json fields)")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"generator.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.text_length is not None and self.text_length <= 0:
+            raise ConfigError(f"generator.text_length must be positive (or null: read from the folder's tokenizer/), got {self.text_length}")
         if self.text_dim is not None and self.text_dim <= 0:
             raise ConfigError(f"generator.text_dim must be positive, got {self.text_dim}")
 

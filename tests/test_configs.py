@@ -84,6 +84,7 @@ def test_wrong_type_names_the_key():
         (["mllm.dtype=float8"], "mllm.dtype"),
         (["stage=align", "stage.dit_batching=padded"], "stage.dit_batching"),
         (["data.render_cache_mb=-1"], "data.render_cache_mb"),
+        (["stage=align", "generator=tiny_wan", "generator.text_length=0"], "generator.text_length"),
     ],
 )
 def test_impossible_combinations_fail_validation(overrides, key):
