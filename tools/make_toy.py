@@ -113,10 +113,13 @@ def main(cfg: DictConfig) -> None:
         for family in cfg.dit_families:
             want = {"steps": cfg.dit_steps, "lr": cfg.dit_lr, "batch": cfg.dit_batch, "pool": cfg.dit_pool, "seed": cfg.seed, "vae": vae_want,
                     "text_length": cfg.dit_text_length, "text_layers": cfg.dit_text_layers, "recipe": RECIPES["dit"]}
+            if family == "wan" and cfg.dit_coord_freqs:  # only when set, so parts built before the setting stay cached
+                want["coord_freqs"] = cfg.dit_coord_freqs
             cached(out / family, want,
                    lambda p, f=family: pretrain_dit(f, p, out / "vae", steps=cfg.dit_steps, batch=cfg.dit_batch, lr=cfg.dit_lr,
                                                      seed=cfg.seed, pool_size=cfg.dit_pool, text_length=cfg.dit_text_length,
-                                                     text_layers=cfg.dit_text_layers, eval_n=cfg.dit_eval_n),
+                                                     text_layers=cfg.dit_text_layers, eval_n=cfg.dit_eval_n,
+                                                     coord_freqs=cfg.dit_coord_freqs),
                    dit_summary)
 
 

@@ -19,7 +19,10 @@ recomputes a block, so then :attr:`pads_text` is False and rows are grouped by l
 Coordinate channels (toy checkpoints): a transformer whose ``in_channels`` exceed its
 ``out_channels`` by 2 gets two fixed input channels holding each latent cell's (y, x) in
 [-1, 1], an absolute position signal next to RoPE (small DiTs place objects on a grid far
-more reliably with it). Published checkpoints have none; the choice is read from the config.
+more reliably with it); by ``2 + 4k``, also ``sin``/``cos`` of ``pi / 2 * 2**i * y`` and of
+``x`` for ``i < k`` (Fourier features, the lowest period twice the span so the two edges differ: a query/key projection can then peak at the *same*
+cell of another frame, which a bilinear form of the ramps cannot; an edit copies its
+condition frame through that). Published checkpoints have none; the choice is read from the config.
 
 Latents: the VAE slot of the checkpoint (``AutoencoderKLWan``: ``(z - latents_mean) / latents_std``
 of the posterior mode, one latent frame per image; a toy checkpoint may hold a 2-D ``AutoencoderKL``).
@@ -82,8 +85,9 @@ class WanGenerator(FlowGenerator):
     def coord_channels(self) -> int:
         c = self.transformer.config
         extra = c.in_channels - c.out_channels
-        if extra not in (0, 2):
-            raise ValueError(f"Wan transformer: in_channels {c.in_channels} must equal out_channels {c.out_channels} (or exceed it by 2 coordinate channels)")
+        if extra != 0 and (extra < 2 or (extra - 2) % 4):
+            raise ValueError(f"Wan transformer: in_channels {c.in_channels} must equal out_channels {c.out_channels} "
+                             f"(or exceed it by 2 + 4k coordinate channels: y, x and k sin/cos frequency pairs of each)")
         return extra
 
     def dit_blocks(self):
@@ -130,9 +134,8 @@ class WanGenerator(FlowGenerator):
         text = text_states * text_mask[..., None].to(text_states.dtype)
         x = frames
         if self.coord_channels:
-            ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype)[:, None].expand(h, w)
-            xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype)[None, :].expand(h, w)
-            x = torch.cat([x, torch.stack([ys, xs]).expand(b, f, 2, h, w)], dim=2)
+            grid = coordinate_grid(h, w, self.coord_channels, x.device, x.dtype)
+            x = torch.cat([x, grid.expand(b, f, *grid.shape)], dim=2)
         with self._cross_attention_keys(length_mask(text_lengths, text.shape[1])):
             out = self.transformer(
                 hidden_states=x.permute(0, 2, 1, 3, 4).to(self.dtype),
@@ -144,6 +147,19 @@ class WanGenerator(FlowGenerator):
         if n_cond:
             v = torch.cat([torch.zeros_like(v[:, :n_cond]), v[:, n_cond:]], dim=1)
         return v
+
+
+def coordinate_grid(h: int, w: int, channels: int, device=None, dtype=None) -> torch.Tensor:
+    """[channels, h, w] fixed position channels: (y, x) in [-1, 1], then for each frequency
+    ``pi / 2 * 2**i`` (``i < (channels - 2) / 4``) sin and cos of it times y, then of it times x
+    (the lowest period is 4, twice the span: with ``pi`` the rows at -1 and 1 would be alike)."""
+    ys = torch.linspace(-1, 1, h, device=device, dtype=dtype)[:, None].expand(h, w)
+    xs = torch.linspace(-1, 1, w, device=device, dtype=dtype)[None, :].expand(h, w)
+    out = [ys, xs]
+    for i in range((channels - 2) // 4):
+        f = torch.pi / 2 * 2**i
+        out += [torch.sin(f * ys), torch.cos(f * ys), torch.sin(f * xs), torch.cos(f * xs)]
+    return torch.stack(out)
 
 
 def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "wan", variant: str = "2.1") -> Path:

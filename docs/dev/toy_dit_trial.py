@@ -8,6 +8,7 @@ Run as (from the repository root):
     python docs/dev/toy_dit_trial.py name=lr2_3k steps=3000 lr=0.002 pool=4096
     python docs/dev/toy_dit_trial.py name=e_base steps=800 p_edit=1.0 pool=1024
     python docs/dev/toy_dit_trial.py name=e_qk2 steps=800 p_edit=1.0 pool=1024 qk_gain=2
+    python docs/dev/toy_dit_trial.py name=f3b_lr2_3k steps=3000 lr=0.002 pool=4096 coord_freqs=3   (make_toy's defaults since)
 
 Prints the flow loss every 200 steps (text-to-image and edit items apart), the fit figures
 (training vs held-out items), then exact read-back of sampled scenes for the raw and the EMA
@@ -30,7 +31,7 @@ from backbones.generator.text_encoder import TextEncoder
 from fusion.flow import sample_t
 from fusion.toyworld import pretrain as P
 
-cfg = dict(name="base", steps=1000, lr=1e-3, batch=16, p_edit=0.5, pool=2048, ema=0.995, qk_gain=1.0, eval_n=64, vae="checkpoints/toy/vae")
+cfg = dict(name="base", steps=1000, lr=1e-3, batch=16, p_edit=0.5, pool=2048, ema=0.995, qk_gain=1.0, coord_freqs=0, eval_n=64, vae="checkpoints/toy/vae")
 for arg in sys.argv[1:]:
     key, value = arg.split("=", 1)
     if key not in cfg:
@@ -42,7 +43,7 @@ shutil.rmtree(out, ignore_errors=True)
 torch.manual_seed(0)
 rng = random.Random(0)
 tok = P.toy_tokenizer(48)
-transformer = P.toy_transformer("wan", 8, 64, 4)
+transformer = P.toy_transformer("wan", 8, 64, 4, coord_freqs=cfg["coord_freqs"])
 if cfg["qk_gain"] != 1.0:  # self-attention query/key RMSNorm gains: sharper attention from the first step
     with torch.no_grad():
         for block in transformer.blocks:

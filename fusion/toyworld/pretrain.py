@@ -170,16 +170,18 @@ def edit_prompt(rng: random.Random, source, op: str, target) -> str:
     return p + (" " + rng.choice(cv.EDIT_REPLY) if rng.random() < 0.5 else "")
 
 
-def toy_transformer(family: str, latent_channels: int, text_dim: int = 64, layers: int = 4, heads: int = 4, head_dim: int = 32):
-    """A small DiT of the family's own diffusers class, with an absolute position signal."""
+def toy_transformer(family: str, latent_channels: int, text_dim: int = 64, layers: int = 4, heads: int = 4, head_dim: int = 32,
+                    coord_freqs: int = 0):
+    """A small DiT of the family's own diffusers class, with an absolute position signal (Wan:
+    ``coord_freqs`` sin/cos frequency pairs per axis besides the two coordinate ramps)."""
     from diffusers import (
         CosmosTransformer3DModel,
         SanaTransformer2DModel,
         WanTransformer3DModel,
     )
 
-    if family == "wan":  # two coordinate input channels (see backbones/generator/wan.py)
-        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=latent_channels + 2,
+    if family == "wan":  # coordinate input channels (see backbones/generator/wan.py)
+        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=latent_channels + 2 + 4 * coord_freqs,
                                      out_channels=latent_channels, text_dim=text_dim, freq_dim=64, ffn_dim=2 * heads * head_dim, num_layers=layers,
                                      rope_max_seq_len=64)
     if family == "cosmos":  # learnable absolute position embedding (Predict2's extra_pos_embed_type)
@@ -387,7 +389,7 @@ def _frac(xs: list) -> float:
 def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int = 3000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
                  text_dim: int = 64, p_edit: float = 0.5, p_drop_text: float = 0.1, layers: int = 4, pool_size: int = 4096,
                  text_layers: int = 2, text_length: int = TEXT_LENGTH, eval_n: int = 32, probe_weight: float = 0.1,
-                 fit_n: int = 256, progress: bool = True) -> dict:
+                 fit_n: int = 256, coord_freqs: int = 0, progress: bool = True) -> dict:
     """Pretrain a toy DiT of ``family`` together with its own text encoder (the family's class) to draw
     toy scenes from the toy world's requests (padded to ``text_length`` tokens) and to apply edits to a
     clean condition frame; save both (with the VAE, tokenizer and scheduler) in the diffusers layout."""
@@ -399,7 +401,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     rng = random.Random(seed)
     latent_channels = json.loads((Path(vae_dir) / "config.json").read_text())["latent_channels"]
     tokenizer = toy_tokenizer(text_length)
-    transformer = toy_transformer(family, latent_channels, text_dim, layers)
+    transformer = toy_transformer(family, latent_channels, text_dim, layers, coord_freqs=coord_freqs)
     encoder = toy_text_encoder(family, len(tokenizer), text_dim, text_layers)
     save_generator(out, family, transformer, Path(vae_dir), encoder, tokenizer)
     gen = load_toy_generator(family, out)
@@ -442,7 +444,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     stats = {"family": family, "steps": steps, "seconds": round(time.time() - t0, 1), "first_loss": losses[0],
              "last_loss": float(np.mean(losses[-50:])), "params": sum(p.numel() for p in gen.transformer.parameters()),
              "text_encoder": type(text.encoder).__name__, "text_encoder_params": sum(p.numel() for p in text.encoder.parameters()),
-             "text_length": text_length, "probe_weight": probe_weight,
+             "text_length": text_length, "probe_weight": probe_weight, "coord_freqs": coord_freqs if family == "wan" else None,
              "last_probe_loss": float(np.mean(probes[-50:])), "accuracy": acc, "fit": fit}
     gen.transformer.save_pretrained(out / "transformer")
     text.encoder.save_pretrained(out / "text_encoder")

@@ -161,6 +161,34 @@ def test_wan_rejects_an_input_width_it_cannot_explain(tmp_path, toy_vae):
         gen.velocity(torch.zeros(1, 8, 16, 16), torch.tensor([0.5]), None, torch.zeros(1, 4, 64), torch.zeros(1, 4, dtype=torch.long))
 
 
+def test_fourier_coordinate_channels_peak_at_the_same_cell(tmp_path, toy_vae):
+    """With sin/cos channels the similarity of two cells' position features (what a query/key
+    projection can compute) is highest at the same cell, for every cell: an edit can copy its
+    condition frame cell by cell. The first two channels stay the ramps older checkpoints use,
+    and a transformer built with them runs through the adapter."""
+    from backbones.generator.wan import coordinate_grid
+    from fusion.toyworld.pretrain import save_generator, toy_transformer
+
+    grid = coordinate_grid(8, 8, 14)
+    assert grid.shape == (14, 8, 8)
+    assert torch.equal(grid[:2], coordinate_grid(8, 8, 2))
+    assert torch.allclose(grid[0, :, 0], torch.linspace(-1, 1, 8)) and torch.allclose(grid[1, 0], torch.linspace(-1, 1, 8))
+    feats = grid[2:].flatten(1).T  # [64 cells, 12]
+    sim = feats @ feats.T
+    assert torch.equal(sim.argmax(dim=1), torch.arange(64))
+    off_diagonal = sim.masked_fill(torch.eye(64, dtype=torch.bool), -1e9).amax(dim=1)
+    assert (sim.diagonal() - off_diagonal).min() > 0.1  # a margin, not a tie
+
+    torch.manual_seed(0)
+    save_generator(tmp_path / "wan", "wan", toy_transformer("wan", 8, 64, layers=1, coord_freqs=3), toy_vae)
+    gen = load_toy_generator("wan", tmp_path / "wan")
+    assert gen.coord_channels == 14 and gen.transformer.config.in_channels == 8 + 14
+    x = torch.zeros(1, 8, 16, 16)
+    v = gen.velocity(x, torch.tensor([0.5]), torch.zeros(1, 1, 8, 16, 16), torch.zeros(1, 4, 64), torch.ones(1, 4, dtype=torch.long))
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    assert not torch.allclose(v[..., :8, :8], v[..., 8:, 8:], atol=1e-6)
+
+
 def test_toy_mllm_pretrains_into_a_qwen_folder_with_one_vision_token_per_cell(tmp_path):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 

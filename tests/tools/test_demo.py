@@ -88,7 +88,11 @@ def test_ablation_writes_one_table_for_the_connectors(demo):
     again = run("ablate.py", f"toy_dir={root / 'toy'}", f"out_dir={root / 'out'}", *REDUCED, "connectors=[layer_mix,last_mlp]", "seeds=[0]")
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("reusing the finished run") == 2 and report.stat().st_mtime == stamp
-    assert json.loads((root / "out" / "ablation" / "ablation.json").read_text())["connectors"] == table["connectors"]
+    again_table = json.loads((root / "out" / "ablation" / "ablation.json").read_text())
+    # the same table up to order (the connectors were listed the other way round); compared as sorted JSON lines,
+    # since a metric with no samples in this reduced world is NaN, and NaN != NaN in a dict comparison
+    lines = [sorted(json.dumps(t["connectors"], sort_keys=True, indent=0).splitlines()) for t in (again_table, table)]
+    assert lines[0] == lines[1]
 
 
 def test_a_failing_phase_stops_the_demo_with_its_name(tmp_path):
