@@ -878,7 +878,7 @@ class MakeToyConfig:
     """Layers of the toy DiT's own text encoder (UMT5 / T5 / Gemma2 by family), trained with the DiT."""
     dit_coord_freqs: int = 3
     """Toy Wan only: sin/cos frequency pairs per axis in its coordinate input channels, besides the two
-    ramps (lets an edit find the same cell in its condition frame; see backbones/generator/wan.py)."""
+    ramps (a sharper position signal: see backbones/generator/wan.py; 0: the ramps alone)."""
     dit_eval_n: int = 64
     """Held-out scenes and edits each sampled (20 steps, guidance 3) to score the pretrained toy DiT."""
 

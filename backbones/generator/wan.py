@@ -20,9 +20,10 @@ Coordinate channels (toy checkpoints): a transformer whose ``in_channels`` excee
 ``out_channels`` by 2 gets two fixed input channels holding each latent cell's (y, x) in
 [-1, 1], an absolute position signal next to RoPE (small DiTs place objects on a grid far
 more reliably with it); by ``2 + 4k``, also ``sin``/``cos`` of ``pi / 2 * 2**i * y`` and of
-``x`` for ``i < k`` (Fourier features, the lowest period twice the span so the two edges differ: a query/key projection can then peak at the *same*
-cell of another frame, which a bilinear form of the ramps cannot; an edit copies its
-condition frame through that). Published checkpoints have none; the choice is read from the config.
+``x`` for ``i < k`` (Fourier features, the lowest period twice the span so the two edges
+differ: a query/key projection can then peak at a given cell, which a bilinear form of the
+ramps cannot; the toy Wan drew 86% of scenes with them against 66%, see the README). Published
+checkpoints have none; the choice is read from the config.
 
 Latents: the VAE slot of the checkpoint (``AutoencoderKLWan``: ``(z - latents_mean) / latents_std``
 of the posterior mode, one latent frame per image; a toy checkpoint may hold a 2-D ``AutoencoderKL``).

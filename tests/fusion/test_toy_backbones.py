@@ -189,6 +189,15 @@ def test_fourier_coordinate_channels_peak_at_the_same_cell(tmp_path, toy_vae):
     assert not torch.allclose(v[..., :8, :8], v[..., 8:, 8:], atol=1e-6)
 
 
+@pytest.mark.parametrize("field,value,key", [("dit_coord_freqs", -1, "dit_coord_freqs"), ("dit_families", ["wan", "flux"], "dit_families")])
+def test_make_toy_refuses_impossible_settings_naming_the_key(field, value, key):
+    from fusion.config import MakeToyConfig
+    from fusion.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=key):
+        MakeToyConfig(**{field: value})
+    assert MakeToyConfig().dit_coord_freqs == 3  # the default recipe: ramps + 3 frequency pairs
+
 def test_toy_mllm_pretrains_into_a_qwen_folder_with_one_vision_token_per_cell(tmp_path):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
