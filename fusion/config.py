@@ -879,6 +879,15 @@ class MakeToyConfig:
     dit_coord_freqs: int = 3
     """Toy Wan only: sin/cos frequency pairs per axis in its coordinate input channels, besides the two
     ramps (a sharper position signal: see backbones/generator/wan.py; 0: the ramps alone)."""
+    dit_t_sampling: str = "shifted"
+    """Training timesteps of the toy DiTs: uniform, logit_normal (SD3) or shifted (uniform, then shifted by
+    dit_t_shift). Shifted by 3 a quarter of the steps fall above t = 0.9, where sampling starts and an edit
+    must copy its condition frame from noise (logit-normal: 1.4%; see pretrain_dit)."""
+    dit_t_shift: float = 3.0
+    """The shift of dit_t_sampling=shifted (t' = s t / (1 + (s - 1) t))."""
+    dit_copy_heads: float = 0.0
+    """Toy Wan only: start one self-attention head per block as a copy head (fusion.toyworld.pretrain.init_copy_heads)
+    with this query/key RMSNorm gain; 0: off."""
     dit_eval_n: int = 64
     """Held-out scenes and edits each sampled (20 steps, guidance 3) to score the pretrained toy DiT."""
 
@@ -888,6 +897,12 @@ class MakeToyConfig:
             raise ConfigError(f"dit_families: unknown family {bad[0]!r}; expected wan, cosmos or sana")
         if self.dit_coord_freqs < 0:
             raise ConfigError(f"dit_coord_freqs: {self.dit_coord_freqs} must be >= 0")
+        if self.dit_t_sampling not in ("uniform", "logit_normal", "shifted"):
+            raise ConfigError(f"dit_t_sampling must be uniform, logit_normal or shifted, got {self.dit_t_sampling!r}")
+        if self.dit_t_shift <= 0:
+            raise ConfigError(f"dit_t_shift: {self.dit_t_shift} must be > 0")
+        if self.dit_copy_heads < 0 or (self.dit_copy_heads and not self.dit_coord_freqs):
+            raise ConfigError(f"dit_copy_heads: {self.dit_copy_heads} must be >= 0, and needs dit_coord_freqs > 0 (the heads read those channels)")
         if self.dit_families and self.dit_steps > 0 and self.vae_steps <= 0:
             raise ConfigError("dit_steps > 0 needs the toy VAE (vae_steps > 0): the DiTs learn in its latent space")
 

@@ -113,13 +113,19 @@ def main(cfg: DictConfig) -> None:
         for family in cfg.dit_families:
             want = {"steps": cfg.dit_steps, "lr": cfg.dit_lr, "batch": cfg.dit_batch, "pool": cfg.dit_pool, "seed": cfg.seed, "vae": vae_want,
                     "text_length": cfg.dit_text_length, "text_layers": cfg.dit_text_layers, "recipe": RECIPES["dit"]}
-            if family == "wan" and cfg.dit_coord_freqs:  # only when set, so parts built before the setting stay cached
+            # each only when it differs from what parts built before the setting used, so those stay cached
+            if family == "wan" and cfg.dit_coord_freqs:
                 want["coord_freqs"] = cfg.dit_coord_freqs
+            if family == "wan" and cfg.dit_copy_heads:
+                want["copy_heads"] = cfg.dit_copy_heads
+            if cfg.dit_t_sampling != "logit_normal":
+                want["t_sampling"] = [cfg.dit_t_sampling, cfg.dit_t_shift]
             cached(out / family, want,
                    lambda p, f=family: pretrain_dit(f, p, out / "vae", steps=cfg.dit_steps, batch=cfg.dit_batch, lr=cfg.dit_lr,
                                                      seed=cfg.seed, pool_size=cfg.dit_pool, text_length=cfg.dit_text_length,
                                                      text_layers=cfg.dit_text_layers, eval_n=cfg.dit_eval_n,
-                                                     coord_freqs=cfg.dit_coord_freqs),
+                                                     coord_freqs=cfg.dit_coord_freqs, t_sampling=cfg.dit_t_sampling,
+                                                     t_shift=cfg.dit_t_shift, copy_heads=cfg.dit_copy_heads if f == "wan" else 0.0),
                    dit_summary)
 
 

@@ -130,8 +130,13 @@ def build_tokenizer(vocab_size: int = 1024):
     return tokenizer
 
 
-def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4, vision_hidden_size: int = 32, initializer_range: float = 0.02):
+def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4, vision_hidden_size: int = 32, initializer_range: float = 0.02,
+                rope_theta: float = 10000.0):
     """A Qwen2.5-VL config of the real class with tiny widths (head_dim 16, mrope 2+3+3).
+
+    ``rope_theta``: the published base. MRoPE gives image rows the middle and columns the lowest of
+    the head's rotary frequencies, which at 10000 and head_dim 32 turn by under 0.1 rad per row
+    and 0.004 per column: a toy model with one vision token per grid cell may take a smaller base.
 
     ``initializer_range``: the published 0.02 is tuned for wide models; a model this narrow
     trained from scratch needs a larger one before its language model reads the vision tokens
@@ -156,7 +161,7 @@ def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4, vision_hi
             num_key_value_heads=2,
             max_position_embeddings=4096,
             rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+            rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope},
             bos_token_id=ids["<|endoftext|>"],
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
@@ -189,7 +194,7 @@ def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4, vision_hi
 
 def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "qwen2_5_vl", hidden_size: int = 64, num_layers: int = 4,
               vision_hidden_size: int = 32, min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS,
-              initializer_range: float = 0.02) -> Path:
+              initializer_range: float = 0.02, rope_theta: float = 10000.0) -> Path:
     """Write a tiny Qwen2.5-VL (model, tokenizer, processor) to ``<out_dir>/<name>``.
 
     ``min_pixels`` / ``max_pixels`` are the processor's bounds (the toy MLLM uses 84x84 for
@@ -213,7 +218,7 @@ def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "qwen2_5_vl", hidd
         chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, hidden_size, num_layers, vision_hidden_size, initializer_range))
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, hidden_size, num_layers, vision_hidden_size, initializer_range, rope_theta))
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     model.save_pretrained(target)
     processor.save_pretrained(target)

@@ -31,7 +31,7 @@ from backbones.generator.text_encoder import TextEncoder
 from fusion.flow import sample_t
 from fusion.toyworld import pretrain as P
 
-cfg = dict(name="base", steps=1000, lr=1e-3, batch=16, p_edit=0.5, pool=2048, ema=0.995, qk_gain=1.0, coord_freqs=0, eval_n=64, vae="checkpoints/toy/vae")
+cfg = dict(name="base", steps=1000, lr=1e-3, batch=16, p_edit=0.5, pool=2048, ema=0.995, qk_gain=1.0, coord_freqs=0, copy_init=0.0, t_mode="logit_normal", t_shift=1.0, eval_n=64, vae="checkpoints/toy/vae")
 for arg in sys.argv[1:]:
     key, value = arg.split("=", 1)
     if key not in cfg:
@@ -49,6 +49,8 @@ if cfg["qk_gain"] != 1.0:  # self-attention query/key RMSNorm gains: sharper att
         for block in transformer.blocks:
             block.attn1.norm_q.weight.fill_(cfg["qk_gain"])
             block.attn1.norm_k.weight.fill_(cfg["qk_gain"])
+if cfg["copy_init"]:  # copy heads from the first step (P.init_copy_heads), RMSNorm gain copy_init
+    P.init_copy_heads(transformer, 8, cfg["copy_init"])
 encoder = P.toy_text_encoder("wan", len(tok), 64, 2)
 P.save_generator(out, "wan", transformer, Path(cfg["vae"]), encoder, tok)
 gen = P.load_toy_generator("wan", out)
@@ -69,7 +71,7 @@ for step in range(cfg["steps"]):
         states = text.states(ids, mask)
         probe_loss = probe_loss + probe.loss(states, labels) * share
         states = states * (torch.rand(len(states), generator=g) >= 0.1).float()[:, None, None]
-        t = sample_t(len(states), "logit_normal", g, "cpu")
+        t = sample_t(len(states), cfg["t_mode"], g, "cpu", shift=cfg["t_shift"])
         item = gen.flow_loss(target, cond, states, mask, t, torch.randn(target.shape, generator=g))
         losses["edit" if cond is not None else "t2i"].append(item.item())
         loss = loss + item * share

@@ -9,6 +9,7 @@ reconstructions back into scenes (the evaluator's reader).
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 import time
@@ -194,6 +195,50 @@ def toy_transformer(family: str, latent_channels: int, text_dim: int = 64, layer
                                       cross_attention_dim=heads * head_dim, caption_channels=text_dim, mlp_ratio=2.0, sample_size=16, patch_size=2,
                                       interpolation_scale=1)
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
+
+
+@torch.no_grad()
+def init_copy_heads(transformer, latent_channels: int, gain: float = 4.0, frame_bias: float = 4.0) -> None:
+    """Start one self-attention head per block of a toy Wan DiT as a *copy head*: its queries and
+    keys read the sin/cos coordinate channels (the same cell matches best, the Fourier kernel
+    peaks there) and a rotary offset of one frame (a target token prefers the frame before it), so
+    from the first step a target token reads the condition frame's token at its own cell.
+    Published DiTs learn this from video; the toy learns it too slowly from flow loss alone (one
+    head of 16 put 27% of its attention on the same cell after 3000 steps). Trained as usual after.
+
+    The residual stream's first ``4k`` channels carry the coordinate features (the patch
+    embedding averages each over its patch), head 0 of every block maps them into its row / column
+    rotary dimensions, its temporal rotary pair gets the frame offset as a bias, and its RMSNorm
+    gains are ``gain`` (the norm is across heads: the other heads are left as they were)."""
+    c = transformer.config
+    fourier = c.in_channels - latent_channels - 2
+    if fourier <= 0:
+        raise ValueError("copy heads need Fourier coordinate channels (coord_freqs > 0)")
+    d = c.attention_head_dim
+    rope_h = 2 * (d // 6)
+    rope_t = d - 2 * rope_h
+    k = fourier // 4
+    if 2 * k > rope_h:
+        raise ValueError(f"{k} frequency pairs per axis do not fit the {rope_h // 2} rotary pairs of an axis (attention_head_dim {d})")
+    pe = transformer.patch_embedding
+    pe.weight[:fourier] = 0.0
+    pe.bias[:fourier] = 0.0
+    n_patch = pe.weight[0, 0].numel()
+    for j in range(fourier):
+        pe.weight[j, latent_channels + 2 + j] = 1.0 / n_patch
+    # feature j: frequency i = j // 4, [sin y, cos y, sin x, cos x][j % 4]; y into the row dims, x into the column dims
+    dims = [rope_t + (0 if j % 4 < 2 else rope_h) + 2 * (j // 4) + j % 2 for j in range(fourier)]
+    for block in transformer.blocks:
+        attn = block.attn1
+        for proj in (attn.to_q, attn.to_k):
+            proj.weight[:d] = 0.0
+            proj.bias[:d] = 0.0
+            for j, dim in enumerate(dims):
+                proj.weight[dim, j] = 1.0
+        attn.to_q.bias[0] = frame_bias  # temporal pair 0 turns one radian per frame: k = q turned by +1 rad
+        attn.to_k.bias[0], attn.to_k.bias[1] = frame_bias * math.cos(1.0), frame_bias * math.sin(1.0)
+        attn.norm_q.weight[:d] = gain
+        attn.norm_k.weight[:d] = gain
 
 
 PIPELINES = {"wan": "WanPipeline", "cosmos": "Cosmos2VideoToWorldPipeline", "sana": "SanaPipeline"}
@@ -389,10 +434,17 @@ def _frac(xs: list) -> float:
 def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int = 3000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
                  text_dim: int = 64, p_edit: float = 0.5, p_drop_text: float = 0.1, layers: int = 4, pool_size: int = 4096,
                  text_layers: int = 2, text_length: int = TEXT_LENGTH, eval_n: int = 32, probe_weight: float = 0.1,
-                 fit_n: int = 256, coord_freqs: int = 0, progress: bool = True) -> dict:
+                 fit_n: int = 256, coord_freqs: int = 0, t_sampling: str = "shifted", t_shift: float = 3.0, copy_heads: float = 0.0,
+                 progress: bool = True) -> dict:
     """Pretrain a toy DiT of ``family`` together with its own text encoder (the family's class) to draw
     toy scenes from the toy world's requests (padded to ``text_length`` tokens) and to apply edits to a
-    clean condition frame; save both (with the VAE, tokenizer and scheduler) in the diffusers layout."""
+    clean condition frame; save both (with the VAE, tokenizer and scheduler) in the diffusers layout.
+
+    ``t_sampling`` / ``t_shift``: training timesteps (:func:`fusion.flow.sample_t`). Shifted by 3, a
+    quarter of the steps fall above t = 0.9, where sampling starts and an edit must copy its
+    condition frame from pure noise; SD3's logit-normal puts 1.4% there, and a DiT trained with it
+    kept the source's other objects in a one-step prediction at t = 1 a fifth of the time (README,
+    the toy DiT). ``copy_heads``: :func:`init_copy_heads` with that RMSNorm gain (Wan; 0: off)."""
     from backbones.generator.text_encoder import TextEncoder
     from fusion.flow import sample_t
 
@@ -402,6 +454,8 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     latent_channels = json.loads((Path(vae_dir) / "config.json").read_text())["latent_channels"]
     tokenizer = toy_tokenizer(text_length)
     transformer = toy_transformer(family, latent_channels, text_dim, layers, coord_freqs=coord_freqs)
+    if copy_heads:
+        init_copy_heads(transformer, latent_channels, copy_heads)
     encoder = toy_text_encoder(family, len(tokenizer), text_dim, text_layers)
     save_generator(out, family, transformer, Path(vae_dir), encoder, tokenizer)
     gen = load_toy_generator(family, out)
@@ -424,7 +478,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
                 probe_loss = probe_loss + probe.loss(states, labels) * share
             keep = (torch.rand(len(states), generator=g) >= p_drop_text).float()[:, None, None]
             states = states * keep  # a dropped request is all zeros: the null condition of guidance
-            t = sample_t(len(states), "logit_normal", g, "cpu")
+            t = sample_t(len(states), t_sampling, g, "cpu", shift=t_shift)
             noise = torch.randn(target.shape, generator=g)
             loss = loss + gen.flow_loss(target, cond, states, mask, t, noise) * share
         opt.zero_grad()
@@ -445,6 +499,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
              "last_loss": float(np.mean(losses[-50:])), "params": sum(p.numel() for p in gen.transformer.parameters()),
              "text_encoder": type(text.encoder).__name__, "text_encoder_params": sum(p.numel() for p in text.encoder.parameters()),
              "text_length": text_length, "probe_weight": probe_weight, "coord_freqs": coord_freqs if family == "wan" else None,
+             "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads,
              "last_probe_loss": float(np.mean(probes[-50:])), "accuracy": acc, "fit": fit}
     gen.transformer.save_pretrained(out / "transformer")
     text.encoder.save_pretrained(out / "text_encoder")
@@ -526,7 +581,8 @@ def mllm_accuracy(adapter, n: int = 64, seed: int = 30_011) -> float:
 
 
 def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float = 2e-3, seed: int = 0, hidden_size: int = 128,
-                  num_layers: int = 4, vision_hidden_size: int = 64, initializer_range: float = 0.1, progress: bool = True) -> dict:
+                  num_layers: int = 4, vision_hidden_size: int = 64, initializer_range: float = 0.1, rope_theta: float = 10000.0,
+                  progress: bool = True) -> dict:
     """Build a tiny Qwen2.5-VL (real classes, real folder layout) and pretrain it on captions and
     questions about toy scenes; save it with its processor. No ``<|bov|>`` yet: stage 1 adds it,
     as it does to a published checkpoint."""
@@ -534,7 +590,7 @@ def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float 
     from backbones.mllm.tiny_qwen2_5_vl import make_tiny
 
     out = Path(out)
-    make_tiny(out.parent, seed, out.name, hidden_size, num_layers, vision_hidden_size, TOY_MLLM_PIXELS, TOY_MLLM_PIXELS, initializer_range)
+    make_tiny(out.parent, seed, out.name, hidden_size, num_layers, vision_hidden_size, TOY_MLLM_PIXELS, TOY_MLLM_PIXELS, initializer_range, rope_theta)
     adapter = Qwen25VLAdapter.from_pretrained(str(out), add_bov=False)
     torch.manual_seed(seed)
     rng = random.Random(seed)

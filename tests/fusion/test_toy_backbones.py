@@ -189,7 +189,57 @@ def test_fourier_coordinate_channels_peak_at_the_same_cell(tmp_path, toy_vae):
     assert not torch.allclose(v[..., :8, :8], v[..., 8:, 8:], atol=1e-6)
 
 
-@pytest.mark.parametrize("field,value,key", [("dit_coord_freqs", -1, "dit_coord_freqs"), ("dit_families", ["wan", "flux"], "dit_families")])
+def _same_cell_attention(transformer, frames: torch.Tensor) -> torch.Tensor:
+    """[blocks, heads] mean attention from each last-frame token to the previous frame's token at its cell."""
+    import torch.nn.functional as F
+
+    from backbones.generator.wan import coordinate_grid
+
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def capture(query, key, value, *args, **kwargs):
+        if query.shape[-2] == key.shape[-2]:  # self-attention: [B, heads, tokens, head_dim]
+            seen.append(torch.softmax(query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5, -1))
+        return sdpa(query, key, value, *args, **kwargs)
+
+    b, f, c, h, w = frames.shape
+    cells = (h // 2) * (w // 2)
+    grid = coordinate_grid(h, w, transformer.config.in_channels - c)
+    x = torch.cat([frames, grid.expand(b, f, *grid.shape)], dim=2).permute(0, 2, 1, 3, 4)
+    timestep = torch.cat([torch.zeros(b, cells), torch.full((b, cells), 500.0)], dim=1)  # condition frame clean
+    F.scaled_dot_product_attention = capture
+    try:
+        with torch.no_grad():
+            transformer(hidden_states=x, timestep=timestep, encoder_hidden_states=torch.zeros(b, 4, 64), return_dict=False)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    return torch.stack([a[..., cells:, :cells].diagonal(dim1=-2, dim2=-1).mean(dim=(0, -1)) for a in seen])
+
+
+def test_copy_heads_start_reading_the_condition_frame_at_the_same_cell():
+    """init_copy_heads: head 0 of every block puts most of each target token's attention on the
+    condition frame's token at the same cell (not on its own frame's), where a freshly built DiT
+    spreads it evenly; the other heads keep their initialisation. Refused without Fourier channels."""
+    from fusion.toyworld.pretrain import init_copy_heads, toy_transformer
+
+    torch.manual_seed(0)
+    frames = torch.randn(2, 2, 8, 16, 16)
+    plain = toy_transformer("wan", 8, 64, layers=2, coord_freqs=3)
+    before = _same_cell_attention(plain, frames)
+    assert before.max() < 0.1  # uniform would be 1/128
+    copy = toy_transformer("wan", 8, 64, layers=2, coord_freqs=3)
+    copy.load_state_dict(plain.state_dict())
+    init_copy_heads(copy, 8)
+    after = _same_cell_attention(copy, frames)
+    assert after[:, 0].min() > 0.8, after
+    assert torch.allclose(after[:, 1:], before[:, 1:], atol=0.05)
+    with pytest.raises(ValueError, match="coord_freqs"):
+        init_copy_heads(toy_transformer("wan", 8, 64, layers=1), 8)
+
+
+@pytest.mark.parametrize("field,value,key", [("dit_coord_freqs", -1, "dit_coord_freqs"), ("dit_families", ["wan", "flux"], "dit_families"),
+                                             ("dit_t_sampling", "cosine", "dit_t_sampling"), ("dit_t_shift", 0.0, "dit_t_shift"),
+                                             ("dit_copy_heads", -1.0, "dit_copy_heads")])
 def test_make_toy_refuses_impossible_settings_naming_the_key(field, value, key):
     from fusion.config import MakeToyConfig
     from fusion.errors import ConfigError
@@ -197,6 +247,9 @@ def test_make_toy_refuses_impossible_settings_naming_the_key(field, value, key):
     with pytest.raises(ConfigError, match=key):
         MakeToyConfig(**{field: value})
     assert MakeToyConfig().dit_coord_freqs == 3  # the default recipe: ramps + 3 frequency pairs
+    assert (MakeToyConfig().dit_t_sampling, MakeToyConfig().dit_t_shift) == ("shifted", 3.0)
+    with pytest.raises(ConfigError, match="dit_copy_heads"):  # the copy heads read the Fourier channels
+        MakeToyConfig(dit_copy_heads=4.0, dit_coord_freqs=0)
 
 def test_toy_mllm_pretrains_into_a_qwen_folder_with_one_vision_token_per_cell(tmp_path):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
