@@ -885,6 +885,9 @@ class MakeToyConfig:
     must copy its condition frame from noise (logit-normal: 1.4%; see pretrain_dit)."""
     dit_t_shift: float = 3.0
     """The shift of dit_t_sampling=shifted (t' = s t / (1 + (s - 1) t))."""
+    dit_p_frames: float = 0.0
+    """Toy DiTs with condition frames: the share of edits pretrained with 2-3 condition frames, the first one
+    referred back to or the latest edited (fusion.toyworld.pretrain.frame_edits; the tracking turns)."""
     dit_copy_heads: float = 0.0
     """Toy Wan only: start one self-attention head per block as a copy head (fusion.toyworld.pretrain.init_copy_heads)
     with this query/key RMSNorm gain; 0: off."""
@@ -899,6 +902,8 @@ class MakeToyConfig:
             raise ConfigError(f"dit_coord_freqs: {self.dit_coord_freqs} must be >= 0")
         if self.dit_t_sampling not in ("uniform", "logit_normal", "shifted"):
             raise ConfigError(f"dit_t_sampling must be uniform, logit_normal or shifted, got {self.dit_t_sampling!r}")
+        if not 0 <= self.dit_p_frames < 1:
+            raise ConfigError(f"dit_p_frames: {self.dit_p_frames} must be in [0, 1)")
         if self.dit_t_shift <= 0:
             raise ConfigError(f"dit_t_shift: {self.dit_t_shift} must be > 0")
         if self.dit_copy_heads < 0 or (self.dit_copy_heads and not self.dit_coord_freqs):

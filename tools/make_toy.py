@@ -118,6 +118,8 @@ def main(cfg: DictConfig) -> None:
                 want["coord_freqs"] = cfg.dit_coord_freqs
             if family == "wan" and cfg.dit_copy_heads:
                 want["copy_heads"] = cfg.dit_copy_heads
+            if cfg.dit_p_frames:
+                want["p_frames"] = cfg.dit_p_frames
             if cfg.dit_t_sampling != "logit_normal":
                 want["t_sampling"] = [cfg.dit_t_sampling, cfg.dit_t_shift]
             cached(out / family, want,
@@ -125,7 +127,8 @@ def main(cfg: DictConfig) -> None:
                                                      seed=cfg.seed, pool_size=cfg.dit_pool, text_length=cfg.dit_text_length,
                                                      text_layers=cfg.dit_text_layers, eval_n=cfg.dit_eval_n,
                                                      coord_freqs=cfg.dit_coord_freqs, t_sampling=cfg.dit_t_sampling,
-                                                     t_shift=cfg.dit_t_shift, copy_heads=cfg.dit_copy_heads if f == "wan" else 0.0),
+                                                     t_shift=cfg.dit_t_shift, copy_heads=cfg.dit_copy_heads if f == "wan" else 0.0,
+                                                     p_frames=cfg.dit_p_frames),
                    dit_summary)
 
 

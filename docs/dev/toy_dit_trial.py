@@ -31,7 +31,7 @@ from backbones.generator.text_encoder import TextEncoder
 from fusion.flow import sample_t
 from fusion.toyworld import pretrain as P
 
-cfg = dict(name="base", steps=1000, lr=1e-3, batch=16, p_edit=0.5, pool=2048, ema=0.995, qk_gain=1.0, coord_freqs=0, copy_init=0.0, t_mode="logit_normal", t_shift=1.0, eval_n=64, vae="checkpoints/toy/vae")
+cfg = dict(name="base", steps=1000, lr=1e-3, batch=16, p_edit=0.5, pool=2048, ema=0.995, qk_gain=1.0, coord_freqs=0, copy_init=0.0, t_mode="logit_normal", t_shift=1.0, p_frames=0.0, eval_n=64, vae="checkpoints/toy/vae")
 for arg in sys.argv[1:]:
     key, value = arg.split("=", 1)
     if key not in cfg:
@@ -57,14 +57,14 @@ gen = P.load_toy_generator("wan", out)
 text = TextEncoder.from_pretrained(out)
 text.encoder.train().requires_grad_(True)
 probe = P.ObjectProbe(64)
-pool = P._latent_pool(gen, tok, rng, cfg["pool"], cfg["p_edit"], False)
+pool = P._latent_pool(gen, tok, rng, cfg["pool"], cfg["p_edit"], False, cfg["p_frames"])
 params = [*gen.transformer.parameters(), *text.encoder.parameters(), *probe.parameters()]
 opt = torch.optim.AdamW(params, lr=cfg["lr"], weight_decay=0.0)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, P.warmup_cosine(cfg["steps"], 100))
 g = torch.Generator().manual_seed(0)
 ema = [copy.deepcopy(m).requires_grad_(False) for m in (gen.transformer, text.encoder)]
 gen.transformer.train()
-t0, losses = time.time(), {"t2i": [], "edit": []}
+t0, losses = time.time(), {"t2i": [], "edit": [], "frames": []}
 for step in range(cfg["steps"]):
     loss, probe_loss = 0.0, 0.0
     for target, cond, ids, mask, labels, share in P._draw(pool, cfg["batch"], g):
@@ -73,7 +73,7 @@ for step in range(cfg["steps"]):
         states = states * (torch.rand(len(states), generator=g) >= 0.1).float()[:, None, None]
         t = sample_t(len(states), cfg["t_mode"], g, "cpu", shift=cfg["t_shift"])
         item = gen.flow_loss(target, cond, states, mask, t, torch.randn(target.shape, generator=g))
-        losses["edit" if cond is not None else "t2i"].append(item.item())
+        losses["t2i" if cond is None else "edit" if cond.shape[1] == 1 else "frames"].append(item.item())
         loss = loss + item * share
     opt.zero_grad()
     (loss + 0.1 * probe_loss).backward()
@@ -88,12 +88,12 @@ for step in range(cfg["steps"]):
         print(step + 1, f"{time.time() - t0:.0f}s", " ".join(f"{k} {np.mean(v[-200:]):.4f}" for k, v in losses.items() if v), flush=True)
 gen.transformer.eval()
 text.encoder.eval().requires_grad_(False)
-held_out = P._latent_pool(gen, tok, random.Random(54_321), 512, cfg["p_edit"], False)
+held_out = P._latent_pool(gen, tok, random.Random(54_321), 512, cfg["p_edit"], False, cfg["p_frames"])
 print("fit", P.fit_losses(gen, text, {"train": pool, "held_out": held_out}, n=256), flush=True)
-print("raw", {k: round(v, 3) for k, v in P.dit_accuracy(gen, text, n=cfg["eval_n"]).items()}, flush=True)
+print("raw", {k: round(v, 3) for k, v in P.dit_accuracy(gen, text, n=cfg["eval_n"], frames=bool(cfg["p_frames"])).items()}, flush=True)
 gen.transformer.save_pretrained(out / "transformer")
 text.encoder.save_pretrained(out / "text_encoder")
 gen.transformer.load_state_dict(ema[0].state_dict())
 text.encoder.load_state_dict(ema[1].state_dict())
-print("ema", {k: round(v, 3) for k, v in P.dit_accuracy(gen, text, n=cfg["eval_n"]).items()}, flush=True)
+print("ema", {k: round(v, 3) for k, v in P.dit_accuracy(gen, text, n=cfg["eval_n"], frames=bool(cfg["p_frames"])).items()}, flush=True)
 print("seconds", round(time.time() - t0))

@@ -292,12 +292,32 @@ def dit_batch(rng: random.Random, n: int, p_edit: float, held_out=frozenset()):
     return t2i, edits
 
 
+def frame_edits(rng: random.Random, n: int, held_out=frozenset()) -> list[tuple]:
+    """``n`` edits with several condition frames, as conversations hold them: ``(frames, edited, op,
+    target, source index, request)``. Half refer back to the first of 2-3 frames ("In the first
+    picture, ...", the toy world's tracking turns, other drawings after it); half edit the latest,
+    drawings before it (step-by-step turns). The other frames are one- or two-object scenes."""
+    from fusion.toyworld import conversations as cv
+
+    out = []
+    for _ in range(n):
+        source, edited, op, target = cv.random_edit_scenes(rng, held_out)
+        others = [cv.sample_scene(rng, rng.choice([1, 2]), held_out) for _ in range(rng.choice([1, 2]))]
+        request = edit_prompt(rng, source, op, target)
+        if rng.random() < 0.5:
+            request = rng.choice(cv.BACK).format(edit=request[0].lower() + request[1:])
+            out.append(([source, *others], edited, op, target, 0, request))
+        else:
+            out.append(([*others, source], edited, op, target, len(others), request))
+    return out
+
+
 def _images(scenes, size: int = 64) -> torch.Tensor:
     return torch.stack([torch.from_numpy(np.array(render(s, size))).permute(2, 0, 1) for s in scenes]).float() / 127.5 - 1
 
 
 @torch.no_grad()
-def dit_accuracy(gen, text, n: int = 32, seed: int = 20_011, steps: int = 20, guidance: float = 3.0) -> dict:
+def dit_accuracy(gen, text, n: int = 32, seed: int = 20_011, steps: int = 20, guidance: float = 3.0, frames: bool = False) -> dict:
     """Exact-scene accuracy of sampled images (read back by the evaluator's reader): t2i (single objects
     apart) and edits, by operation. ``text``: the generator's own :class:`TextEncoder`."""
     from backbones.generator.base import to_pil
@@ -322,17 +342,34 @@ def dit_accuracy(gen, text, n: int = 32, seed: int = 20_011, steps: int = 20, gu
         out["edit_preserved"] = _frac(kept)
         for op in OPS:
             out[f"edit_{op}"] = _frac([k for k, e in zip(ok, edits) if e[2] == op])
+        if frames:  # edits with 2-3 condition frames (frame_edits): the first one referred back to, or the latest
+            multi = frame_edits(rng, n)
+            hits = {"back": [], "latest": []}
+            for k in (2, 3):
+                group = [m for m in multi if len(m[0]) == k]
+                if not group:
+                    continue
+                states, mask = text.encode([m[5] for m in group])
+                cond = gen.encode(_images([f for m in group for f in m[0]]))
+                cond = cond.reshape(len(group), k, *cond.shape[1:])
+                imgs = to_pil(gen.sample(states, mask, cond, steps=steps, guidance=guidance, generator=g))
+                for im, m in zip(imgs, group):
+                    hits["back" if m[4] == 0 else "latest"].append(read_scene(im) == m[1])
+            out["edit_first_of_frames"] = _frac(hits["back"])
+            out["edit_latest_of_frames"] = _frac(hits["latest"])
     return out
 
 
 @torch.no_grad()
-def _latent_pool(gen, tokenizer, rng: random.Random, n: int, p_edit: float, progress: bool = True) -> dict:
+def _latent_pool(gen, tokenizer, rng: random.Random, n: int, p_edit: float, progress: bool = True, p_frames: float = 0.0) -> dict:
     """``n`` training items encoded once (the VAE is deterministic): t2i and edit latents with their
-    tokenized requests (the text encoder trains, so its states are computed at each step)."""
+    tokenized requests (the text encoder trains, so its states are computed at each step); with
+    ``p_frames``, that share of the edits again as :func:`frame_edits` (kinds ``edit_2f``, ``edit_3f``)."""
     t2i, edits = dit_batch(rng, n, p_edit)
     pool = {}
     chunks = 256
-    bar = tqdm(total=len(t2i) + 2 * len(edits), desc="toy DiT: encode pool", disable=not progress)
+    multi = frame_edits(rng, round(len(edits) * p_frames / (1 - p_frames))) if edits and p_frames else []
+    bar = tqdm(total=len(t2i) + 2 * len(edits) + sum(len(m[0]) + 1 for m in multi), desc="toy DiT: encode pool", disable=not progress)
 
     def enc(scenes):
         out = []
@@ -351,6 +388,11 @@ def _latent_pool(gen, tokenizer, rng: random.Random, n: int, p_edit: float, prog
         pool["edit"] = (enc([e[1] for e in edits]), enc([e[0] for e in edits])[:, None],
                         *tok([edit_prompt(rng, src, op, tgt) for src, _, op, tgt in edits],
                              [[(tgt, op in ("add", "move"))] for _, _, op, tgt in edits]))
+    for k in sorted({len(m[0]) for m in multi}):
+        group = [m for m in multi if len(m[0]) == k]
+        frames = enc([f for m in group for f in m[0]])
+        pool[f"edit_{k}f"] = (enc([m[1] for m in group]), frames.reshape(len(group), k, *frames.shape[1:]),
+                              *tok([m[5] for m in group], [[(m[3], m[2] in ("add", "move"))] for m in group]))
     bar.close()
     return pool
 
@@ -435,7 +477,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
                  text_dim: int = 64, p_edit: float = 0.5, p_drop_text: float = 0.1, layers: int = 4, pool_size: int = 4096,
                  text_layers: int = 2, text_length: int = TEXT_LENGTH, eval_n: int = 32, probe_weight: float = 0.1,
                  fit_n: int = 256, coord_freqs: int = 0, t_sampling: str = "shifted", t_shift: float = 3.0, copy_heads: float = 0.0,
-                 progress: bool = True) -> dict:
+                 p_frames: float = 0.0, progress: bool = True) -> dict:
     """Pretrain a toy DiT of ``family`` together with its own text encoder (the family's class) to draw
     toy scenes from the toy world's requests (padded to ``text_length`` tokens) and to apply edits to a
     clean condition frame; save both (with the VAE, tokenizer and scheduler) in the diffusers layout.
@@ -444,7 +486,9 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     quarter of the steps fall above t = 0.9, where sampling starts and an edit must copy its
     condition frame from pure noise; SD3's logit-normal puts 1.4% there, and a DiT trained with it
     kept the source's other objects in a one-step prediction at t = 1 a fifth of the time (README,
-    the toy DiT). ``copy_heads``: :func:`init_copy_heads` with that RMSNorm gain (Wan; 0: off)."""
+    the toy DiT). ``copy_heads``: :func:`init_copy_heads` with that RMSNorm gain (Wan; 0: off).
+    ``p_frames``: the share of edits with 2-3 condition frames (:func:`frame_edits`; scored as
+    ``edit_first_of_frames`` / ``edit_latest_of_frames``)."""
     from backbones.generator.text_encoder import TextEncoder
     from fusion.flow import sample_t
 
@@ -466,7 +510,8 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 100))
     t0, losses, probes = time.time(), [], []
-    pool = _latent_pool(gen, tokenizer, rng, pool_size, p_edit if gen.uses_condition_frames else 0.0, progress)
+    frames = p_frames if gen.uses_condition_frames else 0.0
+    pool = _latent_pool(gen, tokenizer, rng, pool_size, p_edit if gen.uses_condition_frames else 0.0, progress, frames)
     bar = tqdm(range(steps), desc=f"toy DiT ({family})", disable=not progress)
     g = torch.Generator().manual_seed(seed)
     gen.transformer.train()
@@ -492,14 +537,15 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", probe=f"{np.mean(probes[-50:]):.3f}")
     gen.transformer.eval()
     text.encoder.eval().requires_grad_(False)
-    acc = dit_accuracy(gen, text, n=eval_n)
-    held_out = _latent_pool(gen, tokenizer, random.Random(seed + 54_321), min(fit_n, pool_size), p_edit if gen.uses_condition_frames else 0.0, False)
+    acc = dit_accuracy(gen, text, n=eval_n, frames=bool(frames))
+    held_out = _latent_pool(gen, tokenizer, random.Random(seed + 54_321), min(fit_n, pool_size), p_edit if gen.uses_condition_frames else 0.0,
+                            False, frames)
     fit = fit_losses(gen, text, {"train": pool, "held_out": held_out}, n=fit_n)
     stats = {"family": family, "steps": steps, "seconds": round(time.time() - t0, 1), "first_loss": losses[0],
              "last_loss": float(np.mean(losses[-50:])), "params": sum(p.numel() for p in gen.transformer.parameters()),
              "text_encoder": type(text.encoder).__name__, "text_encoder_params": sum(p.numel() for p in text.encoder.parameters()),
              "text_length": text_length, "probe_weight": probe_weight, "coord_freqs": coord_freqs if family == "wan" else None,
-             "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads,
+             "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads, "p_frames": frames,
              "last_probe_loss": float(np.mean(probes[-50:])), "accuracy": acc, "fit": fit}
     gen.transformer.save_pretrained(out / "transformer")
     text.encoder.save_pretrained(out / "text_encoder")

@@ -71,6 +71,30 @@ def test_dit_batches_hold_valid_edits():
         assert (target in src) == (op == "remove")
 
 
+def test_frame_edits_put_the_source_where_the_request_says():
+    """Edits with several condition frames: a request that refers back ("In the first picture, ...")
+    has its source first, any other the source last; the edit applies to the source."""
+    from fusion.toyworld.conversations import BACK
+    from fusion.toyworld.pretrain import frame_edits
+
+    items = frame_edits(random.Random(0), 200)
+    backs = [BACK.index(b) for m in items for b in BACK if m[5].startswith(b.split("{")[0])]
+    assert 60 < len(backs) < 140  # about half refer back
+    for frames, edited, op, target, index, request in items:
+        assert 2 <= len(frames) <= 3 and op in OPS
+        refers_back = any(request.startswith(b.split("{")[0]) for b in BACK)
+        assert index == (0 if refers_back else len(frames) - 1)
+        assert (target in edited) != (op == "remove") and (target in frames[index]) == (op == "remove")
+
+
+def test_toy_dit_pretrains_with_several_condition_frames(tmp_path, toy_vae):
+    stats = pretrain_dit("wan", tmp_path / "wan", toy_vae, steps=2, batch=4, pool_size=16, eval_n=4, text_length=32, progress=False,
+                         coord_freqs=1, p_frames=0.5)
+    assert stats["p_frames"] == 0.5 and stats["t_sampling"] == "shifted"
+    assert {"edit_first_of_frames", "edit_latest_of_frames"} <= set(stats["accuracy"])
+    assert set(stats["fit"]) & {"edit_2f", "edit_3f"}  # the multi-frame items trained and were scored by their frame count
+
+
 @pytest.mark.parametrize("family", ["wan", "cosmos", "sana"])
 def test_toy_dit_pretrains_saves_and_loads_through_its_config(tmp_path, toy_vae, family):
     root = tmp_path / family
@@ -239,7 +263,7 @@ def test_copy_heads_start_reading_the_condition_frame_at_the_same_cell():
 
 @pytest.mark.parametrize("field,value,key", [("dit_coord_freqs", -1, "dit_coord_freqs"), ("dit_families", ["wan", "flux"], "dit_families"),
                                              ("dit_t_sampling", "cosine", "dit_t_sampling"), ("dit_t_shift", 0.0, "dit_t_shift"),
-                                             ("dit_copy_heads", -1.0, "dit_copy_heads")])
+                                             ("dit_copy_heads", -1.0, "dit_copy_heads"), ("dit_p_frames", 1.0, "dit_p_frames")])
 def test_make_toy_refuses_impossible_settings_naming_the_key(field, value, key):
     from fusion.config import MakeToyConfig
     from fusion.errors import ConfigError
