@@ -116,6 +116,25 @@ def _oracle(model, sample, ref, states: torch.Tensor) -> torch.Tensor | None:
     return target[None].to(states.device)
 
 
+#: below this own-encoder gain the ratio of the fused model's gain to it says nothing (a DiT that reads
+#: no text at some t gives 0 / 0): it is reported as None, "undefined"
+RATIO_FLOOR = 0.05
+
+
+def gain_ratios(g: dict[str, float], ts: Sequence[float] = (0.7, 0.9), floor: float = RATIO_FLOOR) -> dict[str, float | None]:
+    """Headline figures at each ``t`` of ``ts``: ``gain@t``, ``reference_gain@t`` (the DiT reading its own
+    encoder) and ``gain_ratio@t`` = their ratio, None where the reference gain is under ``floor``."""
+    out: dict[str, float | None] = {}
+    for t in ts:
+        if f"gain@{t:g}" not in g:
+            continue
+        out[f"gain@{t:g}"] = g[f"gain@{t:g}"]
+        if f"reference_gain@{t:g}" in g:
+            ref = out[f"reference_gain@{t:g}"] = g[f"reference_gain@{t:g}"]
+            out[f"gain_ratio@{t:g}"] = g[f"gain@{t:g}"] / ref if ref >= floor else None
+    return out
+
+
 def summary_line(g: dict[str, float], ts: Sequence[float] = DEFAULT_TS) -> str:
     """``gain t=0.3/0.5/0.7/0.9: a/b/c/d (shuffled ..., reference ...)`` for logs."""
     fmt = lambda key: "/".join(f"{g[f'{key}@{t:g}']:.3f}" for t in ts)  # noqa: E731

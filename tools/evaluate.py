@@ -50,6 +50,7 @@ def measure_gain(model, path: Path, n: int) -> dict | None:
 def main(cfg: DictConfig) -> None:
     setup_environment()
     OmegaConf.to_object(cfg)
+    from fusion.gain import gain_ratios
     from fusion.generate import GenerationSettings, resolve_negative
     from fusion.model import FusedModel
     from fusion.toyworld.conversations import write_split
@@ -69,11 +70,8 @@ def main(cfg: DictConfig) -> None:
     report["negative"] = resolve_negative(settings.negative, model.trained_negative)  # negative=auto: what stage 2 trained with
     if cfg.gain_samples:
         gain = report["conditioning_gain"] = measure_gain(model, path, cfg.gain_samples)
-        if gain is not None:  # headline figures: the fused model's gain at t=0.7, its DiT's own-encoder gain, their ratio
-            report["gain@0.7"] = gain["gain@0.7"]
-            if "reference_gain@0.7" in gain:
-                report["reference_gain@0.7"] = gain["reference_gain@0.7"]
-                report["gain_ratio@0.7"] = gain["gain@0.7"] / gain["reference_gain@0.7"] if gain["reference_gain@0.7"] > 0 else 0.0
+        if gain is not None:  # headline figures at t=0.7 and 0.9: the fused model's gain, its DiT's own-encoder gain, their ratio
+            report.update(gain_ratios(gain))  # the ratio is None (undefined) where the DiT's own gain is under RATIO_FLOOR
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))
     table = format_table(report)
     write_text_atomic(out / "report.md", f"# {cfg.model} on {path}\n\n{table}\n")

@@ -32,6 +32,9 @@ GOALS = [
     ("gain_ratio@0.7", 0.5),  # the fused model's conditioning gain at t=0.7 / its DiT's own-encoder gain (fusion/gain.py)
     ("gain@0.7", None),
     ("reference_gain@0.7", None),
+    ("gain_ratio@0.9", 0.5),  # the same where text decides most (undefined at a t where the DiT's own gain is under 0.05)
+    ("gain@0.9", None),
+    ("reference_gain@0.9", None),
     ("exact_scene", None),
     ("attr_shape", None),
     ("attr_colour", None),
@@ -67,6 +70,9 @@ def metrics_table(report: dict, title: str) -> Table:
         if key not in report:
             continue
         value = report[key]
+        if value is None:  # a gain ratio whose reference gain is ~0 (fusion.gain.gain_ratios)
+            table.add_row(key, "n/a", "", "" if goal is None else f">= {goal}", "[yellow]undefined: its DiT's own gain < 0.05[/]")
+            continue
         mark = "" if goal is None else ("[green]met[/]" if value >= goal else f"[red]missed by {goal - value:.2f}[/]")
         table.add_row(key, f"{value:.3f}", str(n.get(key, "")), "" if goal is None else f">= {goal}", mark)
     return table
@@ -78,7 +84,8 @@ def markdown(report: dict) -> str:
     n = report.get("n", {})
     for key, goal in GOALS:
         if key in report:
-            rows.append(f"| {key} | {report[key]:.3f} | {n.get(key, '')} | {'' if goal is None else f'>= {goal}'} |")
+            value = "n/a (its DiT's own gain < 0.05)" if report[key] is None else f"{report[key]:.3f}"
+            rows.append(f"| {key} | {value} | {n.get(key, '')} | {'' if goal is None else f'>= {goal}'} |")
     return "\n".join(rows)
 
 

@@ -53,10 +53,12 @@ def evaluate_split(model, path: str | Path, n: int | None = None, settings: Gene
 
 def format_table(report: dict, keys: tuple[str, ...] = ("trigger_f1", "exact_scene", "t2i_1obj", "t2i_multi", "edit_applied",
                                                      "edit_preserved", "edit_move_applied", "tracking", "text_answer", "gain@0.7",
-                                                     "reference_gain@0.7", "gain_ratio@0.7")) -> str:
+                                                     "reference_gain@0.7", "gain_ratio@0.7", "gain@0.9", "reference_gain@0.9",
+                                                     "gain_ratio@0.9")) -> str:
     rows = ["| metric | value | n |", "|---|---|---|"]
     n = report.get("n", {})
     for k in keys:
         if k in report:
-            rows.append(f"| {k} | {report[k]:.3f} | {n.get(k, '')} |")
+            value = "n/a (its DiT's own gain < 0.05)" if report[k] is None else f"{report[k]:.3f}"
+            rows.append(f"| {k} | {value} | {n.get(k, '')} |")
     return "\n".join(rows)

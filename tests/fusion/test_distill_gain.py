@@ -332,3 +332,32 @@ def test_gain_reports_the_aligned_oracle_for_a_per_token_connector(tiny_dir, con
     model.sample_states = lambda s, length=None: (targets[index[id(s)]][None], torch.ones(1, len(s.ctx_ids)), None)
     g2 = conditioning_gain(model, samples, ts=(0.7,))
     assert g2["gain@0.7"] == pytest.approx(g2["oracle_gain@0.7"], abs=1e-6)
+
+
+def test_gain_ratio_is_undefined_where_the_dit_reads_no_text_itself():
+    """The headline ratio (fused gain / the DiT's own-encoder gain) at t=0.7 and 0.9: a reference gain under
+    RATIO_FLOOR gives None (a DiT that needs no text at that t would otherwise give 0.003 / 0.0004 = 7.5, "met")."""
+    from fusion.gain import RATIO_FLOOR, gain_ratios
+
+    g = {"gain@0.7": 0.003, "reference_gain@0.7": 0.0004, "gain@0.9": 0.55, "reference_gain@0.9": 0.675, "gain@0.5": 0.1}
+    r = gain_ratios(g)
+    assert r["gain_ratio@0.7"] is None and r["gain@0.7"] == 0.003 and r["reference_gain@0.7"] == 0.0004
+    assert r["gain_ratio@0.9"] == pytest.approx(0.55 / 0.675)
+    assert "gain_ratio@0.5" not in r
+    assert gain_ratios({"gain@0.7": 0.2, "reference_gain@0.7": RATIO_FLOOR})["gain_ratio@0.7"] == pytest.approx(0.2 / RATIO_FLOOR)
+    assert gain_ratios({"gain@0.7": 0.2}) == {"gain@0.7": 0.2}  # no reference: no ratio
+
+
+def test_report_tables_say_undefined_for_a_missing_ratio():
+    from rich.console import Console
+
+    from fusion.toyworld.report import markdown, metrics_table
+    from fusion.toyworld.run import format_table
+
+    report = {"trigger_f1": 0.98, "gain@0.7": 0.003, "reference_gain@0.7": 0.0, "gain_ratio@0.7": None, "gain_ratio@0.9": 0.8}
+    assert "| gain_ratio@0.7 | n/a (its DiT's own gain < 0.05) |" in markdown(report)
+    assert "| gain_ratio@0.9 | 0.800 |" in format_table(report)
+    console = Console(width=200, record=True)
+    console.print(metrics_table(report, "t"))
+    text = console.export_text()
+    assert "undefined" in text and "met" in text
