@@ -400,7 +400,8 @@ class StageConfig:
     gain_samples: int = 16
     """align: conversations in the fixed gain batch (held out of training when the data has at least 10x as many)."""
     gain_warn: float = 0.05
-    """align: warn when the gain at t=0.7 is below this after the warm-up (the DiT is not using the connector's states)."""
+    """align: warn when the gain is below this after the warm-up (the DiT is not using the connector's states), at the t
+    where the DiT's own text encoder gains most (t=0.7 when the generator has none; fusion.gain.gain_warning)."""
 
     def __post_init__(self) -> None:
         if self.name not in ("sft", "align"):

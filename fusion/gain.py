@@ -135,6 +135,20 @@ def gain_ratios(g: dict[str, float], ts: Sequence[float] = (0.7, 0.9), floor: fl
     return out
 
 
+def gain_warning(g: dict[str, float], threshold: float, default_t: float = 0.7) -> str | None:
+    """Stage 2's warning when the DiT is not using the connector's states: the gain at the ``t`` where
+    the DiT's own encoder gains most (``default_t`` without a reference; a DiT trained mostly at high
+    t may need no text at 0.7, its own encoder included) is under ``threshold``. None: no warning."""
+    refs = {float(k.split("@")[1]): v for k, v in g.items() if k.startswith("reference_gain@")}
+    t = max(refs, key=refs.get) if refs else default_t
+    value = g.get(f"gain@{t:g}")
+    if value is None or value >= threshold:
+        return None
+    own = f" (the DiT's own text encoder: {refs[t]:.3f})" if refs else ""
+    return (f"conditioning gain at t={t:g} is {value:.3f}{own}, under stage.gain_warn={threshold:g}: the DiT is not using the "
+            "connector's states; the falling loss is the DiT learning the average image (see README, 'Is stage 2 working?')")
+
+
 def summary_line(g: dict[str, float], ts: Sequence[float] = DEFAULT_TS) -> str:
     """``gain t=0.3/0.5/0.7/0.9: a/b/c/d (shuffled ..., reference ...)`` for logs."""
     fmt = lambda key: "/".join(f"{g[f'{key}@{t:g}']:.3f}" for t in ts)  # noqa: E731

@@ -554,7 +554,7 @@ class Trainer:
         return self._gain_prepared
 
     def _measure_gain(self) -> dict[str, float]:
-        from fusion.gain import conditioning_gain, summary_line
+        from fusion.gain import conditioning_gain, gain_warning, summary_line
 
         samples = self._gain_samples()
         if len(samples) < 2:
@@ -566,10 +566,9 @@ class Trainer:
         self.gain_history.append({"step": self.state.step, **gain})
         log.info("step %d: %s", self.state.step, summary_line(gain))
         warm = max(st.warmup_steps, st.distill_steps, st.generator_frozen_steps)
-        if self.state.step > warm and gain["gain@0.7"] < st.gain_warn:
-            log.warning("step %d: conditioning gain at t=0.7 is %.3f (< stage.gain_warn=%g): the DiT is not using the connector's "
-                        "states; the falling loss is the DiT learning the average image (see README, 'Is stage 2 working?')",
-                        self.state.step, gain["gain@0.7"], st.gain_warn)
+        warning = gain_warning(gain, st.gain_warn) if self.state.step > warm else None
+        if warning:
+            log.warning("step %d: %s", self.state.step, warning)
         return gain
 
     def _log_gain(self) -> None:

@@ -361,3 +361,16 @@ def test_report_tables_say_undefined_for_a_missing_ratio():
     console.print(metrics_table(report, "t"))
     text = console.export_text()
     assert "undefined" in text and "met" in text
+
+
+def test_gain_warning_watches_the_t_where_the_dits_own_encoder_reads_text():
+    from fusion.gain import gain_warning
+
+    # a DiT that needs no text at 0.7 (its own encoder gains 0.000 there): a connector at 0.55 of 0.9 is read, no warning
+    reading = {"gain@0.7": 0.003, "reference_gain@0.7": 0.0, "gain@0.9": 0.55, "reference_gain@0.9": 0.675}
+    assert gain_warning(reading, 0.05) is None
+    blind = dict(reading, **{"gain@0.9": 0.01})
+    assert "t=0.9 is 0.010" in gain_warning(blind, 0.05) and "own text encoder: 0.675" in gain_warning(blind, 0.05)
+    # no reference: t=0.7, as before
+    assert "t=0.7 is 0.003" in gain_warning({"gain@0.7": 0.003, "gain@0.9": 0.5}, 0.05)
+    assert gain_warning({"gain@0.7": 0.2}, 0.05) is None

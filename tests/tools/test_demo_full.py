@@ -42,6 +42,8 @@ def report(tmp_path_factory):
 @pytest.mark.parametrize("metric,goal", [pytest.param(k, g, marks=pytest.mark.xfail(reason=f"missed: measured {MISSED[k]:.3f}", strict=False))
                                          if k in MISSED else (k, g) for k, g in GOALS if g is not None])
 def test_full_demo_reaches_goal(report, metric, goal):
+    if report[metric] is None:  # a gain ratio where the DiT's own-encoder gain is ~0 (fusion.gain.gain_ratios)
+        pytest.skip(f"{metric} undefined: the DiT's own-encoder gain at that t is under 0.05")
     assert report[metric] >= goal, f"{metric} = {report[metric]:.3f} < {goal}"
 
 
