@@ -11,7 +11,7 @@ report.md (the table) and transcripts/ (HTML of a few test conversations).
 Run as:
     python tools/demo.py                   # the full demo (make demo)
     python tools/demo.py profile=quick     # a few minutes, lower scores (make demo QUICK=1)
-    python tools/demo.py connector=last_mlp generator=toy_cosmos make_toy_overrides=[dit_families=[cosmos]]
+    python tools/demo.py connector=last_mlp generator=toy_cosmos 'make_toy_overrides=["dit_families=[cosmos]"]'
 """
 
 from __future__ import annotations
