@@ -8,7 +8,10 @@ Run as (from the repository root):
     python docs/dev/toy_dit_trial.py name=lr2_3k steps=3000 lr=0.002 pool=4096
     python docs/dev/toy_dit_trial.py name=e_base steps=800 p_edit=1.0 pool=1024
     python docs/dev/toy_dit_trial.py name=e_qk2 steps=800 p_edit=1.0 pool=1024 qk_gain=2
-    python docs/dev/toy_dit_trial.py name=f3b_lr2_3k steps=3000 lr=0.002 pool=4096 coord_freqs=3   (make_toy's defaults since)
+    python docs/dev/toy_dit_trial.py name=f3b_lr2_3k steps=3000 lr=0.002 pool=4096 coord_freqs=3
+    python docs/dev/toy_dit_trial.py name=copy4_3k steps=3000 lr=0.002 pool=4096 coord_freqs=3 copy_init=4
+    python docs/dev/toy_dit_trial.py name=tshift3_3k steps=3000 lr=0.002 pool=4096 coord_freqs=3 t_mode=shifted t_shift=3   (make_toy's defaults since)
+    python docs/dev/toy_dit_trial.py name=tshift3_copy4_3k steps=3000 lr=0.002 pool=4096 coord_freqs=3 t_mode=shifted t_shift=3 copy_init=4
 
 Prints the flow loss every 200 steps (text-to-image and edit items apart), the fit figures
 (training vs held-out items), then exact read-back of sampled scenes for the raw and the EMA
