@@ -22,7 +22,12 @@ from omegaconf.errors import OmegaConfBaseException
 from fusion.errors import ConfigError
 
 
+#: training-timestep modes of fusion.flow.sample_t (stage.timestep_sampling, make_toy dit_t_sampling)
+T_SAMPLINGS = ("uniform", "logit_normal", "shifted")
+
+
 # ---------------------------------------------------------------------------- mllm
+
 @dataclass
 class Qwen25VLConfig:
     """An MLLM checkpoint: Qwen2.5-VL by default (``backbones/mllm/qwen2_5_vl.py``); any adapter on ``backbones/mllm/base.py``
@@ -410,7 +415,7 @@ class StageConfig:
             raise ConfigError("stage.trainable.mllm must be 'frozen' in stage=align (the MLLM is frozen in stage 2)")
         if self.name == "sft" and self.trainable.mllm == "frozen" and not self.trainable.vision_tower:
             raise ConfigError("stage=sft with stage.trainable.mllm=frozen trains nothing")
-        if self.timestep_sampling not in ("uniform", "logit_normal", "shifted"):
+        if self.timestep_sampling not in T_SAMPLINGS:
             raise ConfigError(f"stage.timestep_sampling must be uniform, logit_normal or shifted, got {self.timestep_sampling!r}")
         for key in ("p_drop_text", "p_drop_cond"):
             if not 0.0 <= getattr(self, key) <= 1.0:
@@ -901,7 +906,7 @@ class MakeToyConfig:
             raise ConfigError(f"dit_families: unknown family {bad[0]!r}; expected wan, cosmos or sana")
         if self.dit_coord_freqs < 0:
             raise ConfigError(f"dit_coord_freqs: {self.dit_coord_freqs} must be >= 0")
-        if self.dit_t_sampling not in ("uniform", "logit_normal", "shifted"):
+        if self.dit_t_sampling not in T_SAMPLINGS:
             raise ConfigError(f"dit_t_sampling must be uniform, logit_normal or shifted, got {self.dit_t_sampling!r}")
         if not 0 <= self.dit_p_frames < 1:
             raise ConfigError(f"dit_p_frames: {self.dit_p_frames} must be in [0, 1)")

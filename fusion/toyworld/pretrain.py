@@ -510,8 +510,8 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 100))
     t0, losses, probes = time.time(), [], []
-    frames = p_frames if gen.uses_condition_frames else 0.0
-    pool = _latent_pool(gen, tokenizer, rng, pool_size, p_edit if gen.uses_condition_frames else 0.0, progress, frames)
+    p_edit, frames = (p_edit, p_frames) if gen.uses_condition_frames else (0.0, 0.0)
+    pool = _latent_pool(gen, tokenizer, rng, pool_size, p_edit, progress, frames)
     bar = tqdm(range(steps), desc=f"toy DiT ({family})", disable=not progress)
     g = torch.Generator().manual_seed(seed)
     gen.transformer.train()
@@ -538,8 +538,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     gen.transformer.eval()
     text.encoder.eval().requires_grad_(False)
     acc = dit_accuracy(gen, text, n=eval_n, frames=bool(frames))
-    held_out = _latent_pool(gen, tokenizer, random.Random(seed + 54_321), min(fit_n, pool_size), p_edit if gen.uses_condition_frames else 0.0,
-                            False, frames)
+    held_out = _latent_pool(gen, tokenizer, random.Random(seed + 54_321), min(fit_n, pool_size), p_edit, False, frames)
     fit = fit_losses(gen, text, {"train": pool, "held_out": held_out}, n=fit_n)
     stats = {"family": family, "steps": steps, "seconds": round(time.time() - t0, 1), "first_loss": losses[0],
              "last_loss": float(np.mean(losses[-50:])), "params": sum(p.numel() for p in gen.transformer.parameters()),

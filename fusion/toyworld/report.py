@@ -60,6 +60,13 @@ def run_phase(name: str, script: str, overrides: list[str], timings: dict) -> No
     console.print(f"{name}: {timings[name]:.0f} s")
 
 
+def cell(value: float | None) -> str:
+    """A metric's value as the tables print it; None is a gain ratio left undefined (fusion.gain.gain_ratios)."""
+    from fusion.gain import RATIO_FLOOR
+
+    return f"n/a (its DiT's own gain < {RATIO_FLOOR:g})" if value is None else f"{value:.3f}"
+
+
 def metrics_table(report: dict, title: str) -> Table:
     """The report's metrics with their goals (rich table)."""
     table = Table(title=title)
@@ -71,7 +78,7 @@ def metrics_table(report: dict, title: str) -> Table:
             continue
         value = report[key]
         if value is None:  # a gain ratio whose reference gain is ~0 (fusion.gain.gain_ratios)
-            table.add_row(key, "n/a", "", "" if goal is None else f">= {goal}", "[yellow]undefined: its DiT's own gain < 0.05[/]")
+            table.add_row(key, "n/a", "", "" if goal is None else f">= {goal}", f"[yellow]undefined: {cell(None)[5:-1]}[/]")
             continue
         mark = "" if goal is None else ("[green]met[/]" if value >= goal else f"[red]missed by {goal - value:.2f}[/]")
         table.add_row(key, f"{value:.3f}", str(n.get(key, "")), "" if goal is None else f">= {goal}", mark)
@@ -84,8 +91,7 @@ def markdown(report: dict) -> str:
     n = report.get("n", {})
     for key, goal in GOALS:
         if key in report:
-            value = "n/a (its DiT's own gain < 0.05)" if report[key] is None else f"{report[key]:.3f}"
-            rows.append(f"| {key} | {value} | {n.get(key, '')} | {'' if goal is None else f'>= {goal}'} |")
+            rows.append(f"| {key} | {cell(report[key])} | {n.get(key, '')} | {'' if goal is None else f'>= {goal}'} |")
     return "\n".join(rows)
 
 

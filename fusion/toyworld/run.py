@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from fusion.data import read_jsonl
 from fusion.generate import Chat, GenerationSettings
 from fusion.toyworld.evaluate import Scorer, TurnOutput
+from fusion.toyworld.report import cell
 
 
 def evaluate_split(model, path: str | Path, n: int | None = None, settings: GenerationSettings | None = None,
@@ -59,6 +60,5 @@ def format_table(report: dict, keys: tuple[str, ...] = ("trigger_f1", "exact_sce
     n = report.get("n", {})
     for k in keys:
         if k in report:
-            value = "n/a (its DiT's own gain < 0.05)" if report[k] is None else f"{report[k]:.3f}"
-            rows.append(f"| {k} | {value} | {n.get(k, '')} |")
+            rows.append(f"| {k} | {cell(report[k])} | {n.get(k, '')} |")
     return "\n".join(rows)
