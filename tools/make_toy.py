@@ -106,8 +106,11 @@ def main(cfg: DictConfig) -> None:
                lambda s: f"reader accuracy of its reconstructions {s['reader_accuracy']:.3f}")
     if cfg.mllm_steps > 0:
         want = {"steps": cfg.mllm_steps, "hidden_size": cfg.mllm_hidden_size, "lr": cfg.mllm_lr, "seed": cfg.seed, "recipe": RECIPES["mllm"]}
+        if cfg.mllm_rope_theta != 10000.0:  # only when it differs from the base parts built before the setting used
+            want["rope_theta"] = cfg.mllm_rope_theta
         cached(out / "qwen2_5_vl", want,
-               lambda p: pretrain_mllm(p, steps=cfg.mllm_steps, lr=cfg.mllm_lr, seed=cfg.seed, hidden_size=cfg.mllm_hidden_size),
+               lambda p: pretrain_mllm(p, steps=cfg.mllm_steps, lr=cfg.mllm_lr, seed=cfg.seed, hidden_size=cfg.mllm_hidden_size,
+                                         rope_theta=cfg.mllm_rope_theta),
                lambda s: f"held-out questions answered exactly {s['answer_accuracy']:.3f}")
     if cfg.dit_steps > 0:
         for family in cfg.dit_families:

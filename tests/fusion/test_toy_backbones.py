@@ -263,7 +263,8 @@ def test_copy_heads_start_reading_the_condition_frame_at_the_same_cell():
 
 @pytest.mark.parametrize("field,value,key", [("dit_coord_freqs", -1, "dit_coord_freqs"), ("dit_families", ["wan", "flux"], "dit_families"),
                                              ("dit_t_sampling", "cosine", "dit_t_sampling"), ("dit_t_shift", 0.0, "dit_t_shift"),
-                                             ("dit_copy_heads", -1.0, "dit_copy_heads"), ("dit_p_frames", 1.0, "dit_p_frames")])
+                                             ("dit_copy_heads", -1.0, "dit_copy_heads"), ("dit_p_frames", 1.0, "dit_p_frames"),
+                                             ("mllm_rope_theta", 1.0, "mllm_rope_theta")])
 def test_make_toy_refuses_impossible_settings_naming_the_key(field, value, key):
     from fusion.config import MakeToyConfig
     from fusion.errors import ConfigError
@@ -281,7 +282,8 @@ def test_toy_mllm_pretrains_into_a_qwen_folder_with_one_vision_token_per_cell(tm
     from backbones.mllm.qwen2_5_vl import Qwen25VLAdapter
 
     out = tmp_path / "qwen2_5_vl"
-    stats = pretrain_mllm(out, steps=3, batch=2, hidden_size=64, vision_hidden_size=32, progress=False)
+    stats = pretrain_mllm(out, steps=3, batch=2, hidden_size=64, vision_hidden_size=32, rope_theta=10.0, progress=False)
+    assert json.loads((out / "config.json").read_text())["text_config"]["rope_parameters"]["rope_theta"] == 10.0
     assert stats["last_loss"] < stats["first_loss"] + 1.0 and 0.0 <= stats["answer_accuracy"] <= 1.0
     Qwen2_5_VLForConditionalGeneration.from_pretrained(out)  # the published layout
     AutoProcessor.from_pretrained(out)
