@@ -9,7 +9,10 @@ Per assistant turn the model's output is (images drawn, text). Metrics (all in [
 * ``attr_shape`` / ``attr_colour`` / ``attr_position`` / ``attr_count``: per ground-truth
   object (matched by cell) and per image (count);
 * ``edit_applied`` / ``edit_preserved`` and per operation (``edit_<op>_applied``...);
-* ``tracking``: exact scene of the edit that refers back to an image before distractors;
+* ``tracking``: exact scene of the edit that refers back to an image before distractors; split by
+  what the generator was handed (``tracking_one_earlier``: that image was the only earlier one, a
+  plain edit; ``tracking_several_earlier``: other drawings came after it, so the DiT must pick the
+  right one of several condition frames);
 * ``text_answer``: the expected answer word is in the text (questions and distractors).
 """
 
@@ -45,6 +48,7 @@ class Scorer:
 
     def score(self, meta: dict, outputs: list[TurnOutput]) -> None:
         kind = meta["kind"]
+        earlier = 0  # images due before this turn (the condition frames of a model that drew them all)
         for turn, out in zip(meta["turns"], outputs):
             due = [scene_from_dicts(s) for s in turn["images"]]
             self.tp += min(len(due), len(out.images))
@@ -57,6 +61,8 @@ class Scorer:
                     self._edit(turn["edit"], gt, pred)
                     if turn.get("refers_back"):
                         self.add("tracking", pred == gt)
+                        self.add("tracking_one_earlier" if earlier == 1 else "tracking_several_earlier", pred == gt)
+            earlier += len(due)
             if turn.get("answer") is not None:
                 words = re.findall(r"[a-z]+", out.text.lower())
                 key = turn["answer"].lower()

@@ -28,6 +28,8 @@ GOALS = [
     ("edit_remove_applied", 0.9),
     ("edit_move_applied", None),
     ("tracking", 0.7),
+    ("tracking_one_earlier", None),  # the image referred back to was the only earlier one (a plain edit)
+    ("tracking_several_earlier", None),  # other drawings came after it: the DiT must pick the right condition frame
     ("text_answer", 0.8),
     ("gain_ratio@0.7", 0.5),  # the fused model's conditioning gain at t=0.7 / its DiT's own-encoder gain (fusion/gain.py)
     ("gain@0.7", None),

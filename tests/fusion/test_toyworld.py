@@ -115,6 +115,29 @@ def test_scorer_gives_perfect_outputs_full_marks_and_penalises_mistakes(world):
     assert r["edit_recolour_preserved"] == 1.0 and r.get("edit_add_preserved", 0.0) == 0.0  # same size vs. a missing object
 
 
+def test_tracking_is_split_by_how_many_images_came_before_the_one_referred_back_to(world):
+    root, paths = world
+    convs = [json.loads(line) for line in paths["test"].read_text().splitlines()]
+    split = {"one": 0, "several": 0}
+    wrong_when_several = Scorer()  # a model that edits right with one earlier image and draws the wrong scene with several
+    for c in convs:
+        m = c["meta"]
+        if m["kind"] != "distractor":
+            continue
+        drawn = [x for msg in c["messages"] if msg["role"] == "assistant" for x in msg["content"] if x["type"] == "image"]
+        before = len(drawn) - 1  # counted from the messages: every assistant image but the edit's own
+        split["one" if before == 1 else "several"] += 1
+        outs = perfect_outputs(m)
+        if before > 1:
+            outs[-1].images[-1] = render(scene_from_dicts(m["turns"][-1]["edit"]["source"]))  # the unedited source
+        wrong_when_several.score(m, outs)
+    r = wrong_when_several.report()
+    assert split["one"] and split["several"]  # the 36-conversation split holds both
+    assert r["n"].get("tracking_one_earlier", 0) == split["one"] and r["n"].get("tracking_several_earlier", 0) == split["several"]
+    assert r["tracking_one_earlier"] == 1.0 and r["tracking_several_earlier"] == 0.0
+    assert r["tracking"] == split["one"] / (split["one"] + split["several"])
+
+
 def test_toy_vae_pretraining_learns_and_loads_into_the_vae_slot(tmp_path):
     from diffusers import AutoencoderKL
 
