@@ -20,13 +20,16 @@ from fusion.toyworld.report import GOALS
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
-#: goals missed by the full demo as measured (README, "The toy world"; 240 test conversations): metric -> measured value.
-#: t2i_1obj (1.000, 23 of 23) and exact_scene_t2i (0.875, 35 of 40) are met there; gain_ratio@0.7 is undefined (the toy
-#: DiT's own encoder gains nothing at t=0.7: skipped), gain_ratio@0.9 met (0.821)
-MISSED: dict[str, float] = {"edit_applied": 0.608, "edit_preserved": 0.5, "edit_recolour_applied": 0.5, "edit_add_applied": 0.5,
-                            "edit_remove_applied": 0.889, "tracking": 0.05, "text_answer": 0.729}
-#: measured total seconds of the full demo with the world built from scratch (README, 60 test conversations then): 3 s over the 30-minute budget
-MEASURED_TOTAL_S = 1803
+#: goals missed by the full demo as measured (README, "The toy world"; 240 test conversations): metric -> measured value,
+#: from the whole pipeline rebuilt from scratch on a machine without AVX-512 (same seeds). The previous build met
+#: exact_scene_t2i (0.875) and t2i_1obj (1.000); this one: 0.725 and 0.913. gain_ratio@0.7 is undefined (the toy DiT's own
+#: encoder gains nothing at t=0.7: skipped), gain_ratio@0.9 met (0.800)
+MISSED: dict[str, float] = {"exact_scene_t2i": 0.725, "t2i_1obj": 0.913, "edit_applied": 0.625, "edit_preserved": 0.45,
+                            "edit_recolour_applied": 0.325, "edit_add_applied": 0.55, "edit_remove_applied": 0.889, "tracking": 0.05,
+                            "text_answer": 0.753}
+#: measured total seconds of the full demo with the world built from scratch (README): on the 2-3x slower machine
+#: without AVX-512 (the world 2152 s of it); 1803 s on the faster one with older recipes
+MEASURED_TOTAL_S = 3279
 
 
 @pytest.fixture(scope="module")
