@@ -404,6 +404,12 @@ class StageConfig:
     """align: steps between conditioning-gain measurements (loss with true vs zero vs shuffled states on a fixed batch, fusion/gain.py); 0: never."""
     gain_samples: int = 16
     """align: conversations in the fixed gain batch (held out of training when the data has at least 10x as many)."""
+    frame_select: str = "all"
+    """align: which earlier images become the DiT's condition frames: all, latest (the most recent one) or learned (a small head on the MLLM's states picks one, or none, trained in stage 2 from which frame the DiT's own flow loss prefers; fusion/frames.py)."""
+    frame_select_t: float = 0.8
+    """align, frame_select=learned: the time at which the DiT's flow losses with each single frame are compared."""
+    frame_select_weight: float = 1.0
+    """align, frame_select=learned: weight of the head's cross-entropy in the stage-2 loss."""
     gain_warn: float = 0.05
     """align: warn when the gain is below this after the warm-up (the DiT is not using the connector's states), at the t
     where the DiT's own text encoder gains most (t=0.7 when the generator has none; fusion.gain.gain_warning)."""
@@ -424,9 +430,15 @@ class StageConfig:
             raise ConfigError(f"stage.text_dropout_form must be null or duogen, got {self.text_dropout_form!r}")
         if self.target_image not in ("last", "random"):
             raise ConfigError(f"stage.target_image must be last or random, got {self.target_image!r}")
-        unknown = set(self.lr_scale) - {"mllm", "vision_tower", "connector", "generator"}
+        unknown = set(self.lr_scale) - {"mllm", "vision_tower", "connector", "generator", "frame_selector"}
         if unknown:
-            raise ConfigError(f"stage.lr_scale has unknown parts {sorted(unknown)}; use mllm, vision_tower, connector, generator")
+            raise ConfigError(f"stage.lr_scale has unknown parts {sorted(unknown)}; use mllm, vision_tower, connector, generator, frame_selector")
+        if self.frame_select not in ("all", "latest", "learned"):
+            raise ConfigError(f"stage.frame_select must be all, latest or learned, got {self.frame_select!r}")
+        if not 0.0 < self.frame_select_t <= 1.0:
+            raise ConfigError(f"stage.frame_select_t must be in (0, 1], got {self.frame_select_t}")
+        if self.frame_select_weight < 0:
+            raise ConfigError(f"stage.frame_select_weight must be >= 0, got {self.frame_select_weight}")
         if self.batching not in ("packed", "padded", "none"):
             raise ConfigError(f"stage.batching must be packed, padded or none, got {self.batching!r}")
         if self.dit_batching not in ("grouped", "none"):

@@ -67,7 +67,8 @@ def conditioning_gain(model, samples: Sequence, ts: Sequence[float] = DEFAULT_TS
         g = torch.Generator().manual_seed(seed)
         for i, s in enumerate(samples):
             target = s.target[None].to(dev)
-            cond = None if s.cond is None else s.cond[None].to(dev)
+            frames = model.condition_frames(s)  # as generation picks them (stage.frame_select)
+            cond = None if frames is None else frames[None].to(dev)
             states, mask = conds[i]
             other_states, other_mask = conds[(i + 1) % len(conds)]
             for tv in ts:

@@ -274,6 +274,22 @@ class Chat:
         out = self.model.connector(hidden, torch.ones(1, length, dtype=torch.long, device=hidden.device))
         return out.states, out.mask
 
+    def _frames_for(self, ctx: int) -> list[int]:
+        """Indices of the earlier images the DiT gets, as the model was trained (``stage.frame_select``): all, the
+        latest, or the one the learned head picks from the MLLM's states of the first ``ctx`` tokens (none: [])."""
+        mode = self.model.settings.get("frame_select", "all")
+        every = list(range(len(self.images)))
+        if mode == "latest":
+            return every[-1:]
+        if mode != "learned" or self.model.frame_selector is None or not every:
+            return every
+        ids = torch.as_tensor(self.state.ids[:ctx])
+        n = len(self.model.image_spans(ids))
+        if n != len(every):
+            raise CheckpointError(f"frame_select=learned: the context shows {n} images, the chat holds {len(every)}")
+        k = self.model.pick_frame(self.state.hidden_states()[:, :ctx], ids)
+        return [] if k is None else [k]
+
     @torch.no_grad()
     def _draw(self) -> tuple[Image.Image, torch.Tensor]:
         s, m = self.settings, self.model
@@ -291,7 +307,7 @@ class Chat:
             neg_states, neg_mask = self._connector_states(neg_len)
         else:
             neg_states, neg_mask, neg_len = torch.zeros_like(states), mask, 0
-        cond_idx = list(range(len(self.images)))
+        cond_idx = self._frames_for(ctx)
         if s.max_condition_frames is not None:
             cond_idx = cond_idx[-s.max_condition_frames:] if s.max_condition_frames > 0 else []
         gen = m.generator

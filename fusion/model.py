@@ -102,11 +102,13 @@ def _spec(node: Any, drop: tuple[str, ...] = ()) -> dict[str, Any]:
 class FusedModel(nn.Module):
     """MLLM + connector + generator (either of the last two may be absent for stage=sft)."""
 
-    def __init__(self, mllm, generator=None, connector=None, specs: dict[str, dict] | None = None, settings: dict | None = None):
+    def __init__(self, mllm, generator=None, connector=None, specs: dict[str, dict] | None = None, settings: dict | None = None,
+                 frame_selector: nn.Module | None = None):
         super().__init__()
         self.mllm = mllm
         self.generator = generator
         self.connector = connector
+        self.frame_selector = frame_selector  # stage.frame_select=learned (fusion/frames.py)
         self.specs = specs or {}
         self.settings = dict(settings or {})
         self.lora: dict[str, dict] = {}
@@ -153,7 +155,18 @@ class FusedModel(nn.Module):
 
             side = settings.get("image_size") or generator.image_size
             settings["buckets"] = [list(b) for b in resolve(_to_container(cfg.data.buckets), generator, side)]
-        model = cls(mllm, generator, connector, specs, settings)
+        selector = None
+        if settings.get("frame_select") == "learned" and connector is not None:
+            from fusion.frames import FrameSelector
+
+            if generator is not None and not generator.uses_condition_frames:
+                raise ConfigError(f"stage.frame_select=learned: generator={type(generator).__name__} takes no condition frames")
+            if getattr(connector, "uses_queries", False):
+                raise ConfigError(f"stage.frame_select=learned reads the MLLM's states of the context's images; "
+                                  f"connector={cfg.connector._target_.rsplit('.', 1)[-1]} reads query states only (use all or latest)")
+            with torch.device("meta") if str(device) == "meta" else contextlib.nullcontext():
+                selector = FrameSelector(mllm.hidden_size)
+        model = cls(mllm, generator, connector, specs, settings, frame_selector=selector)
         if generator is not None:
             model.generator_source = str(cfg.generator.path)
         return model.to(device)
@@ -175,6 +188,8 @@ class FusedModel(nn.Module):
             out["connector"] = self.connector
         if self.generator is not None:
             out["generator"] = self.generator.transformer
+        if self.frame_selector is not None:
+            out["frame_selector"] = self.frame_selector
         return out
 
     def apply_trainable(self, stage: dict | DictConfig) -> dict[str, tuple[int, int]]:
@@ -198,6 +213,8 @@ class FusedModel(nn.Module):
             self.connector.requires_grad_(True)
         elif tr.get("connector") and self.connector is None:
             raise ConfigError("stage.trainable.connector=true but no connector is configured (connector=...)")
+        if self.frame_selector is not None:  # trains with the connector
+            self.frame_selector.requires_grad_(bool(tr.get("connector")))
         if self.generator is not None:
             if tr["generator"] == "full":
                 self.generator.transformer.requires_grad_(True)
@@ -529,8 +546,8 @@ class FusedModel(nn.Module):
         if w_distill > 0 and self.teacher is None:
             raise ConfigError("stage.distill_steps / distill_weight need the generator's text encoder (FusedModel.set_teacher)")
         distill_target = s.get("distill_target", "velocity")
-        if s.get("batching", "packed") == "packed" and not getattr(self.connector, "uses_queries", False):
-            samples = self.packed_context_states(samples)
+        if (s.get("batching", "packed") == "packed" or self.frame_selector is not None) and not getattr(self.connector, "uses_queries", False):
+            samples = self.packed_context_states(samples)  # (the frame selector reads these states too)
         align_w = getattr(self.connector, "align_weight", 0.0)
         # a warm-up on the states alone (flow weight 0, no alignment loss) needs no DiT pass: only the connector trains
         states_only = w_flow == 0 and distill_target in ("states", "set", "aligned") and not align_w
@@ -555,6 +572,7 @@ class FusedModel(nn.Module):
                                          cond=None if (drop_cond or sample.cond is None) else sample.cond.to(dev),
                                          target=target, noise=noise, t=t, x_t=add_noise(target, noise, t)))
         batched = s.get("dit_batching", "grouped") == "grouped"
+        selection = self._select_frames(plans, batched)
         flows, aligns, velocities = [], [], []
         if not states_only:
             capture = self.connector.align_layer if align_w > 0 and any(p.query_hidden is not None for p in plans) else None
@@ -592,6 +610,11 @@ class FusedModel(nn.Module):
             flow = sum((p.reshape(-1)[0] for p in gen.parameters() if p.requires_grad), torch.zeros((), device=dev)) * 0.0
         out = {"flow": flow, "drop_text": drops[0], "drop_cond": drops[1]}
         loss = w_flow * flow
+        if selection is not None:
+            out["frame_select"] = selection[0]
+            if selection[1] is not None:
+                out["frame_acc"] = selection[1]  # share of this batch's samples with earlier images the head picks right
+            loss = loss + float(s.get("frame_select_weight", 1.0)) * out["frame_select"]
         if aligns:
             out["align"] = torch.stack(aligns).mean()
             loss = loss + self.connector.align_weight * out["align"]
@@ -600,6 +623,73 @@ class FusedModel(nn.Module):
             loss = loss + w_distill * out["distill"] + (0.0 * flow if w_flow == 0 else 0.0)  # keeps the graph of every part
         out["loss"] = loss
         return out
+
+    # ---- condition frames (stage.frame_select, fusion/frames.py)
+    def image_spans(self, ids: torch.Tensor) -> list[tuple[int, int]]:
+        from fusion.frames import image_spans
+
+        return image_spans(ids, self.mllm.vision_start_id, self.mllm.vision_end_id)
+
+    def pick_frame(self, hidden: torch.Tensor, ids: torch.Tensor) -> int | None:
+        """``frame_select=learned``: the index of the earlier image the head picks for the drawing after context ``ids``
+        (``hidden`` [n_layers, L, D]: the connector's layers of those ids), or None for no frame."""
+        spans = self.image_spans(ids)
+        if not spans:
+            return None
+        with torch.no_grad():
+            k = int(self.frame_selector(hidden.to(self.generator.device), spans).argmax())
+        return None if k == len(spans) else k
+
+    def condition_frames(self, sample: AlignSample) -> torch.Tensor | None:
+        """The condition frames [N, C, h, w] generation would hand the DiT for ``sample`` (its earlier images as
+        ``stage.frame_select`` picks them; the learned head reads the sample's MLLM states)."""
+        mode = self.settings.get("frame_select", "all")
+        if sample.cond is None or mode == "all":
+            return sample.cond
+        if mode == "latest":
+            return sample.cond[-1:]
+        if sample.ctx_hidden is None:
+            sample = self.packed_context_states([sample])[0]
+        k = self.pick_frame(sample.ctx_hidden, sample.ctx_ids)
+        return None if k is None else sample.cond[k : k + 1]
+
+    def _select_frames(self, plans: list, batched: bool):
+        """Apply ``stage.frame_select`` to the plans' condition frames; with the learned head also its loss:
+        (cross-entropy, accuracy) against the frame the DiT's own flow loss prefers, else None."""
+        s = self.settings
+        mode = s.get("frame_select", "all")
+        if mode == "latest":
+            for p in plans:
+                p.cond = None if p.cond is None else p.cond[-1:]
+        if mode != "learned" or self.frame_selector is None:
+            return None
+        from fusion.frames import best_frames
+
+        gen, dev = self.generator, self.generator.device
+        losses, hits = [], []
+        for p in plans:
+            smp = p.sample
+            if smp.cond is None:
+                continue
+            spans = self.image_spans(smp.ctx_ids)
+            if len(spans) != smp.cond.shape[0]:
+                raise DataError(f"stage.frame_select=learned: the context shows {len(spans)} images but the sample has "
+                                f"{smp.cond.shape[0]} condition frames", smp.where or None, kind="frames")
+            if self.teacher is not None and smp.request:  # the probe reads the DiT's own encoder where there is one
+                states, mask = self._teacher_states(smp.request)
+            else:
+                states, mask = p.states.detach().to(gen.dtype), p.mask
+            best, _ = best_frames(gen, p.target, p.noise, smp.cond.to(dev), states[0], mask[0], float(s.get("frame_select_t", 0.8)), batched)
+            logits = self.frame_selector(smp.ctx_hidden.to(dev), spans)
+            losses.append(nn.functional.cross_entropy(logits[None].float(), torch.tensor([best], device=dev)))
+            hits.append(float(int(logits.argmax()) == best))
+            if p.cond is not None:  # teacher forcing: the DiT learns from the frame it does best with
+                p.cond = None if best == len(spans) else smp.cond[best : best + 1].to(dev)
+        # every selector weight in the graph, also when no sample had earlier images (ZeRO expects their gradients)
+        zero = sum((q.reshape(-1)[0] for q in self.frame_selector.parameters()), torch.zeros((), device=dev)) * 0.0
+        if not losses:
+            return zero, None
+        return torch.stack(losses).mean() + zero, torch.tensor(sum(hits) / len(hits))
 
     # ------------------------------------------------------------------ save / load
     @property
@@ -633,6 +723,13 @@ class FusedModel(nn.Module):
                 save_file({k: v.detach().contiguous().cpu() for k, v in self.connector.state_dict().items()}, str(tmp / "connector" / "model.safetensors"))
                 (tmp / "connector" / "config.json").write_text(json.dumps(self.specs.get("connector", {}), indent=2))
                 manifest["parts"]["connector"] = {"folder": "connector", "spec": self.specs.get("connector", {})}
+            if self.frame_selector is not None:
+                (tmp / "frame_selector").mkdir()
+                save_file({k: v.detach().contiguous().cpu() for k, v in self.frame_selector.state_dict().items()},
+                          str(tmp / "frame_selector" / "model.safetensors"))
+                spec = {"_target_": "fusion.frames.FrameSelector", **self.frame_selector.config()}
+                (tmp / "frame_selector" / "config.json").write_text(json.dumps(spec, indent=2))
+                manifest["parts"]["frame_selector"] = {"folder": "frame_selector", "spec": spec}
             from fusion import faults
 
             faults.maybe_signal("kill_in_export", 0)  # reliability tests: die with the parts half written
@@ -700,7 +797,8 @@ class FusedModel(nn.Module):
         if manifest.get("version", 0) > FORMAT_VERSION:
             raise CheckpointError(f"{mf}: format version {manifest['version']} is newer than this unifuse ({FORMAT_VERSION})")
         parts = manifest.get("parts", {})
-        required = {"mllm": "config.json", "generator": "transformer/config.json", "connector": "model.safetensors"}
+        required = {"mllm": "config.json", "generator": "transformer/config.json", "connector": "model.safetensors",
+                    "frame_selector": "model.safetensors"}
         if "mllm" not in parts:
             raise CheckpointError(f"{mf}: names no mllm part")
         for name, entry in parts.items():
@@ -718,8 +816,13 @@ class FusedModel(nn.Module):
             cspec = dict(parts["connector"]["spec"])
             connector = get_class(cspec.pop("_target_"))(**cspec)
             connector.load_state_dict(load_file(str(path / parts["connector"]["folder"] / "model.safetensors")))
-        specs = {k: v["spec"] for k, v in parts.items()}
-        model = cls(mllm, generator, connector, specs, manifest.get("settings"))
+        selector = None
+        if "frame_selector" in parts:
+            fspec = dict(parts["frame_selector"]["spec"])
+            selector = get_class(fspec.pop("_target_"))(**fspec)
+            selector.load_state_dict(load_file(str(path / parts["frame_selector"]["folder"] / "model.safetensors")))
+        specs = {k: v["spec"] for k, v in parts.items() if k != "frame_selector"}
+        model = cls(mllm, generator, connector, specs, manifest.get("settings"), frame_selector=selector)
         model.mllm.hidden_layers = parts["mllm"]["spec"]["hidden_layers"]
         model.generator_source = manifest.get("generator_source")
         if "guidance_negative" in manifest:  # older manifests: trained_negative is derived from settings

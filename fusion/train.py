@@ -905,7 +905,8 @@ class Trainer:
             sample = self._prepare(conv if self.cache is not None else load_images(conv))
             with torch.no_grad():
                 states, mask, _ = m.sample_states(sample)
-                cond = None if sample.cond is None else sample.cond[None]
+                frames = m.condition_frames(sample)
+                cond = None if frames is None else frames[None]
                 f = m.generator.spatial_factor  # at the sample's own size (its bucket with data.buckets)
                 img = m.generator.sample(states, mask, cond, steps=self.cfg.stage.sample_steps, guidance=self.cfg.stage.sample_guidance,
                                          generator=torch.Generator().manual_seed(0), height=sample.target.shape[-2] * f,

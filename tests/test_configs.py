@@ -85,6 +85,8 @@ def test_wrong_type_names_the_key():
         (["stage=align", "stage.dit_batching=padded"], "stage.dit_batching"),
         (["data.render_cache_mb=-1"], "data.render_cache_mb"),
         (["stage=align", "generator=tiny_wan", "generator.text_length=0"], "generator.text_length"),
+        (["stage=align", "stage.frame_select=first"], "stage.frame_select"),
+        (["stage=align", "stage.frame_select_t=0"], "stage.frame_select_t"),
     ],
 )
 def test_impossible_combinations_fail_validation(overrides, key):

@@ -1,0 +1,89 @@
+"""Which earlier image the next drawing starts from (``stage.frame_select``).
+
+Every earlier image of a conversation can be a condition frame of the DiT. With several of
+them the DiT has to find the one the request means ("in the first picture, ..."), and DiTs
+pretrained on single-frame edits do not (toy world, tracking after other drawings: 0.100
+exact with all frames, 0.400 when an oracle hands the DiT only the right one).
+
+* ``all``: every earlier image is a condition frame (the DiT chooses);
+* ``latest``: only the most recent one;
+* ``learned``: :class:`FrameSelector`, a small head on the frozen MLLM's states (the layers
+  the connector reads), scores each earlier image and *none* against the request; the DiT
+  gets the one it picks, or no frame.
+
+``learned`` trains in stage 2 without labels: for each sample with earlier images the DiT
+itself says which single frame (or none) explains the target best, the lowest flow loss at
+``t = stage.frame_select_t`` with the sample's noise and no gradient (:func:`best_frames`);
+the head learns that choice by cross-entropy and the DiT's flow loss is computed with that
+frame (teacher forcing). At generation (:class:`fusion.generate.Chat`) the head picks.
+One frame at most: requests that need two images at once are not served by ``learned``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from backbones.generator.base import DiTRow
+from fusion.flow import add_noise, target_velocity
+
+MODES = ("all", "latest", "learned")
+
+
+def image_spans(ids: torch.Tensor, start_id: int, end_id: int) -> list[tuple[int, int]]:
+    """(first, last) token index of every complete image (vision start .. vision end) in ``ids``."""
+    starts = (ids == start_id).nonzero().flatten().tolist()
+    ends = (ids == end_id).nonzero().flatten().tolist()
+    return [(s, e) for s, e in zip(starts, ends)]
+
+
+class FrameSelector(nn.Module):
+    """Scores [earlier image 0 .. N-1, none] for the drawing that follows a context.
+
+    query: the context's last token and the mean of the tokens after its last image (the
+    request); key of image i: the mean of its tokens plus embeddings of its index from the
+    start and from the end of the conversation (requests say "the first", "the previous");
+    the key of *none* is learned. Logits are scaled dot products.
+    """
+
+    def __init__(self, mllm_dim: int, dim: int = 128, max_frames: int = 8):
+        super().__init__()
+        self.mllm_dim, self.dim, self.max_frames = int(mllm_dim), int(dim), int(max_frames)
+        self.norm = nn.LayerNorm(mllm_dim)
+        self.query = nn.Linear(2 * mllm_dim, dim)
+        self.key = nn.Linear(mllm_dim, dim)
+        self.from_start = nn.Embedding(max_frames, dim)
+        self.from_end = nn.Embedding(max_frames, dim)
+        self.none = nn.Parameter(torch.zeros(dim))
+
+    def config(self) -> dict:
+        return {"mllm_dim": self.mllm_dim, "dim": self.dim, "max_frames": self.max_frames}
+
+    def forward(self, hidden: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+        """``hidden`` [n_layers, L, D] (the connector's layers) and the images' token spans: logits [N + 1], the last for none."""
+        h = self.norm(hidden.to(self.none.dtype).mean(0))  # [L, D]
+        after = h[spans[-1][1] + 1:] if spans else h
+        request = after.mean(0) if len(after) else h[-1]
+        q = self.query(torch.cat([h[-1], request]))
+        n, cap = len(spans), self.max_frames - 1
+        keys = [self.key(h[s : e + 1].mean(0)) + self.from_start.weight[min(i, cap)] + self.from_end.weight[min(n - 1 - i, cap)]
+                for i, (s, e) in enumerate(spans)]
+        keys = torch.stack([*keys, self.none])
+        return keys @ q / math.sqrt(self.dim)
+
+
+@torch.no_grad()
+def best_frames(gen, x: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
+                t: float, batch: bool = True) -> tuple[int, torch.Tensor]:
+    """Which single condition frame (or none: index N) gives the DiT the lowest flow loss for target ``x`` [1, C, h, w]
+    at time ``t`` with ``noise``; ``cond`` [N, C, h, w]. Returns (best index, losses [N + 1])."""
+    tt = torch.full((1,), float(t), device=x.device)
+    x_t = add_noise(x, noise, tt)
+    candidates = [cond[i : i + 1] for i in range(cond.shape[0])] + [None]
+    rows = [DiTRow(x_t[0], tt[0], c, states, mask) for c in candidates]
+    velocities, _ = gen.batched_velocity(rows, batch=batch)
+    v_true = target_velocity(x, noise)[0].float()
+    losses = torch.stack([nn.functional.mse_loss(v.float(), v_true) for v in velocities])
+    return int(losses.argmin()), losses

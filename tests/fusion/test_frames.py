@@ -1,0 +1,152 @@
+"""stage.frame_select: which earlier images the DiT gets (all, latest, a learned head) in training and in generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusion.data import parse_conversation
+from fusion.errors import ConfigError
+from fusion.flow import target_velocity
+from fusion.frames import FrameSelector, best_frames, image_spans
+from fusion.generate import Chat, ForceTokens, GenerationSettings
+from fusion.model import FusedModel
+from tests.fusion.test_model import build, convs  # noqa: F401  (the fixture)
+
+LEARNED = ["stage.frame_select=learned", "stage.p_drop_text=0", "stage.p_drop_cond=0"]
+
+
+@pytest.fixture(scope="module")
+def two_frames(tiny_dir):
+    """A user shows two images and asks for an edit of the second: the target has two earlier images."""
+    root = tiny_dir / "demo_data"
+    img = lambda k: {"type": "image", "image": str(root / "images" / f"{k}.png")}  # noqa: E731
+    msgs = [{"role": "user", "content": [img("red_circle"), img("blue_square"), {"type": "text", "text": "Add a green triangle to the second one."}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Done."}, img("blue_square_green_tri")]}]
+    return parse_conversation({"messages": msgs})
+
+
+def test_image_spans_and_selector_scores_every_frame_and_none():
+    ids = torch.tensor([5, 1, 9, 9, 2, 7, 1, 9, 2, 7, 7])
+    assert image_spans(ids, 1, 2) == [(1, 4), (6, 8)]
+    sel = FrameSelector(mllm_dim=16, dim=8)
+    logits = sel(torch.randn(3, len(ids), 16), image_spans(ids, 1, 2))
+    assert logits.shape == (3,)  # two images and none
+    assert sel(torch.randn(3, 4, 16), []).shape == (1,)
+
+
+class StubGenerator:
+    """The velocity is right only when the one condition frame is ``good`` (or, with ``none_best``, when there is none)."""
+
+    def __init__(self, good, none_best=False):
+        self.good, self.none_best = good, none_best
+
+    def batched_velocity(self, rows, batch=True):
+        out = []
+        for r in rows:
+            right = (r.cond is None) if self.none_best else (r.cond is not None and torch.equal(r.cond[0], self.good))
+            out.append(self.v if right else torch.zeros_like(self.v))
+        return out, [None] * len(rows)
+
+
+def test_best_frames_is_the_frame_with_the_lowest_flow_loss():
+    x, noise = torch.randn(1, 4, 2, 2), torch.randn(1, 4, 2, 2)
+    cond = torch.randn(3, 4, 2, 2)
+    states, mask = torch.zeros(2, 8), torch.ones(2, dtype=torch.long)
+    for good in range(3):
+        gen = StubGenerator(cond[good])
+        gen.v = target_velocity(x, noise)[0]
+        best, losses = best_frames(gen, x, noise, cond, states, mask, 0.8)
+        assert best == good and losses.shape == (4,) and float(losses[good]) == 0.0
+    gen = StubGenerator(None, none_best=True)
+    gen.v = target_velocity(x, noise)[0]
+    assert best_frames(gen, x, noise, cond, states, mask, 0.8)[0] == 3  # none
+
+
+def dit_frames(model, samples, seed=0):
+    """The number of condition frames of every DiT row of one stage-2 loss, and the loss."""
+    seen = []
+    real = model.generator.batched_velocity
+
+    def spy(rows, **kw):
+        if len(rows) == len(samples):  # the flow pass (the frame probes run each sample's candidates)
+            seen.extend(0 if r.cond is None else r.cond.shape[0] for r in rows)
+        return real(rows, **kw)
+
+    model.generator.batched_velocity = spy
+    try:
+        out = model.align_loss(samples, torch.Generator().manual_seed(seed))
+    finally:
+        del model.generator.batched_velocity
+    return seen, out
+
+
+def test_all_latest_and_learned_hand_the_dit_the_frames_they_say(tiny_dir, two_frames):
+    torch.manual_seed(0)
+    counts = {}
+    for mode in ("all", "latest", "learned"):
+        model, cfg = build(tiny_dir, "multilayer_concat", extra=[f"stage.frame_select={mode}", "stage.p_drop_text=0", "stage.p_drop_cond=0"])
+        model.apply_trainable(cfg.stage)
+        samples = [model.prepare_align_sample(two_frames)]
+        assert samples[0].cond.shape[0] == 2
+        counts[mode], out = dit_frames(model, samples)
+        assert ("frame_select" in out) == (mode == "learned")
+    assert counts["all"] == [2] and counts["latest"] == [1] and counts["learned"][0] in (0, 1)
+
+
+def test_learned_head_fits_the_frame_its_dit_prefers_and_survives_save_load(tiny_dir, two_frames, convs, tmp_path):
+    torch.manual_seed(0)
+    model, cfg = build(tiny_dir, "multilayer_concat", extra=LEARNED)
+    model.apply_trainable(cfg.stage)
+    assert model.frame_selector is not None and all(p.requires_grad for p in model.frame_selector.parameters())
+    assert "frame_selector" in [g["name"] for g in model.param_groups(cfg.stage)]
+    samples = [model.prepare_align_sample(c) for c in [two_frames, *convs]]
+    opt = torch.optim.AdamW(model.frame_selector.parameters(), lr=1e-2)
+    model.connector.requires_grad_(False)
+    model.generator.transformer.requires_grad_(False)
+    first = model.align_loss(samples, torch.Generator().manual_seed(1))
+    assert first["frame_select"] > 0
+    for _ in range(30):
+        opt.zero_grad()
+        out = model.align_loss(samples, torch.Generator().manual_seed(1))  # same t and noise: the same preferred frames
+        out["frame_select"].backward()
+        opt.step()
+    assert float(out["frame_select"].detach()) < 0.1 * float(first["frame_select"].detach()) and float(out["frame_acc"]) == 1.0
+    model.eval()
+    saved = model.save_pretrained(tmp_path / "fused", config=cfg)
+    assert (saved / "frame_selector" / "model.safetensors").is_file()
+    loaded = FusedModel.from_pretrained(saved)
+    for k, v in model.frame_selector.state_dict().items():
+        assert torch.equal(v, loaded.frame_selector.state_dict()[k]), k
+    s = loaded.packed_context_states([loaded.prepare_align_sample(two_frames)])[0]
+    frames = loaded.condition_frames(s)
+    k = loaded.pick_frame(s.ctx_hidden, s.ctx_ids)
+    assert (frames is None) == (k is None) and (k is None or torch.equal(frames[0], s.cond[k]))
+
+
+def test_chat_draws_with_the_frame_the_head_picks(tiny_dir, two_frames):
+    torch.manual_seed(0)
+    model, cfg = build(tiny_dir, "multilayer_concat", extra=LEARNED)
+    model.eval()
+    with torch.no_grad():  # make the head certain: the first image always wins
+        model.frame_selector.from_start.weight.zero_()
+        model.frame_selector.none.zero_()
+        model.frame_selector.query.weight.zero_()
+        model.frame_selector.query.bias.fill_(1.0)
+        model.frame_selector.key.weight.zero_()
+        model.frame_selector.key.bias.zero_()
+        model.frame_selector.from_end.weight.zero_()
+        model.frame_selector.from_end.weight[1] = 5.0  # one from the end of two: the first of two images
+    bov = model.mllm.bov_token_id
+    chat = Chat(model, GenerationSettings(steps=1, max_new_tokens=3, max_images_per_turn=1), logits_processor=ForceTokens({0: bov}))
+    paths = [two_frames.messages[0]["content"][i]["image"] for i in (0, 1)]
+    chat.send("Edit the first one.", paths)
+    assert chat.draws and chat.draws[0].condition_images == [0]
+
+
+def test_learned_frames_need_per_token_states_and_a_dit_with_frames(tiny_dir):
+    """(stage.frame_select values are validated with the other stage keys: tests/test_configs.py.)"""
+    with pytest.raises(ConfigError, match="frame_select=learned"):
+        build(tiny_dir, "queries", "tiny_cosmos", extra=["stage.frame_select=learned"])
+    with pytest.raises(ConfigError, match="frame_select=learned"):
+        build(tiny_dir, "multilayer_concat", "tiny_sana", extra=["stage.frame_select=learned"])
