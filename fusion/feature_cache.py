@@ -143,6 +143,21 @@ class MLLMFolder(nn.Module):
         shutil.copytree(self.path, path, dirs_exist_ok=True)
 
     @functools.cached_property
+    def vision_start_id(self) -> int:
+        """The token that opens an image's span (``stage.frame_select=learned`` finds the cached contexts' images)."""
+        return self._token("vision_start_token_id", "<|vision_start|>")
+
+    @functools.cached_property
+    def vision_end_id(self) -> int:
+        return self._token("vision_end_token_id", "<|vision_end|>")
+
+    def _token(self, key: str, token: str) -> int:
+        from transformers import AutoConfig
+
+        value = getattr(AutoConfig.from_pretrained(str(self.path)), key, None)
+        return int(value) if value is not None else int(self.tokenizer.convert_tokens_to_ids(token))
+
+    @functools.cached_property
     def tokenizer(self):
         """The MLLM's tokenizer (``stage.distill_target=aligned`` decodes the cached contexts with it)."""
         from transformers import AutoTokenizer

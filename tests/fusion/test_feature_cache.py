@@ -45,6 +45,7 @@ def cache(tiny_dir, convs, tmp_path_factory, mllm_family):
     ["stage.batching=none"],  # uncached contexts one forward each (default: packed into one row)
     ["stage.batching=none", "stage.p_drop_text=1.0", "stage.text_dropout_form=duogen"],
     ["stage.distill_steps=1", "stage.distill_target=aligned", "connector.refiner_layers=1"],  # reads the cached ids
+    ["stage.frame_select=learned"],  # the frame head reads the cached states and finds the images in the cached ids
 ])
 def test_cached_and_uncached_give_the_same_loss(tiny_dir, convs, cache, extra, mllm_family):
     model, cfg = build_model(tiny_dir, *extra, family=mllm_family)
@@ -168,3 +169,9 @@ def test_bad_image_during_build_stops_or_is_skipped(tiny_dir, tmp_path):
     with pytest.raises(DataError) as ei:
         cache.entry(convs[1])
     assert ei.value.kind == "bad_image" and ei.value.line == 2
+
+
+def test_the_mllm_stand_in_knows_where_images_start_and_end(tiny_dir, mllm, mllm_family):
+    """stage.frame_select=learned finds the cached contexts' images without loading the MLLM."""
+    folder = fc.MLLMFolder(tiny_dir / mllm_family)
+    assert (folder.vision_start_id, folder.vision_end_id) == (mllm.vision_start_id, mllm.vision_end_id)
