@@ -144,6 +144,15 @@ def test_chat_draws_with_the_frame_the_head_picks(tiny_dir, two_frames):
     assert chat.draws and chat.draws[0].condition_images == [0]
 
 
+@pytest.mark.parametrize("mode, expected", [("all", [0, 1]), ("latest", [1])])
+def test_chat_draws_with_the_frames_its_stage_2_used(tiny_dir, two_frames, mode, expected):
+    model, _ = build(tiny_dir, "multilayer_concat", extra=[f"stage.frame_select={mode}"])
+    chat = Chat(model.eval(), GenerationSettings(steps=1, max_new_tokens=3, max_images_per_turn=1),
+                logits_processor=ForceTokens({0: model.mllm.bov_token_id}))
+    chat.send("Edit the second one.", [two_frames.messages[0]["content"][i]["image"] for i in (0, 1)])
+    assert chat.draws[0].condition_images == expected
+
+
 def test_learned_frames_need_per_token_states_and_a_dit_with_frames(tiny_dir):
     """(stage.frame_select values are validated with the other stage keys: tests/test_configs.py.)"""
     with pytest.raises(ConfigError, match="frame_select=learned"):
