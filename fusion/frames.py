@@ -75,15 +75,24 @@ class FrameSelector(nn.Module):
 
 
 @torch.no_grad()
-def best_frames(gen, x: torch.Tensor, noise: torch.Tensor, cond: torch.Tensor, states: torch.Tensor, mask: torch.Tensor,
-                t: float, batch: bool = True) -> tuple[int, torch.Tensor]:
-    """Which single condition frame (or none: index N) gives the DiT the lowest flow loss for target ``x`` [1, C, h, w]
-    at time ``t`` with ``noise``; ``cond`` [N, C, h, w]. Returns (best index, losses [N + 1])."""
-    tt = torch.full((1,), float(t), device=x.device)
-    x_t = add_noise(x, noise, tt)
-    candidates = [cond[i : i + 1] for i in range(cond.shape[0])] + [None]
-    rows = [DiTRow(x_t[0], tt[0], c, states, mask) for c in candidates]
+def best_frames(gen, probes: list[tuple], t: float, batch: bool = True) -> list[tuple[int, torch.Tensor]]:
+    """For each probe ``(x [1, C, h, w], noise, cond [N, C, h, w], states [T, D], mask [T])``: which single condition
+    frame (or none: index N) gives the DiT the lowest flow loss for target ``x`` at time ``t`` with ``noise``.
+    Returns one (best index, losses [N + 1]) per probe; every candidate of every probe goes through
+    :meth:`~backbones.generator.base.FlowGenerator.batched_velocity` together (two DiT passes: one frame, none)."""
+    rows, spans = [], []
+    for x, noise, cond, states, mask in probes:
+        tt = torch.full((1,), float(t), device=x.device)
+        x_t = add_noise(x, noise, tt)
+        candidates = [cond[i : i + 1] for i in range(cond.shape[0])] + [None]
+        spans.append((len(rows), len(candidates)))
+        rows += [DiTRow(x_t[0], tt[0], c, states, mask) for c in candidates]
+    if not rows:
+        return []
     velocities, _ = gen.batched_velocity(rows, batch=batch)
-    v_true = target_velocity(x, noise)[0].float()
-    losses = torch.stack([nn.functional.mse_loss(v.float(), v_true) for v in velocities])
-    return int(losses.argmin()), losses
+    out = []
+    for (x, noise, *_), (start, n) in zip(probes, spans):
+        v_true = target_velocity(x, noise)[0].float()
+        losses = torch.stack([nn.functional.mse_loss(v.float(), v_true) for v in velocities[start : start + n]])
+        out.append((int(losses.argmin()), losses))
+    return out

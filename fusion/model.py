@@ -666,7 +666,7 @@ class FusedModel(nn.Module):
         from fusion.frames import best_frames
 
         gen, dev = self.generator, self.generator.device
-        losses, hits = [], []
+        todo, probes = [], []
         for p in plans:
             smp = p.sample
             if smp.cond is None:
@@ -679,12 +679,15 @@ class FusedModel(nn.Module):
                 states, mask = self._teacher_states(smp.request)
             else:
                 states, mask = p.states.detach().to(gen.dtype), p.mask
-            best, _ = best_frames(gen, p.target, p.noise, smp.cond.to(dev), states[0], mask[0], float(s.get("frame_select_t", 0.8)), batched)
-            logits = self.frame_selector(smp.ctx_hidden.to(dev), spans)
+            todo.append((p, spans))
+            probes.append((p.target, p.noise, smp.cond.to(dev), states[0], mask[0]))
+        losses, hits = [], []
+        for (p, spans), (best, _) in zip(todo, best_frames(gen, probes, float(s.get("frame_select_t", 0.8)), batched)):
+            logits = self.frame_selector(p.sample.ctx_hidden.to(dev), spans)
             losses.append(nn.functional.cross_entropy(logits[None].float(), torch.tensor([best], device=dev)))
             hits.append(float(int(logits.argmax()) == best))
             if p.cond is not None:  # teacher forcing: the DiT learns from the frame it does best with
-                p.cond = None if best == len(spans) else smp.cond[best : best + 1].to(dev)
+                p.cond = None if best == len(spans) else p.sample.cond[best : best + 1].to(dev)
         # every selector weight in the graph, also when no sample had earlier images (ZeRO expects their gradients)
         zero = sum((q.reshape(-1)[0] for q in self.frame_selector.parameters()), torch.zeros((), device=dev)) * 0.0
         if not losses:

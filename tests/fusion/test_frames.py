@@ -56,11 +56,12 @@ def test_best_frames_is_the_frame_with_the_lowest_flow_loss():
     for good in range(3):
         gen = StubGenerator(cond[good])
         gen.v = target_velocity(x, noise)[0]
-        best, losses = best_frames(gen, x, noise, cond, states, mask, 0.8)
+        [(best, losses)] = best_frames(gen, [(x, noise, cond, states, mask)], 0.8)
         assert best == good and losses.shape == (4,) and float(losses[good]) == 0.0
     gen = StubGenerator(None, none_best=True)
     gen.v = target_velocity(x, noise)[0]
-    assert best_frames(gen, x, noise, cond, states, mask, 0.8)[0] == 3  # none
+    two = best_frames(gen, [(x, noise, cond, states, mask), (x, noise, cond[:2], states, mask)], 0.8)  # one DiT call for both
+    assert [b for b, _ in two] == [3, 2]  # none, whatever the number of frames
 
 
 def dit_frames(model, samples, seed=0):
