@@ -21,6 +21,9 @@ words, zeros elsewhere (:mod:`fusion.distill`, what ``stage.distill_target=align
 onto): the ceiling of a connector that imitates the teacher perfectly, through the real path
 (the context's length and padding count, not the teacher's).
 
+The DiT gets each sample's condition frames as generation would (``stage.frame_select``: every
+earlier image, the latest, or the learned head's pick).
+
 Healthy stage 2: the gain rises well above zero in the first few hundred steps. A gain that
 stays near 0 means the DiT is not using the connector's states; the trainer warns
 (``stage.gain_every``, ``stage.gain_warn``).
