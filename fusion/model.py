@@ -614,7 +614,7 @@ class FusedModel(nn.Module):
             out["frame_select"] = selection[0]
             if selection[1] is not None:
                 out["frame_acc"] = selection[1]  # share of this batch's samples with earlier images the head picks right
-            loss = loss + float(s.get("frame_select_weight", 1.0)) * out["frame_select"]
+            loss = loss + float(s.get("frame_select_weight", 0.1)) * out["frame_select"]
         if aligns:
             out["align"] = torch.stack(aligns).mean()
             loss = loss + self.connector.align_weight * out["align"]
