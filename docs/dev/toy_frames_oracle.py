@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import fusion.toyworld.run as run
-from fusion.generate import Chat
+from fusion.generate import Chat, GenerationSettings
 from fusion.model import FusedModel
 from fusion.toyworld.conversations import BACK
 
@@ -38,7 +38,8 @@ lines = [x for x in split.read_text().splitlines() if x.strip() and json.loads(x
 only = split.parent / f"_distractor_only_{mode}.jsonl"  # beside the split: its image paths are relative to it
 only.write_text("\n".join(lines) + "\n")
 try:
-    report = run.evaluate_split(FusedModel.from_pretrained(model_dir), only, progress=False)
+    settings = GenerationSettings(steps=20, guidance=3.0, max_new_tokens=64)  # tools/evaluate.py's defaults
+    report = run.evaluate_split(FusedModel.from_pretrained(model_dir), only, settings=settings, progress=False)
 finally:
     only.unlink()
 keys = ("tracking", "tracking_one_earlier", "tracking_several_earlier", "edit_applied", "edit_preserved", "exact_scene_distractor")
