@@ -126,7 +126,8 @@ class MLLMFolder(nn.Module):
 
         super().__init__()
         self.path = Path(path)
-        text = AutoConfig.from_pretrained(str(self.path)).get_text_config()
+        self._config = AutoConfig.from_pretrained(str(self.path))
+        text = self._config.get_text_config()
         self.hidden_size, self.num_layers = text.hidden_size, text.num_hidden_layers
         self.hidden_layers = self.resolve_layers(hidden_layers, "mllm.hidden_layers")
 
@@ -152,9 +153,7 @@ class MLLMFolder(nn.Module):
         return self._token("vision_end_token_id", "<|vision_end|>")
 
     def _token(self, key: str, token: str) -> int:
-        from transformers import AutoConfig
-
-        value = getattr(AutoConfig.from_pretrained(str(self.path)), key, None)
+        value = getattr(self._config, key, None)
         return int(value) if value is not None else int(self.tokenizer.convert_tokens_to_ids(token))
 
     @functools.cached_property

@@ -29,9 +29,6 @@ from torch import nn
 from backbones.generator.base import DiTRow
 from fusion.flow import add_noise, target_velocity
 
-MODES = ("all", "latest", "learned")
-
-
 def image_spans(ids: torch.Tensor, start_id: int, end_id: int) -> list[tuple[int, int]]:
     """(first, last) token index of every complete image (vision start .. vision end) in ``ids``."""
     starts = (ids == start_id).nonzero().flatten().tolist()

@@ -277,18 +277,15 @@ class Chat:
     def _frames_for(self, ctx: int) -> list[int]:
         """Indices of the earlier images the DiT gets, as the model was trained (``stage.frame_select``): all, the
         latest, or the one the learned head picks from the MLLM's states of the first ``ctx`` tokens (none: [])."""
-        mode = self.model.settings.get("frame_select", "all")
-        every = list(range(len(self.images)))
-        if mode == "latest":
-            return every[-1:]
-        if mode != "learned" or self.model.frame_selector is None or not every:
-            return every
         ids = torch.as_tensor(self.state.ids[:ctx])
-        n = len(self.model.image_spans(ids))
-        if n != len(every):
-            raise CheckpointError(f"frame_select=learned: the context shows {n} images, the chat holds {len(every)}")
-        k = self.model.pick_frame(self.state.hidden_states()[:, :ctx], ids)
-        return [] if k is None else [k]
+
+        def hidden() -> torch.Tensor:
+            n = len(self.model.image_spans(ids))
+            if n != len(self.images):
+                raise CheckpointError(f"frame_select=learned: the context shows {n} images, the chat holds {len(self.images)}")
+            return self.state.hidden_states()[:, :ctx]
+
+        return self.model.frame_indices(len(self.images), ids, hidden)
 
     @torch.no_grad()
     def _draw(self) -> tuple[Image.Image, torch.Tensor]:

@@ -22,6 +22,7 @@ import contextlib
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
@@ -640,28 +641,37 @@ class FusedModel(nn.Module):
             k = int(self.frame_selector(hidden.to(self.generator.device), spans).argmax())
         return None if k == len(spans) else k
 
-    def condition_frames(self, sample: AlignSample) -> torch.Tensor | None:
-        """The condition frames [N, C, h, w] generation would hand the DiT for ``sample`` (its earlier images as
-        ``stage.frame_select`` picks them; the learned head reads the sample's MLLM states)."""
+    def frame_indices(self, n: int, ids: torch.Tensor, hidden: Callable[[], torch.Tensor]) -> list[int]:
+        """Which of ``n`` earlier images the DiT gets after context ``ids``, as ``stage.frame_select`` says: all, the
+        latest, or the learned head's pick ([] for none; ``hidden()`` gives the context's states, asked for only then)."""
         mode = self.settings.get("frame_select", "all")
-        if sample.cond is None or mode == "all":
-            return sample.cond
+        every = list(range(n))
         if mode == "latest":
-            return sample.cond[-1:]
-        if sample.ctx_hidden is None:
-            sample = self.packed_context_states([sample])[0]
-        k = self.pick_frame(sample.ctx_hidden, sample.ctx_ids)
-        return None if k is None else sample.cond[k : k + 1]
+            return every[-1:]
+        if mode != "learned" or self.frame_selector is None or not every:
+            return every
+        k = self.pick_frame(hidden(), ids)
+        return [] if k is None else [k]
+
+    def condition_frames(self, sample: AlignSample) -> torch.Tensor | None:
+        """The condition frames [N, C, h, w] generation would hand the DiT for ``sample`` (:meth:`frame_indices`)."""
+        if sample.cond is None:
+            return None
+
+        def hidden() -> torch.Tensor:
+            return (sample.ctx_hidden if sample.ctx_hidden is not None else self.packed_context_states([sample])[0].ctx_hidden)
+
+        idx = self.frame_indices(sample.cond.shape[0], sample.ctx_ids, hidden)
+        return sample.cond[idx] if idx else None
 
     def _select_frames(self, plans: list, batched: bool):
         """Apply ``stage.frame_select`` to the plans' condition frames; with the learned head also its loss:
         (cross-entropy, accuracy) against the frame the DiT's own flow loss prefers, else None."""
         s = self.settings
-        mode = s.get("frame_select", "all")
-        if mode == "latest":
+        if s.get("frame_select", "all") == "latest":
             for p in plans:
                 p.cond = None if p.cond is None else p.cond[-1:]
-        if mode != "learned" or self.frame_selector is None:
+        if s.get("frame_select", "all") != "learned" or self.frame_selector is None:
             return None
         from fusion.frames import best_frames
 
