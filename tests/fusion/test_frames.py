@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
+
 import pytest
 import torch
 
 from fusion.data import parse_conversation
-from fusion.errors import ConfigError
+from fusion.errors import CheckpointError, ConfigError, DataError
 from fusion.flow import target_velocity
 from fusion.frames import FrameSelector, best_frames, image_spans
 from fusion.generate import Chat, ForceTokens, GenerationSettings
@@ -160,3 +163,18 @@ def test_learned_frames_need_per_token_states_and_a_dit_with_frames(tiny_dir):
         build(tiny_dir, "queries", "tiny_cosmos", extra=["stage.frame_select=learned"])
     with pytest.raises(ConfigError, match="frame_select=learned"):
         build(tiny_dir, "multilayer_concat", "tiny_sana", extra=["stage.frame_select=learned"])
+
+
+def test_a_context_that_disagrees_with_its_frames_and_a_half_written_head_are_refused(tiny_dir, two_frames, tmp_path):
+    model, cfg = build(tiny_dir, "multilayer_concat", extra=LEARNED)
+    sample = model.prepare_align_sample(two_frames)
+    bad = replace(sample, cond=torch.cat([sample.cond, sample.cond[:1]]), where="data.jsonl:7")  # 3 frames, 2 images shown
+    with pytest.raises(DataError, match=r"data\.jsonl:7.*2 images but the sample has 3 condition frames"):
+        model.align_loss([bad], torch.Generator().manual_seed(0))
+    saved = model.save_pretrained(tmp_path / "fused", config=cfg)
+    broken = tmp_path / "broken"
+    shutil.copytree(saved, broken)
+    (broken / "frame_selector" / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="frame_selector"):
+        FusedModel.from_pretrained(broken)
+    assert (saved / "frame_selector" / "model.safetensors").is_file()  # the good export is untouched
