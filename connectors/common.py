@@ -111,17 +111,32 @@ class Refiner(nn.Module):
     sentence: "circle" in "a red circle at the top left" carries its place. The refiner lets each
     token read the others (1-D sine-cosine positions added to its input, masked keys ignored).
     Residual throughout, so with its output layers near zero it starts close to the identity.
-    ``layers=0``: no refiner (the module is the identity).
+    ``layers=0``: no refiner (the module is the identity). ``width`` (``connector.refiner_width``;
+    None: the text width): the refiner's own width; a wider one reads the tokens through a linear
+    lift and adds its output back through a projection that starts near zero.
     """
 
-    def __init__(self, dim: int, layers: int = 0, heads: int = 4):
+    def __init__(self, dim: int, layers: int = 0, heads: int = 4, width: int | None = None):
         super().__init__()
         if layers < 0:
             raise ValueError(f"connector.refiner_layers must be >= 0, got {layers}")
-        if layers and dim % heads:
-            raise ValueError(f"connector.refiner_heads={heads} must divide the generator's text width {dim}")
+        width = width or dim
+        if width < 1:
+            raise ValueError(f"connector.refiner_width must be positive, got {width}")
+        if layers and width % heads:
+            raise ValueError(f"connector.refiner_heads={heads} must divide the refiner's width {width} "
+                             f"(connector.refiner_width, else the generator's text width)")
         self.layers = layers
-        self.encoder = encoder(dim, layers, heads) if layers else None
+        self.encoder = encoder(width, layers, heads) if layers else None
+        if layers and width != dim:  # the wider stream ends in a norm, so the projection back reads tokens of one scale
+            self.encoder.norm = nn.LayerNorm(width)
+        # refiner_width != the text width: the tokens are lifted into the wider refiner and its output is
+        # added back through a projection that starts near zero (the identity plus a little, as below)
+        self.lift = nn.Linear(dim, width) if layers and width != dim else None
+        self.drop = nn.Linear(width, dim) if self.lift is not None else None
+        if self.drop is not None:
+            nn.init.normal_(self.drop.weight, std=1e-3)
+            nn.init.zeros_(self.drop.bias)
         if layers:
             for blk in self.encoder.layers:  # residual branches start small: the identity plus a little
                 nn.init.normal_(blk.self_attn.out_proj.weight, std=1e-3)
@@ -133,6 +148,10 @@ class Refiner(nn.Module):
         """x [B, L, D], mask [B, L] (1 = a real token)."""
         if self.encoder is None:
             return x
+        if self.lift is not None:
+            h = self.lift(x)
+            pos = sincos_1d(h.shape[1], h.shape[2], h.device).to(h.dtype)
+            return x + self.drop(self.encoder(h + pos[None], src_key_padding_mask=~mask.bool()))
         pos = sincos_1d(x.shape[1], x.shape[2], x.device).to(x.dtype)
         h = self.encoder(x + pos[None], src_key_padding_mask=~mask.bool())
         return h - pos[None]

@@ -18,12 +18,13 @@ class LastMLP(nn.Module):
 
     def __init__(self, mllm_dim: int, text_dim: int, num_mllm_layers: int, dit_dim: int | None = None,
                  hidden_mult: float = 1.0, mlp_depth: int = 2, out_norm: str = "rms", out_gain: float = 1.0,
-                 refiner_layers: int = 0, refiner_heads: int = 4):
+                 refiner_layers: int = 0, refiner_heads: int = 4,
+                 refiner_width: int | None = None):
         super().__init__()
         self.layers = [-1]
         hidden = max(1, int(round(hidden_mult * text_dim)))
         self.proj = mlp(mllm_dim, hidden, text_dim, mlp_depth)
-        self.refiner = Refiner(text_dim, refiner_layers, refiner_heads)
+        self.refiner = Refiner(text_dim, refiner_layers, refiner_heads, refiner_width)
         self.norm = OutputNorm(text_dim, out_norm, out_gain)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> ConnectorOutput:

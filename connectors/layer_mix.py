@@ -17,12 +17,13 @@ class LayerMix(nn.Module):
 
     def __init__(self, mllm_dim: int, text_dim: int, num_mllm_layers: int, dit_dim: int | None = None,
                  layers: list[int] | None = None, hidden_mult: float = 1.0, mlp_depth: int = 2,
-                 out_norm: str = "rms", out_gain: float = 1.0, refiner_layers: int = 0, refiner_heads: int = 4):
+                 out_norm: str = "rms", out_gain: float = 1.0, refiner_layers: int = 0, refiner_heads: int = 4,
+                 refiner_width: int | None = None):
         super().__init__()
         self.layers = list(layers) if layers else list(range(1, num_mllm_layers + 1))
         self.logits = nn.Parameter(torch.zeros(len(self.layers)))
         self.proj = mlp(mllm_dim, max(1, int(hidden_mult * text_dim)), text_dim, mlp_depth)
-        self.refiner = Refiner(text_dim, refiner_layers, refiner_heads)
+        self.refiner = Refiner(text_dim, refiner_layers, refiner_heads, refiner_width)
         self.norm = OutputNorm(text_dim, out_norm, out_gain)
 
     @property

@@ -23,7 +23,8 @@ class MultiscaleQueries(nn.Module):
     def __init__(self, mllm_dim: int, text_dim: int, num_mllm_layers: int, dit_dim: int | None = None,
                  scales: list[int] = (4, 8, 16), encoder_layers: int = 2, encoder_heads: int = 4,
                  layers: list[int] | None = None, align_layer: int = 1, align_weight: float = 0.5,
-                 out_norm: str = "rms", out_gain: float = 1.0, init_std: float = 0.02, refiner_layers: int = 0, refiner_heads: int = 4):
+                 out_norm: str = "rms", out_gain: float = 1.0, init_std: float = 0.02, refiner_layers: int = 0, refiner_heads: int = 4,
+                 refiner_width: int | None = None):
         super().__init__()
         self.scales = [int(s) for s in scales]
         if not self.scales or min(self.scales) <= 0:
@@ -35,7 +36,7 @@ class MultiscaleQueries(nn.Module):
             self.register_buffer(f"pos_{i}", sincos_2d(s, mllm_dim) * init_std, persistent=False)
         self.encoder = encoder(mllm_dim, encoder_layers, encoder_heads)
         self.proj = nn.Linear(mllm_dim, text_dim)
-        self.refiner = Refiner(text_dim, refiner_layers, refiner_heads)
+        self.refiner = Refiner(text_dim, refiner_layers, refiner_heads, refiner_width)
         self.norm = OutputNorm(text_dim, out_norm, out_gain)
         self.align_layer = align_layer
         self.align_weight = align_weight

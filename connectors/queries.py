@@ -22,7 +22,8 @@ class Queries(nn.Module):
 
     def __init__(self, mllm_dim: int, text_dim: int, num_mllm_layers: int, dit_dim: int | None = None,
                  num_queries: int = 64, encoder_layers: int = 2, encoder_heads: int = 4, layers: list[int] | None = None,
-                 out_norm: str = "rms", out_gain: float = 1.0, init_std: float = 0.02, refiner_layers: int = 0, refiner_heads: int = 4):
+                 out_norm: str = "rms", out_gain: float = 1.0, init_std: float = 0.02, refiner_layers: int = 0, refiner_heads: int = 4,
+                 refiner_width: int | None = None):
         super().__init__()
         if num_queries <= 0:
             raise ValueError(f"connector.num_queries must be positive, got {num_queries}")
@@ -30,7 +31,7 @@ class Queries(nn.Module):
         self.queries = nn.Parameter(torch.randn(num_queries, mllm_dim) * init_std)
         self.encoder = encoder(mllm_dim, encoder_layers, encoder_heads)
         self.proj = nn.Linear(mllm_dim, text_dim)
-        self.refiner = Refiner(text_dim, refiner_layers, refiner_heads)
+        self.refiner = Refiner(text_dim, refiner_layers, refiner_heads, refiner_width)
         self.norm = OutputNorm(text_dim, out_norm, out_gain)
 
     @property

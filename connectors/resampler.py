@@ -99,7 +99,8 @@ class Resampler(nn.Module):
     def __init__(self, mllm_dim: int, text_dim: int, num_mllm_layers: int, dit_dim: int | None = None,
                  num_queries: int = 32, layers: list[int] | None = None, width: int | None = None, depth: int = 2,
                  heads: int = 4, mlp_ratio: float = 4.0, init_std: float = 0.02,
-                 out_norm: str = "rms_gated", out_gain: float = 1.0, refiner_layers: int = 0, refiner_heads: int = 4):
+                 out_norm: str = "rms_gated", out_gain: float = 1.0, refiner_layers: int = 0, refiner_heads: int = 4,
+                 refiner_width: int | None = None):
         super().__init__()
         if num_queries <= 0:
             raise ValueError(f"connector.num_queries must be positive, got {num_queries}")
@@ -117,7 +118,7 @@ class Resampler(nn.Module):
         self.blocks = nn.ModuleList(ResamplerBlock(width, heads, mlp_ratio) for _ in range(depth))
         self.final_norm = nn.LayerNorm(width)
         self.proj = nn.Linear(width, text_dim)
-        self.refiner = Refiner(text_dim, refiner_layers, refiner_heads)
+        self.refiner = Refiner(text_dim, refiner_layers, refiner_heads, refiner_width)
         self.norm = OutputNorm(text_dim, out_norm, out_gain)
 
     @property

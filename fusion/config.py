@@ -142,13 +142,19 @@ class ConnectorBase:
     """Layers of a bidirectional transformer over the connector's output tokens before the output norm (connectors/common.py
     Refiner), so a token can read the words after it as the DiT's own bidirectional text encoder does; 0: none."""
     refiner_heads: int = 4
-    """Attention heads of the refiner (must divide the generator's text width)."""
+    """Attention heads of the refiner (must divide its width)."""
+    refiner_width: int | None = None
+    """Width of the refiner (None: the generator's text width). Wider: the tokens are lifted into it and its output
+    added back through a projection that starts near zero."""
 
     def __post_init__(self) -> None:
         if self.out_norm not in ("rms", "rms_gated", "none"):
             raise ConfigError(f"connector.out_norm must be rms, rms_gated or none, got {self.out_norm!r}")
         if self.refiner_layers < 0:
             raise ConfigError(f"connector.refiner_layers must be >= 0, got {self.refiner_layers}")
+        if self.refiner_width is not None and (self.refiner_width < 1 or self.refiner_width % self.refiner_heads):
+            raise ConfigError(f"connector.refiner_width must be a positive multiple of connector.refiner_heads={self.refiner_heads}, "
+                              f"got {self.refiner_width}")
 
 
 @dataclass
@@ -173,6 +179,16 @@ class MultilayerConcatConfig(ConnectorBase):
     """identity (the DiT's text width is the concatenation), linear or mlp."""
     hidden_mult: float = 1.0
     """Hidden width of the mlp projection as a multiple of text_dim."""
+    window: int = 1
+    """Tokens the linear projection reads for each output token, centred on it (odd; > 1: a 1-D convolution over the
+    sequence, so a word's state also carries its neighbours', e.g. the colour before a shape word)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.window < 1 or self.window % 2 == 0:
+            raise ConfigError(f"connector.window must be a positive odd number, got {self.window}")
+        if self.window > 1 and self.projection != "linear":
+            raise ConfigError(f"connector.window={self.window} needs connector.projection=linear, got {self.projection!r}")
 
 
 @dataclass

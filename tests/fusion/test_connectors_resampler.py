@@ -109,6 +109,9 @@ def test_every_connector_accepts_rms_gated():
     validate(cfg)
     with pytest.raises(ConfigError, match=r"connector.out_norm must be rms, rms_gated or none, got 'gate'"):
         validate(compose_config(["connector=resampler", "connector.out_norm=gate"]))
+    validate(compose_config(["connector=multilayer_concat", "connector.refiner_layers=2", "connector.refiner_width=128"]))
+    with pytest.raises(ConfigError, match=r"connector.refiner_width must be a positive multiple of connector.refiner_heads=4, got 130"):
+        validate(compose_config(["connector=multilayer_concat", "connector.refiner_layers=2", "connector.refiner_width=130"]))
 
 
 def test_the_yaml_composes_and_typos_name_the_key():

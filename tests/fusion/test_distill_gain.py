@@ -294,11 +294,75 @@ def test_the_refiner_starts_near_the_identity_and_reads_both_ways():
         Refiner(16, 1, 5)
 
 
-@pytest.mark.parametrize("connector", ["last_mlp", "multilayer_concat", "layer_mix"])
-def test_aligned_distillation_trains_a_per_token_connector_with_its_refiner(tiny_dir, convs, connector):
+def test_a_windowed_projection_reads_its_neighbours_and_never_the_padding():
+    from connectors.multilayer_concat import MultilayerConcat
+
+    torch.manual_seed(0)
+    c = MultilayerConcat(32, 16, 2, window=5, out_norm="none")  # no refiner: what each token reads is the window alone
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 2, 9, 32, generator=g)
+    mask = torch.ones(2, 9)
+    mask[1, 7:] = 0
+    out = c(h, mask).states
+    poked = h.clone()
+    poked[0, :, 4] = torch.randn(2, 32, generator=g)  # (a constant shift would vanish in the per-token norm)
+    moved = (c(poked, mask).states[0] - out[0]).abs().amax(-1)
+    assert (moved[2:7] > 1e-4).all() and (moved[[0, 1, 7, 8]] == 0).all()  # tokens 2..6 read token 4, the others do not
+    padded = h.clone()
+    padded[1, :, 7:] = torch.randn(2, 2, 32, generator=g)
+    assert torch.equal(c(padded, mask).states[1, :7], out[1, :7])  # padding is never read
+    with pytest.raises(ValueError, match="window must be odd"):
+        MultilayerConcat(32, 16, 2, window=4)
+    with pytest.raises(ValueError, match="needs projection=linear"):
+        MultilayerConcat(32, 16, 2, window=3, projection="mlp")
+
+
+def test_the_window_is_validated_by_its_config_key():
+    from fusion.config import validate
+    from fusion.errors import ConfigError
+    from tests.conftest import compose_config
+
+    validate(compose_config(["connector=multilayer_concat", "connector.window=9"]))
+    with pytest.raises(ConfigError, match="connector.window must be a positive odd number, got 4"):
+        validate(compose_config(["connector=multilayer_concat", "connector.window=4"]))
+    with pytest.raises(ConfigError, match="connector.window=3 needs connector.projection=linear, got 'mlp'"):
+        validate(compose_config(["connector=multilayer_concat", "connector.window=3", "connector.projection=mlp"]))
+
+
+def test_a_wider_refiner_starts_near_the_identity_reads_both_ways_and_learns():
+    from connectors.common import Refiner
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 6, 16, generator=g)
+    mask = torch.ones(2, 6)
+    torch.manual_seed(0)
+    r = Refiner(16, 2, 4, width=48)
+    assert r.encoder.layers[0].self_attn.embed_dim == 48
+    assert (r(x, mask) - x).abs().max() < 0.05  # lifted, refined, added back through a near-zero projection
+    target = x.flip(1)  # each token must become another one: only attention across the sequence can do it
+    opt = torch.optim.Adam(r.parameters(), lr=3e-3)
+    start = torch.nn.functional.mse_loss(r(x, mask), target).item()
+    for _ in range(300):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(r(x, mask), target)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * start
+    masked = torch.tensor([[1, 1, 1, 1, 1, 0]] * 2)
+    later = x.clone()
+    later[:, 5] += 1.0
+    assert torch.allclose(r(later, masked)[:, :5], r(x, masked)[:, :5], atol=1e-5)  # a masked token is not read
+    with pytest.raises(ValueError, match="refiner_heads=5 must divide the refiner's width 48"):
+        Refiner(16, 1, 5, width=48)
+
+
+@pytest.mark.parametrize("connector,width", [("last_mlp", None), ("multilayer_concat", None), ("layer_mix", None), ("multilayer_concat", 48)])
+def test_aligned_distillation_trains_a_per_token_connector_with_its_refiner(tiny_dir, convs, connector, width):
     model, samples = with_teacher(tiny_dir, convs, connector, extra=["stage.distill_steps=5", "stage.distill_target=aligned",
-                                                                      "connector.out_norm=rms_gated", "connector.refiner_layers=1"])
+                                                                      "connector.out_norm=rms_gated", "connector.refiner_layers=1",
+                                                                      *([f"connector.refiner_width={width}"] if width else [])])
     assert model.connector.refiner.layers == 1
+    assert model.connector.refiner.encoder.layers[0].self_attn.embed_dim == (width or model.generator.text_dim)
     model.step = 0
     velocity = model.generator.velocity
     model.generator.velocity = None  # the warm-up on the states alone never runs the DiT

@@ -226,6 +226,7 @@ def test_widths_that_cannot_fit_fail_before_training(tiny_dir):
 @pytest.mark.parametrize("connector, generator, extra", [
     ("queries", "tiny_cosmos", []),
     ("multilayer_concat", "tiny_wan", ["stage.trainable.generator=lora"]),
+    ("multilayer_concat", "tiny_wan", ["connector.window=3", "connector.refiner_layers=1", "connector.refiner_width=48"]),
     ("multiscale_queries", "tiny_sana", []),
     ("resampler", "tiny_wan", ["connector.layers=[1,-1]", "generator.text_length=64"]),  # padded: the length is saved
 ])
