@@ -903,6 +903,9 @@ class MakeToyConfig:
     """MRoPE base of the toy MLLM (published Qwen2.5-VL: 1e6). Base 10 turns the toy's few rotary frequencies by a
     visible angle per grid cell, but trained unevenly: 59.4% of held-out questions on one machine, 32.8% on
     another, same seed and steps (base 10000: 51.6%); README, the toy world."""
+    mllm_mrope_interleaved: bool = False
+    """Interleave the toy MLLM's MRoPE frequencies over time / rows / columns (mrope_section of ones; Qwen3-VL's
+    layout) instead of Qwen2.5-VL's blocks, which leave the columns of a 3x3 image the lowest frequencies."""
     dit_families: list[str] = field(default_factory=lambda: ["wan"])
     """DiT families to pretrain (wan, cosmos, sana), each into <out_dir>/<family>."""
     dit_steps: int = 3000

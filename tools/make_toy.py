@@ -108,9 +108,11 @@ def main(cfg: DictConfig) -> None:
         want = {"steps": cfg.mllm_steps, "hidden_size": cfg.mllm_hidden_size, "lr": cfg.mllm_lr, "seed": cfg.seed, "recipe": RECIPES["mllm"]}
         if cfg.mllm_rope_theta != 10000.0:  # only when it differs from the base parts built before the setting used
             want["rope_theta"] = cfg.mllm_rope_theta
+        if cfg.mllm_mrope_interleaved:
+            want["mrope_interleaved"] = True
         cached(out / "qwen2_5_vl", want,
                lambda p: pretrain_mllm(p, steps=cfg.mllm_steps, lr=cfg.mllm_lr, seed=cfg.seed, hidden_size=cfg.mllm_hidden_size,
-                                         rope_theta=cfg.mllm_rope_theta),
+                                         rope_theta=cfg.mllm_rope_theta, mrope_interleaved=cfg.mllm_mrope_interleaved),
                lambda s: f"held-out questions answered exactly {s['answer_accuracy']:.3f}")
     if cfg.dit_steps > 0:
         for family in cfg.dit_families:

@@ -131,12 +131,15 @@ def build_tokenizer(vocab_size: int = 1024):
 
 
 def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4, vision_hidden_size: int = 32, initializer_range: float = 0.02,
-                rope_theta: float = 10000.0):
+                rope_theta: float = 10000.0, mrope_interleaved: bool = False):
     """A Qwen2.5-VL config of the real class with tiny widths (head_dim 16, mrope 2+3+3).
 
     ``rope_theta``: the published base. MRoPE gives image rows the middle and columns the lowest of
     the head's rotary frequencies, which at 10000 and head_dim 32 turn by under 0.1 rad per row
     and 0.004 per column: a toy model with one vision token per grid cell may take a smaller base.
+    ``mrope_interleaved``: ``mrope_section`` of head_dim/2 ones, so the class's split takes the
+    frequencies in turn for time, rows and columns (the interleaved MRoPE Qwen3-VL adopted for
+    this reason): columns then get a high frequency too (0.32 rad per cell at base 10000).
 
     ``initializer_range``: the published 0.02 is tuned for wide models; a model this narrow
     trained from scratch needs a larger one before its language model reads the vision tokens
@@ -151,6 +154,8 @@ def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4, vision_hi
     half = hidden_size // heads // 2
     hw = half * 3 // 8
     mrope = [half - 2 * hw, hw, hw]  # must sum to head_dim / 2 (2+3+3 for the default 64 / 4 heads)
+    if mrope_interleaved:  # frequency i goes to time / rows / columns by i % 3 (the class splits by section, i-th chunk to i % 3)
+        mrope = [1] * half
     return Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=vocab,
@@ -194,7 +199,7 @@ def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4, vision_hi
 
 def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "qwen2_5_vl", hidden_size: int = 64, num_layers: int = 4,
               vision_hidden_size: int = 32, min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS,
-              initializer_range: float = 0.02, rope_theta: float = 10000.0) -> Path:
+              initializer_range: float = 0.02, rope_theta: float = 10000.0, mrope_interleaved: bool = False) -> Path:
     """Write a tiny Qwen2.5-VL (model, tokenizer, processor) to ``<out_dir>/<name>``.
 
     ``min_pixels`` / ``max_pixels`` are the processor's bounds (the toy MLLM uses 84x84 for
@@ -218,7 +223,8 @@ def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "qwen2_5_vl", hidd
         chat_template=QWEN2_5_VL_CHAT_TEMPLATE,
     )
     torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, hidden_size, num_layers, vision_hidden_size, initializer_range, rope_theta))
+    model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, hidden_size, num_layers, vision_hidden_size, initializer_range, rope_theta,
+                                                                mrope_interleaved))
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     model.save_pretrained(target)
     processor.save_pretrained(target)

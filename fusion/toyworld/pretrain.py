@@ -627,7 +627,7 @@ def mllm_accuracy(adapter, n: int = 64, seed: int = 30_011) -> float:
 
 def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float = 2e-3, seed: int = 0, hidden_size: int = 128,
                   num_layers: int = 4, vision_hidden_size: int = 64, initializer_range: float = 0.1, rope_theta: float = 10000.0,
-                  progress: bool = True) -> dict:
+                  mrope_interleaved: bool = False, progress: bool = True) -> dict:
     """Build a tiny Qwen2.5-VL (real classes, real folder layout) and pretrain it on captions and
     questions about toy scenes; save it with its processor. No ``<|bov|>`` yet: stage 1 adds it,
     as it does to a published checkpoint."""
@@ -635,7 +635,8 @@ def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float 
     from backbones.mllm.tiny_qwen2_5_vl import make_tiny
 
     out = Path(out)
-    make_tiny(out.parent, seed, out.name, hidden_size, num_layers, vision_hidden_size, TOY_MLLM_PIXELS, TOY_MLLM_PIXELS, initializer_range, rope_theta)
+    make_tiny(out.parent, seed, out.name, hidden_size, num_layers, vision_hidden_size, TOY_MLLM_PIXELS, TOY_MLLM_PIXELS, initializer_range, rope_theta,
+              mrope_interleaved)
     adapter = Qwen25VLAdapter.from_pretrained(str(out), add_bov=False)
     torch.manual_seed(seed)
     rng = random.Random(seed)

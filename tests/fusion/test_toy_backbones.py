@@ -295,6 +295,24 @@ def test_toy_mllm_pretrains_into_a_qwen_folder_with_one_vision_token_per_cell(tm
     assert cfg.mllm.path == str(out)
 
 
+def test_interleaved_mrope_gives_the_columns_of_an_image_a_visible_rotation():
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from backbones.mllm.tiny_qwen2_5_vl import build_tokenizer, tiny_config
+
+    def column_turn(interleaved: bool) -> float:
+        """The largest angle any rotary frequency turns by when the column position moves by one cell."""
+        torch.manual_seed(0)
+        model = Qwen2_5_VLForConditionalGeneration(tiny_config(build_tokenizer(), 128, 1, 32, 0.1, mrope_interleaved=interleaved))
+        pos = torch.zeros(3, 1, 2, dtype=torch.long)
+        pos[2, 0, 1] = 1  # the same time and row, the next column
+        cos, sin = model.model.language_model.rotary_emb(torch.zeros(1, 2, 128), pos)
+        return torch.atan2(sin[0, 1], cos[0, 1]).abs().max().item()
+
+    assert column_turn(False) < 0.005  # Qwen2.5-VL's blocks: the columns get the lowest frequencies
+    assert column_turn(True) > 0.3
+
+
 def test_mllm_samples_answer_from_the_scene():
     rng = random.Random(5)
     seen = set()
