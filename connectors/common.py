@@ -112,8 +112,9 @@ class Refiner(nn.Module):
     token read the others (1-D sine-cosine positions added to its input, masked keys ignored).
     Residual throughout, so with its output layers near zero it starts close to the identity.
     ``layers=0``: no refiner (the module is the identity). ``width`` (``connector.refiner_width``;
-    None: the text width): the refiner's own width; a wider one reads the tokens through a linear
-    lift and adds its output back through a projection that starts near zero.
+    None: the text width): the refiner's own width, wider or narrower (a 4096-wide DiT text width
+    makes each full-width layer ~200 M parameters); the tokens are lifted into it by a linear map
+    and its output, normed, is added back through a projection that starts near zero.
     """
 
     def __init__(self, dim: int, layers: int = 0, heads: int = 4, width: int | None = None):
@@ -128,9 +129,9 @@ class Refiner(nn.Module):
                              f"(connector.refiner_width, else the generator's text width)")
         self.layers = layers
         self.encoder = encoder(width, layers, heads) if layers else None
-        if layers and width != dim:  # the wider stream ends in a norm, so the projection back reads tokens of one scale
+        if layers and width != dim:  # its own stream ends in a norm, so the projection back reads tokens of one scale
             self.encoder.norm = nn.LayerNorm(width)
-        # refiner_width != the text width: the tokens are lifted into the wider refiner and its output is
+        # refiner_width != the text width: the tokens are lifted into the refiner's width and its output is
         # added back through a projection that starts near zero (the identity plus a little, as below)
         self.lift = nn.Linear(dim, width) if layers and width != dim else None
         self.drop = nn.Linear(width, dim) if self.lift is not None else None

@@ -144,8 +144,8 @@ class ConnectorBase:
     refiner_heads: int = 4
     """Attention heads of the refiner (must divide its width)."""
     refiner_width: int | None = None
-    """Width of the refiner (None: the generator's text width). Wider: the tokens are lifted into it and its output
-    added back through a projection that starts near zero."""
+    """Width of the refiner (None: the generator's text width). Otherwise (wider, or narrower for a wide DiT text width)
+    the tokens are lifted into it and its output added back through a projection that starts near zero."""
 
     def __post_init__(self) -> None:
         if self.out_norm not in ("rms", "rms_gated", "none"):
