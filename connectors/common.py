@@ -129,13 +129,11 @@ class Refiner(nn.Module):
                              f"(connector.refiner_width, else the generator's text width)")
         self.layers = layers
         self.encoder = encoder(width, layers, heads) if layers else None
-        if layers and width != dim:  # its own stream ends in a norm, so the projection back reads tokens of one scale
-            self.encoder.norm = nn.LayerNorm(width)
-        # refiner_width != the text width: the tokens are lifted into the refiner's width and its output is
-        # added back through a projection that starts near zero (the identity plus a little, as below)
-        self.lift = nn.Linear(dim, width) if layers and width != dim else None
-        self.drop = nn.Linear(width, dim) if self.lift is not None else None
-        if self.drop is not None:
+        self.lift = self.drop = None
+        if layers and width != dim:  # tokens lifted into the refiner's width, its stream normed at the end, added back
+            self.encoder.norm = nn.LayerNorm(width)  # through a projection that starts near zero (the identity plus a little)
+            self.lift = nn.Linear(dim, width)
+            self.drop = nn.Linear(width, dim)
             nn.init.normal_(self.drop.weight, std=1e-3)
             nn.init.zeros_(self.drop.bias)
         if layers:
