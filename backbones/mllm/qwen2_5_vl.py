@@ -27,6 +27,8 @@ final norm; negative indices count from the end (-1 = last).
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
 from collections.abc import Sequence
@@ -48,6 +50,14 @@ VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|imag
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: the published Qwen2.5-VL preprocessor_config.json bounds (4 and 16384 patches of 28 x 28)
 PUBLISHED_PIXELS = {"shortest_edge": 3136, "longest_edge": 12845056}
+
+
+@functools.cache
+def cache_kwarg() -> str:
+    """The installed transformers' KV-cache keyword: ``cache`` from 5.2x (``past_key_values`` warns there, goes in 5.40)."""
+    from transformers import Qwen2_5_VLModel
+
+    return "cache" if "cache" in inspect.signature(Qwen2_5_VLModel.forward).parameters else "past_key_values"
 
 
 class Qwen25VLAdapter(MLLMAdapter):
@@ -346,10 +356,10 @@ class Qwen25VLAdapter(MLLMAdapter):
             image_grid_thw=image_grid_thw,
             mm_token_type_ids=mm_token_type_ids,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             output_hidden_states=True,
         )
+        kwargs[cache_kwarg()] = past_key_values
         if compute_logits or labels is not None:
             out = self.model(labels=labels, **kwargs)
             result = {"logits": out.logits, "loss": out.loss}
@@ -357,7 +367,7 @@ class Qwen25VLAdapter(MLLMAdapter):
             out = self.model.model(**kwargs)
             result = {}
         result["hidden"] = self.select(out.hidden_states)
-        result["past_key_values"] = out.past_key_values
+        result["past_key_values"] = getattr(out, cache_kwarg())
         return result
 
     # ------------------------------------------------------------------ cached decoding

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backbones.mllm.qwen2_5_vl import BOV_TOKEN, VISION_TOKENS
+from backbones.mllm.qwen2_5_vl import BOV_TOKEN, VISION_TOKENS, cache_kwarg
 from fusion.errors import CheckpointError
 
 # Cached and full forwards run the same float32 kernels on different chunkings; they agree
@@ -173,16 +173,17 @@ def cached_run(mllm, r, images, position_ids=True):
         mllm.extend(s, ids[s.length :])
         return s, None
     # negative control: the same cache, but let the model guess positions
+    kw = cache_kwarg()
     logits = []
     with torch.no_grad():
         o = mllm.model(input_ids=ids[None, : bov + 1], pixel_values=r.pixel_values[:n_user], image_grid_thw=r.image_grid_thw[:1],
-                       mm_token_type_ids=(ids[None, : bov + 1] == mllm.image_token_id).int(), past_key_values=s.cache, use_cache=True)
+                       mm_token_type_ids=(ids[None, : bov + 1] == mllm.image_token_id).int(), use_cache=True, **{kw: s.cache})
         v_ids, pv, grid = mllm.image_inputs(images["wide"])
         o = mllm.model(input_ids=v_ids[None], pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=(v_ids[None] == mllm.image_token_id).int(),
-                       past_key_values=o.past_key_values, use_cache=True)
+                       use_cache=True, **{kw: getattr(o, kw)})
         rest = ids[None, bov + 1 + len(v_ids) :]
         mllm.model.model.rope_deltas = None
-        o = mllm.model(input_ids=rest, past_key_values=o.past_key_values, use_cache=True, output_hidden_states=True)
+        o = mllm.model(input_ids=rest, use_cache=True, output_hidden_states=True, **{kw: getattr(o, kw)})
         logits.append(o.hidden_states[-1])
     return s, logits[0]
 
