@@ -908,8 +908,10 @@ class MakeToyConfig:
     layout) instead of Qwen2.5-VL's blocks, which leave the columns of a 3x3 image the lowest frequencies."""
     dit_families: list[str] = field(default_factory=lambda: ["wan"])
     """DiT families to pretrain (wan, cosmos, sana), each into <out_dir>/<family>."""
-    dit_steps: int = 3000
-    """Steps of each toy DiT's pretraining (0: skip)."""
+    dit_steps: int = 6000
+    """Steps of each toy DiT's pretraining (0: skip). 6000 rather than 3000: the toy Wan on its own encoder edits
+    0.641 -> 0.734 applied, 0.672 -> 0.812 preserved, and the fused demo draws t2i 0.850 -> 0.950, edits preserved
+    0.575 -> 0.717 (README, "A longer-trained toy DiT"); ~1200 s instead of ~620 s on an AVX-512 core pair."""
     dit_lr: float = 2e-3
     """Learning rate of the toy DiTs."""
     dit_batch: int = 16
@@ -976,8 +978,8 @@ class DemoConfig:
     """Toy VAE pretraining steps."""
     mllm_steps: int = 4000
     """Toy MLLM pretraining steps."""
-    dit_steps: int = 3000
-    """Toy DiT pretraining steps."""
+    dit_steps: int = 6000
+    """Toy DiT pretraining steps (MakeToyConfig.dit_steps)."""
     sft_steps: int = 1500
     """Stage-1 steps."""
     align_steps: int = 7500

@@ -21,15 +21,15 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 #: goals missed by the full demo as measured (README, "The toy world"; 240 test conversations): metric -> measured value,
-#: from the whole pipeline rebuilt from scratch on a machine without AVX-512 (same seeds) and stage 2 as toy_align says
-#: (6000 distillation steps, then 1500 joint steps, the learned frame head; outputs/distill6k). Met there: trigger_f1
-#: 1.000, exact_scene_t2i 0.850, t2i_1obj 0.957 (22 of 23: one miss from the goal; 0.947 on the fresh set), edit_applied
-#: 0.742, edit_remove_applied 0.926, gain_ratio@0.7 1.195, gain_ratio@0.9 1.023.
-MISSED: dict[str, float] = {"edit_preserved": 0.575, "edit_recolour_applied": 0.475, "edit_add_applied": 0.85,
-                            "tracking": 0.325, "text_answer": 0.753}
-#: measured total seconds of the full demo with the world built from scratch (README): on the 2-3x slower machine
-#: without AVX-512 (the world 2152 s of it); 1803 s on the faster one with older recipes
-MEASURED_TOTAL_S = 3279 - 548 + 2057  # the 3000-step demo with its stage 2 (548 s) replaced by the adopted one (2057 s, outputs/distill6k)
+#: from the whole pipeline rebuilt from scratch (same seeds, a 2-core machine with AVX-512): the toy Wan pretrained 6000
+#: steps, stage 2 as toy_align says (6000 distillation steps, then 1500 joint steps, the learned frame head). Met there:
+#: trigger_f1 0.997, exact_scene_t2i 0.950, t2i_1obj 1.000, edit_applied 0.792, gain_ratio@0.9 1.162; gain_ratio@0.7
+#: undefined (the DiT's own-encoder gain at 0.7 is under the floor: the test skips).
+MISSED: dict[str, float] = {"edit_preserved": 0.717, "edit_recolour_applied": 0.725, "edit_add_applied": 0.8,
+                            "edit_remove_applied": 0.778, "tracking": 0.4, "text_answer": 0.682}
+#: measured total seconds of that demo with the world built from scratch (README; the world 1774 s of it); about
+#: 2-3x longer on the machine kind without AVX-512
+MEASURED_TOTAL_S = 3171
 
 
 @pytest.fixture(scope="module")
