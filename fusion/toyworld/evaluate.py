@@ -5,7 +5,8 @@ Per assistant turn the model's output is (images drawn, text). Metrics (all in [
 * ``trigger_precision`` / ``trigger_recall`` / ``trigger_f1``: images drawn vs images due,
   counted per turn (a text-only answer that draws is a false positive);
 * ``exact_scene``: drawn image read back (``reader.read_scene``) equals the ground truth;
-  also by kind and, for text-to-image, by object count (``t2i_1obj``, ``t2i_multi``);
+  also by kind and, for text-to-image, by object count (``t2i_1obj``, ``t2i_multi`` and within it
+  ``t2i_2obj``, ``t2i_3obj``...: compare sets by count, their mixes differ);
 * ``attr_shape`` / ``attr_colour`` / ``attr_position`` / ``attr_count``: per ground-truth
   object (matched by cell) and per image (count);
 * ``edit_applied`` / ``edit_preserved`` and per operation (``edit_<op>_applied``...);
@@ -74,6 +75,8 @@ class Scorer:
         self.add(f"exact_scene_{kind}", exact)
         if kind == "t2i":
             self.add("t2i_1obj" if len(gt) == 1 else "t2i_multi", exact)
+            if len(gt) > 1:  # by count too: two sets of the same size can mix 2- and 3-object requests differently
+                self.add(f"t2i_{len(gt)}obj", exact)
         by_cell = {o.cell: o for o in (pred or ())}
         self.add("attr_count", pred is not None and len(pred) == len(gt))
         for o in gt:

@@ -159,3 +159,17 @@ def test_toy_vae_reads_back_every_scene_after_full_pretraining(tmp_path):
 
     stats = pretrain_vae(tmp_path / "vae", progress=False)  # about 4 minutes on 2 cores
     assert stats["reader_accuracy"] >= 0.95, stats
+
+
+def test_scorer_splits_text_to_image_by_object_count():
+    two = [{"shape": "circle", "colour": "red", "row": 0, "col": 0}, {"shape": "square", "colour": "blue", "row": 2, "col": 2}]
+    three = two + [{"shape": "triangle", "colour": "green", "row": 1, "col": 1}]
+    one = two[:1]
+    sc = Scorer()
+    for scene in (one, two, two, three):  # the 3-object request is drawn with its third object missing
+        meta = {"kind": "t2i", "turns": [{"images": [scene], "answer": None}]}
+        drawn = scene_from_dicts(scene[:2])
+        sc.score(meta, [TurnOutput([render(drawn)], "")])
+    r = sc.report()
+    assert r["t2i_1obj"] == 1.0 and r["t2i_2obj"] == 1.0 and r["t2i_3obj"] == 0.0
+    assert r["t2i_multi"] == pytest.approx(2 / 3) and r["n"]["t2i_3obj"] == 1 and r["n"]["t2i_2obj"] == 2
