@@ -63,21 +63,27 @@ class Conversation:
         What a generator's own text encoder reads as its prompt (the distillation teacher of stage 2
         and the conditioning-gain reference): for a text-to-image turn the user's request and the
         assistant's words before ``<|bov|>``; for an edit, the edit instruction (the earlier image
-        reaches the DiT as a condition frame)."""
+        reaches the DiT as a condition frame). In a turn that draws several images (step by step,
+        a story) the request describes all of them, so each image's prompt is the turn's own words
+        that introduce it ("Now a red circle at the top."), the first image's too when the turn says
+        something before it."""
         chunk: list[str] = []
         seen = 0
         for m in self.messages:
             if m["role"] == "system":
                 continue
             items = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
+            several = sum(item.get("type") == "image" for item in items) > 1
+            own: list[str] = []  # this message's words since its previous image (or its start)
             for item in items:
                 if item.get("type") == "image":
                     if seen == k:
-                        return " ".join(chunk)
+                        return " ".join(own if several and own else chunk)
                     seen += 1
-                    chunk = []
+                    chunk, own = [], []
                 elif item.get("type") == "text" and str(item.get("text", "")).strip():
                     chunk.append(str(item["text"]).strip())
+                    own.append(str(item["text"]).strip())
         raise IndexError(f"{self.where}: conversation has {seen} images, no image {k}")
 
     def num_target_images(self) -> int:

@@ -62,7 +62,8 @@ from fusion.data import Conversation, SkipReport, load_images
 from fusion.errors import CheckpointError, DataError
 
 log = logging.getLogger(__name__)
-FORMAT = 2  # 2: the context's token ids are stored too (stage.distill_target=aligned reads them)
+FORMAT = 3  # 2: the context's token ids are stored too (stage.distill_target=aligned reads them); 3: a multi-image
+# turn's requests are its own words per image (Conversation.text_before_image)
 MANIFEST = "manifest.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _WHOLE_FILE = 64 << 20  # files up to this size are hashed whole; larger ones by size + head + tail

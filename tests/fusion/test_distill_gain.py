@@ -46,6 +46,25 @@ def test_text_before_image_is_the_chunk_since_the_previous_image(tmp_path):
         conv.text_before_image(3)
 
 
+def test_text_before_image_in_a_turn_of_several_images_is_each_images_own_words(tmp_path):
+    from PIL import Image
+
+    for name in ("a", "b", "c", "d"):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{name}.png")
+    img = lambda n: {"type": "image", "image": str(tmp_path / f"{n}.png")}  # noqa: E731
+    txt = lambda t: {"type": "text", "text": t}  # noqa: E731
+    conv = parse_conversation({"messages": [
+        {"role": "user", "content": [txt("Draw a red circle and a blue square, one at a time.")]},
+        {"role": "assistant", "content": [txt("Now a red circle."), img("a"), txt("Now a blue square."), img("b")]},
+        {"role": "user", "content": [txt("Two more pictures.")]},
+        {"role": "assistant", "content": [img("c"), img("d")]},  # no words of its own: the request stands for both
+    ]})
+    assert conv.text_before_image(0) == "Now a red circle."  # not the request for both steps
+    assert conv.text_before_image(1) == "Now a blue square."
+    assert conv.text_before_image(2) == "Two more pictures."
+    assert conv.text_before_image(3) == ""
+
+
 @pytest.mark.parametrize("folder,cls", [("wan", "UMT5EncoderModel"), ("cosmos2", "T5EncoderModel"), ("sana", "Gemma2Model")])
 def test_tiny_generators_carry_their_family_text_encoder(tiny_dir, folder, cls):
     from backbones.generator.text_encoder import TextEncoder
