@@ -911,7 +911,7 @@ class MakeToyConfig:
     dit_steps: int = 6000
     """Steps of each toy DiT's pretraining (0: skip). 6000 rather than 3000: the toy Wan on its own encoder edits
     0.641 -> 0.734 applied, 0.672 -> 0.812 preserved, and the fused demo draws t2i 0.850 -> 0.950, edits preserved
-    0.575 -> 0.717 (README, "A longer-trained toy DiT"); ~1200 s instead of ~620 s on an AVX-512 core pair."""
+    0.575 -> 0.717 (README, "Results, latest: a longer-trained toy DiT"); 1213 s instead of 723 s on 2 AVX-512 cores."""
     dit_lr: float = 2e-3
     """Learning rate of the toy DiTs."""
     dit_batch: int = 16
