@@ -74,16 +74,15 @@ class Conversation:
                 continue
             items = m["content"] if isinstance(m["content"], list) else [{"type": "text", "text": m["content"]}]
             several = sum(item.get("type") == "image" for item in items) > 1
-            own: list[str] = []  # this message's words since its previous image (or its start)
+            start = len(chunk)  # chunk[start:]: this message's words since its previous image (or its start)
             for item in items:
                 if item.get("type") == "image":
                     if seen == k:
-                        return " ".join(own if several and own else chunk)
+                        return " ".join(chunk[start:] if several and chunk[start:] else chunk)
                     seen += 1
-                    chunk, own = [], []
+                    chunk, start = [], 0
                 elif item.get("type") == "text" and str(item.get("text", "")).strip():
                     chunk.append(str(item["text"]).strip())
-                    own.append(str(item["text"]).strip())
         raise IndexError(f"{self.where}: conversation has {seen} images, no image {k}")
 
     def num_target_images(self) -> int:
