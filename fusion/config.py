@@ -906,6 +906,10 @@ class MakeToyConfig:
     mllm_mrope_interleaved: bool = False
     """Interleave the toy MLLM's MRoPE frequencies over time / rows / columns (mrope_section of ones; Qwen3-VL's
     layout) instead of Qwen2.5-VL's blocks, which leave the columns of a 3x3 image the lowest frequencies."""
+    mllm_p_text: float = 0.0
+    """Share of the toy MLLM's pretraining exchanges that are text-only exercises in the world's words (repeat a
+    description, pick its n-th object, look a colour or place up in it: fusion.toyworld.pretrain.text_exercise),
+    the language skills a published MLLM has from its text pretraining."""
     dit_families: list[str] = field(default_factory=lambda: ["wan"])
     """DiT families to pretrain (wan, cosmos, sana), each into <out_dir>/<family>."""
     dit_steps: int = 6000
@@ -934,6 +938,10 @@ class MakeToyConfig:
     dit_p_frames: float = 0.0
     """Toy DiTs with condition frames: the share of edits pretrained with 2-3 condition frames, the first one
     referred back to or the latest edited (fusion.toyworld.pretrain.frame_edits; the tracking turns)."""
+    dit_p_context: float = 0.0
+    """Share of the toy DiTs' pretraining requests phrased as mid-conversation turns read them
+    (fusion.toyworld.pretrain.in_context: an edit referring back, "In the first picture, ...", and/or an unrelated
+    exchange before the request), the prompts stage 2's teacher reads in the tracking turns."""
     dit_copy_heads: float = 0.0
     """Toy Wan only: start one self-attention head per block as a copy head (fusion.toyworld.pretrain.init_copy_heads)
     with this query/key RMSNorm gain; 0: off."""
@@ -950,6 +958,9 @@ class MakeToyConfig:
             raise ConfigError(f"dit_t_sampling must be uniform, logit_normal or shifted, got {self.dit_t_sampling!r}")
         if not 0 <= self.dit_p_frames < 1:
             raise ConfigError(f"dit_p_frames: {self.dit_p_frames} must be in [0, 1)")
+        for key in ("dit_p_context", "mllm_p_text"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"{key}: {getattr(self, key)} must be in [0, 1]")
         if self.dit_t_shift <= 0:
             raise ConfigError(f"dit_t_shift: {self.dit_t_shift} must be > 0")
         if self.dit_copy_heads < 0 or (self.dit_copy_heads and not self.dit_coord_freqs):

@@ -110,10 +110,14 @@ def main(cfg: DictConfig) -> None:
             want["rope_theta"] = cfg.mllm_rope_theta
         if cfg.mllm_mrope_interleaved:
             want["mrope_interleaved"] = True
+        if cfg.mllm_p_text:
+            want["p_text"] = cfg.mllm_p_text
         cached(out / "qwen2_5_vl", want,
                lambda p: pretrain_mllm(p, steps=cfg.mllm_steps, lr=cfg.mllm_lr, seed=cfg.seed, hidden_size=cfg.mllm_hidden_size,
-                                         rope_theta=cfg.mllm_rope_theta, mrope_interleaved=cfg.mllm_mrope_interleaved),
-               lambda s: f"held-out questions answered exactly {s['answer_accuracy']:.3f}")
+                                         rope_theta=cfg.mllm_rope_theta, mrope_interleaved=cfg.mllm_mrope_interleaved,
+                                         p_text=cfg.mllm_p_text),
+               lambda s: f"held-out questions answered exactly {s['answer_accuracy']:.3f}"
+                         + (f", text exercises {s['text_accuracy']:.3f}" if "text_accuracy" in s else ""))
     if cfg.dit_steps > 0:
         for family in cfg.dit_families:
             want = {"steps": cfg.dit_steps, "lr": cfg.dit_lr, "batch": cfg.dit_batch, "pool": cfg.dit_pool, "seed": cfg.seed, "vae": vae_want,
@@ -125,6 +129,8 @@ def main(cfg: DictConfig) -> None:
                 want["copy_heads"] = cfg.dit_copy_heads
             if cfg.dit_p_frames:
                 want["p_frames"] = cfg.dit_p_frames
+            if cfg.dit_p_context:
+                want["p_context"] = cfg.dit_p_context
             if cfg.dit_t_sampling != "logit_normal":
                 want["t_sampling"] = [cfg.dit_t_sampling, cfg.dit_t_shift]
             cached(out / family, want,
@@ -133,7 +139,7 @@ def main(cfg: DictConfig) -> None:
                                                      text_layers=cfg.dit_text_layers, eval_n=cfg.dit_eval_n,
                                                      coord_freqs=cfg.dit_coord_freqs, t_sampling=cfg.dit_t_sampling,
                                                      t_shift=cfg.dit_t_shift, copy_heads=cfg.dit_copy_heads if f == "wan" else 0.0,
-                                                     p_frames=cfg.dit_p_frames),
+                                                     p_frames=cfg.dit_p_frames, p_context=cfg.dit_p_context),
                    dit_summary)
 
 

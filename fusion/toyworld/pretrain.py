@@ -171,6 +171,22 @@ def edit_prompt(rng: random.Random, source, op: str, target) -> str:
     return p + (" " + rng.choice(cv.EDIT_REPLY) if rng.random() < 0.5 else "")
 
 
+def in_context(rng: random.Random, request: str, edit: bool) -> str:
+    """A request as it reads in the middle of a conversation, where the teacher's prompt is every turn since the
+    previous image (Conversation.text_before_image): an edit may refer back ("In the first picture, ..."), and an
+    unrelated exchange may come before it ("Name a colour. Red."). At least one of the two."""
+    from fusion.toyworld import conversations as cv
+    from fusion.toyworld.scenes import SHAPES
+
+    back = edit and rng.random() < 0.5
+    if back:
+        request = rng.choice(cv.BACK).format(edit=request[0].lower() + request[1:])
+    if not back or rng.random() < 0.5:  # an exchange that names no shape (the object probe reads shape words in order)
+        q, a = rng.choice([(q, a) for q, a in cv.DISTRACT if not any(w in f"{q} {a}".lower() for w in SHAPES)])
+        request = f"{q} {a} {request}"
+    return request
+
+
 def toy_transformer(family: str, latent_channels: int, text_dim: int = 64, layers: int = 4, heads: int = 4, head_dim: int = 32,
                     coord_freqs: int = 0):
     """A small DiT of the family's own diffusers class, with an absolute position signal (Wan:
@@ -342,6 +358,11 @@ def dit_accuracy(gen, text, n: int = 32, seed: int = 20_011, steps: int = 20, gu
         out["edit_preserved"] = _frac(kept)
         for op in OPS:
             out[f"edit_{op}"] = _frac([k for k, e in zip(ok, edits) if e[2] == op])
+        # the same edits phrased in the middle of a conversation (in_context: referring back, after an unrelated exchange)
+        crng = random.Random(seed + 1)
+        states, mask = text.encode([in_context(crng, edit_prompt(crng, src, op, tgt), True) for src, _, op, tgt in edits])
+        imgs = to_pil(gen.sample(states, mask, cond, steps=steps, guidance=guidance, generator=torch.Generator().manual_seed(seed)))
+        out["edit_in_context"] = _frac([read_scene(im) == e[1] for im, e in zip(imgs, edits)])
         if frames:  # edits with 2-3 condition frames (frame_edits): the first one referred back to, or the latest
             multi = frame_edits(rng, n)
             hits = {"back": [], "latest": []}
@@ -361,10 +382,12 @@ def dit_accuracy(gen, text, n: int = 32, seed: int = 20_011, steps: int = 20, gu
 
 
 @torch.no_grad()
-def _latent_pool(gen, tokenizer, rng: random.Random, n: int, p_edit: float, progress: bool = True, p_frames: float = 0.0) -> dict:
+def _latent_pool(gen, tokenizer, rng: random.Random, n: int, p_edit: float, progress: bool = True, p_frames: float = 0.0,
+                 p_context: float = 0.0) -> dict:
     """``n`` training items encoded once (the VAE is deterministic): t2i and edit latents with their
     tokenized requests (the text encoder trains, so its states are computed at each step); with
-    ``p_frames``, that share of the edits again as :func:`frame_edits` (kinds ``edit_2f``, ``edit_3f``)."""
+    ``p_frames``, that share of the edits again as :func:`frame_edits` (kinds ``edit_2f``, ``edit_3f``);
+    ``p_context``: that share of the requests phrased :func:`in_context`."""
     t2i, edits = dit_batch(rng, n, p_edit)
     pool = {}
     chunks = 256
@@ -382,11 +405,14 @@ def _latent_pool(gen, tokenizer, rng: random.Random, n: int, p_edit: float, prog
         t = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt")
         return t.input_ids, t.attention_mask, object_labels(t.input_ids, described, tokenizer)
 
+    def ctx(request: str, edit: bool) -> str:
+        return in_context(rng, request, edit) if p_context and rng.random() < p_context else request
+
     if t2i:
-        pool["t2i"] = (enc(t2i), None, *tok([scene_prompt(rng, s) for s in t2i], [[(o, True) for o in s] for s in t2i]))
+        pool["t2i"] = (enc(t2i), None, *tok([ctx(scene_prompt(rng, s), False) for s in t2i], [[(o, True) for o in s] for s in t2i]))
     if edits:
         pool["edit"] = (enc([e[1] for e in edits]), enc([e[0] for e in edits])[:, None],
-                        *tok([edit_prompt(rng, src, op, tgt) for src, _, op, tgt in edits],
+                        *tok([ctx(edit_prompt(rng, src, op, tgt), True) for src, _, op, tgt in edits],
                              [[(tgt, op in ("add", "move"))] for _, _, op, tgt in edits]))
     for k in sorted({len(m[0]) for m in multi}):
         group = [m for m in multi if len(m[0]) == k]
@@ -477,7 +503,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
                  text_dim: int = 64, p_edit: float = 0.5, p_drop_text: float = 0.1, layers: int = 4, pool_size: int = 4096,
                  text_layers: int = 2, text_length: int = TEXT_LENGTH, eval_n: int = 32, probe_weight: float = 0.1,
                  fit_n: int = 256, coord_freqs: int = 0, t_sampling: str = "shifted", t_shift: float = 3.0, copy_heads: float = 0.0,
-                 p_frames: float = 0.0, progress: bool = True) -> dict:
+                 p_frames: float = 0.0, p_context: float = 0.0, progress: bool = True) -> dict:
     """Pretrain a toy DiT of ``family`` together with its own text encoder (the family's class) to draw
     toy scenes from the toy world's requests (padded to ``text_length`` tokens) and to apply edits to a
     clean condition frame; save both (with the VAE, tokenizer and scheduler) in the diffusers layout.
@@ -511,7 +537,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 100))
     t0, losses, probes = time.time(), [], []
     p_edit, frames = (p_edit, p_frames) if gen.uses_condition_frames else (0.0, 0.0)
-    pool = _latent_pool(gen, tokenizer, rng, pool_size, p_edit, progress, frames)
+    pool = _latent_pool(gen, tokenizer, rng, pool_size, p_edit, progress, frames, p_context)
     bar = tqdm(range(steps), desc=f"toy DiT ({family})", disable=not progress)
     g = torch.Generator().manual_seed(seed)
     gen.transformer.train()
@@ -538,13 +564,13 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     gen.transformer.eval()
     text.encoder.eval().requires_grad_(False)
     acc = dit_accuracy(gen, text, n=eval_n, frames=bool(frames))
-    held_out = _latent_pool(gen, tokenizer, random.Random(seed + 54_321), min(fit_n, pool_size), p_edit, False, frames)
+    held_out = _latent_pool(gen, tokenizer, random.Random(seed + 54_321), min(fit_n, pool_size), p_edit, False, frames, p_context)
     fit = fit_losses(gen, text, {"train": pool, "held_out": held_out}, n=fit_n)
     stats = {"family": family, "steps": steps, "seconds": round(time.time() - t0, 1), "first_loss": losses[0],
              "last_loss": float(np.mean(losses[-50:])), "params": sum(p.numel() for p in gen.transformer.parameters()),
              "text_encoder": type(text.encoder).__name__, "text_encoder_params": sum(p.numel() for p in text.encoder.parameters()),
              "text_length": text_length, "probe_weight": probe_weight, "coord_freqs": coord_freqs if family == "wan" else None,
-             "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads, "p_frames": frames,
+             "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads, "p_frames": frames, "p_context": p_context,
              "last_probe_loss": float(np.mean(probes[-50:])), "accuracy": acc, "fit": fit}
     gen.transformer.save_pretrained(out / "transformer")
     text.encoder.save_pretrained(out / "text_encoder")
@@ -563,11 +589,43 @@ def caption(scene) -> str:
     return f"{list_objs(scene)}." if scene else "An empty picture."
 
 
-def mllm_sample(rng: random.Random, size: int = 64) -> list[dict]:
-    """One captioning / question-answering exchange about a random scene (the MLLM's pretraining)."""
+ORDINALS = ("first", "second", "third")
+
+
+def text_exercise(rng: random.Random) -> list[dict]:
+    """One text-only exchange in the toy world's words: repeat a description, pick its n-th object, or look an
+    object's colour or place up in it. The language skills (copying, indexing, lookup) a published MLLM brings from
+    its text pretraining and a toy MLLM trained on pictures alone lacks: without them stage 1 does not teach it to
+    copy the request's objects into its own words (README, the toy world)."""
+    from fusion.toyworld.conversations import list_objs, place
+
+    scene = random_scene(rng, rng.randint(1, 3))
+    objs, said = list(scene), list_objs(scene)
+    kind = rng.choice(["repeat", "nth", "colour", "where"])
+    if kind == "repeat":
+        q, a = f"{rng.choice(['Repeat', 'Say', 'Copy this'])}: {said}.", f"{said}."
+    elif kind == "nth":
+        i = rng.randrange(len(objs))
+        word = "last" if i == len(objs) - 1 and len(objs) > 1 and rng.random() < 0.5 else ORDINALS[i]
+        q, a = f"Which is the {word} object in: {said}?", f"{place(objs[i])}."
+    else:
+        o = rng.choice(objs)
+        if kind == "colour":
+            q, a = f"There is {said}. What colour is the {o.shape} at the {o.where}?", f"{o.colour}."
+        else:
+            q, a = f"There is {said}. Where is the {o.colour} {o.shape}?", f"{o.where}."
+    return [{"role": "user", "content": [{"type": "text", "text": q}]},
+            {"role": "assistant", "content": [{"type": "text", "text": a[0].upper() + a[1:]}]}]
+
+
+def mllm_sample(rng: random.Random, size: int = 64, p_text: float = 0.0) -> list[dict]:
+    """One captioning / question-answering exchange about a random scene (the MLLM's pretraining); with probability
+    ``p_text`` a :func:`text_exercise` instead."""
     from fusion.toyworld.conversations import ref
     from fusion.toyworld.scenes import CELL_NAMES, CELLS
 
+    if p_text > 0 and rng.random() < p_text:
+        return text_exercise(rng)
     while True:
         scene = random_scene(rng, rng.randint(0, 3))
         keys = [(o.colour, o.shape) for o in scene]
@@ -610,15 +668,15 @@ def collate_rendered(items: list, pad_id: int) -> tuple[dict, torch.Tensor]:
 
 
 @torch.no_grad()
-def mllm_accuracy(adapter, n: int = 64, seed: int = 30_011) -> float:
-    """Fraction of held-out pretraining questions answered exactly (greedy decoding)."""
+def mllm_accuracy(adapter, n: int = 64, seed: int = 30_011, text: bool = False) -> float:
+    """Fraction of held-out pretraining questions (``text``: text exercises) answered exactly (greedy decoding)."""
     rng = random.Random(seed)
     hits = 0
     eot = adapter.end_of_turn_id
     for _ in range(n):
-        msgs = mllm_sample(rng)
+        msgs = text_exercise(rng) if text else mllm_sample(rng)
         r = adapter.render(msgs[:1], add_generation_prompt=True)
-        inputs = {k: v for k, v in r.model_inputs().items() if k != "labels"}
+        inputs = {k: v for k, v in r.model_inputs().items() if k != "labels" and v is not None}  # text-only: no pixels
         out = adapter.model.generate(**inputs, max_new_tokens=24, do_sample=False, eos_token_id=eot, pad_token_id=eot)
         text = adapter.tokenizer.decode(out[0, r.input_ids.shape[1]:], skip_special_tokens=True).strip()
         hits += text == msgs[1]["content"][0]["text"]
@@ -627,10 +685,10 @@ def mllm_accuracy(adapter, n: int = 64, seed: int = 30_011) -> float:
 
 def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float = 2e-3, seed: int = 0, hidden_size: int = 128,
                   num_layers: int = 4, vision_hidden_size: int = 64, initializer_range: float = 0.1, rope_theta: float = 10000.0,
-                  mrope_interleaved: bool = False, progress: bool = True) -> dict:
+                  mrope_interleaved: bool = False, p_text: float = 0.0, progress: bool = True) -> dict:
     """Build a tiny Qwen2.5-VL (real classes, real folder layout) and pretrain it on captions and
-    questions about toy scenes; save it with its processor. No ``<|bov|>`` yet: stage 1 adds it,
-    as it does to a published checkpoint."""
+    questions about toy scenes (and, a ``p_text`` share, :func:`text_exercise`); save it with its
+    processor. No ``<|bov|>`` yet: stage 1 adds it, as it does to a published checkpoint."""
     from backbones.mllm.qwen2_5_vl import Qwen25VLAdapter
     from backbones.mllm.tiny_qwen2_5_vl import make_tiny
 
@@ -646,7 +704,7 @@ def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float 
     adapter.model.train()
     bar = tqdm(range(steps), desc="toy MLLM", disable=not progress)
     for step in bar:
-        inputs, labels = collate_rendered([adapter.render(mllm_sample(rng)) for _ in range(batch)], adapter.tokenizer.pad_token_id)
+        inputs, labels = collate_rendered([adapter.render(mllm_sample(rng, p_text=p_text)) for _ in range(batch)], adapter.tokenizer.pad_token_id)
         loss = adapter(**inputs, labels=labels)["loss"]
         opt.zero_grad()
         loss.backward()
@@ -657,8 +715,11 @@ def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float 
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
     adapter.model.eval()
-    stats = {"steps": steps, "seconds": round(time.time() - t0, 1), "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:])),
+    seconds = round(time.time() - t0, 1)
+    adapter.save_pretrained(out)  # before scoring it: a failure there loses no training
+    stats = {"steps": steps, "seconds": seconds, "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:])),
              "params": sum(p.numel() for p in adapter.model.parameters()), "answer_accuracy": mllm_accuracy(adapter)}
-    adapter.save_pretrained(out)
+    if p_text:
+        stats.update(p_text=p_text, text_accuracy=mllm_accuracy(adapter, text=True))
     (out / "pretrain.json").write_text(json.dumps(stats, indent=2))
     return stats

@@ -264,6 +264,7 @@ def test_copy_heads_start_reading_the_condition_frame_at_the_same_cell():
 @pytest.mark.parametrize("field,value,key", [("dit_coord_freqs", -1, "dit_coord_freqs"), ("dit_families", ["wan", "flux"], "dit_families"),
                                              ("dit_t_sampling", "cosine", "dit_t_sampling"), ("dit_t_shift", 0.0, "dit_t_shift"),
                                              ("dit_copy_heads", -1.0, "dit_copy_heads"), ("dit_p_frames", 1.0, "dit_p_frames"),
+                                             ("dit_p_context", 1.5, "dit_p_context"), ("mllm_p_text", -0.1, "mllm_p_text"),
                                              ("mllm_rope_theta", 1.0, "mllm_rope_theta")])
 def test_make_toy_refuses_impossible_settings_naming_the_key(field, value, key):
     from fusion.config import MakeToyConfig
@@ -282,9 +283,10 @@ def test_toy_mllm_pretrains_into_a_qwen_folder_with_one_vision_token_per_cell(tm
     from backbones.mllm.qwen2_5_vl import Qwen25VLAdapter
 
     out = tmp_path / "qwen2_5_vl"
-    stats = pretrain_mllm(out, steps=3, batch=2, hidden_size=64, vision_hidden_size=32, rope_theta=10.0, progress=False)
+    stats = pretrain_mllm(out, steps=3, batch=2, hidden_size=64, vision_hidden_size=32, rope_theta=10.0, p_text=0.5, progress=False)
     assert json.loads((out / "config.json").read_text())["text_config"]["rope_parameters"]["rope_theta"] == 10.0
     assert stats["last_loss"] < stats["first_loss"] + 1.0 and 0.0 <= stats["answer_accuracy"] <= 1.0
+    assert stats["p_text"] == 0.5 and 0.0 <= stats["text_accuracy"] <= 1.0  # text-only exercises decode without pixels
     Qwen2_5_VLForConditionalGeneration.from_pretrained(out)  # the published layout
     AutoProcessor.from_pretrained(out)
     adapter = Qwen25VLAdapter.from_pretrained(str(out))
@@ -323,3 +325,77 @@ def test_mllm_samples_answer_from_the_scene():
         assert a and a[0].isupper() and a.endswith(".")
         seen.add(q.split()[0])
     assert {"How", "What", "Where"} <= seen
+
+
+def test_text_exercises_answer_from_the_description_they_read():
+    """The toy MLLM's text-only exercises: each answer is read off the words of the question (the copy, the n-th
+    object, an object's colour or place), so an MLLM that learns them has learned to copy and look up."""
+    from fusion.toyworld.conversations import list_objs, place
+    from fusion.toyworld.pretrain import ORDINALS, text_exercise
+    from fusion.toyworld.scenes import CELL_NAMES
+
+    rng, kinds = random.Random(3), set()
+    for _ in range(300):
+        user, assistant = text_exercise(rng)
+        assert [x["type"] for x in user["content"]] == ["text"]  # no picture
+        q, a = user["content"][0]["text"], assistant["content"][0]["text"]
+        assert a[0].isupper() and a.endswith(".")
+        if q.startswith(("Repeat: ", "Say: ", "Copy this: ")):
+            kinds.add("repeat")
+            assert a.lower() == q.split(": ", 1)[1].lower()
+        elif q.startswith("Which is the "):
+            kinds.add("nth")
+            word, said = q.removeprefix("Which is the ").split(" object in: ")
+            objs = [p.strip() for p in said.rstrip("?").replace(" and ", ", ").split(", ")]
+            assert a[:-1].lower() == objs[-1 if word == "last" else ORDINALS.index(word)]
+        else:
+            kinds.add(q.split(". ")[1].split()[0])
+            assert q.startswith("There is ") and a[:-1].lower() in q.lower()
+            if "What colour" in q:
+                shape, where = q.split("What colour is the ")[1].rstrip("?").split(" at the ")
+                assert f"{a[:-1].lower()} {shape} at the {where}" in q
+            else:
+                assert a[:-1].lower() in CELL_NAMES.values()
+    assert kinds == {"repeat", "nth", "What", "Where"}
+    assert list_objs and place  # the words the answers are made of
+
+
+def test_mllm_pretraining_mixes_in_text_exercises_only_when_asked():
+    picture = lambda m: any(x["type"] == "image" for x in m[0]["content"])  # noqa: E731
+    assert all(picture(mllm_sample(random.Random(i))) for i in range(50))  # the old recipe draws the same samples
+    rng = random.Random(0)
+    mixed = [picture(mllm_sample(rng, p_text=0.25)) for _ in range(400)]
+    assert 60 < mixed.count(False) < 140
+
+
+def test_requests_in_context_keep_the_request_and_name_no_extra_shape():
+    """in_context: an edit may refer back and/or follow an unrelated exchange; the request itself is kept whole
+    and no shape word is added (the object probe reads the k-th shape word as the k-th object)."""
+    from fusion.toyworld.conversations import BACK, DISTRACT
+    from fusion.toyworld.pretrain import in_context
+    from fusion.toyworld.scenes import SHAPES
+
+    rng = random.Random(0)
+    backs = chats = 0
+    tok = toy_tokenizer(48)
+    for _ in range(200):
+        src, _, op, tgt = dit_batch(rng, 1, 1.0)[1][0]
+        request = edit_prompt(rng, src, op, tgt)
+        phrased = in_context(rng, request, edit=True)
+        assert phrased != request and phrased.endswith(request[1:])
+        back = any(b.split("{")[0] in phrased for b in BACK)
+        chat = any(phrased.startswith(f"{q} {a} ") for q, a in DISTRACT)
+        assert back or chat
+        backs, chats = backs + back, chats + chat
+        words = phrased.lower().replace(".", " ").replace(",", " ").split()
+        assert sum(w in SHAPES for w in words) == sum(w in SHAPES for w in request.lower().replace(".", " ").split())
+        ids = tok(phrased, padding="max_length", max_length=48, truncation=True)
+        assert tok.unk_token_id not in ids.input_ids and sum(ids.attention_mask) < 48
+    assert 60 < backs < 140 and 100 < chats < 200
+    assert not any(any(b.split("{")[0] in in_context(rng, "Draw a red circle.", edit=False) for b in BACK) for _ in range(50))
+
+
+def test_toy_dit_pretrains_on_requests_in_context_and_scores_edits_in_context(tmp_path, toy_vae):
+    stats = pretrain_dit("wan", tmp_path / "wan", toy_vae, steps=2, batch=4, pool_size=16, eval_n=4, text_length=48, progress=False,
+                         coord_freqs=1, p_context=0.5)
+    assert stats["p_context"] == 0.5 and 0.0 <= stats["accuracy"]["edit_in_context"] <= 1.0
