@@ -668,13 +668,13 @@ def collate_rendered(items: list, pad_id: int) -> tuple[dict, torch.Tensor]:
 
 
 @torch.no_grad()
-def mllm_accuracy(adapter, n: int = 64, seed: int = 30_011, text: bool = False) -> float:
-    """Fraction of held-out pretraining questions (``text``: text exercises) answered exactly (greedy decoding)."""
+def mllm_accuracy(adapter, n: int = 64, seed: int = 30_011, text_only: bool = False) -> float:
+    """Fraction of held-out pretraining questions (``text_only``: text exercises) answered exactly (greedy decoding)."""
     rng = random.Random(seed)
     hits = 0
     eot = adapter.end_of_turn_id
     for _ in range(n):
-        msgs = text_exercise(rng) if text else mllm_sample(rng)
+        msgs = text_exercise(rng) if text_only else mllm_sample(rng)
         r = adapter.render(msgs[:1], add_generation_prompt=True)
         inputs = {k: v for k, v in r.model_inputs().items() if k != "labels" and v is not None}  # text-only: no pixels
         out = adapter.model.generate(**inputs, max_new_tokens=24, do_sample=False, eos_token_id=eot, pad_token_id=eot)
@@ -720,6 +720,6 @@ def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float 
     stats = {"steps": steps, "seconds": seconds, "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:])),
              "params": sum(p.numel() for p in adapter.model.parameters()), "answer_accuracy": mllm_accuracy(adapter)}
     if p_text:
-        stats.update(p_text=p_text, text_accuracy=mllm_accuracy(adapter, text=True))
+        stats.update(p_text=p_text, text_accuracy=mllm_accuracy(adapter, text_only=True))
     (out / "pretrain.json").write_text(json.dumps(stats, indent=2))
     return stats

@@ -277,7 +277,7 @@ def test_make_toy_refuses_impossible_settings_naming_the_key(field, value, key):
     with pytest.raises(ConfigError, match="dit_copy_heads"):  # the copy heads read the Fourier channels
         MakeToyConfig(dit_copy_heads=4.0, dit_coord_freqs=0)
 
-def test_toy_mllm_pretrains_into_a_qwen_folder_with_one_vision_token_per_cell(tmp_path):
+def test_toy_mllm_pretrains_into_a_qwen_folder_with_one_vision_token_per_cell(tmp_path, monkeypatch):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from backbones.mllm.qwen2_5_vl import Qwen25VLAdapter
@@ -295,6 +295,13 @@ def test_toy_mllm_pretrains_into_a_qwen_folder_with_one_vision_token_per_cell(tm
     assert r.labels.ne(-100).sum() > 0
     cfg = compose_config(["mllm=toy", f"toy_dir={tmp_path}"])
     assert cfg.mllm.path == str(out)
+    from fusion.toyworld import pretrain as P
+
+    def no_text(rng):
+        raise AssertionError("the picture questions' accuracy asked a text exercise")
+
+    monkeypatch.setattr(P, "text_exercise", no_text)  # every held-out question of the default score is about a picture
+    assert 0.0 <= P.mllm_accuracy(adapter, n=3) <= 1.0
 
 
 def test_interleaved_mrope_gives_the_columns_of_an_image_a_visible_rotation():
