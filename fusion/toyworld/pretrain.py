@@ -595,8 +595,8 @@ ORDINALS = ("first", "second", "third")
 def text_exercise(rng: random.Random) -> list[dict]:
     """One text-only exchange in the toy world's words: repeat a description, pick its n-th object, or look an
     object's colour or place up in it. The language skills (copying, indexing, lookup) a published MLLM brings from
-    its text pretraining and a toy MLLM trained on pictures alone lacks: without them stage 1 does not teach it to
-    copy the request's objects into its own words (README, the toy world)."""
+    its text pretraining and a toy MLLM trained on pictures alone lacks; with them stage 1 copies more of a request's
+    objects into its own words (README, the toy world: an option, ``MakeToyConfig.mllm_p_text``)."""
     from fusion.toyworld.conversations import list_objs, place
 
     scene = random_scene(rng, rng.randint(1, 3))
