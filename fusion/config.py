@@ -943,7 +943,8 @@ class MakeToyConfig:
     (fusion.toyworld.pretrain.in_context: an edit referring back, "In the first picture, ...", and/or an unrelated
     exchange before the request), the prompts stage 2's teacher reads in the tracking turns. 0.25 rather than 0: the
     toy Wan on its own encoder applies 34 rather than 19 of the test split's 40 edits after distractors (57 rather
-    than 64 of 80 plain edits), and the fused demo tracks 0.625 rather than 0.325 (README, the toy world)."""
+    than 64 of 80 plain edits), and the fused demo tracks 0.650 rather than 0.325 on the test split
+    (a second stage-2 seed: 0.625; README, the toy world)."""
     dit_copy_heads: float = 0.0
     """Toy Wan only: start one self-attention head per block as a copy head (fusion.toyworld.pretrain.init_copy_heads)
     with this query/key RMSNorm gain; 0: off."""
