@@ -945,6 +945,9 @@ class MakeToyConfig:
     toy Wan on its own encoder applies 34 rather than 19 of the test split's 40 edits after distractors (57 rather
     than 64 of 80 plain edits), and the fused demo tracks 0.650 rather than 0.325 on the test split
     (a second stage-2 seed: 0.625; README, the toy world)."""
+    dit_p_edit: float = 0.5
+    """Share of the toy DiTs' pretraining items that are edits of a condition frame (the rest text-to-image);
+    families without condition frames draw text-to-image only."""
     dit_copy_heads: float = 0.0
     """Toy Wan only: start one self-attention head per block as a copy head (fusion.toyworld.pretrain.init_copy_heads)
     with this query/key RMSNorm gain; 0: off."""
@@ -961,7 +964,7 @@ class MakeToyConfig:
             raise ConfigError(f"dit_t_sampling must be uniform, logit_normal or shifted, got {self.dit_t_sampling!r}")
         if not 0 <= self.dit_p_frames < 1:
             raise ConfigError(f"dit_p_frames: {self.dit_p_frames} must be in [0, 1)")
-        for key in ("dit_p_context", "mllm_p_text"):
+        for key in ("dit_p_context", "mllm_p_text", "dit_p_edit"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ConfigError(f"{key}: {getattr(self, key)} must be in [0, 1]")
         if self.dit_t_shift <= 0:

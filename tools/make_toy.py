@@ -131,6 +131,8 @@ def main(cfg: DictConfig) -> None:
                 want["p_frames"] = cfg.dit_p_frames
             if cfg.dit_p_context:
                 want["p_context"] = cfg.dit_p_context
+            if cfg.dit_p_edit != 0.5:  # only when it differs from the share every earlier build used
+                want["p_edit"] = cfg.dit_p_edit
             if cfg.dit_t_sampling != "logit_normal":
                 want["t_sampling"] = [cfg.dit_t_sampling, cfg.dit_t_shift]
             cached(out / family, want,
@@ -139,7 +141,8 @@ def main(cfg: DictConfig) -> None:
                                                      text_layers=cfg.dit_text_layers, eval_n=cfg.dit_eval_n,
                                                      coord_freqs=cfg.dit_coord_freqs, t_sampling=cfg.dit_t_sampling,
                                                      t_shift=cfg.dit_t_shift, copy_heads=cfg.dit_copy_heads if f == "wan" else 0.0,
-                                                     p_frames=cfg.dit_p_frames, p_context=cfg.dit_p_context),
+                                                     p_frames=cfg.dit_p_frames, p_context=cfg.dit_p_context,
+                                                     p_edit=cfg.dit_p_edit),
                    dit_summary)
 
 

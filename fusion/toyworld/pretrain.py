@@ -24,7 +24,7 @@ from fusion.toyworld.scenes import random_scene, render
 
 
 #: bumped whenever a pretraining recipe changes in code, so cached parts built by an older one are rebuilt
-RECIPES = {"vae": 2, "mllm": 2, "dit": 3}
+RECIPES = {"vae": 2, "mllm": 2, "dit": 4}
 
 
 def warmup_cosine(steps: int, warmup: int, floor: float = 0.1):
@@ -413,12 +413,12 @@ def _latent_pool(gen, tokenizer, rng: random.Random, n: int, p_edit: float, prog
     if edits:
         pool["edit"] = (enc([e[1] for e in edits]), enc([e[0] for e in edits])[:, None],
                         *tok([ctx(edit_prompt(rng, src, op, tgt), True) for src, _, op, tgt in edits],
-                             [[(tgt, op in ("add", "move"))] for _, _, op, tgt in edits]))
+                             [edit_described(src, op, tgt) for src, _, op, tgt in edits]))
     for k in sorted({len(m[0]) for m in multi}):
         group = [m for m in multi if len(m[0]) == k]
         frames = enc([f for m in group for f in m[0]])
         pool[f"edit_{k}f"] = (enc([m[1] for m in group]), frames.reshape(len(group), k, *frames.shape[1:]),
-                              *tok([m[5] for m in group], [[(m[3], m[2] in ("add", "move"))] for m in group]))
+                              *tok([m[5] for m in group], [edit_described(m[0][m[4]], m[2], m[3]) for m in group]))
     bar.close()
     return pool
 
@@ -443,6 +443,16 @@ def fit_losses(gen, text, pools: dict[str, dict], n: int = 256, ts=(0.3, 0.5, 0.
                     total, count = total + loss.item() * (j - i), count + (j - i)
             out.setdefault(kind, {})[name] = round(total / count, 5)
     return out
+
+
+def edit_described(source, op: str, target) -> list[tuple]:
+    """The object an edit request names, for :func:`object_labels`: ``[(obj, position_in_text)]``. Add and
+    move name the target with its (new) place; remove names the removed object; recolour names the object
+    *as it is* ("Recolour the yellow triangle to blue." describes a yellow triangle: the new colour is its
+    own word), so the probe never asks the shape word's state to carry a colour its own words contradict."""
+    if op == "recolour":
+        return [(next(o for o in source if o.cell == target.cell), False)]
+    return [(target, op in ("add", "move"))]
 
 
 def object_labels(ids: torch.Tensor, described: list[list[tuple]], tokenizer) -> torch.Tensor:
@@ -570,7 +580,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
              "last_loss": float(np.mean(losses[-50:])), "params": sum(p.numel() for p in gen.transformer.parameters()),
              "text_encoder": type(text.encoder).__name__, "text_encoder_params": sum(p.numel() for p in text.encoder.parameters()),
              "text_length": text_length, "probe_weight": probe_weight, "coord_freqs": coord_freqs if family == "wan" else None,
-             "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads, "p_frames": frames, "p_context": p_context,
+             "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads, "p_frames": frames, "p_context": p_context, "p_edit": p_edit,
              "last_probe_loss": float(np.mean(probes[-50:])), "accuracy": acc, "fit": fit}
     gen.transformer.save_pretrained(out / "transformer")
     text.encoder.save_pretrained(out / "text_encoder")

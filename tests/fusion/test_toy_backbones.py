@@ -265,6 +265,7 @@ def test_copy_heads_start_reading_the_condition_frame_at_the_same_cell():
                                              ("dit_t_sampling", "cosine", "dit_t_sampling"), ("dit_t_shift", 0.0, "dit_t_shift"),
                                              ("dit_copy_heads", -1.0, "dit_copy_heads"), ("dit_p_frames", 1.0, "dit_p_frames"),
                                              ("dit_p_context", 1.5, "dit_p_context"), ("mllm_p_text", -0.1, "mllm_p_text"),
+                                             ("dit_p_edit", 1.2, "dit_p_edit"),
                                              ("mllm_rope_theta", 1.0, "mllm_rope_theta")])
 def test_make_toy_refuses_impossible_settings_naming_the_key(field, value, key):
     from fusion.config import MakeToyConfig
@@ -402,5 +403,31 @@ def test_requests_in_context_keep_the_request_and_name_no_extra_shape():
 
 def test_toy_dit_pretrains_on_requests_in_context_and_scores_edits_in_context(tmp_path, toy_vae):
     stats = pretrain_dit("wan", tmp_path / "wan", toy_vae, steps=2, batch=4, pool_size=16, eval_n=4, text_length=48, progress=False,
-                         coord_freqs=1, p_context=0.5)
+                         coord_freqs=1, p_context=0.5, p_edit=0.75)
     assert stats["p_context"] == 0.5 and 0.0 <= stats["accuracy"]["edit_in_context"] <= 1.0
+    assert stats["p_edit"] == 0.75
+
+
+def test_object_probe_labels_an_edit_with_the_object_its_words_name():
+    """Recolour names the object as it is ("Recolour the yellow triangle to blue." -> a yellow triangle, no
+    place); add and move name the target at its new place; remove the removed object, no place."""
+    from fusion.toyworld.pretrain import edit_described, object_labels
+    from fusion.toyworld.scenes import COLOURS, SHAPES
+
+    tok = toy_tokenizer(48)
+    rng = random.Random(3)
+    seen = set()
+    for _ in range(300):
+        src, _, op, tgt = dit_batch(rng, 1, 1.0)[1][0]
+        request = edit_prompt(rng, src, op, tgt)
+        ids = tok([request], padding="max_length", max_length=48, truncation=True, return_tensors="pt").input_ids
+        labels = object_labels(ids, [edit_described(src, op, tgt)], tok)[0]
+        at = labels[(labels[:, 0] >= 0)]
+        assert len(at) == 1, request  # one shape word per edit request, labelled once
+        shape, colour, row, col = at[0].tolist()
+        named = next(o for o in src if o.cell == tgt.cell) if op == "recolour" else tgt
+        assert (SHAPES[shape], COLOURS[colour]) == (named.shape, named.colour), request
+        assert f"{COLOURS[colour]} {SHAPES[shape]}" in request.lower()  # the words the label stands for
+        assert ((row, col) == (tgt.row, tgt.col)) if op in ("add", "move") else ((row, col) == (-100, -100)), request
+        seen.add(op)
+    assert seen == set(OPS)
