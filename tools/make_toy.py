@@ -131,8 +131,7 @@ def main(cfg: DictConfig) -> None:
                 want["p_frames"] = cfg.dit_p_frames
             if cfg.dit_p_context:
                 want["p_context"] = cfg.dit_p_context
-            if cfg.dit_p_edit != 0.5:  # only when it differs from the share every earlier build used
-                want["p_edit"] = cfg.dit_p_edit
+            want["p_edit"] = cfg.dit_p_edit
             if cfg.dit_t_sampling != "logit_normal":
                 want["t_sampling"] = [cfg.dit_t_sampling, cfg.dit_t_shift]
             cached(out / family, want,

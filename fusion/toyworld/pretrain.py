@@ -510,7 +510,7 @@ def _frac(xs: list) -> float:
 
 
 def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int = 3000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
-                 text_dim: int = 64, p_edit: float = 0.5, p_drop_text: float = 0.1, layers: int = 4, pool_size: int = 4096,
+                 text_dim: int = 64, p_edit: float = 0.7, p_drop_text: float = 0.1, layers: int = 4, pool_size: int = 4096,
                  text_layers: int = 2, text_length: int = TEXT_LENGTH, eval_n: int = 32, probe_weight: float = 0.1,
                  fit_n: int = 256, coord_freqs: int = 0, t_sampling: str = "shifted", t_shift: float = 3.0, copy_heads: float = 0.0,
                  p_frames: float = 0.0, p_context: float = 0.0, progress: bool = True) -> dict:
