@@ -154,6 +154,11 @@ def scene_prompt(rng: random.Random, scene) -> str:
     return p + (" " + rng.choice(cv.DRAW_REPLY) if rng.random() < 0.5 else "")
 
 
+def recoloured(source, target):
+    """The object of ``source`` a recolour to ``target`` changes (the one in its cell), as it was."""
+    return next(o for o in source if o.cell == target.cell)
+
+
 def edit_prompt(rng: random.Random, source, op: str, target) -> str:
     """An edit request as the toy world phrases it (``target``: the object after the edit)."""
     from fusion.toyworld import conversations as cv
@@ -163,8 +168,7 @@ def edit_prompt(rng: random.Random, source, op: str, target) -> str:
     elif op == "remove":
         p = rng.choice(cv.REMOVE).format(obj=cv.ref(target))
     elif op == "recolour":
-        old = next(o for o in source if o.cell == target.cell)
-        p = rng.choice(cv.RECOLOUR).format(obj=cv.ref(old), colour=target.colour)
+        p = rng.choice(cv.RECOLOUR).format(obj=cv.ref(recoloured(source, target)), colour=target.colour)
     else:
         old = next(o for o in source if (o.shape, o.colour) == (target.shape, target.colour))
         p = rng.choice(cv.MOVE).format(obj=cv.ref(old), where=target.where)
@@ -451,7 +455,7 @@ def edit_described(source, op: str, target) -> list[tuple]:
     *as it is* ("Recolour the yellow triangle to blue." describes a yellow triangle: the new colour is its
     own word), so the probe never asks the shape word's state to carry a colour its own words contradict."""
     if op == "recolour":
-        return [(next(o for o in source if o.cell == target.cell), False)]
+        return [(recoloured(source, target), False)]
     return [(target, op in ("add", "move"))]
 
 
