@@ -374,6 +374,12 @@ class StageConfig:
     """align: what a dropped text condition becomes: null (zeros) or duogen (context without its final text chunk)."""
     include_bov: bool = True
     """align: whether the context given to the connector ends with <|bov|>."""
+    connector_span: str = "all"
+    """align: which context tokens the connector reads and hands the DiT: all (the whole conversation so far) or
+    since_image (the tokens after the context's last image: the request, e.g. the user's edit and the assistant's
+    words before <|bov|>; the whole context for a first drawing). The MLLM still reads everything (its states
+    carry the history); only the connector's window shrinks. Per-token connectors only (not queries /
+    multiscale_queries); not with text_dropout_form=duogen (its negative ends at the last image: nothing is left)."""
     target_image: str = "last"
     """align: which assistant image of a sample is the target: last or random."""
     image_size: int | None = None
@@ -447,6 +453,11 @@ class StageConfig:
                 raise ConfigError(f"stage.{key} must be in [0, 1], got {getattr(self, key)}")
         if self.text_dropout_form not in ("null", "duogen"):
             raise ConfigError(f"stage.text_dropout_form must be null or duogen, got {self.text_dropout_form!r}")
+        if self.connector_span not in ("all", "since_image"):
+            raise ConfigError(f"stage.connector_span must be all or since_image, got {self.connector_span!r}")
+        if self.connector_span == "since_image" and self.text_dropout_form == "duogen":
+            raise ConfigError("stage.connector_span=since_image cannot take text_dropout_form=duogen: the DuoGen negative "
+                              "is the context up to the last image, where the connector's window holds no token (use null)")
         if self.target_image not in ("last", "random"):
             raise ConfigError(f"stage.target_image must be last or random, got {self.target_image!r}")
         unknown = set(self.lr_scale) - {"mllm", "vision_tower", "connector", "generator", "frame_selector"}

@@ -270,8 +270,9 @@ class Chat:
 
     # ------------------------------------------------------------------ drawing
     def _connector_states(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.state.hidden_states()[None, :, :length]
-        out = self.model.connector(hidden, torch.ones(1, length, dtype=torch.long, device=hidden.device))
+        start = self.model.connector_start(self.state.ids[:length])  # stage.connector_span
+        hidden = self.state.hidden_states()[None, :, start:length]
+        out = self.model.connector(hidden, torch.ones(1, length - start, dtype=torch.long, device=hidden.device))
         return out.states, out.mask
 
     def _frames_for(self, ctx: int) -> list[int]:
@@ -301,6 +302,10 @@ class Chat:
         vision_end = self.mllm.vision_end_id
         neg_len = max((i + 1 for i in range(ctx) if ids[i] == vision_end), default=0)
         if self.negative == "duogen" and neg_len > 0 and not m.connector.uses_queries:
+            if m.connector_start(ids[:neg_len]) >= neg_len:
+                raise ConfigError("negative=duogen: this model's connector reads only the tokens after the last image "
+                                  "(stage.connector_span=since_image), and the DuoGen negative ends at that image: it holds "
+                                  "no token (use negative=auto or null)")
             neg_states, neg_mask = self._connector_states(neg_len)
         else:
             neg_states, neg_mask, neg_len = torch.zeros_like(states), mask, 0

@@ -156,6 +156,9 @@ class FusedModel(nn.Module):
 
             side = settings.get("image_size") or generator.image_size
             settings["buckets"] = [list(b) for b in resolve(_to_container(cfg.data.buckets), generator, side)]
+        if settings.get("connector_span", "all") != "all" and getattr(connector, "uses_queries", False):
+            raise ConfigError(f"stage.connector_span={settings['connector_span']} chooses the context tokens a per-token connector "
+                              f"reads; connector={cfg.connector._target_.rsplit('.', 1)[-1]} reads query states only (use all)")
         selector = None
         if settings.get("frame_select") == "learned" and connector is not None:
             from fusion.frames import FrameSelector
@@ -372,6 +375,14 @@ class FusedModel(nn.Module):
         buckets = self.settings.get("buckets")
         return nearest([tuple(b) for b in buckets], height, width) if buckets else self.square_size
 
+    def connector_start(self, ids: torch.Tensor | list[int]) -> int:
+        """Where the connector's window starts in a context (``stage.connector_span``): 0 for ``all``, the token
+        after the context's last image for ``since_image`` (0 when it shows none)."""
+        if self.settings.get("connector_span", "all") != "since_image":
+            return 0
+        ends = (torch.as_tensor(ids) == self.mllm.vision_end_id).nonzero().flatten()
+        return int(ends[-1]) + 1 if len(ends) else 0
+
     def context_states(self, ctx_ids: torch.Tensor, pixel_values=None, grids=None):
         """Connector output for one context: (states [1, T, text_dim], mask [1, T], query_hidden or None)."""
         mllm, dev = self.mllm, self.mllm.device
@@ -392,7 +403,8 @@ class FusedModel(nn.Module):
         grad = any(p.requires_grad for p in mllm.parameters())
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             hidden = mllm(ids, pixel_values=pv, image_grid_thw=grids, compute_logits=False)["hidden"]
-        out = self.connector(hidden, torch.ones(ids.shape, dtype=torch.long, device=dev))
+        hidden = hidden[:, :, self.connector_start(ctx_ids):]
+        out = self.connector(hidden, torch.ones(hidden.shape[0], hidden.shape[2], dtype=torch.long, device=dev))
         return out.states, out.mask, None
 
     def _on_mllm(self, inputs: dict[str, Any]) -> dict[str, Any]:
@@ -445,7 +457,7 @@ class FusedModel(nn.Module):
             return out.states, out.mask, query_hidden
         if sample.ctx_hidden is not None:
             hidden = sample.ctx_hidden[:, :length] if length is not None else sample.ctx_hidden
-            hidden = hidden[None].to(self.generator.device, self.connector_dtype)
+            hidden = hidden[None, :, self.connector_start(sample.ctx_ids[: hidden.shape[1]]):].to(self.generator.device, self.connector_dtype)
             out = self.connector(hidden, torch.ones(hidden.shape[0], hidden.shape[2], dtype=torch.long, device=hidden.device))
             return out.states, out.mask, None
         if length is None:
@@ -516,7 +528,8 @@ class FusedModel(nn.Module):
         if not per_token(self.connector):
             raise ConfigError("stage.distill_target=aligned needs a per-token connector (last_mlp, layer_mix, multilayer_concat): "
                               f"{type(self.connector).__name__} does not emit one state per context token (use distill_target=set)")
-        if sample.ctx_ids is None or len(sample.ctx_ids) != length:
+        start = self.connector_start(sample.ctx_ids) if sample.ctx_ids is not None else 0
+        if sample.ctx_ids is None or len(sample.ctx_ids) - start != length:
             raise ConfigError(f"{sample.where}: stage.distill_target=aligned needs the context's token ids "
                               "(a feature cache written before format 2 has none: rebuild it with cache=build)")
         memo = self.__dict__.setdefault("_alignment_memo", {})
@@ -528,7 +541,8 @@ class FusedModel(nn.Module):
             memo[key] = align_request(pieces, sample.request, self.teacher.tokenizer, start=sample.neg_len,
                                       max_length=self.teacher.max_length).positions
         real_states = t_states[0][t_mask[0].bool()]
-        return aligned_target(real_states.float(), memo[key], length)
+        target, real = aligned_target(real_states.float(), memo[key], len(sample.ctx_ids))
+        return target[start:], real[start:]  # (connector_span=since_image: the request's tokens are all after start)
 
     def align_loss(self, samples: list[AlignSample], generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Stage-2 loss averaged over samples: flow matching on the target (+ alignment loss)

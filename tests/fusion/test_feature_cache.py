@@ -46,6 +46,9 @@ def cache(tiny_dir, convs, tmp_path_factory, mllm_family):
     ["stage.batching=none", "stage.p_drop_text=1.0", "stage.text_dropout_form=duogen"],
     ["stage.distill_steps=1", "stage.distill_target=aligned", "connector.refiner_layers=1"],  # reads the cached ids
     ["stage.frame_select=learned"],  # the frame head reads the cached states and finds the images in the cached ids
+    # the connector's window after the last image: cut from the cached states as from the MLLM's (packed or one by one)
+    ["stage.connector_span=since_image", "stage.distill_steps=1", "stage.distill_target=aligned", "connector.refiner_layers=1"],
+    ["stage.connector_span=since_image", "stage.batching=none", "stage.frame_select=learned"],
 ])
 def test_cached_and_uncached_give_the_same_loss(tiny_dir, convs, cache, extra, mllm_family):
     model, cfg = build_model(tiny_dir, *extra, family=mllm_family)
