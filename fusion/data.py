@@ -12,6 +12,7 @@ against ``image_root`` (default: the folder of the JSONL file). Every problem ra
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -55,6 +56,26 @@ class Conversation:
             for item in m["content"]
             if item["type"] == "image"
         ]
+
+    def until_image(self, k: int) -> "Conversation":
+        """The conversation cut just after image ``k`` (0-based, conversation order): every message before
+        it, and its own message up to and including the image (later text and images of that message
+        dropped). Its last image is then ``k``: a stage-2 sample of it targets that image (teacher forcing)."""
+        out, seen = [], 0
+        for m in self.messages:
+            if not isinstance(m["content"], list):
+                out.append(m)
+                continue
+            items = []
+            for item in m["content"]:
+                items.append(item)
+                if item["type"] == "image":
+                    if seen == k:
+                        out.append({**m, "content": items})
+                        return Conversation(copy.deepcopy(out), self.source, self.line)
+                    seen += 1
+            out.append(m)
+        raise IndexError(f"{self.where}: conversation has {seen} images, no image {k}")
 
     def text_before_image(self, k: int) -> str:
         """The request an image answers: the text of every turn (user and assistant, system excluded)

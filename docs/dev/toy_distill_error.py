@@ -11,7 +11,6 @@ Run as: python docs/dev/toy_distill_error.py outputs/demo/align/final [checkpoin
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from collections import defaultdict
@@ -20,7 +19,7 @@ from dataclasses import replace
 import torch
 
 from backbones.generator.text_encoder import TextEncoder
-from fusion.data import Conversation, load_images, read_jsonl
+from fusion.data import load_images, read_jsonl
 from fusion.distill import context_pieces
 from fusion.model import FusedModel
 from fusion.toyworld.scenes import COLOURS, SHAPES
@@ -31,21 +30,6 @@ limit = int(sys.argv[3]) if len(sys.argv) > 3 else 10**9
 model.set_teacher(TextEncoder.from_pretrained(model.generator_source, device=model.generator.device))
 model.settings["target_image"] = "last"
 
-
-def cut_at(conv: Conversation, k: int) -> Conversation:
-    """The conversation up to and including image ``k`` (its last image)."""
-    out, seen = [], 0
-    for m in conv.messages:
-        items = []
-        for x in m["content"]:
-            items.append(x)
-            if x["type"] == "image":
-                if seen == k:
-                    out.append({**m, "content": items})
-                    return Conversation(copy.deepcopy(out), conv.source, conv.line)
-                seen += 1
-        out.append(m)
-    raise IndexError(k)
 
 
 def role_of(word: str, edit: dict | None) -> str:
@@ -76,7 +60,7 @@ with torch.no_grad():
             else:
                 group = f"{kind} drawing"
             # the request from the whole conversation: a turn that draws several images gives each its own words
-            sample = replace(model.prepare_align_sample(load_images(cut_at(conv, k))), request=conv.text_before_image(k))
+            sample = replace(model.prepare_align_sample(load_images(conv.until_image(k))), request=conv.text_before_image(k))
             states, mask, _ = model.sample_states(sample)
             t_states, t_mask = model._teacher_states(sample.request)
             target, real = model.aligned_teacher(sample, t_states, t_mask, states.shape[1])

@@ -10,7 +10,6 @@ Run as: python docs/dev/toy_fused_on_turns.py outputs/demo/align/final [checkpoi
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 from collections import defaultdict
@@ -18,7 +17,7 @@ from collections import defaultdict
 import torch
 
 from backbones.generator.base import to_pil
-from fusion.data import Conversation, load_images, read_jsonl
+from fusion.data import load_images, read_jsonl
 from fusion.model import FusedModel
 from fusion.toyworld.reader import read_scene
 from fusion.toyworld.scenes import scene_from_dicts
@@ -28,21 +27,6 @@ split = sys.argv[2] if len(sys.argv) > 2 else "checkpoints/toy/toyworld/test.jso
 model.settings["target_image"] = "last"
 gen = model.generator
 
-
-def cut_at(conv: Conversation, k: int) -> Conversation:
-    """The conversation up to and including image ``k`` (its last image)."""
-    out, seen = [], 0
-    for m in conv.messages:
-        items = []
-        for x in m["content"]:
-            items.append(x)
-            if x["type"] == "image":
-                if seen == k:
-                    out.append({**m, "content": items})
-                    return Conversation(copy.deepcopy(out), conv.source, conv.line)
-                seen += 1
-        out.append(m)
-    raise IndexError(k)
 
 
 hits, picks = defaultdict(list), defaultdict(lambda: defaultdict(int))
@@ -61,7 +45,7 @@ with torch.no_grad():
                 group, want = f"{kind} edit ({turn['edit']['op']})", (0 if turn.get("refers_back") or kind == "edit_user" else k - 1)
             else:
                 group, want = f"{kind} drawing", None
-            sample = model.prepare_align_sample(load_images(cut_at(conv, k)))
+            sample = model.prepare_align_sample(load_images(conv.until_image(k)))
             states, mask, _ = model.sample_states(sample)
             neg, neg_mask = model.negative_states(sample, states, mask)
             idx = [] if sample.cond is None else model.frame_indices(sample.cond.shape[0], sample.ctx_ids,

@@ -44,6 +44,12 @@ def test_text_before_image_is_the_chunk_since_the_previous_image(tmp_path):
     assert conv.text_before_image(2) == "Make the circle blue. Done."
     with pytest.raises(IndexError, match="3 images"):
         conv.text_before_image(3)
+    cut = conv.until_image(1)  # cut just after the user's image: its own message keeps only what comes before it
+    assert [r for r, _ in cut.image_items()] == ["assistant", "user"] and cut.messages[0] == conv.messages[0]
+    assert cut.messages[-1]["content"] == [img("b")] and len(conv.messages[-2]["content"]) == 2  # the original is untouched
+    assert conv.until_image(2).messages == conv.messages
+    with pytest.raises(IndexError, match="3 images, no image 3"):
+        conv.until_image(3)
 
 
 def test_text_before_image_in_a_turn_of_several_images_is_each_images_own_words(tmp_path):
