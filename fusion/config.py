@@ -1040,13 +1040,14 @@ class DemoConfig:
     align_overrides: list[str] = field(default_factory=list)
     """Extra overrides for stage 2 (tools/train.py experiment=toy_align)."""
     connector_overrides: dict[str, list[str]] = field(default_factory=lambda: {
-        "queries": ["stage.distill_target=set", "stage.frame_select=all"],
-        "multiscale_queries": ["stage.distill_target=set", "stage.frame_select=all"],
+        "queries": ["stage.distill_target=set", "stage.frame_select=all", "stage.connector_span=all"],
+        "multiscale_queries": ["stage.distill_target=set", "stage.frame_select=all", "stage.connector_span=all"],
         "resampler": ["stage.distill_target=set"]})
     """Stage-2 overrides by connector, after align_overrides: toy_align's aligned distillation needs one state per
     context token, so the connectors with a fixed number of tokens distil onto the teacher's states as a set; its
     learned frame head reads the MLLM's states of the context's images, which query connectors do not keep, so
-    they hand the DiT every earlier image (their tracking rows are not comparable with the others')."""
+    they hand the DiT every earlier image (their tracking rows are not comparable with the others'), and they read
+    their queries rather than a window of the context (connector_span=all; the resampler attends to the window)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     """tools/ablate.py: stage-2 seeds per connector (stage.seed and data.seed); differences are judged against the spread between seeds."""
     reuse: bool = True

@@ -134,6 +134,9 @@ def test_toy_align_with_each_ablated_connector_composes_and_its_distillation_fit
     extra = OmegaConf.to_object(_compose("ablate")).connector_overrides.get(connector, [])
     cfg = _compose("config", ["experiment=toy_align", f"connector={connector}", *extra])
     validate(cfg)
-    assert cfg.connector.refiner_layers == 2
+    assert cfg.connector.refiner_layers == 4
     conn = instantiate(cfg.connector, mllm_dim=32, text_dim=32, num_mllm_layers=2, dit_dim=32)
     assert (cfg.stage.distill_target == "aligned") == per_token(conn), (connector, cfg.stage.distill_target)
+    # the window after the last image for every connector that reads the context's states (FusedModel.build refuses it
+    # to query connectors)
+    assert (cfg.stage.connector_span == "since_image") == (not getattr(conn, "uses_queries", False)), connector
