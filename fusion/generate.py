@@ -302,7 +302,7 @@ class Chat:
         vision_end = self.mllm.vision_end_id
         neg_len = max((i + 1 for i in range(ctx) if ids[i] == vision_end), default=0)
         if self.negative == "duogen" and neg_len > 0 and not m.connector.uses_queries:
-            if m.connector_start(ids[:neg_len]) >= neg_len:
+            if m.settings.get("connector_span", "all") == "since_image":
                 raise ConfigError("negative=duogen: this model's connector reads only the tokens after the last image "
                                   "(stage.connector_span=since_image), and the DuoGen negative ends at that image: it holds "
                                   "no token (use negative=auto or null)")

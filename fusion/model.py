@@ -380,8 +380,8 @@ class FusedModel(nn.Module):
         after the context's last image for ``since_image`` (0 when it shows none)."""
         if self.settings.get("connector_span", "all") != "since_image":
             return 0
-        ends = (torch.as_tensor(ids) == self.mllm.vision_end_id).nonzero().flatten()
-        return int(ends[-1]) + 1 if len(ends) else 0
+        spans = self.image_spans(torch.as_tensor(ids))
+        return spans[-1][1] + 1 if spans else 0
 
     def context_states(self, ctx_ids: torch.Tensor, pixel_values=None, grids=None):
         """Connector output for one context: (states [1, T, text_dim], mask [1, T], query_hidden or None)."""
