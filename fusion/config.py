@@ -861,6 +861,8 @@ class EvaluateConfig:
     """DiT sampler steps."""
     guidance: float = 3.0
     """Text guidance scale."""
+    image_guidance: float = 1.0
+    """Condition-frame guidance scale (1: off; > 1 adds a pass without the earlier images, see FlowGenerator.sample)."""
     max_new_tokens: int = 64
     """Text tokens per assistant turn."""
     transcripts: int = 3

@@ -40,6 +40,14 @@ def test_primary_configs_compose(name):
 
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_group_option_composes(group, option):
+    if group == "experiment_connector":  # <experiment>_<connector>: picked by those two choices, not by name
+        experiment = next(e.stem for e in (CONF / "experiment").glob("*.yaml") if option.startswith(e.stem + "_"))
+        connector = option[len(experiment) + 1:]
+        cfg = _compose("config", [f"experiment={experiment}", f"connector={connector}", "data.path=x.jsonl"])
+        validate(cfg)
+        for k, v in OmegaConf.load(CONF / group / f"{option}.yaml").items():
+            assert cfg.connector[k] == v, (option, k)
+        return
     overrides = [f"{group}={option}"]
     if group in ("data", "experiment"):
         overrides.append("data.path=x.jsonl")  # data/jsonl.yaml (and experiments at real scale) leave the path to the user
@@ -135,6 +143,8 @@ def test_toy_align_with_each_ablated_connector_composes_and_its_distillation_fit
     cfg = _compose("config", ["experiment=toy_align", f"connector={connector}", *extra])
     validate(cfg)
     assert cfg.connector.refiner_layers == 4
+    # conf/experiment_connector/toy_align_multilayer_concat.yaml: the connector the demo trains reads 3 neighbours
+    assert cfg.connector.get("window", 1) == (3 if connector == "multilayer_concat" else 1), connector
     conn = instantiate(cfg.connector, mllm_dim=32, text_dim=32, num_mllm_layers=2, dit_dim=32)
     assert (cfg.stage.distill_target == "aligned") == per_token(conn), (connector, cfg.stage.distill_target)
     # the window after the last image for every connector that reads the context's states (FusedModel.build refuses it

@@ -64,9 +64,10 @@ def main(cfg: DictConfig) -> None:
         if not path.is_file():
             raise DataError(f"no {cfg.split} split here (make it with python tools/make_toy.py, or pass seed=N for a fresh one)", str(path))
     model = FusedModel.from_pretrained(cfg.model, device=cfg.device)
-    settings = GenerationSettings(steps=cfg.steps, guidance=cfg.guidance, max_new_tokens=cfg.max_new_tokens)
+    settings = GenerationSettings(steps=cfg.steps, guidance=cfg.guidance, image_guidance=cfg.image_guidance, max_new_tokens=cfg.max_new_tokens)
     report = evaluate_split(model, path, cfg.n, settings, out / "transcripts", cfg.transcripts)
     report["model"], report["data"] = cfg.model, str(path)
+    report["settings"] = {"steps": cfg.steps, "guidance": cfg.guidance, "image_guidance": cfg.image_guidance}
     report["negative"] = resolve_negative(settings.negative, model.trained_negative)  # negative=auto: what stage 2 trained with
     if cfg.gain_samples:
         gain = report["conditioning_gain"] = measure_gain(model, path, cfg.gain_samples)

@@ -303,10 +303,11 @@ def test_make_toy_writes_three_splits(tmp_path):
 
 def test_evaluate_on_a_fresh_split_reports_every_metric(fused_dir, tmp_path):
     p = run("evaluate.py", f"model={fused_dir}", "seed=5", "fresh_n=6", "steps=1", "max_new_tokens=6", "transcripts=1",
-            f"hydra.run.dir={tmp_path}")
+            "image_guidance=1.5", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((tmp_path / "report.json").read_text())
     assert r["conversations"] == 6
+    assert r["settings"] == {"steps": 1, "guidance": 3.0, "image_guidance": 1.5}  # what drew the figures, in the report
     for k in ("trigger_precision", "trigger_recall", "trigger_f1", "exact_scene", "attr_shape", "attr_colour", "attr_position",
               "attr_count", "text_answer"):
         assert 0.0 <= r[k] <= 1.0, k
