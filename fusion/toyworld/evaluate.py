@@ -9,7 +9,10 @@ Per assistant turn the model's output is (images drawn, text). Metrics (all in [
   ``t2i_2obj``, ``t2i_3obj``...: compare sets by count, their mixes differ);
 * ``attr_shape`` / ``attr_colour`` / ``attr_position`` / ``attr_count``: per ground-truth
   object (matched by cell) and per image (count);
-* ``edit_applied`` / ``edit_preserved`` and per operation (``edit_<op>_applied``...);
+* ``edit_applied`` / ``edit_preserved`` and per operation (``edit_<op>_applied``...), both against the
+  ground truth of the image edited; ``edit_source_right``: that image, where the model drew it
+  itself, was drawn exactly (a user's image always is), and ``edit_preserved_source_right``: the
+  preservation of those edits alone (so a wrong earlier drawing and a careless edit are told apart);
 * ``tracking``: exact scene of the edit that refers back to an image before distractors; split by
   what the generator was handed (``tracking_one_earlier``: that image was the only earlier one, a
   plain edit; ``tracking_several_earlier``: other drawings came after it, so the DiT must pick the
@@ -50,6 +53,7 @@ class Scorer:
     def score(self, meta: dict, outputs: list[TurnOutput]) -> None:
         kind = meta["kind"]
         earlier = 0  # images due before this turn (the condition frames of a model that drew them all)
+        drawn: list[tuple] = []  # (ground truth, read back) of every image the model drew so far
         for turn, out in zip(meta["turns"], outputs):
             due = [scene_from_dicts(s) for s in turn["images"]]
             self.tp += min(len(due), len(out.images))
@@ -59,10 +63,11 @@ class Scorer:
                 pred = read_scene(out.images[i]) if i < len(out.images) else None
                 self._image(kind, gt, pred)
                 if "edit" in turn and i == len(due) - 1:
-                    self._edit(turn["edit"], gt, pred)
+                    self._edit(turn["edit"], gt, pred, self._source_right(turn["edit"], drawn))
                     if turn.get("refers_back"):
                         self.add("tracking", pred == gt)
                         self.add("tracking_one_earlier" if earlier == 1 else "tracking_several_earlier", pred == gt)
+                drawn.append((gt, pred))
             earlier += len(due)
             if turn.get("answer") is not None:
                 words = re.findall(r"[a-z]+", out.text.lower())
@@ -85,7 +90,15 @@ class Scorer:
             self.add("attr_shape", p is not None and p.shape == o.shape)
             self.add("attr_colour", p is not None and p.colour == o.colour)
 
-    def _edit(self, edit: dict, gt, pred) -> None:
+    @staticmethod
+    def _source_right(edit: dict, drawn: list[tuple]) -> bool:
+        """Whether the image an edit works on was in context as it should be: the model's latest drawing of the
+        edit's source scene read back exactly; True if the model did not draw it (the user's image)."""
+        source = scene_from_dicts(edit["source"])
+        mine = [pred for gt, pred in drawn if gt == source]
+        return not mine or mine[-1] == source
+
+    def _edit(self, edit: dict, gt, pred, source_right: bool = True) -> None:
         op = edit["op"]
         target = Obj(**edit["target"])
         source = scene_from_dicts(edit["source"])
@@ -96,6 +109,9 @@ class Scorer:
         for key in ("edit", f"edit_{op}"):
             self.add(f"{key}_applied", applied)
             self.add(f"{key}_preserved", preserved)
+        self.add("edit_source_right", source_right)
+        if source_right:
+            self.add("edit_preserved_source_right", preserved)
 
     def report(self) -> dict[str, float]:
         p = self.tp / (self.tp + self.fp) if self.tp + self.fp else 0.0

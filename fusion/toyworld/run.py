@@ -53,7 +53,7 @@ def evaluate_split(model, path: str | Path, n: int | None = None, settings: Gene
 
 
 def format_table(report: dict, keys: tuple[str, ...] = ("trigger_f1", "exact_scene", "t2i_1obj", "t2i_multi", "edit_applied",
-                                                     "edit_preserved", "edit_move_applied", "tracking", "text_answer", "gain@0.7",
+                                                     "edit_preserved", "edit_preserved_source_right", "edit_move_applied", "tracking", "text_answer", "gain@0.7",
                                                      "reference_gain@0.7", "gain_ratio@0.7", "gain@0.9", "reference_gain@0.9",
                                                      "gain_ratio@0.9")) -> str:
     rows = ["| metric | value | n |", "|---|---|---|"]

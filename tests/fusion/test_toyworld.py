@@ -173,3 +173,40 @@ def test_scorer_splits_text_to_image_by_object_count():
     r = sc.report()
     assert r["t2i_1obj"] == 1.0 and r["t2i_2obj"] == 1.0 and r["t2i_3obj"] == 0.0
     assert r["t2i_multi"] == pytest.approx(2 / 3) and r["n"]["t2i_3obj"] == 1 and r["n"]["t2i_2obj"] == 2
+
+
+def test_edit_preservation_is_also_reported_where_the_edited_image_was_drawn_right(world):
+    """A model that draws a stray object into its first picture and then edits that picture faithfully (the stray
+    object kept): edit_preserved counts its edits against the true source and fails them; edit_preserved_source_right
+    judges only the edits whose image was in context as it should be (here the user's images)."""
+    from fusion.toyworld.scenes import Obj, make_scene
+
+    root, paths = world
+    metas = [json.loads(line)["meta"] for line in paths["test"].read_text().splitlines()]
+    sc = Scorer()
+    user = generated = 0
+    for m in metas:
+        if m["kind"] not in ("edit_user", "edit_generated", "distractor"):
+            continue
+        outs = perfect_outputs(m)
+        if m["kind"] == "edit_user":
+            user += 1
+        else:
+            generated += 1
+            edit = m["turns"][-1]["edit"]
+            src, edited = scene_from_dicts(edit["source"]), scene_from_dicts(m["turns"][-1]["images"][-1])
+            free = next((r, c) for r in range(3) for c in range(3) if all(o.cell != (r, c) for o in (*src, *edited)))
+            stray = Obj("circle", "red", *free)
+            outs[0].images[0] = render(make_scene([*src, stray]))  # the edit's source, drawn with a stray object
+            outs[-1].images[-1] = render(make_scene([*edited, stray]))  # the edit applied to what was drawn
+        sc.score(m, outs)
+    r = sc.report()
+    assert user and generated
+    assert r["n"]["edit_source_right"] == user + generated and r["edit_source_right"] == user / (user + generated)
+    assert r["n"]["edit_preserved_source_right"] == user and r["edit_preserved_source_right"] == 1.0
+    assert r["edit_preserved"] == user / (user + generated)  # against the true source: the stray object fails them
+
+    perfect = Scorer()
+    for m in metas:
+        perfect.score(m, perfect_outputs(m))
+    assert perfect.report()["edit_source_right"] == 1.0 == perfect.report()["edit_preserved_source_right"]
