@@ -2,7 +2,9 @@
 (``fusion.toyworld.pretrain.dit_accuracy``: text-to-image, edits by operation, preservation, edits in
 context) with more held-out items and other sampler settings. Not part of the toolkit.
 
-Run as: python docs/dev/toy_dit_accuracy.py checkpoints/toy/wan [n=128] [steps:guidance ...]   (default 20:3)
+Run as: python docs/dev/toy_dit_accuracy.py checkpoints/toy/wan [n=128] [text=<folder>] [steps:guidance ...]   (default 20:3)
+    text=: the folder whose text_encoder/ and tokenizer/ to use (default: the DiT's own), e.g. a fused model's
+    stage-2 DiT through its teacher: outputs/demo/align/final/generator text=checkpoints/toy/wan
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from fusion.toyworld.pretrain import dit_accuracy, load_toy_generator
 
 root, rest = sys.argv[1], sys.argv[2:]
 n = int(rest.pop(0).removeprefix("n=")) if rest and rest[0].startswith("n=") else 128
-gen, text = load_toy_generator("wan", root), TextEncoder.from_pretrained(root)
+text_root = rest.pop(0).removeprefix("text=") if rest and rest[0].startswith("text=") else root
+gen, text = load_toy_generator("wan", root), TextEncoder.from_pretrained(text_root)
 gen.transformer.eval()
 text.encoder.eval()
 for spec in rest or ["20:3"]:
