@@ -963,6 +963,9 @@ class MakeToyConfig:
     families without condition frames draw text-to-image only. 0.7 rather than 0.5: the toy Wan's own encoder
     (128 held-out edits each) applies 0.828 rather than 0.797 and preserves 0.836 rather than 0.805, text-to-image
     0.977 vs 0.984 (README, the toy world)."""
+    dit_p_recolour: float = 0.0
+    """Share of the toy DiTs' pretraining edits that are recolours (the rest the other operations the scene allows,
+    alike); 0: every operation the scene allows alike (recolours about 28%)."""
     dit_copy_heads: float = 0.0
     """Toy Wan only: start one self-attention head per block as a copy head (fusion.toyworld.pretrain.init_copy_heads)
     with this query/key RMSNorm gain; 0: off."""
@@ -979,7 +982,7 @@ class MakeToyConfig:
             raise ConfigError(f"dit_t_sampling must be uniform, logit_normal or shifted, got {self.dit_t_sampling!r}")
         if not 0 <= self.dit_p_frames < 1:
             raise ConfigError(f"dit_p_frames: {self.dit_p_frames} must be in [0, 1)")
-        for key in ("dit_p_context", "mllm_p_text", "dit_p_edit"):
+        for key in ("dit_p_context", "mllm_p_text", "dit_p_edit", "dit_p_recolour"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ConfigError(f"{key}: {getattr(self, key)} must be in [0, 1]")
         if self.dit_t_shift <= 0:

@@ -132,6 +132,8 @@ def main(cfg: DictConfig) -> None:
             if cfg.dit_p_context:
                 want["p_context"] = cfg.dit_p_context
             want["p_edit"] = cfg.dit_p_edit
+            if cfg.dit_p_recolour:
+                want["p_recolour"] = cfg.dit_p_recolour
             if cfg.dit_t_sampling != "logit_normal":
                 want["t_sampling"] = [cfg.dit_t_sampling, cfg.dit_t_shift]
             cached(out / family, want,
@@ -141,7 +143,7 @@ def main(cfg: DictConfig) -> None:
                                                      coord_freqs=cfg.dit_coord_freqs, t_sampling=cfg.dit_t_sampling,
                                                      t_shift=cfg.dit_t_shift, copy_heads=cfg.dit_copy_heads if f == "wan" else 0.0,
                                                      p_frames=cfg.dit_p_frames, p_context=cfg.dit_p_context,
-                                                     p_edit=cfg.dit_p_edit),
+                                                     p_edit=cfg.dit_p_edit, p_recolour=cfg.dit_p_recolour),
                    dit_summary)
 
 

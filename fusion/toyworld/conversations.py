@@ -84,10 +84,13 @@ class Writer:
         return {"type": "image", "image": rel}
 
 
-def random_edit(rng: random.Random, scene, held_out) -> tuple[str, object, dict]:
-    """(instruction, edited scene, edit meta) for one of move / recolour / add / remove."""
-    ops = ["recolour", "move"] + (["add"] if len(scene) < 3 else []) + (["remove"] if len(scene) > 1 else [])
-    op = rng.choice(ops)
+def random_edit(rng: random.Random, scene, held_out, op: str | None = None, exclude: tuple = ()) -> tuple[str, object, dict]:
+    """(instruction, edited scene, edit meta) for one of move / recolour / add / remove (``op``: that one; else one of
+    those the scene allows, less ``exclude``, at random)."""
+    if op is None:
+        ops = [o for o in ["recolour", "move"] + (["add"] if len(scene) < 3 else []) + (["remove"] if len(scene) > 1 else [])
+               if o not in exclude]
+        op = rng.choice(ops)
     taken = {o.cell for o in scene}
     if op == "add":
         new = random_obj(rng, taken, held_out)
@@ -119,10 +122,15 @@ def sample_scene(rng, n, held_out):
             return s
 
 
-def random_edit_scenes(rng: random.Random, held_out=frozenset()) -> tuple:
-    """(source scene, edited scene, op, target object) of a random edit (for DiT pretraining)."""
+def random_edit_scenes(rng: random.Random, held_out=frozenset(), p_recolour: float = 0.0) -> tuple:
+    """(source scene, edited scene, op, target object) of a random edit (for DiT pretraining). ``p_recolour`` > 0:
+    a recolour with that probability, else one of the other operations (0: every operation the scene allows alike)."""
     s = sample_scene(rng, rng.choice([1, 2, 2, 3]), held_out)
-    _, edited, meta = random_edit(rng, s, held_out)
+    if p_recolour > 0:
+        recolour = rng.random() < p_recolour
+        _, edited, meta = random_edit(rng, s, held_out, "recolour" if recolour else None, () if recolour else ("recolour",))
+    else:
+        _, edited, meta = random_edit(rng, s, held_out)
     return s, edited, meta["op"], Obj(**meta["target"])
 
 

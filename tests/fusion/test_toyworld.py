@@ -210,3 +210,24 @@ def test_edit_preservation_is_also_reported_where_the_edited_image_was_drawn_rig
     for m in metas:
         perfect.score(m, perfect_outputs(m))
     assert perfect.report()["edit_source_right"] == 1.0 == perfect.report()["edit_preserved_source_right"]
+
+
+def test_dit_pretraining_edits_can_weight_recolours():
+    """make_toy's dit_p_recolour: that share of the toy DiT's pretraining edits are recolours, the rest the other
+    operations; 0 keeps the world's own choice (the scenes drawn stay those of before: the same random sequence)."""
+    from collections import Counter
+
+    from fusion.config import MakeToyConfig
+    from fusion.errors import ConfigError
+    from fusion.toyworld.conversations import random_edit, random_edit_scenes, sample_scene
+    from fusion.toyworld.pretrain import dit_batch
+
+    ops = Counter(e[2] for e in dit_batch(random.Random(3), 3000, 1.0, p_recolour=0.6)[1])
+    assert abs(ops["recolour"] / 3000 - 0.6) < 0.04 and all(ops[o] > 100 for o in ("move", "add", "remove"))
+    a, b = random.Random(5), random.Random(5)
+    for _ in range(200):  # p_recolour=0 takes no extra random draw: the scenes of the toy DiTs built before stay the same
+        s = sample_scene(b, b.choice([1, 2, 2, 3]), frozenset())
+        _, edited, meta = random_edit(b, s, frozenset())
+        assert random_edit_scenes(a)[:3] == (s, edited, meta["op"])
+    with pytest.raises(ConfigError, match="dit_p_recolour"):
+        MakeToyConfig(dit_p_recolour=1.5)
