@@ -965,7 +965,8 @@ class MakeToyConfig:
     0.977 vs 0.984 (README, the toy world)."""
     dit_p_recolour: float = 0.0
     """Share of the toy DiTs' pretraining edits that are recolours (the rest the other operations the scene allows,
-    alike); 0: every operation the scene allows alike (recolours about 28%). 0.5 on the toy Wan (128 held-out edits):
+    alike; edits with several condition frames, dit_p_frames, keep the world's choice); 0: every operation the scene allows
+    alike (recolours about 29%). 0.5 on the toy Wan (128 held-out edits):
     recolour 0.850 rather than 0.800, remove 0.759 rather than 0.931, preserved 0.906 rather than 0.922 (README, the
     toy world): not the default."""
     dit_copy_heads: float = 0.0

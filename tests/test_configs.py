@@ -41,7 +41,7 @@ def test_primary_configs_compose(name):
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_group_option_composes(group, option):
     if group == "experiment_connector":  # <experiment>_<connector>: picked by those two choices, not by name
-        experiment = next(e.stem for e in (CONF / "experiment").glob("*.yaml") if option.startswith(e.stem + "_"))
+        experiment = max((e.stem for e in (CONF / "experiment").glob("*.yaml") if option.startswith(e.stem + "_")), key=len)
         connector = option[len(experiment) + 1:]
         cfg = _compose("config", [f"experiment={experiment}", f"connector={connector}", "data.path=x.jsonl"])
         validate(cfg)

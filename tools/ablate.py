@@ -20,6 +20,7 @@ A run that finished with the same stage-1 model and arguments (its run.json) is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -60,6 +61,10 @@ def main(cfg: DictConfig) -> None:
         console.print(f"stage 1: reusing {out / 'sft'}")
     stage1 = out / "sft" / "final"
     stage1_id = {"path": str(stage1), "mtime": max(f.stat().st_mtime for f in stage1.rglob("*") if f.is_file())}
+    # the yaml tree shapes every run beyond its overrides (e.g. conf/experiment_connector/): a change there reruns
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf_digest = hashlib.sha256(b"".join(f.relative_to(conf).as_posix().encode() + f.read_bytes()
+                                          for f in sorted(conf.rglob("*.yaml")))).hexdigest()
     runs: dict[str, list[dict]] = {}
     for name in cfg.connectors:
         runs[name] = []
@@ -75,7 +80,7 @@ def main(cfg: DictConfig) -> None:
                   f"guidance={cfg.guidance}", "transcripts=2", f"hydra.run.dir={run / 'eval'}"]
             if cfg.eval_n is not None:
                 ev.append(f"n={cfg.eval_n}")
-            want = {"stage1": stage1_id, "align": align, "evaluate": ev}
+            want = {"stage1": stage1_id, "align": align, "evaluate": ev, "conf": conf_digest}
             stamp = run / "run.json"
             if cfg.reuse and stamp.is_file() and (run / "eval" / "report.json").is_file() and json.loads(stamp.read_text()).get("want") == want:
                 console.print(f"{tag}: reusing the finished run in {run} (reuse=false reruns it)")

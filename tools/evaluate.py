@@ -67,7 +67,7 @@ def main(cfg: DictConfig) -> None:
     settings = GenerationSettings(steps=cfg.steps, guidance=cfg.guidance, image_guidance=cfg.image_guidance, max_new_tokens=cfg.max_new_tokens)
     report = evaluate_split(model, path, cfg.n, settings, out / "transcripts", cfg.transcripts)
     report["model"], report["data"] = cfg.model, str(path)
-    report["settings"] = {"steps": cfg.steps, "guidance": cfg.guidance, "image_guidance": cfg.image_guidance}
+    report["settings"] = {"steps": settings.steps, "guidance": settings.guidance, "image_guidance": settings.image_guidance}
     report["negative"] = resolve_negative(settings.negative, model.trained_negative)  # negative=auto: what stage 2 trained with
     if cfg.gain_samples:
         gain = report["conditioning_gain"] = measure_gain(model, path, cfg.gain_samples)

@@ -92,11 +92,12 @@ class Scorer:
 
     @staticmethod
     def _source_right(edit: dict, drawn: list[tuple]) -> bool:
-        """Whether the image an edit works on was in context as it should be: the model's latest drawing of the
-        edit's source scene read back exactly; True if the model did not draw it (the user's image)."""
+        """Whether the image an edit works on was in context as it should be: the model's first drawing of the
+        edit's source scene read back exactly (a later turn may draw the same scene again: a distractor, not the
+        picture the edit refers back to); True if the model did not draw it (the user's image)."""
         source = scene_from_dicts(edit["source"])
         mine = [pred for gt, pred in drawn if gt == source]
-        return not mine or mine[-1] == source
+        return not mine or mine[0] == source
 
     def _edit(self, edit: dict, gt, pred, source_right: bool = True) -> None:
         op = edit["op"]

@@ -229,5 +229,9 @@ def test_dit_pretraining_edits_can_weight_recolours():
         s = sample_scene(b, b.choice([1, 2, 2, 3]), frozenset())
         _, edited, meta = random_edit(b, s, frozenset())
         assert random_edit_scenes(a)[:3] == (s, edited, meta["op"])
+    # pinned: what the code before the option drew (the world's op list, its order, one choice per edit)
+    pinned = random.Random(5)
+    assert [random_edit_scenes(pinned)[2] for _ in range(12)] == ["recolour", "move", "recolour", "move", "move", "add", "move",
+                                                                  "move", "add", "recolour", "recolour", "remove"]
     with pytest.raises(ConfigError, match="dit_p_recolour"):
         MakeToyConfig(dit_p_recolour=1.5)
