@@ -235,3 +235,22 @@ def test_dit_pretraining_edits_can_weight_recolours():
                                                                   "move", "add", "recolour", "recolour", "remove"]
     with pytest.raises(ConfigError, match="dit_p_recolour"):
         MakeToyConfig(dit_p_recolour=1.5)
+
+
+def test_the_source_of_an_edit_is_the_first_drawing_of_its_scene():
+    """A distractor turn may draw the edit's source scene again: the edit refers back to the first picture, so that
+    one decides edit_source_right, whatever the later copy looks like."""
+    from fusion.toyworld.scenes import scene_to_dicts
+
+    src = make_scene([Obj("circle", "red", 0, 0)])
+    edited = make_scene([Obj("circle", "blue", 0, 0)])
+    wrong = make_scene([Obj("square", "red", 0, 0)])
+    meta = {"kind": "distractor", "turns": [
+        {"images": [scene_to_dicts(src)], "answer": None},
+        {"images": [scene_to_dicts(src)], "answer": None},  # the same scene drawn again by a distractor turn
+        {"images": [scene_to_dicts(edited)], "answer": None, "refers_back": True,
+         "edit": {"op": "recolour", "target": edited[0].to_dict(), "source": scene_to_dicts(src)}}]}
+    for first, again, right in ((wrong, src, False), (src, wrong, True)):
+        sc = Scorer()
+        sc.score(meta, [TurnOutput([render(first)]), TurnOutput([render(again)]), TurnOutput([render(edited)])])
+        assert sc.report()["edit_source_right"] == float(right), (first, again)
