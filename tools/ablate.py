@@ -20,7 +20,6 @@ A run that finished with the same stage-1 model and arguments (its run.json) is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -62,9 +61,9 @@ def main(cfg: DictConfig) -> None:
     stage1 = out / "sft" / "final"
     stage1_id = {"path": str(stage1), "mtime": max(f.stat().st_mtime for f in stage1.rglob("*") if f.is_file())}
     # the yaml tree shapes every run beyond its overrides (e.g. conf/experiment_connector/): a change there reruns
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    conf_digest = hashlib.sha256(b"".join(f.relative_to(conf).as_posix().encode() + f.read_bytes()
-                                          for f in sorted(conf.rglob("*.yaml")))).hexdigest()
+    from fusion.feature_cache import folder_fingerprint
+
+    conf_digest = folder_fingerprint(Path(__file__).resolve().parents[1] / "conf")
     runs: dict[str, list[dict]] = {}
     for name in cfg.connectors:
         runs[name] = []

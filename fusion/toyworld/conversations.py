@@ -126,11 +126,10 @@ def random_edit_scenes(rng: random.Random, held_out=frozenset(), p_recolour: flo
     """(source scene, edited scene, op, target object) of a random edit (for DiT pretraining). ``p_recolour`` > 0:
     a recolour with that probability, else one of the other operations (0: every operation the scene allows alike)."""
     s = sample_scene(rng, rng.choice([1, 2, 2, 3]), held_out)
-    if p_recolour > 0:
-        recolour = rng.random() < p_recolour
-        _, edited, meta = random_edit(rng, s, held_out, "recolour" if recolour else None, () if recolour else ("recolour",))
-    else:
-        _, edited, meta = random_edit(rng, s, held_out)
+    op, exclude = None, ()
+    if p_recolour > 0:  # no extra random draw when 0: the toy DiTs built before draw the same scenes
+        op, exclude = ("recolour", ()) if rng.random() < p_recolour else (None, ("recolour",))
+    _, edited, meta = random_edit(rng, s, held_out, op, exclude)
     return s, edited, meta["op"], Obj(**meta["target"])
 
 

@@ -63,7 +63,7 @@ class Scorer:
                 pred = read_scene(out.images[i]) if i < len(out.images) else None
                 self._image(kind, gt, pred)
                 if "edit" in turn and i == len(due) - 1:
-                    self._edit(turn["edit"], gt, pred, self._source_right(turn["edit"], drawn))
+                    self._edit(turn["edit"], gt, pred, drawn)
                     if turn.get("refers_back"):
                         self.add("tracking", pred == gt)
                         self.add("tracking_one_earlier" if earlier == 1 else "tracking_several_earlier", pred == gt)
@@ -90,16 +90,7 @@ class Scorer:
             self.add("attr_shape", p is not None and p.shape == o.shape)
             self.add("attr_colour", p is not None and p.colour == o.colour)
 
-    @staticmethod
-    def _source_right(edit: dict, drawn: list[tuple]) -> bool:
-        """Whether the image an edit works on was in context as it should be: the model's first drawing of the
-        edit's source scene read back exactly (a later turn may draw the same scene again: a distractor, not the
-        picture the edit refers back to); True if the model did not draw it (the user's image)."""
-        source = scene_from_dicts(edit["source"])
-        mine = [pred for gt, pred in drawn if gt == source]
-        return not mine or mine[0] == source
-
-    def _edit(self, edit: dict, gt, pred, source_right: bool = True) -> None:
+    def _edit(self, edit: dict, gt, pred, drawn: list[tuple] = ()) -> None:
         op = edit["op"]
         target = Obj(**edit["target"])
         source = scene_from_dicts(edit["source"])
@@ -110,6 +101,11 @@ class Scorer:
         for key in ("edit", f"edit_{op}"):
             self.add(f"{key}_applied", applied)
             self.add(f"{key}_preserved", preserved)
+        # the image edited was in context as it should be: the model's first drawing of the source scene read back
+        # exactly (a later turn may draw the same scene again: a distractor, not the picture the edit refers back
+        # to); a user's image (never drawn by the model) always is
+        mine = [p for g, p in drawn if g == source]
+        source_right = not mine or mine[0] == source
         self.add("edit_source_right", source_right)
         if source_right:
             self.add("edit_preserved_source_right", preserved)
