@@ -93,6 +93,7 @@ def main(cfg: DictConfig) -> None:
     setup_environment()
     from omegaconf import OmegaConf
 
+    from fusion.toyworld.conversations import EditMix
     from fusion.toyworld.pretrain import RECIPES, pretrain_dit, pretrain_mllm, pretrain_vae
 
     OmegaConf.to_object(cfg)  # runs the schema's checks
@@ -134,6 +135,10 @@ def main(cfg: DictConfig) -> None:
             want["p_edit"] = cfg.dit_p_edit
             if cfg.dit_p_recolour:
                 want["p_recolour"] = cfg.dit_p_recolour
+            if cfg.dit_p_shared_colour:
+                want["p_shared_colour"] = cfg.dit_p_shared_colour
+            if cfg.dit_p_shared_shape:
+                want["p_shared_shape"] = cfg.dit_p_shared_shape
             if cfg.dit_t_sampling != "logit_normal":
                 want["t_sampling"] = [cfg.dit_t_sampling, cfg.dit_t_shift]
             cached(out / family, want,
@@ -143,7 +148,8 @@ def main(cfg: DictConfig) -> None:
                                                      coord_freqs=cfg.dit_coord_freqs, t_sampling=cfg.dit_t_sampling,
                                                      t_shift=cfg.dit_t_shift, copy_heads=cfg.dit_copy_heads if f == "wan" else 0.0,
                                                      p_frames=cfg.dit_p_frames, p_context=cfg.dit_p_context,
-                                                     p_edit=cfg.dit_p_edit, p_recolour=cfg.dit_p_recolour),
+                                                     p_edit=cfg.dit_p_edit, edit_mix=EditMix(cfg.dit_p_recolour, cfg.dit_p_shared_colour,
+                                                                                       cfg.dit_p_shared_shape)),
                    dit_summary)
 
 

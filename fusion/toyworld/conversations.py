@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from fusion.toyworld.scenes import (
@@ -122,15 +123,53 @@ def sample_scene(rng, n, held_out):
             return s
 
 
-def random_edit_scenes(rng: random.Random, held_out=frozenset(), p_recolour: float = 0.0) -> tuple:
-    """(source scene, edited scene, op, target object) of a random edit (for DiT pretraining). ``p_recolour`` > 0:
-    a recolour with that probability, else one of the other operations (0: every operation the scene allows alike)."""
-    s = sample_scene(rng, rng.choice([1, 2, 2, 3]), held_out)
-    op, exclude = None, ()
-    if p_recolour > 0:  # no extra random draw when 0: the toy DiTs built before draw the same scenes
-        op, exclude = ("recolour", ()) if rng.random() < p_recolour else (None, ("recolour",))
-    _, edited, meta = random_edit(rng, s, held_out, op, exclude)
-    return s, edited, meta["op"], Obj(**meta["target"])
+@dataclass(frozen=True)
+class EditMix:
+    """How the toy DiTs' pretraining edits are drawn (make_toy's ``dit_p_recolour``, ``dit_p_shared_colour`` and
+    ``dit_p_shared_shape``)."""
+
+    p_recolour: float = 0.0
+    """A recolour with this probability, else one of the other operations (0: every operation the scene allows alike)."""
+    p_shared_colour: float = 0.0
+    """With this probability the edit is redrawn until another object of the source scene has the colour of the object
+    it changes (a recolour's old colour; an added object's own): the request's colour word then fits more than one
+    object, and only colour *and* shape say which one the edit means."""
+    p_shared_shape: float = 0.0
+    """Likewise with its shape, with this probability (the two are exclusive: their sum is at most 1)."""
+
+
+def edited_object(source, op: str, target):
+    """The object of ``source`` an edit (``op``, ``target``: the object after it) changes, as it was; an added one: itself."""
+    if op == "add":
+        return target
+    if op == "move":
+        return next(o for o in source if (o.shape, o.colour) == (target.shape, target.colour))
+    return next(o for o in source if o.cell == target.cell)  # recolour, remove
+
+
+def shares(source, op: str, target, attribute: str = "colour") -> bool:
+    """Whether another object of ``source`` has the ``attribute`` (colour or shape) of the object the edit changes
+    (:func:`edited_object`)."""
+    obj = edited_object(source, op, target)
+    return any(getattr(o, attribute) == getattr(obj, attribute) and o.cell != obj.cell for o in source)
+
+
+def random_edit_scenes(rng: random.Random, held_out=frozenset(), mix: EditMix = EditMix()) -> tuple:
+    """(source scene, edited scene, op, target object) of a random edit (for DiT pretraining), drawn as ``mix`` says
+    (the default: as the world's own random_edit, with the same random draws)."""
+    need = None
+    if mix.p_shared_colour or mix.p_shared_shape:  # no extra draw when both are 0 (the builds before stay cached)
+        u = rng.random()
+        need = "colour" if u < mix.p_shared_colour else "shape" if u < mix.p_shared_colour + mix.p_shared_shape else None
+    while True:
+        s = sample_scene(rng, rng.choice([1, 2, 2, 3]), held_out)
+        op, exclude = None, ()
+        if mix.p_recolour > 0:
+            op, exclude = ("recolour", ()) if rng.random() < mix.p_recolour else (None, ("recolour",))
+        _, edited, meta = random_edit(rng, s, held_out, op, exclude)
+        target = Obj(**meta["target"])
+        if need is None or shares(s, meta["op"], target, need):
+            return s, edited, meta["op"], target
 
 
 def conversation(kind: str, rng: random.Random, w: Writer, held_out) -> dict:

@@ -13,12 +13,14 @@ import math
 import random
 import re
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fusion.toyworld.conversations import EditMix
 from fusion.toyworld.reader import read_scene
 from fusion.toyworld.scenes import random_scene, render
 
@@ -154,11 +156,6 @@ def scene_prompt(rng: random.Random, scene) -> str:
     return p + (" " + rng.choice(cv.DRAW_REPLY) if rng.random() < 0.5 else "")
 
 
-def recoloured(source, target):
-    """The object of ``source`` a recolour to ``target`` changes (the one in its cell), as it was."""
-    return next(o for o in source if o.cell == target.cell)
-
-
 def edit_prompt(rng: random.Random, source, op: str, target) -> str:
     """An edit request as the toy world phrases it (``target``: the object after the edit)."""
     from fusion.toyworld import conversations as cv
@@ -168,10 +165,9 @@ def edit_prompt(rng: random.Random, source, op: str, target) -> str:
     elif op == "remove":
         p = rng.choice(cv.REMOVE).format(obj=cv.ref(target))
     elif op == "recolour":
-        p = rng.choice(cv.RECOLOUR).format(obj=cv.ref(recoloured(source, target)), colour=target.colour)
+        p = rng.choice(cv.RECOLOUR).format(obj=cv.ref(cv.edited_object(source, op, target)), colour=target.colour)
     else:
-        old = next(o for o in source if (o.shape, o.colour) == (target.shape, target.colour))
-        p = rng.choice(cv.MOVE).format(obj=cv.ref(old), where=target.where)
+        p = rng.choice(cv.MOVE).format(obj=cv.ref(cv.edited_object(source, op, target)), where=target.where)
     return p + (" " + rng.choice(cv.EDIT_REPLY) if rng.random() < 0.5 else "")
 
 
@@ -299,15 +295,15 @@ def load_toy_generator(family: str, root: str | Path, image_size: int = 64):
     return G.from_pretrained(str(root), scheduler=sched, image_size=image_size)
 
 
-def dit_batch(rng: random.Random, n: int, p_edit: float, held_out=frozenset(), p_recolour: float = 0.0):
-    """(t2i items, edit items): t2i = (scene,), edit = (source, edited, op, target); ``p_recolour``: see
+def dit_batch(rng: random.Random, n: int, p_edit: float, held_out=frozenset(), mix: EditMix = EditMix()):
+    """(t2i items, edit items): t2i = (scene,), edit = (source, edited, op, target); ``mix``: see
     :func:`fusion.toyworld.conversations.random_edit_scenes`."""
     from fusion.toyworld.conversations import random_edit_scenes
 
     t2i, edits = [], []
     for _ in range(n):
         if rng.random() < p_edit:
-            edits.append(random_edit_scenes(rng, held_out, p_recolour))
+            edits.append(random_edit_scenes(rng, held_out, mix))
         else:
             t2i.append(random_scene(rng, rng.choice([1, 1, 2, 3]), held_out))
     return t2i, edits
@@ -388,12 +384,12 @@ def dit_accuracy(gen, text, n: int = 32, seed: int = 20_011, steps: int = 20, gu
 
 @torch.no_grad()
 def _latent_pool(gen, tokenizer, rng: random.Random, n: int, p_edit: float, progress: bool = True, p_frames: float = 0.0,
-                 p_context: float = 0.0, p_recolour: float = 0.0) -> dict:
+                 p_context: float = 0.0, mix: EditMix = EditMix()) -> dict:
     """``n`` training items encoded once (the VAE is deterministic): t2i and edit latents with their
     tokenized requests (the text encoder trains, so its states are computed at each step); with
     ``p_frames``, that share of the edits again as :func:`frame_edits` (kinds ``edit_2f``, ``edit_3f``);
     ``p_context``: that share of the requests phrased :func:`in_context`."""
-    t2i, edits = dit_batch(rng, n, p_edit, p_recolour=p_recolour)
+    t2i, edits = dit_batch(rng, n, p_edit, mix=mix)
     pool = {}
     chunks = 256
     multi = frame_edits(rng, round(len(edits) * p_frames / (1 - p_frames))) if edits and p_frames else []
@@ -456,7 +452,9 @@ def edit_described(source, op: str, target) -> list[tuple]:
     *as it is* ("Recolour the yellow triangle to blue." describes a yellow triangle: the new colour is its
     own word), so the probe never asks the shape word's state to carry a colour its own words contradict."""
     if op == "recolour":
-        return [(recoloured(source, target), False)]
+        from fusion.toyworld.conversations import edited_object
+
+        return [(edited_object(source, op, target), False)]
     return [(target, op in ("add", "move"))]
 
 
@@ -518,7 +516,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
                  text_dim: int = 64, p_edit: float = 0.7, p_drop_text: float = 0.1, layers: int = 4, pool_size: int = 4096,
                  text_layers: int = 2, text_length: int = TEXT_LENGTH, eval_n: int = 32, probe_weight: float = 0.1,
                  fit_n: int = 256, coord_freqs: int = 0, t_sampling: str = "shifted", t_shift: float = 3.0, copy_heads: float = 0.0,
-                 p_frames: float = 0.0, p_context: float = 0.0, progress: bool = True, p_recolour: float = 0.0) -> dict:
+                 p_frames: float = 0.0, p_context: float = 0.0, progress: bool = True, edit_mix: EditMix = EditMix()) -> dict:
     """Pretrain a toy DiT of ``family`` together with its own text encoder (the family's class) to draw
     toy scenes from the toy world's requests (padded to ``text_length`` tokens) and to apply edits to a
     clean condition frame; save both (with the VAE, tokenizer and scheduler) in the diffusers layout.
@@ -552,7 +550,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 100))
     t0, losses, probes = time.time(), [], []
     p_edit, frames = (p_edit, p_frames) if gen.uses_condition_frames else (0.0, 0.0)
-    pool = _latent_pool(gen, tokenizer, rng, pool_size, p_edit, progress, frames, p_context, p_recolour)
+    pool = _latent_pool(gen, tokenizer, rng, pool_size, p_edit, progress, frames, p_context, edit_mix)
     bar = tqdm(range(steps), desc=f"toy DiT ({family})", disable=not progress)
     g = torch.Generator().manual_seed(seed)
     gen.transformer.train()
@@ -580,14 +578,14 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     text.encoder.eval().requires_grad_(False)
     acc = dit_accuracy(gen, text, n=eval_n, frames=bool(frames))
     held_out = _latent_pool(gen, tokenizer, random.Random(seed + 54_321), min(fit_n, pool_size), p_edit, False, frames, p_context,
-                            p_recolour)
+                            edit_mix)
     fit = fit_losses(gen, text, {"train": pool, "held_out": held_out}, n=fit_n)
     stats = {"family": family, "steps": steps, "seconds": round(time.time() - t0, 1), "first_loss": losses[0],
              "last_loss": float(np.mean(losses[-50:])), "params": sum(p.numel() for p in gen.transformer.parameters()),
              "text_encoder": type(text.encoder).__name__, "text_encoder_params": sum(p.numel() for p in text.encoder.parameters()),
              "text_length": text_length, "probe_weight": probe_weight, "coord_freqs": coord_freqs if family == "wan" else None,
              "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads, "p_frames": frames, "p_context": p_context, "p_edit": p_edit,
-             **({"p_recolour": p_recolour} if p_recolour else {}),
+             **{k: v for k, v in asdict(edit_mix).items() if v},
              "last_probe_loss": float(np.mean(probes[-50:])), "accuracy": acc, "fit": fit}
     gen.transformer.save_pretrained(out / "transformer")
     text.encoder.save_pretrained(out / "text_encoder")

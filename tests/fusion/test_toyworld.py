@@ -219,10 +219,10 @@ def test_dit_pretraining_edits_can_weight_recolours():
 
     from fusion.config import MakeToyConfig
     from fusion.errors import ConfigError
-    from fusion.toyworld.conversations import random_edit, random_edit_scenes, sample_scene
+    from fusion.toyworld.conversations import EditMix, random_edit, random_edit_scenes, sample_scene
     from fusion.toyworld.pretrain import dit_batch
 
-    ops = Counter(e[2] for e in dit_batch(random.Random(3), 3000, 1.0, p_recolour=0.6)[1])
+    ops = Counter(e[2] for e in dit_batch(random.Random(3), 3000, 1.0, mix=EditMix(p_recolour=0.6))[1])
     assert abs(ops["recolour"] / 3000 - 0.6) < 0.04 and all(ops[o] > 100 for o in ("move", "add", "remove"))
     a, b = random.Random(5), random.Random(5)
     for _ in range(200):  # p_recolour=0 takes no extra random draw: the scenes of the toy DiTs built before stay the same
@@ -235,6 +235,45 @@ def test_dit_pretraining_edits_can_weight_recolours():
                                                                   "move", "add", "recolour", "recolour", "remove"]
     with pytest.raises(ConfigError, match="dit_p_recolour"):
         MakeToyConfig(dit_p_recolour=1.5)
+
+
+def test_dit_pretraining_edits_can_favour_scenes_where_the_colour_word_fits_two_objects():
+    """make_toy's dit_p_shared_colour: that share of the pretraining edits is redrawn until another object of the
+    scene has the colour of the object the edit changes (a recolour's old colour, a moved or removed object's, an
+    added object's own); the rest are drawn as the world draws them, and every operation stays in the mix."""
+    from collections import Counter
+
+    from fusion.config import MakeToyConfig
+    from fusion.errors import ConfigError
+    from fusion.toyworld.conversations import EditMix, edited_object, random_edit_scenes, shares
+    from fusion.toyworld.scenes import Obj
+
+    red_circle, red_square, blue_square = Obj("circle", "red", 0, 0), Obj("square", "red", 1, 1), Obj("square", "blue", 2, 2)
+    source = [red_circle, blue_square]
+    assert shares([red_circle, red_square], "recolour", Obj("circle", "green", 0, 0))  # the old colour counts
+    assert not shares(source, "recolour", Obj("circle", "blue", 0, 0))  # not the new one
+    assert edited_object(source, "move", Obj("circle", "red", 2, 0)) == red_circle
+    assert shares(source, "add", Obj("triangle", "blue", 1, 0)) and not shares(source, "remove", red_circle)
+    assert shares([red_square, blue_square], "remove", blue_square, "shape") and not shares(source, "remove", red_circle, "shape")
+
+    def draw(mix, n=2000):
+        rng = random.Random(11)
+        return [random_edit_scenes(rng, frozenset(), mix) for _ in range(n)]
+
+    plain, mixed = draw(EditMix()), draw(EditMix(p_shared_colour=0.5))
+    share = [sum(shares(s, op, t) for s, _, op, t in items) / len(items) for items in (plain, mixed)]
+    assert share[0] < 0.25 and abs(share[1] - (0.5 + 0.5 * share[0])) < 0.05, share
+    assert all(n > 200 for n in Counter(op for _, _, op, _ in mixed).values()) and len(Counter(op for _, _, op, _ in mixed)) == 4
+    both = draw(EditMix(p_shared_colour=0.3, p_shared_shape=0.4))
+    by_shape = [sum(shares(s, op, t, "shape") for s, _, op, t in items) / len(items) for items in (plain, both)]
+    assert abs(by_shape[1] - (0.4 + 0.6 * by_shape[0])) < 0.06, by_shape
+    assert abs(sum(shares(s, op, t) for s, _, op, t in both) / len(both) - (0.3 + 0.7 * share[0])) < 0.06
+    # a shape share of 0 leaves the draws of a colour share alone (a build with only the colour share stays cached)
+    assert draw(EditMix(p_shared_colour=0.5), 300) == draw(EditMix(p_shared_colour=0.5, p_shared_shape=0.0), 300)
+    with pytest.raises(ConfigError, match="dit_p_shared_colour"):
+        MakeToyConfig(dit_p_shared_colour=-0.1)
+    with pytest.raises(ConfigError, match="dit_p_shared_shape"):
+        MakeToyConfig(dit_p_shared_colour=0.6, dit_p_shared_shape=0.5)
 
 
 def test_the_source_of_an_edit_is_the_first_drawing_of_its_scene():
