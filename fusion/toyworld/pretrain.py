@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from fusion.toyworld.conversations import EditMix
+from fusion.toyworld.conversations import EditMix, edited_object
 from fusion.toyworld.reader import read_scene
 from fusion.toyworld.scenes import random_scene, render
 
@@ -452,8 +452,6 @@ def edit_described(source, op: str, target) -> list[tuple]:
     *as it is* ("Recolour the yellow triangle to blue." describes a yellow triangle: the new colour is its
     own word), so the probe never asks the shape word's state to carry a colour its own words contradict."""
     if op == "recolour":
-        from fusion.toyworld.conversations import edited_object
-
         return [(edited_object(source, op, target), False)]
     return [(target, op in ("add", "move"))]
 
