@@ -17,6 +17,7 @@ import torch
 from backbones.generator.base import to_pil
 from backbones.generator.text_encoder import TextEncoder
 from fusion.toyworld import pretrain as P
+from fusion.toyworld.conversations import edited_object
 from fusion.toyworld.reader import read_scene
 
 root = sys.argv[1] if len(sys.argv) > 1 else "checkpoints/toy/wan"
@@ -32,7 +33,7 @@ x0 = gen.encode(P._images([e for _, e, *_ in edits]))
 
 def kept(scene, edit) -> bool:
     source, _, op, target = edit
-    return all(o in scene for o in source if o.cell != target.cell and not (op == "move" and (o.shape, o.colour) == (target.shape, target.colour)))
+    return all(o in scene for o in source if o != edited_object(source, op, target))
 
 
 for t in (0.3, 0.6, 0.9, 1.0):

@@ -352,9 +352,9 @@ def dit_accuracy(gen, text, n: int = 32, seed: int = 20_011, steps: int = 20, gu
         states, mask = text.encode([edit_prompt(rng, src, op, tgt) for src, _, op, tgt in edits])
         cond = gen.encode(_images([src for src, *_ in edits]))[:, None]
         imgs = to_pil(gen.sample(states, mask, cond, steps=steps, guidance=guidance, generator=g))
-        ok = [read_scene(im) == e[1] for im, e in zip(imgs, edits)]
-        kept = [all(o in read_scene(im) for o in e[0] if o.cell != e[3].cell and not (e[2] == "move" and (o.shape, o.colour) == (e[3].shape, e[3].colour)))
-                for im, e in zip(imgs, edits)]
+        reads = [read_scene(im) for im in imgs]
+        ok = [r == e[1] for r, e in zip(reads, edits)]
+        kept = [all(o in r for o in src if o != edited_object(src, op, tgt)) for r, (src, _, op, tgt) in zip(reads, edits)]
         out["edit"] = _frac(ok)
         out["edit_preserved"] = _frac(kept)
         for op in OPS:
