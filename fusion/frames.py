@@ -39,30 +39,49 @@ def image_spans(ids: torch.Tensor, start_id: int, end_id: int) -> list[tuple[int
 class FrameSelector(nn.Module):
     """Scores [earlier image 0 .. N-1, none] for the drawing that follows a context.
 
-    query: the context's last token and the mean of the tokens after its last image (the
-    request); key of image i: the mean of its tokens plus embeddings of its index from the
-    start and from the end of the conversation (requests say "the first", "the previous");
-    the key of *none* is learned. Logits are scaled dot products.
+    query: the context's last token and the request (the tokens after its last image) read by
+    ``request_heads`` learned attention-pooling queries, through a small MLP; key of image i: the
+    mean of its tokens plus embeddings of its index from the start and from the end of the
+    conversation (requests say "the first", "the previous"); the key of *none* is learned.
+    Logits are scaled dot products. ``request_heads=0`` is the first head of this toolkit (the
+    request's mean, a linear query), kept so that models saved with it load: on the toy world it
+    picked the wrong frame for 4-5 of 223 test turns where the pooled head picks 0-2, most of them
+    adds of an earlier picture that it drew from nothing (README, the toy world).
     """
 
-    def __init__(self, mllm_dim: int, dim: int = 128, max_frames: int = 8):
+    def __init__(self, mllm_dim: int, dim: int = 128, max_frames: int = 8, request_heads: int = 4):
         super().__init__()
         self.mllm_dim, self.dim, self.max_frames = int(mllm_dim), int(dim), int(max_frames)
+        self.request_heads = int(request_heads)
+        if self.request_heads < 0:
+            raise ValueError(f"FrameSelector: request_heads must be >= 0, got {request_heads}")
         self.norm = nn.LayerNorm(mllm_dim)
-        self.query = nn.Linear(2 * mllm_dim, dim)
+        if self.request_heads:
+            self.request_queries = nn.Parameter(torch.randn(self.request_heads, mllm_dim) / math.sqrt(mllm_dim))
+            width = (self.request_heads + 1) * mllm_dim
+            self.query = nn.Sequential(nn.Linear(width, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        else:
+            self.query = nn.Linear(2 * mllm_dim, dim)
         self.key = nn.Linear(mllm_dim, dim)
         self.from_start = nn.Embedding(max_frames, dim)
         self.from_end = nn.Embedding(max_frames, dim)
         self.none = nn.Parameter(torch.zeros(dim))
 
     def config(self) -> dict:
-        return {"mllm_dim": self.mllm_dim, "dim": self.dim, "max_frames": self.max_frames}
+        return {"mllm_dim": self.mllm_dim, "dim": self.dim, "max_frames": self.max_frames, "request_heads": self.request_heads}
+
+    def read_request(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The request's tokens [La, D] (normalised) as one vector: the attention-pooled reads, or their mean."""
+        if not self.request_heads:
+            return tokens.mean(0)
+        weights = torch.softmax(self.request_queries @ tokens.T / math.sqrt(self.mllm_dim), dim=-1)  # [heads, La]
+        return (weights @ tokens).reshape(-1)
 
     def forward(self, hidden: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
         """``hidden`` [n_layers, L, D] (the connector's layers) and the images' token spans: logits [N + 1], the last for none."""
         h = self.norm(hidden.to(self.none.dtype).mean(0))  # [L, D]
         after = h[spans[-1][1] + 1:] if spans else h
-        request = after.mean(0) if len(after) else h[-1]
+        request = self.read_request(after if len(after) else h[-1:])
         q = self.query(torch.cat([h[-1], request]))
         n, cap = len(spans), self.max_frames - 1
         keys = [self.key(h[s : e + 1].mean(0)) + self.from_start.weight[min(i, cap)] + self.from_end.weight[min(n - 1 - i, cap)]

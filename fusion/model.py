@@ -846,6 +846,7 @@ class FusedModel(nn.Module):
         selector = None
         if "frame_selector" in parts:
             fspec = dict(parts["frame_selector"]["spec"])
+            fspec.setdefault("request_heads", 0)  # saved before the head pooled its request: the mean, a linear query
             selector = get_class(fspec.pop("_target_"))(**fspec)
             selector.load_state_dict(load_file(str(path / parts["frame_selector"]["folder"] / "model.safetensors")))
         specs = {k: v["spec"] for k, v in parts.items() if k != "frame_selector"}

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from torch import nn
 
 from fusion.data import parse_conversation
 from fusion.errors import CheckpointError, ConfigError, DataError
@@ -135,8 +136,8 @@ def test_chat_draws_with_the_frame_the_head_picks(tiny_dir, two_frames):
     with torch.no_grad():  # make the head certain: the first image always wins
         model.frame_selector.from_start.weight.zero_()
         model.frame_selector.none.zero_()
-        model.frame_selector.query.weight.zero_()
-        model.frame_selector.query.bias.fill_(1.0)
+        model.frame_selector.query[-1].weight.zero_()  # the query MLP's output: a constant
+        model.frame_selector.query[-1].bias.fill_(1.0)
         model.frame_selector.key.weight.zero_()
         model.frame_selector.key.bias.zero_()
         model.frame_selector.from_end.weight.zero_()
@@ -178,3 +179,56 @@ def test_a_context_that_disagrees_with_its_frames_and_a_half_written_head_are_re
     with pytest.raises(CheckpointError, match="frame_selector"):
         FusedModel.from_pretrained(broken)
     assert (saved / "frame_selector" / "model.safetensors").is_file()  # the good export is untouched
+
+
+def test_pooled_request_head_finds_the_word_that_decides_the_frame():
+    """The head reads its request by attention: one cue token among many filler tokens (at any place, any
+    length) says whether the drawing starts from the earlier image (an edit) or from nothing (a new drawing)."""
+    torch.manual_seed(0)
+    d = 16
+    cue = {0: torch.randn(d) * 3, 1: torch.randn(d) * 3}  # 0: "add" (the earlier image), 1: "draw" (none)
+
+    def example(g):
+        label = int(torch.randint(2, (1,), generator=g))
+        n = int(torch.randint(6, 20, (1,), generator=g))
+        request = torch.randn(n, d, generator=g)
+        request[int(torch.randint(n, (1,), generator=g))] = cue[label]
+        ids = torch.tensor([7, 1, 9, 9, 2] + [7] * n)  # one image (tokens 1..4), then the request
+        return torch.cat([torch.randn(5, d, generator=g), request])[None], image_spans(ids, 1, 2), label
+
+    sel = FrameSelector(mllm_dim=d, dim=16, request_heads=4)
+    opt = torch.optim.Adam(sel.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(150):
+        batch = [example(g) for _ in range(8)]
+        loss = sum(nn.functional.cross_entropy(sel(h, sp)[None], torch.tensor([y])) for h, sp, y in batch) / 8
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    test = [example(torch.Generator().manual_seed(100 + i)) for i in range(64)]
+    with torch.no_grad():
+        acc = sum(int(sel(h, sp).argmax()) == y for h, sp, y in test) / len(test)
+    assert acc >= 0.95, acc
+    with pytest.raises(ValueError, match="request_heads"):
+        FrameSelector(mllm_dim=d, request_heads=-1)
+
+
+def test_a_head_saved_before_request_pooling_loads_as_it_was(tiny_dir, two_frames, tmp_path):
+    """Models saved with the first head (the request's mean, a linear query; no request_heads in its spec) load
+    into that head and pick what they picked."""
+    import json
+
+    model, cfg = build(tiny_dir, "multilayer_concat", extra=LEARNED)
+    model.frame_selector = FrameSelector(model.mllm.hidden_size, request_heads=0)
+    saved = model.save_pretrained(tmp_path / "fused", config=cfg)
+    manifest = json.loads((saved / "unifuse.json").read_text())
+    assert manifest["parts"]["frame_selector"]["spec"]["request_heads"] == 0
+    del manifest["parts"]["frame_selector"]["spec"]["request_heads"]  # as written before the option existed
+    (saved / "unifuse.json").write_text(json.dumps(manifest))
+    loaded = FusedModel.from_pretrained(saved)
+    assert loaded.frame_selector.request_heads == 0
+    s = model.packed_context_states([model.prepare_align_sample(two_frames)])[0]
+    with torch.no_grad():
+        assert torch.equal(model.frame_selector(s.ctx_hidden, model.image_spans(s.ctx_ids)),
+                           loaded.frame_selector(s.ctx_hidden, loaded.image_spans(s.ctx_ids)))
+    assert FrameSelector(8).request_heads == 4  # new heads pool
