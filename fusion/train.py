@@ -310,6 +310,8 @@ class StageModule(nn.Module):
         else:
             self.connector = fused.connector
             self.dit = fused.generator.transformer
+            if fused.frame_selector is not None:  # registered, so DeepSpeed clears, reduces and checkpoints its gradients and
+                self.frame_selector = fused.frame_selector  # weights (unregistered, its gradients summed over every step)
 
     def forward(self, batch: list, generator: torch.Generator) -> dict[str, torch.Tensor]:
         if self.stage_name == "sft":

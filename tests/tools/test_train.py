@@ -125,6 +125,37 @@ def test_stage2_align_zero3_from_stage1_lowers_loss_and_reloads(tiny, sft_run, t
         assert p.numel() > 0
 
 
+def test_stage2_learned_frame_head_trains_under_deepspeed_and_resumes_exactly(tiny, sft_run, tmp_path):
+    """stage.frame_select=learned through the trainer: the head is part of what DeepSpeed wraps, so its gradients are
+    cleared every step and its weights are in the checkpoint. A run stopped by SIGTERM after step 2 and resumed gives the
+    uninterrupted run's per-step losses (the head's cross-entropy among them) and the same exported head. (Unregistered,
+    its gradients were summed over every step and a resumed run restarted it from scratch.)"""
+    from safetensors.torch import load_file
+
+    common = [tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", "stage.frame_select=learned",
+              "stage.max_steps=4", "stage.save_every=2", "stage.lr=1e-3", "stage.warmup_steps=0", "stage.gain_every=0", "data.seed=2"]
+    train(*common, f"hydra.run.dir={tmp_path / 'full'}")
+    run = tmp_path / "stopped"
+    p = subprocess.run(cmd(*common, f"hydra.run.dir={run}"), cwd=REPO, env={**env(), "UNIFUSE_FAULT": "term_after_step@2"},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 143, p.stderr[-2000:]
+    train(*common, f"hydra.run.dir={run}")
+    assert "resumed from" in (run / "train.log").read_text()
+
+    def head_losses(d):
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: (r["loss"], r["frame_select"]) for r in rows if "frame_select" in r}
+
+    full, resumed = head_losses(tmp_path / "full"), head_losses(run)
+    assert sorted(full) == sorted(resumed) == [1, 2, 3, 4]
+    assert any(v[1] > 0 for v in full.values())  # samples with earlier images: the head learned
+    for step in full:
+        assert all(abs(a - b) < 1e-5 for a, b in zip(full[step], resumed[step])), (step, full[step], resumed[step])
+    a = load_file(str(tmp_path / "full" / "final" / "frame_selector" / "model.safetensors"))
+    b = load_file(str(run / "final" / "frame_selector" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
 def test_stage2_distillation_warm_up_with_a_frozen_dit_and_the_gain_instrument(tiny, tiny_dir, sft_run, tmp_path):
     """distill_steps + generator_frozen_steps: the DiT does not move while the connector learns; the conditioning
     gain is measured at step 0, every gain_every steps and at the end, into metrics.jsonl, train.log and summary.json."""
