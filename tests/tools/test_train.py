@@ -39,6 +39,16 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}  # gain rows (gain/...) carry no loss
 
 
+def stop_then_resume(common: list[str], run: Path, step: int) -> Path:
+    """Run ``common`` into ``run``, stopped by SIGTERM after ``step`` (fusion/faults.py), then resume it to the end."""
+    p = subprocess.run(cmd(*common, f"hydra.run.dir={run}"), cwd=REPO, env={**env(), "UNIFUSE_FAULT": f"term_after_step@{step}"},
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 143, p.stderr[-2000:]
+    train(*common, f"hydra.run.dir={run}")
+    assert "resumed from" in (run / "train.log").read_text()
+    return run
+
+
 @pytest.fixture(scope="module")
 def tiny(tiny_dir):
     return f"tiny_dir={tiny_dir}"
@@ -135,12 +145,7 @@ def test_stage2_learned_frame_head_trains_under_deepspeed_and_resumes_exactly(ti
     common = [tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", "stage.frame_select=learned",
               "stage.max_steps=4", "stage.save_every=2", "stage.lr=1e-3", "stage.warmup_steps=0", "stage.gain_every=0", "data.seed=2"]
     train(*common, f"hydra.run.dir={tmp_path / 'full'}")
-    run = tmp_path / "stopped"
-    p = subprocess.run(cmd(*common, f"hydra.run.dir={run}"), cwd=REPO, env={**env(), "UNIFUSE_FAULT": "term_after_step@2"},
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 143, p.stderr[-2000:]
-    train(*common, f"hydra.run.dir={run}")
-    assert "resumed from" in (run / "train.log").read_text()
+    run = stop_then_resume(common, tmp_path / "stopped", step=2)
 
     def head_losses(d):
         rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
@@ -229,12 +234,7 @@ def test_stage2_buckets_batch_within_a_bucket_and_resume_exactly(tiny, sft_run, 
     log = (tmp_path / "full" / "train.log").read_text()
     assert "aspect-ratio buckets (samples each): 64x64: 4, 64x96: 4, 96x64: 4" in log
     full = losses(tmp_path / "full")
-    run = tmp_path / "stopped"
-    p = subprocess.run(cmd(*common, f"hydra.run.dir={run}"), cwd=REPO, env={**env(), "UNIFUSE_FAULT": "term_after_step@5"},
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 143, p.stderr[-2000:]
-    train(*common, f"hydra.run.dir={run}")
-    assert "resumed from" in (run / "train.log").read_text()
+    run = stop_then_resume(common, tmp_path / "stopped", step=5)
     resumed = losses(run)
     assert sorted(resumed) == list(range(1, 9))
     for step, loss in full.items():
