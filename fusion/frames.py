@@ -70,6 +70,12 @@ class FrameSelector(nn.Module):
     def config(self) -> dict:
         return {"mllm_dim": self.mllm_dim, "dim": self.dim, "max_frames": self.max_frames, "request_heads": self.request_heads}
 
+    def zero_anchor(self) -> torch.Tensor:
+        """0 x the logits of a one-image dummy context: every weight in the graph with a zero gradient, through the
+        module's own forward (so ZeRO-3, which partitions the head's weights, gathers them for it)."""
+        hidden = torch.zeros(1, 3, self.mllm_dim, device=self.none.device, dtype=self.none.dtype)
+        return self(hidden, [(0, 1)]).sum() * 0.0
+
     def read_request(self, tokens: torch.Tensor) -> torch.Tensor:
         """The request's tokens [La, D] (normalised) as one vector: the attention-pooled reads, or their mean."""
         if not self.request_heads:
@@ -84,8 +90,10 @@ class FrameSelector(nn.Module):
         request = self.read_request(after if len(after) else h[-1:])
         q = self.query(torch.cat([h[-1], request]))
         n, cap = len(spans), self.max_frames - 1
-        keys = [self.key(h[s : e + 1].mean(0)) + self.from_start.weight[min(i, cap)] + self.from_end.weight[min(n - 1 - i, cap)]
-                for i, (s, e) in enumerate(spans)]
+        keys = [self.key(h[s : e + 1].mean(0)) for s, e in spans]
+        if spans:  # the index embeddings through their modules' own forward (ZeRO-3 gathers a module's weights there)
+            idx = torch.arange(n, device=h.device)
+            keys = list(torch.stack(keys) + self.from_start(idx.clamp(max=cap)) + self.from_end((n - 1 - idx).clamp(max=cap)))
         keys = torch.stack([*keys, self.none])
         return keys @ q / math.sqrt(self.dim)
 

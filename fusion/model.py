@@ -713,7 +713,7 @@ class FusedModel(nn.Module):
             if p.cond is not None:  # teacher forcing: the DiT learns from the frame it does best with
                 p.cond = None if best == len(spans) else p.sample.cond[best : best + 1].to(dev)
         # every selector weight in the graph, also when no sample had earlier images (ZeRO expects their gradients)
-        zero = sum((q.reshape(-1)[0] for q in self.frame_selector.parameters()), torch.zeros((), device=dev)) * 0.0
+        zero = self.frame_selector.zero_anchor().to(dev)
         if not losses:
             return zero, None
         return torch.stack(losses).mean() + zero, torch.tensor(sum(hits) / len(hits))

@@ -122,7 +122,8 @@ def test_single_rank_zero0_trains_exactly_as_zero2(tiny, sft_run, tmp_path):
 
 def test_stage2_align_zero3_from_stage1_lowers_loss_and_reloads(tiny, sft_run, tmp_path):
     train(tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", "deepspeed=zero3",
-          "stage.max_steps=16", "stage.lr=2e-3", "stage.warmup_steps=0", "stage.sample_every=8", f"hydra.run.dir={tmp_path}")
+          "stage.max_steps=16", "stage.lr=2e-3", "stage.warmup_steps=0", "stage.sample_every=8", "stage.frame_select=learned",
+          f"hydra.run.dir={tmp_path}")
     ls = losses(tmp_path)
     first, last = [ls[s] for s in range(1, 5)], [ls[s] for s in range(13, 17)]
     assert sum(last) < sum(first), ls
@@ -131,8 +132,9 @@ def test_stage2_align_zero3_from_stage1_lowers_loss_and_reloads(tiny, sft_run, t
 
     m = FusedModel.from_pretrained(tmp_path / "final")
     assert type(m.connector).__name__ == "LastMLP" and m.generator is not None
-    for p in m.generator.transformer.parameters():  # ZeRO-3 shards were gathered for the export
+    for p in [*m.generator.transformer.parameters(), *m.frame_selector.parameters()]:  # ZeRO-3 shards were gathered for the export
         assert p.numel() > 0
+    assert any(float(p.detach().abs().sum()) > 0 for p in m.frame_selector.query.parameters())
 
 
 def test_stage2_learned_frame_head_trains_under_deepspeed_and_resumes_exactly(tiny, sft_run, tmp_path):
