@@ -353,6 +353,11 @@ class Trainer:
             return None if init in (None, "base") else self._stage1_mllm(init)
         if init is None:
             raise ConfigError("stage=align needs init_from=<stage-1 output folder> (or init_from=base to align the base MLLM)")
+        if cfg.stage.frame_select == "learned" and zero_stage_for(cfg.deepspeed, self.world) == 3 and self.world > 1:
+            raise ConfigError(f"stage.frame_select=learned with deepspeed.zero_stage=3 on {self.world} ranks is not supported: the "
+                              f"frame head and its DiT probes run once per sample with earlier images, a number that differs "
+                              f"between ranks, and ZeRO-3 gathers a module's weights with a collective on every call. Use "
+                              f"deepspeed=zero2 (or a single rank), or stage.frame_select=all / latest")
         return None if init == "base" else self._stage1_mllm(init)
 
     def _stage1_mllm(self, init: str) -> str:

@@ -367,15 +367,31 @@ def test_connector_sweep_writes_one_folder_per_run(tiny, sft_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_with_torchrun_gloo(tiny, sft_run, tmp_path):
+@pytest.mark.parametrize("zero, frames", [("zero3", "all"), ("zero2", "learned")])
+def test_two_processes_with_torchrun_gloo(tiny, sft_run, tmp_path, zero, frames):
+    """Two ranks; under ZeRO-2 the learned frame head among the parts DeepSpeed reduces (ZeRO-3 refuses it on several ranks:
+    test_learned_frames_under_zero3_on_several_ranks_are_refused)."""
     e = env()
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(REPO / "tools" / "train.py"), tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp",
-                        f"init_from={sft_run}", "stage.max_steps=4", "stage.save_every=2", "deepspeed=zero3", f"hydra.run.dir={tmp_path}"],
+                        f"init_from={sft_run}", "stage.max_steps=4", "stage.save_every=2", f"deepspeed={zero}",
+                        f"stage.frame_select={frames}", f"hydra.run.dir={tmp_path}"],
                        cwd=REPO, env=e, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-4000:]
     assert json.loads((tmp_path / "checkpoints" / "step-0000002" / "complete.json").read_text())["world_size"] == 2
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+
+
+def test_learned_frames_under_zero3_on_several_ranks_are_refused(tiny, sft_run, tmp_path):
+    """The head's calls differ in number between ranks; ZeRO-3's per-call all-gathers would hang or mismatch: refused
+    before anything loads, naming the keys."""
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(REPO / "tools" / "train.py"), tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp",
+                        f"init_from={sft_run}", "deepspeed=zero3", "stage.frame_select=learned", f"hydra.run.dir={tmp_path}"],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0
+    assert "stage.frame_select=learned with deepspeed.zero_stage=3 on 2 ranks is not supported" in p.stderr + p.stdout
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "final").exists()
 
 
 def src_lines(tiny_dir: Path) -> list[str]:
