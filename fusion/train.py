@@ -828,7 +828,14 @@ class Trainer:
         meta = json.loads((ckpt / COMPLETE).read_text())
         if meta.get("world_size") != self.world:
             raise CheckpointError(f"resume: {ckpt} was written by {meta.get('world_size')} ranks; this run has {self.world}")
-        _, client = self.engine.load_checkpoint(str(ckpt), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True)
+        try:
+            _, client = self.engine.load_checkpoint(str(ckpt), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True)
+        except RuntimeError as e:
+            if "frame_selector." not in str(e) or "Missing key" not in str(e):
+                raise
+            raise CheckpointError(f"resume: {ckpt} holds no weights of the learned frame head: it was written before the head was "
+                                  f"checkpointed with the model (its gradients then also summed over every step); start the run "
+                                  f"again (resume=never)") from None
         self.state = TrainState(**client["train_state"])
         self.report.counts.update(client.get("report", {}))
         own = ckpt / f"data_rank{self.rank}.json"

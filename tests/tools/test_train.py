@@ -163,6 +163,26 @@ def test_stage2_learned_frame_head_trains_under_deepspeed_and_resumes_exactly(ti
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
 
 
+def test_a_checkpoint_without_the_frame_head_is_refused_by_name(tiny, sft_run, tmp_path):
+    """Checkpoints written before the learned frame head was part of the model DeepSpeed saves hold no head weights:
+    resuming one says so (not DeepSpeed's missing-key traceback) and writes nothing."""
+    from fusion.train import write_file_list
+
+    common = [tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", "stage.frame_select=learned",
+              "stage.save_every=2", "stage.gain_every=0", f"hydra.run.dir={tmp_path}"]
+    train(*common, "stage.max_steps=3")  # a checkpoint at step 2, the export at 3
+    ckpt = tmp_path / "checkpoints" / "step-0000002"
+    states = next(ckpt.rglob("mp_rank_00_model_states.pt"))
+    saved = torch.load(states, weights_only=False)
+    saved["module"] = {k: v for k, v in saved["module"].items() if not k.startswith("frame_selector.")}  # as written before
+    torch.save(saved, states)
+    write_file_list(ckpt)
+    p = train(*common, "stage.max_steps=4", check=False)
+    assert p.returncode != 0 and "holds no weights of the learned frame head" in p.stderr + p.stdout
+    assert "Traceback" not in p.stderr
+    assert not (tmp_path / "checkpoints" / "step-0000004").exists()
+
+
 def test_stage2_distillation_warm_up_with_a_frozen_dit_and_the_gain_instrument(tiny, tiny_dir, sft_run, tmp_path):
     """distill_steps + generator_frozen_steps: the DiT does not move while the connector learns; the conditioning
     gain is measured at step 0, every gain_every steps and at the end, into metrics.jsonl, train.log and summary.json."""
