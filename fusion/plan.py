@@ -326,8 +326,8 @@ class StagePlan:
 
 
 #: per stage: the parts DeepSpeed's engine wraps (``fusion.train.StageModule``) and the parts held outside it
-ENGINE = {"sft": ("mllm", "vision_tower"), "align": ("connector", "generator")}
-LOADED = {"sft": ("mllm", "vision_tower"), "align": ("mllm", "vision_tower", "connector", "generator", "vae")}
+ENGINE = {"sft": ("mllm", "vision_tower"), "align": ("connector", "generator", "frame_selector")}
+LOADED = {"sft": ("mllm", "vision_tower"), "align": ("mllm", "vision_tower", "connector", "generator", "frame_selector", "vae")}
 
 
 def plan_stage(model, stage: dict, ds: dict, hw: Hardware, work: Workload, config_name: str = "") -> StagePlan:

@@ -655,6 +655,11 @@ class Trainer:
         st = self.cfg.stage
         self.module = StageModule(self.model, st.name)
         groups = self.model.param_groups(st)
+        wrapped = {id(p) for p in self.module.parameters()}
+        outside = [g["name"] for g in groups if any(id(p) not in wrapped for p in g["params"])]
+        if outside:  # DeepSpeed clears, reduces and checkpoints only what it wraps: such a part's gradients would sum forever
+            raise ConfigError(f"stage={st.name}: {', '.join(outside)} would train outside the module DeepSpeed wraps "
+                              f"(stage.trainable / lr_scale); that part does not train in this stage")
         optimizer = self.inner_optimizer = GuardedAdamW(groups, betas=(0.9, 0.999), eps=1e-8, foreach=True)  # (the default on GPUs; on CPUs too)
         warm, total = st.warmup_steps, st.max_steps
 
@@ -833,9 +838,9 @@ class Trainer:
         except RuntimeError as e:
             if "frame_selector." not in str(e) or "Missing key" not in str(e):
                 raise
-            raise CheckpointError(f"resume: {ckpt} holds no weights of the learned frame head: it was written before the head was "
-                                  f"checkpointed with the model (its gradients then also summed over every step); start the run "
-                                  f"again (resume=never)") from None
+            raise CheckpointError(f"resume: {ckpt} holds no weights of the learned frame head: it was written by a run without "
+                                  f"stage.frame_select=learned, or before the head was checkpointed with the model (its gradients "
+                                  f"then also summed over every step); start the run again (resume=never)") from None
         self.state = TrainState(**client["train_state"])
         self.report.counts.update(client.get("report", {}))
         own = ckpt / f"data_rank{self.rank}.json"

@@ -163,6 +163,15 @@ def test_stage2_learned_frame_head_trains_under_deepspeed_and_resumes_exactly(ti
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
 
 
+def test_a_part_outside_what_deepspeed_wraps_is_refused(tiny, sft_run, tmp_path):
+    """Stage 2 wraps the connector, the DiT and the frame head; a vision tower set to train there would get gradients that
+    DeepSpeed never clears, reduces or checkpoints (they would sum over every step): refused by name, nothing written."""
+    p = train(tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", "stage.trainable.vision_tower=true",
+              "stage.max_steps=2", f"hydra.run.dir={tmp_path}", check=False)
+    assert p.returncode != 0 and "vision_tower would train outside the module DeepSpeed wraps" in p.stderr + p.stdout
+    assert "Traceback" not in p.stderr and not (tmp_path / "final").exists()
+
+
 def test_a_checkpoint_without_the_frame_head_is_refused_by_name(tiny, sft_run, tmp_path):
     """Checkpoints written before the learned frame head was part of the model DeepSpeed saves hold no head weights:
     resuming one says so (not DeepSpeed's missing-key traceback) and writes nothing."""
