@@ -91,11 +91,11 @@ class FrameSelector(nn.Module):
         request = self.read_request(after if len(after) else h[-1:])
         q = self.query(torch.cat([h[-1], request]))
         n, cap = len(spans), self.max_frames - 1
-        keys = [self.key(h[s : e + 1].mean(0)) for s, e in spans]
+        keys = self.none[None]
         if spans:  # the index embeddings through their modules' own forward (ZeRO-3 gathers a module's weights there)
             idx = torch.arange(n, device=h.device)
-            keys = list(torch.stack(keys) + self.from_start(idx.clamp(max=cap)) + self.from_end((n - 1 - idx).clamp(max=cap)))
-        keys = torch.stack([*keys, self.none])
+            frames = self.key(torch.stack([h[s : e + 1].mean(0) for s, e in spans]))
+            keys = torch.cat([frames + self.from_start(idx.clamp(max=cap)) + self.from_end((n - 1 - idx).clamp(max=cap)), keys])
         return keys @ q / math.sqrt(self.dim)
 
 

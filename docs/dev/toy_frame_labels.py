@@ -20,6 +20,7 @@ from backbones.generator.text_encoder import TextEncoder
 from fusion.data import load_images, read_jsonl
 from fusion.frames import best_frames
 from fusion.model import FusedModel
+from fusion.toyworld.conversations import drawn_images
 
 model = FusedModel.from_pretrained(sys.argv[1]).eval()
 split = sys.argv[2] if len(sys.argv) > 2 else "checkpoints/toy/toyworld/test.jsonl"
@@ -36,18 +37,12 @@ with torch.no_grad():
         if i >= n_conv:
             break
         meta = json.loads(line)["meta"]
-        kind, turns = meta["kind"], meta["turns"]
-        targets = [k for k, (role, _) in enumerate(conv.image_items()) if role == "assistant"]
-        scenes = [(t, j) for t in turns for j, _ in enumerate(t["images"])]
-        for k, (turn, j) in zip(targets, scenes):
+        kind = meta["kind"]
+        for k, turn, _, start in drawn_images(meta, [role for role, _ in conv.image_items()]):
             if k == 0:
                 continue
-            if kind == "steps":
-                group, want = "steps", (k - 1 if j else k)  # index k: none (a new picture's first step)
-            elif "edit" in turn:
-                group, want = f"{kind} {turn['edit']['op']}", (0 if turn.get("refers_back") or kind == "edit_user" else k - 1)
-            else:
-                group, want = f"{kind} new drawing", k
+            want = k if start is None else start  # index k: none (the candidates are images 0 .. k-1, then none)
+            group = "steps" if kind == "steps" else f"{kind} {turn['edit']['op']}" if "edit" in turn else f"{kind} new drawing"
             sample = model.prepare_align_sample(load_images(conv.until_image(k)), g)
             states, mask = model._teacher_states(sample.request)
             for t in ts:

@@ -19,6 +19,7 @@ import torch
 from backbones.generator.base import to_pil
 from fusion.data import load_images, read_jsonl
 from fusion.model import FusedModel
+from fusion.toyworld.conversations import drawn_images
 from fusion.toyworld.reader import read_scene
 from fusion.toyworld.scenes import scene_from_dicts
 
@@ -34,17 +35,15 @@ g = torch.Generator().manual_seed(0)
 with torch.no_grad():
     for conv, line in zip(read_jsonl(split), open(split)):
         raw = json.loads(line)
-        kind, turns = raw["meta"]["kind"], raw["meta"]["turns"]
-        roles = [r for r, _ in conv.image_items()]
-        targets = [k for k, r in enumerate(roles) if r == "assistant"]
-        scenes = [(t, j, s) for t in turns for j, s in enumerate(t["images"])]
-        for k, (turn, j, scene) in zip(targets, scenes):
+        kind = raw["meta"]["kind"]
+        for k, turn, j, want in drawn_images(raw["meta"], [r for r, _ in conv.image_items()]):
+            scene = turn["images"][j]
             if kind == "steps":
-                group, want = f"steps, image {j + 1}", (k - 1 if j else None)
+                group = f"steps, image {j + 1}"
             elif "edit" in turn:
-                group, want = f"{kind} edit ({turn['edit']['op']})", (0 if turn.get("refers_back") or kind == "edit_user" else k - 1)
+                group = f"{kind} edit ({turn['edit']['op']})"
             else:
-                group, want = f"{kind} drawing", None
+                group = f"{kind} drawing"
             sample = model.prepare_align_sample(load_images(conv.until_image(k)))
             states, mask, _ = model.sample_states(sample)
             neg, neg_mask = model.negative_states(sample, states, mask)

@@ -246,6 +246,24 @@ def conversation(kind: str, rng: random.Random, w: Writer, held_out) -> dict:
     return {"messages": msgs, "meta": {"kind": kind, "turns": turns}}
 
 
+def drawn_images(meta: dict, image_roles: list[str]) -> list[tuple[int, dict, int, int | None]]:
+    """Every image the assistant draws in a conversation (``meta`` its ground truth, ``image_roles`` the role of each of
+    its images in order): (index among the conversation's images, its turn's meta, its place in that turn, the index of
+    the earlier image the drawing starts from: the edited image, the previous step, or None for a new drawing)."""
+    drawn = [k for k, role in enumerate(image_roles) if role == "assistant"]
+    turns = [(turn, j) for turn in meta["turns"] for j in range(len(turn["images"]))]
+    out = []
+    for k, (turn, j) in zip(drawn, turns):
+        if meta["kind"] == "steps":
+            start = k - 1 if j else None
+        elif "edit" in turn:  # a user's image or the first drawing (refers back after distractors) is image 0
+            start = 0 if turn.get("refers_back") or meta["kind"] == "edit_user" else k - 1
+        else:
+            start = None
+        out.append((k, turn, j, start))
+    return out
+
+
 def write_split(root: str | Path, split: str, n: int, seed: int = 0, kinds=KINDS, size: int = 64) -> Path:
     """Write ``<root>/<split>.jsonl`` (+ images) with ``n`` conversations, kinds in rotation."""
     root = Path(root)

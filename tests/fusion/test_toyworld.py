@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fusion.data import load_images, read_jsonl
-from fusion.toyworld.conversations import HELD_OUT, KINDS, write_split
+from fusion.toyworld.conversations import HELD_OUT, KINDS, drawn_images, write_split
 from fusion.toyworld.evaluate import Scorer, TurnOutput
 from fusion.toyworld.reader import read_scene
 from fusion.toyworld.scenes import CELLS, COLOURS, SHAPES, Obj, make_scene, random_scene, render, scene_from_dicts
@@ -69,6 +69,35 @@ def test_every_kind_round_trips_through_the_loader(world):
 
                 assert read_scene(Image.open(path)) == scene_from_dicts(scene)
         assert loaded.messages
+
+
+def test_drawn_images_name_the_earlier_image_each_drawing_starts_from(world):
+    """drawn_images: the start of an edit shows the edit's source, of a step the previous step (the same scene less
+    the new object), of a new drawing nothing; every assistant image once, in order."""
+    from PIL import Image
+
+    root, paths = world
+    starts = {"edit": 0, "step": 0, "new": 0}
+    for conv, line in zip(read_jsonl(paths["train"]), paths["train"].read_text().splitlines()):
+        meta = json.loads(line)["meta"]
+        items = conv.image_items()
+        drawn = drawn_images(meta, [role for role, _ in items])
+        assert [k for k, *_ in drawn] == [k for k, (role, _) in enumerate(items) if role == "assistant"]
+        for k, turn, j, start in drawn:
+            assert scene_from_dicts(turn["images"][j]) == read_scene(Image.open(items[k][1]["image"]))
+            if start is None:
+                assert "edit" not in turn and (meta["kind"] != "steps" or j == 0)
+                starts["new"] += 1
+                continue
+            assert start < k
+            shown = read_scene(Image.open(items[start][1]["image"]))
+            if "edit" in turn:
+                assert shown == scene_from_dicts(turn["edit"]["source"])
+                starts["edit"] += 1
+            else:
+                assert meta["kind"] == "steps" and j > 0 and set(shown) < set(scene_from_dicts(turn["images"][j]))
+                starts["step"] += 1
+    assert all(starts.values()), starts
 
 
 def test_held_out_combinations_never_appear_in_train(world):
