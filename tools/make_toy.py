@@ -113,10 +113,12 @@ def main(cfg: DictConfig) -> None:
             want["mrope_interleaved"] = True
         if cfg.mllm_p_text:
             want["p_text"] = cfg.mllm_p_text
+        if cfg.mllm_vision_out_scale != 1.0:
+            want["vision_out_scale"] = cfg.mllm_vision_out_scale
         cached(out / "qwen2_5_vl", want,
                lambda p: pretrain_mllm(p, steps=cfg.mllm_steps, lr=cfg.mllm_lr, seed=cfg.seed, hidden_size=cfg.mllm_hidden_size,
                                          rope_theta=cfg.mllm_rope_theta, mrope_interleaved=cfg.mllm_mrope_interleaved,
-                                         p_text=cfg.mllm_p_text),
+                                         p_text=cfg.mllm_p_text, vision_out_scale=cfg.mllm_vision_out_scale),
                lambda s: f"held-out questions answered exactly {s['answer_accuracy']:.3f}"
                          + (f", text exercises {s['text_accuracy']:.3f}" if "text_accuracy" in s else ""))
     if cfg.dit_steps > 0:

@@ -199,11 +199,16 @@ def tiny_config(tokenizer, hidden_size: int = 64, num_layers: int = 4, vision_hi
 
 def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "qwen2_5_vl", hidden_size: int = 64, num_layers: int = 4,
               vision_hidden_size: int = 32, min_pixels: int = TINY_MIN_PIXELS, max_pixels: int = TINY_MAX_PIXELS,
-              initializer_range: float = 0.02, rope_theta: float = 10000.0, mrope_interleaved: bool = False) -> Path:
+              initializer_range: float = 0.02, rope_theta: float = 10000.0, mrope_interleaved: bool = False,
+              vision_out_scale: float = 1.0) -> Path:
     """Write a tiny Qwen2.5-VL (model, tokenizer, processor) to ``<out_dir>/<name>``.
 
     ``min_pixels`` / ``max_pixels`` are the processor's bounds (the toy MLLM uses 84x84 for
-    both: a 64 px toy image becomes 6x6 patches, 3x3 merged tokens, one per grid cell)."""
+    both: a 64 px toy image becomes 6x6 patches, 3x3 merged tokens, one per grid cell).
+    ``vision_out_scale`` multiplies the initial weights of the vision merger's output layer: at
+    ``initializer_range`` 0.1 the image tokens otherwise enter the language model ~100x larger
+    than its text embeddings, too large for its layers to change (the toy MLLM uses 0.1; README,
+    the toy world)."""
     from transformers import (
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,
@@ -225,6 +230,11 @@ def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "qwen2_5_vl", hidd
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(tiny_config(tokenizer, hidden_size, num_layers, vision_hidden_size, initializer_range, rope_theta,
                                                                 mrope_interleaved))
+    if vision_out_scale != 1.0:
+        with torch.no_grad():
+            out_layer = model.model.visual.merger.mlp[-1]
+            out_layer.weight.mul_(vision_out_scale)
+            out_layer.bias.mul_(vision_out_scale)
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids("<|im_end|>")]
     model.save_pretrained(target)
     processor.save_pretrained(target)

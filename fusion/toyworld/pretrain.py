@@ -698,7 +698,7 @@ def mllm_accuracy(adapter, n: int = 64, seed: int = 30_011, text_only: bool = Fa
 
 def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float = 2e-3, seed: int = 0, hidden_size: int = 128,
                   num_layers: int = 4, vision_hidden_size: int = 64, initializer_range: float = 0.1, rope_theta: float = 10000.0,
-                  mrope_interleaved: bool = False, p_text: float = 0.0, progress: bool = True) -> dict:
+                  mrope_interleaved: bool = False, p_text: float = 0.0, vision_out_scale: float = 1.0, progress: bool = True) -> dict:
     """Build a tiny Qwen2.5-VL (real classes, real folder layout) and pretrain it on captions and
     questions about toy scenes (and, a ``p_text`` share, :func:`text_exercise`); save it with its
     processor. No ``<|bov|>`` yet: stage 1 adds it, as it does to a published checkpoint."""
@@ -707,7 +707,7 @@ def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float 
 
     out = Path(out)
     make_tiny(out.parent, seed, out.name, hidden_size, num_layers, vision_hidden_size, TOY_MLLM_PIXELS, TOY_MLLM_PIXELS, initializer_range, rope_theta,
-              mrope_interleaved)
+              mrope_interleaved, vision_out_scale)
     adapter = Qwen25VLAdapter.from_pretrained(str(out), add_bov=False)
     torch.manual_seed(seed)
     rng = random.Random(seed)

@@ -266,7 +266,7 @@ def test_copy_heads_start_reading_the_condition_frame_at_the_same_cell():
                                              ("dit_copy_heads", -1.0, "dit_copy_heads"), ("dit_p_frames", 1.0, "dit_p_frames"),
                                              ("dit_p_context", 1.5, "dit_p_context"), ("mllm_p_text", -0.1, "mllm_p_text"),
                                              ("dit_p_edit", 1.2, "dit_p_edit"),
-                                             ("mllm_rope_theta", 1.0, "mllm_rope_theta")])
+                                             ("mllm_rope_theta", 1.0, "mllm_rope_theta"), ("mllm_vision_out_scale", 0.0, "mllm_vision_out_scale")])
 def test_make_toy_refuses_impossible_settings_naming_the_key(field, value, key):
     from fusion.config import MakeToyConfig
     from fusion.errors import ConfigError
@@ -277,6 +277,23 @@ def test_make_toy_refuses_impossible_settings_naming_the_key(field, value, key):
     assert (MakeToyConfig().dit_t_sampling, MakeToyConfig().dit_t_shift) == ("shifted", 3.0)
     with pytest.raises(ConfigError, match="dit_copy_heads"):  # the copy heads read the Fourier channels
         MakeToyConfig(dit_copy_heads=4.0, dit_coord_freqs=0)
+
+def test_vision_out_scale_shrinks_only_the_merger_output_layer_at_init(tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from backbones.mllm.tiny_qwen2_5_vl import make_tiny
+
+    plain = Qwen2_5_VLForConditionalGeneration.from_pretrained(make_tiny(tmp_path, 3, "plain", 64, 2, 32, initializer_range=0.1)).state_dict()
+    small = Qwen2_5_VLForConditionalGeneration.from_pretrained(make_tiny(tmp_path, 3, "small", 64, 2, 32, initializer_range=0.1,
+                                                                         vision_out_scale=0.1)).state_dict()
+    out_layer = [k for k in plain if "merger.mlp.2." in k]
+    assert len(out_layer) == 2  # weight and bias
+    for k in plain:
+        assert torch.allclose(small[k], plain[k] * (0.1 if k in out_layer else 1.0)), k
+    from fusion.config import MakeToyConfig
+
+    assert MakeToyConfig().mllm_vision_out_scale < 1  # the toy recipe's image tokens start near the text embeddings' scale
+
 
 def test_toy_mllm_pretrains_into_a_qwen_folder_with_one_vision_token_per_cell(tmp_path, monkeypatch):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
