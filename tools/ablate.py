@@ -32,7 +32,7 @@ from rich.table import Table
 
 from fusion.cli import friendly_errors, setup_environment
 from fusion.config import register_configs
-from fusion.toyworld.ablation import aggregate, beyond_lines, metrics_of, render_markdown
+from fusion.toyworld.ablation import aggregate, beyond_lines, metrics_of, newest_mtime, render_markdown, stage1_predates
 from fusion.toyworld.report import run_phase
 
 register_configs()
@@ -52,6 +52,9 @@ def main(cfg: DictConfig) -> None:
                                         f"mllm_steps={cfg.mllm_steps}", f"dit_steps={cfg.dit_steps}",
                                         f"dit_families=[{cfg.generator.removeprefix('toy_')}]", f"hydra.run.dir={root / 'world'}",
                                         *cfg.make_toy_overrides], timings)
+    if stage1_predates(out / "sft" / "final", toy / "qwen2_5_vl"):
+        console.print(f"stage 1: {out / 'sft'} predates the toy MLLM in {toy / 'qwen2_5_vl'}: training it again")
+        shutil.rmtree(out / "sft")
     if not (out / "sft" / "final").is_dir():
         shutil.rmtree(root / "feature_cache", ignore_errors=True)  # caches of an older stage-1 model would never match again
         run_phase("sft", "train.py", ["experiment=toy_sft", f"toy_dir={toy}", f"stage.max_steps={cfg.sft_steps}", "resume=never",
@@ -59,7 +62,7 @@ def main(cfg: DictConfig) -> None:
     else:
         console.print(f"stage 1: reusing {out / 'sft'}")
     stage1 = out / "sft" / "final"
-    stage1_id = {"path": str(stage1), "mtime": max(f.stat().st_mtime for f in stage1.rglob("*") if f.is_file())}
+    stage1_id = {"path": str(stage1), "mtime": newest_mtime(stage1)}
     # the yaml tree shapes every run beyond its overrides (e.g. conf/experiment_connector/): a change there reruns
     from fusion.feature_cache import folder_fingerprint
 

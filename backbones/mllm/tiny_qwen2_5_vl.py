@@ -206,9 +206,9 @@ def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "qwen2_5_vl", hidd
     ``min_pixels`` / ``max_pixels`` are the processor's bounds (the toy MLLM uses 84x84 for
     both: a 64 px toy image becomes 6x6 patches, 3x3 merged tokens, one per grid cell).
     ``vision_out_scale`` multiplies the initial weights of the vision merger's output layer: at
-    ``initializer_range`` 0.1 the image tokens otherwise enter the language model ~100x larger
-    than its text embeddings, too large for its layers to change (the toy MLLM uses 0.1; README,
-    the toy world)."""
+    ``initializer_range`` 0.1 the image tokens otherwise reach the language model at ~130x the
+    norm of its text embeddings, too large for its layers to change (the toy MLLM: initializer_range
+    0.1, vision_out_scale 0.03; README, the toy world)."""
     from transformers import (
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from itertools import combinations
+from pathlib import Path
 
 from fusion.toyworld.report import GOALS
 
@@ -23,6 +24,18 @@ TIE_BREAK = ("edit_applied", "trigger_f1")
 NONE_BEYOND = "none: every difference is within the spread between seeds"
 #: float noise (a mean of 0.20 and 0.22 is not quite 0.21): below it, means tie and differences vanish
 EPS = 1e-9
+
+
+def newest_mtime(folder: Path) -> float:
+    """The latest modification time of any file under ``folder`` (0 when it holds none)."""
+    return max((f.stat().st_mtime for f in Path(folder).rglob("*") if f.is_file()), default=0.0)
+
+
+def stage1_predates(stage1: Path, mllm: Path) -> bool:
+    """Whether a stage-1 model folder was trained before the toy MLLM it started from was (re)built (make_toy rewrites
+    ``<mllm>/pretrain.json`` when its settings change), so the ablation must not reuse it."""
+    built = Path(mllm) / "pretrain.json"
+    return Path(stage1).is_dir() and built.is_file() and built.stat().st_mtime > newest_mtime(stage1)
 
 
 def _number(v) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fusion.toyworld.ablation import GAIN, NONE_BEYOND, aggregate, beyond_lines, metric_keys, metrics_of, render_markdown
+from fusion.toyworld.ablation import GAIN, NONE_BEYOND, aggregate, beyond_lines, metric_keys, metrics_of, render_markdown, stage1_predates
 
 
 def rep(exact, edit=0.5, f1=0.9, gain=None, **more):
@@ -113,3 +113,19 @@ def test_extra_keys_are_summarised_not_judged():
     assert "final_loss" not in result["keys"] and not any(d["metric"] == "final_loss" for d in result["differences"])
     header = next(line for line in render_markdown(result, extra=("final_loss",)).splitlines() if line.startswith("| rank |"))
     assert header.endswith("| exact_scene | final_loss |")
+
+
+def test_a_stage1_model_older_than_its_toy_mllm_is_not_reused(tmp_path):
+    import os
+
+    stage1, mllm = tmp_path / "sft" / "final", tmp_path / "toy" / "qwen2_5_vl"
+    (stage1 / "mllm").mkdir(parents=True)
+    mllm.mkdir(parents=True)
+    (stage1 / "mllm" / "model.safetensors").write_text("x")
+    (mllm / "pretrain.json").write_text("{}")
+    os.utime(mllm / "pretrain.json", (1000, 1000))
+    os.utime(stage1 / "mllm" / "model.safetensors", (2000, 2000))
+    assert not stage1_predates(stage1, mllm)  # stage 1 trained after the MLLM was built: reused
+    os.utime(mllm / "pretrain.json", (3000, 3000))  # make_toy rebuilt the MLLM since
+    assert stage1_predates(stage1, mllm)
+    assert not stage1_predates(tmp_path / "absent", mllm) and not stage1_predates(stage1, tmp_path / "no_mllm")

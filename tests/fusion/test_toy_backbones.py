@@ -278,6 +278,7 @@ def test_make_toy_refuses_impossible_settings_naming_the_key(field, value, key):
     with pytest.raises(ConfigError, match="dit_copy_heads"):  # the copy heads read the Fourier channels
         MakeToyConfig(dit_copy_heads=4.0, dit_coord_freqs=0)
 
+
 def test_vision_out_scale_shrinks_only_the_merger_output_layer_at_init(tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -301,8 +302,13 @@ def test_toy_mllm_pretrains_into_a_qwen_folder_with_one_vision_token_per_cell(tm
     from backbones.mllm.qwen2_5_vl import Qwen25VLAdapter
 
     out = tmp_path / "qwen2_5_vl"
-    stats = pretrain_mllm(out, steps=3, batch=2, hidden_size=64, vision_hidden_size=32, rope_theta=10.0, p_text=0.5, progress=False)
+    stats = pretrain_mllm(out, steps=3, batch=2, hidden_size=64, vision_hidden_size=32, rope_theta=10.0, p_text=0.5, vision_out_scale=0.1,
+                          progress=False)
     assert json.loads((out / "config.json").read_text())["text_config"]["rope_parameters"]["rope_theta"] == 10.0
+    from safetensors.torch import load_file
+
+    out_layer = next(v for k, v in load_file(out / "model.safetensors").items() if k.endswith("merger.mlp.2.weight"))
+    assert out_layer.std() < 0.03  # initialised at 0.1 x 0.1 (initializer_range 0.1 alone: ~0.1), three small steps since
     assert stats["last_loss"] < stats["first_loss"] + 1.0 and 0.0 <= stats["answer_accuracy"] <= 1.0
     assert stats["p_text"] == 0.5 and 0.0 <= stats["text_accuracy"] <= 1.0  # text-only exercises decode without pixels
     Qwen2_5_VLForConditionalGeneration.from_pretrained(out)  # the published layout
