@@ -40,7 +40,6 @@ X, Y = torch.stack(feats), torch.stack(labels)
 text_norm = adapter.model.get_input_embeddings().weight.norm(dim=-1).mean().item()
 print(f"image token norm {X.norm(dim=-1).mean():.2f}, text embedding norm {text_norm:.2f} (ratio {X.norm(dim=-1).mean() / text_norm:.1f})")
 cut = int(0.75 * n)
-torch.manual_seed(0)
 for cell in range(9):
     f = X[:, cell]
     f = (f - f[:cut].mean(0)) / (f[:cut].std(0) + 1e-6)

@@ -6,7 +6,8 @@ tested without models. A difference between two connectors counts only when the 
 their means exceeds the larger of their two seed spreads (max - min over seeds):
 ``|mean_a - mean_b| > max(spread_a, spread_b)``; anything else is within the noise. With one
 seed the spreads are 0 and every nonzero difference counts (there is nothing to judge it by).
-Differences and ties are taken up to float noise (EPS).
+Differences and ties are taken up to float noise (EPS). Beside them, two file-time helpers that
+decide whether the demo's stage-1 model may be reused (:func:`stage1_predates`).
 """
 
 from __future__ import annotations
