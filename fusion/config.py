@@ -435,6 +435,10 @@ class StageConfig:
     hardly depend on it, but the gradient clipping (deepspeed.gradient_clipping) sees one norm over every part: at 1.0
     the head's early cross-entropy spikes held the connector back (toy world: distillation loss 0.061
     vs 0.057 at steps 2500-3000), at 0.1 the connector learns as without the head (0.058)."""
+    frame_label_memo: bool = True
+    """align, frame_select=learned: while the DiT is frozen (stage.generator_frozen_steps) the frame it prefers for a
+    sample is computed once per (conversation, condition frames), from two fixed noises, and reused (false: two DiT
+    passes every step, with the step's noise; README, "Stage 2's frame labels, once per sample")."""
     gain_warn: float = 0.05
     """align: warn when the gain is below this after the warm-up (the DiT is not using the connector's states), at the t
     where the DiT's own text encoder gains most (t=0.7 when the generator has none; fusion.gain.gain_warning)."""

@@ -22,6 +22,7 @@ import contextlib
 import json
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -44,6 +45,8 @@ from fusion.flow import add_noise, sample_t, target_velocity
 MANIFEST = "unifuse.json"
 FORMAT_VERSION = 1
 _UNSET = object()
+#: noises each memoised frame label averages its flow losses over (FusedModel._frame_label_memo)
+FRAME_LABEL_DRAWS = 2
 
 
 @dataclass
@@ -678,6 +681,22 @@ class FusedModel(nn.Module):
         idx = self.frame_indices(sample.cond.shape[0], sample.ctx_ids, hidden)
         return sample.cond[idx] if idx else None
 
+    def _frame_label_memo(self) -> dict | None:
+        """``stage.frame_label_memo``: while the DiT cannot move (the first ``stage.generator_frozen_steps`` steps)
+        the frame it prefers for a sample is a function of the sample alone, so each (conversation, condition
+        frames) sample's label is computed once, from :data:`FRAME_LABEL_DRAWS` fixed noises through its own
+        encoder's states, and reused: the toy world's 6000 distillation steps ran two DiT passes each for these
+        labels (README, "Stage 2's frame labels, once per sample"). None (every step probes afresh, with the sample's noise) once
+        the DiT trains, without a teacher, or with the DiT's weights partitioned (ZeRO-3: every rank must run
+        the same DiT passes)."""
+        s = self.settings
+        if not s.get("frame_label_memo", True) or self.step >= int(s.get("generator_frozen_steps", 0) or 0):
+            self.__dict__.pop("_frame_labels", None)
+            return None
+        if any(hasattr(q, "ds_status") for q in self.generator.parameters()):
+            return None
+        return self.__dict__.setdefault("_frame_labels", {})
+
     def _select_frames(self, plans: list, batched: bool):
         """Apply ``stage.frame_select`` to the plans' condition frames; with the learned head also its loss:
         (cross-entropy, accuracy) against the frame the DiT's own flow loss prefers, else None."""
@@ -690,7 +709,9 @@ class FusedModel(nn.Module):
         from fusion.frames import best_frames
 
         gen, dev = self.generator, self.generator.device
-        todo, probes = [], []
+        memo = self._frame_label_memo()
+        t_probe = float(s.get("frame_select_t", 0.8))
+        todo, labels, probes, owners = [], [], [], []
         for p in plans:
             smp = p.sample
             if smp.cond is None:
@@ -699,14 +720,34 @@ class FusedModel(nn.Module):
             if len(spans) != smp.cond.shape[0]:
                 raise DataError(f"stage.frame_select=learned: the context shows {len(spans)} images but the sample has "
                                 f"{smp.cond.shape[0]} condition frames", smp.where or None, kind="frames")
-            if self.teacher is not None and smp.request:  # the probe reads the DiT's own encoder where there is one
+            teacher = self.teacher is not None and bool(smp.request)
+            if teacher:  # the probe reads the DiT's own encoder where there is one
                 states, mask = self._teacher_states(smp.request)
             else:
                 states, mask = p.states.detach().to(gen.dtype), p.mask
             todo.append((p, spans))
-            probes.append((p.target, p.noise, smp.cond.to(dev), states[0], mask[0]))
+            key = (smp.where, smp.cond.shape[0]) if memo is not None and teacher and smp.where else None
+            labels.append(memo.get(key) if key is not None else None)
+            if labels[-1] is not None:
+                continue
+            if key is None:  # the sample's own noise, drawn afresh each step
+                probes.append((p.target, p.noise, smp.cond.to(dev), states[0], mask[0]))
+                owners.append((len(todo) - 1, None))
+                continue
+            g = torch.Generator().manual_seed(zlib.crc32(f"{key[0]}|{key[1]}|{int(s.get('seed', 0))}".encode()))
+            for _ in range(FRAME_LABEL_DRAWS):  # a fixed noise per sample and draw: the same label after a resume
+                noise = torch.randn(p.target.shape, generator=g).to(dev)
+                probes.append((p.target, noise, smp.cond.to(dev), states[0], mask[0]))
+                owners.append((len(todo) - 1, key))
+        sums: dict[int, torch.Tensor] = {}
+        for (i, key), (_, losses) in zip(owners, best_frames(gen, probes, t_probe, batched)):
+            sums[i] = sums[i] + losses if i in sums else losses
+        for (i, key) in owners:
+            labels[i] = int(sums[i].argmin())
+            if key is not None:
+                memo[key] = labels[i]
         losses, hits = [], []
-        for (p, spans), (best, _) in zip(todo, best_frames(gen, probes, float(s.get("frame_select_t", 0.8)), batched)):
+        for (p, spans), best in zip(todo, labels):
             logits = self.frame_selector(p.sample.ctx_hidden.to(dev), spans)
             losses.append(nn.functional.cross_entropy(logits[None].float(), torch.tensor([best], device=dev)))
             hits.append(float(int(logits.argmax()) == best))

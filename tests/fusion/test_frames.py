@@ -129,6 +129,57 @@ def test_learned_head_fits_the_frame_its_dit_prefers_and_survives_save_load(tiny
     assert (frames is None) == (k is None) and (k is None or torch.equal(frames[0], s.cond[k]))
 
 
+def probe_rows(model, samples, seed=0):
+    """The number of rows of each frame-probe DiT call of one stage-2 loss (every call but the flow pass), and the loss."""
+    seen = []
+    real = model.generator.batched_velocity
+
+    def spy(rows, **kw):
+        if len(rows) != len(samples):
+            seen.append(len(rows))
+        return real(rows, **kw)
+
+    model.generator.batched_velocity = spy
+    try:
+        out = model.align_loss(samples, torch.Generator().manual_seed(seed))
+    finally:
+        del model.generator.batched_velocity
+    return seen, out
+
+
+@pytest.mark.parametrize("memo", [True, False])
+def test_a_frozen_dits_frame_labels_are_probed_once_per_sample(tiny_dir, two_frames, memo):
+    """stage.frame_label_memo: while the DiT is frozen (stage.generator_frozen_steps) a sample's preferred frame is
+    probed once (three candidates x two fixed noises) and reused, the same label in a new model (as after a resume);
+    once the DiT trains, and with the memo off, every step probes afresh with the step's noise (three candidates)."""
+    from backbones.generator.text_encoder import TextEncoder
+
+    def fresh():
+        torch.manual_seed(0)
+        model, cfg = build(tiny_dir, "multilayer_concat", extra=[*LEARNED, "stage.generator_frozen_steps=3",
+                                                                 f"stage.frame_label_memo={str(memo).lower()}"])
+        model.set_teacher(TextEncoder.from_pretrained(cfg.generator.path))
+        model.apply_trainable(cfg.stage)
+        return model
+
+    model = fresh()
+    samples = [replace(model.prepare_align_sample(two_frames), where="train.jsonl:7")]
+    assert samples[0].cond.shape[0] == 2
+    first, out0 = probe_rows(model, samples, seed=0)
+    again, out1 = probe_rows(model, samples, seed=1)  # another step: other noise
+    assert first == ([6] if memo else [3]) and again == ([] if memo else [3])
+    if memo:  # the label is the sample's own: the head's cross-entropy (same head, same logits) is the same
+        assert torch.equal(out0["frame_select"], out1["frame_select"])
+        other = fresh()
+        _, out2 = probe_rows(other, [replace(other.prepare_align_sample(two_frames), where="train.jsonl:7")], seed=5)
+        assert torch.equal(out0["frame_select"], out2["frame_select"])
+    model.step = 3  # the DiT trains from here: its preferences move, so every step asks it
+    for seed in (2, 3):
+        assert probe_rows(model, samples, seed=seed)[0] == [3]
+    model.step = 0  # (a model that never trains its DiT again would start a new memo)
+    assert probe_rows(model, samples)[0] == ([6] if memo else [3])
+
+
 def test_chat_draws_with_the_frame_the_head_picks(tiny_dir, two_frames):
     torch.manual_seed(0)
     model, cfg = build(tiny_dir, "multilayer_concat", extra=LEARNED)
