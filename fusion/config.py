@@ -791,7 +791,7 @@ class ChatUIConfig(ChatSettingsConfig):
             raise ConfigError(f"max_upload_mb must be positive, got {self.max_upload_mb}")
 
 
-BENCH_SECTIONS = ("cache", "cache_queries", "stage2_batching", "sampling_guidance", "overhead", "stage1_overhead", "packing", "generation")
+BENCH_SECTIONS = ("cache", "cache_queries", "stage2_batching", "frame_labels", "sampling_guidance", "overhead", "stage1_overhead", "packing", "generation")
 
 
 @dataclass

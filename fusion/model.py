@@ -690,10 +690,10 @@ class FusedModel(nn.Module):
         the DiT trains, without a teacher, or with the DiT's weights partitioned (ZeRO-3: every rank must run
         the same DiT passes)."""
         s = self.settings
-        if not s.get("frame_label_memo", True) or self.step >= int(s.get("generator_frozen_steps", 0) or 0):
+        if self.step >= int(s.get("generator_frozen_steps", 0) or 0):  # the DiT moves: what it preferred is stale
             self.__dict__.pop("_frame_labels", None)
             return None
-        if any(hasattr(q, "ds_status") for q in self.generator.parameters()):
+        if not s.get("frame_label_memo", True) or any(hasattr(q, "ds_status") for q in self.generator.parameters()):
             return None
         return self.__dict__.setdefault("_frame_labels", {})
 

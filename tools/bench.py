@@ -17,6 +17,10 @@ drift on a noisy machine hits both alike):
 ``stage2_batching``  stage-2 optimizer step (feature cache, micro-batch ``batch``) with the DiT run once per
                 group of samples sharing a shape (``stage.dit_batching=grouped``, the default) vs once per
                 sample (``none``, the loop before); DiT forwards per step; the loss difference of the two.
+``frame_labels``  stage-2 optimizer step of the toy recipe's distillation warm-up (``frame_select=learned``, aligned
+                distillation, the DiT frozen: no flow pass) with each sample's preferred frame probed once and
+                reused (``stage.frame_label_memo``, the default; the steady state, every sample seen) vs probed
+                with two DiT passes every step; DiT forwards per step.
 ``sampling_guidance``  one image with classifier-free guidance (``sample_steps`` steps, DuoGen-style shorter
                 negative, one condition frame): the guidance passes of a step batched into shared DiT
                 forwards vs one forward per pass; with text guidance (2 passes) and with image guidance
@@ -224,6 +228,54 @@ def bench_stage2_batching(cfg: DictConfig, w: dict) -> dict:
             "dit_forwards_per_step": {k: statistics.mean(v) for k, v in forwards.items()},
             "loss_diff_same_batch": abs(loss["none"] - loss["grouped"]),
             "dropout": {"p_drop_text": model.settings.get("p_drop_text"), "p_drop_cond": model.settings.get("p_drop_cond")}}
+
+
+def bench_frame_labels(cfg: DictConfig, w: dict) -> dict:
+    from backbones.generator.text_encoder import TextEncoder
+    from fusion import feature_cache as fc
+    from fusion.data import SkipReport
+    from fusion.model import FusedModel
+
+    recipe = ["stage.frame_select=learned", "stage.distill_steps=1000000", "stage.distill_weight=1.0", "stage.distill_target=aligned",
+              "stage.generator_frozen_steps=1000000", "stage.connector_span=since_image"]
+    c = compose([*w["overrides"], "stage=align", f"connector={cfg.connector_name}", "stage.target_image=last", *recipe])
+    torch.manual_seed(0)
+    model = FusedModel.build(c)
+    model.apply_trainable(c.stage)
+    model.set_teacher(TextEncoder.from_pretrained(c.generator.path))
+    opt = torch.optim.AdamW(model.param_groups(c.stage), lr=1e-4)
+    convs = [x for x in target_convs(w["data"], 4 * cfg.batch * cfg.batches) if x.num_target_images() and len(x.image_items()) > 1]
+    convs = [convs[i % len(convs)] for i in range(cfg.batch * cfg.batches)] if convs else []
+    if not convs:
+        return {"skipped": "no conversation with an image before its target in this data"}
+    batches = [convs[i * cfg.batch : (i + 1) * cfg.batch] for i in range(cfg.batches)]
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = fc.FeatureCache(fc.build(model, convs, tmp, "bench", {}, "error", SkipReport(), progress=False))
+    it = {"every_step": 0, "memo": 0}
+    forwards = {"every_step": [], "memo": []}
+
+    def step(name, memo):
+        def fn():
+            batch = batches[it[name] % len(batches)]
+            seed = it[name]
+            it[name] += 1
+            model.settings["frame_label_memo"] = memo
+            counter = DiTForwards(model.generator)
+            try:
+                optimizer_step(model.align_loss([cache.sample(x, model.settings) for x in batch], torch.Generator().manual_seed(seed))["loss"], opt)
+            finally:
+                counter.remove()
+                model.settings["frame_label_memo"] = True
+            forwards[name].append(len(counter))
+        return fn
+
+    for b in batches:  # the steady state of a long run: every sample's label in the memo
+        model.align_loss([cache.sample(x, model.settings) for x in b], torch.Generator().manual_seed(0))
+    times = interleaved({"every_step": step("every_step", False), "memo": step("memo", True)}, cfg.repeats)
+    r = {k: spread(v) for k, v in times.items()}
+    return {"step_seconds": r, "speedup": r["every_step"]["median"] / r["memo"]["median"], "batch": cfg.batch,
+            "dit_forwards_per_step": {k: statistics.mean(v) for k, v in forwards.items()},
+            "samples_with_earlier_images": len(convs)}
 
 
 def bench_sampling_guidance(cfg: DictConfig, w: dict) -> dict:
@@ -510,6 +562,16 @@ def markdown(results: dict) -> str:
             f"{r['dit_forwards_per_step']['batched']:.1f} | 1.00x |\n\n"
             f"Micro-batch {r['batch']}, feature cache on, CFG dropout {r['dropout']}; loss difference on the same batch and seed "
             f"{r['loss_diff_same_batch']:.1e}. (Each DiT forward is followed by its backward.)")
+    if "frame_labels" in results and "skipped" not in results["frame_labels"]:
+        r = results["frame_labels"]
+        parts.append(
+            "### stage 2: the learned frame head's labels while the DiT is frozen\n\n| variant | step s | DiT forwards / step | ratio |\n"
+            "|---|---|---|---|\n"
+            f"| probed every step (stage.frame_label_memo=false) | {fmt(r['step_seconds']['every_step'])} | "
+            f"{r['dit_forwards_per_step']['every_step']:.1f} | {r['speedup']:.2f}x slower |\n"
+            f"| probed once per sample, reused (default) | {fmt(r['step_seconds']['memo'])} | {r['dit_forwards_per_step']['memo']:.1f} | 1.00x |\n\n"
+            f"Micro-batch {r['batch']} of samples that all have earlier images, the distillation warm-up (no flow pass), feature cache on; "
+            "the steady state of a long run (every sample's label already in the memo).")
     if "sampling_guidance" in results:
         r = results["sampling_guidance"]
         rows = "\n".join(f"| {k.replace('_', ' ')} | {fmt(r[k]['seconds']['separate'])} ({r[k]['dit_forwards']['separate']}) | "
@@ -561,6 +623,7 @@ def main(cfg: DictConfig) -> None:
     results: dict = {"meta": {"world": w["name"], "repeats": cfg.repeats, "torch_threads": torch.get_num_threads(),
                               "sections": list(cfg.sections)}}
     run = {"cache": lambda: bench_cache(cfg, w), "cache_queries": lambda: bench_cache(cfg, w, "queries"), "stage2_batching": lambda: bench_stage2_batching(cfg, w),
+           "frame_labels": lambda: bench_frame_labels(cfg, w),
            "sampling_guidance": lambda: bench_sampling_guidance(cfg, w), "overhead": lambda: bench_overhead(cfg, w),
            "stage1_overhead": lambda: bench_stage1_overhead(cfg, w), "packing": lambda: bench_packing(cfg, w),
            "generation": lambda: bench_generation(cfg, w)}

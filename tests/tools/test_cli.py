@@ -265,11 +265,23 @@ def test_bench_generation_reports_ratios(made, tmp_path):
     assert (tmp_path / "bench.md").is_file()
 
 
+def test_bench_frame_labels_counts_the_dit_passes_it_saves(made, tmp_path):
+    """The frame-label section: probed every step, the frozen DiT runs two forwards a step (candidates with one frame, and
+    none) in the distillation warm-up, which has no flow pass; memoised, none once every sample is known."""
+    out, _ = made
+    p = run("bench.py", f"tiny_dir={out}", "use_toy=false", "sections=[frame_labels]", "repeats=2", "batch=2", "batches=2",
+            f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "bench.json").read_text())["frame_labels"]
+    assert r["dit_forwards_per_step"] == {"every_step": 2, "memo": 0} and r["speedup"] > 0
+    assert "frame head's labels" in (tmp_path / "bench.md").read_text()
+
+
 @pytest.mark.slow
 def test_bench_training_sections_reduced(made, tmp_path):
     """The stage-1/2 sections run end to end on the tiny checkpoints (figures not asserted: the machine is noisy)."""
     out, _ = made
-    p = run("bench.py", f"tiny_dir={out}", "use_toy=false", "sections=[cache,cache_queries,stage2_batching,sampling_guidance,overhead,stage1_overhead,packing]",
+    p = run("bench.py", f"tiny_dir={out}", "use_toy=false", "sections=[cache,cache_queries,stage2_batching,frame_labels,sampling_guidance,overhead,stage1_overhead,packing]",
             "repeats=1", "batch=2", "sft_batch=2", "batches=2", "sample_steps=2", f"hydra.run.dir={tmp_path}")
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads((tmp_path / "bench.json").read_text())
