@@ -45,8 +45,6 @@ from fusion.flow import add_noise, sample_t, target_velocity
 MANIFEST = "unifuse.json"
 FORMAT_VERSION = 1
 _UNSET = object()
-#: noises each memoised frame label averages its flow losses over (FusedModel._frame_label_memo)
-FRAME_LABEL_DRAWS = 2
 
 
 @dataclass
@@ -684,7 +682,7 @@ class FusedModel(nn.Module):
     def _frame_label_memo(self) -> dict | None:
         """``stage.frame_label_memo``: while the DiT cannot move (the first ``stage.generator_frozen_steps`` steps)
         the frame it prefers for a sample is a function of the sample alone, so each (conversation, condition
-        frames) sample's label is computed once, from :data:`FRAME_LABEL_DRAWS` fixed noises through its own
+        frames) sample's label is computed once, from ``stage.frame_label_draws`` fixed noises through its own
         encoder's states, and reused: the toy world's 6000 distillation steps ran two DiT passes each for these
         labels (README, "Stage 2's frame labels, once per sample"). None (every step probes afresh, with the sample's noise) once
         the DiT trains, without a teacher, or with the DiT's weights partitioned (ZeRO-3: every rank must run
@@ -735,7 +733,7 @@ class FusedModel(nn.Module):
                 owners.append((len(todo) - 1, None))
                 continue
             g = torch.Generator().manual_seed(zlib.crc32(f"{key[0]}|{key[1]}|{int(s.get('seed', 0))}".encode()))
-            for _ in range(FRAME_LABEL_DRAWS):  # a fixed noise per sample and draw: the same label after a resume
+            for _ in range(int(s.get("frame_label_draws", 2))):  # a fixed noise per sample and draw: the same label after a resume
                 noise = torch.randn(p.target.shape, generator=g).to(dev)
                 probes.append((p.target, noise, smp.cond.to(dev), states[0], mask[0]))
                 owners.append((len(todo) - 1, key))
