@@ -68,14 +68,13 @@ def test_best_frames_is_the_frame_with_the_lowest_flow_loss():
     assert [b for b, _ in two] == [3, 2]  # none, whatever the number of frames
 
 
-def dit_frames(model, samples, seed=0):
-    """The number of condition frames of every DiT row of one stage-2 loss, and the loss."""
-    seen = []
+def dit_calls(model, samples, seed=0):
+    """The rows of every DiT call (``batched_velocity``) of one stage-2 loss, and the loss."""
+    calls = []
     real = model.generator.batched_velocity
 
     def spy(rows, **kw):
-        if len(rows) == len(samples):  # the flow pass (the frame probes run each sample's candidates)
-            seen.extend(0 if r.cond is None else r.cond.shape[0] for r in rows)
+        calls.append(rows)
         return real(rows, **kw)
 
     model.generator.batched_velocity = spy
@@ -83,7 +82,14 @@ def dit_frames(model, samples, seed=0):
         out = model.align_loss(samples, torch.Generator().manual_seed(seed))
     finally:
         del model.generator.batched_velocity
-    return seen, out
+    return calls, out
+
+
+def dit_frames(model, samples, seed=0):
+    """The number of condition frames of every DiT row of one stage-2 loss's flow pass (the frame probes run each
+    sample's candidates), and the loss."""
+    calls, out = dit_calls(model, samples, seed)
+    return [0 if r.cond is None else r.cond.shape[0] for rows in calls if len(rows) == len(samples) for r in rows], out
 
 
 def test_all_latest_and_learned_hand_the_dit_the_frames_they_say(tiny_dir, two_frames):
@@ -131,20 +137,8 @@ def test_learned_head_fits_the_frame_its_dit_prefers_and_survives_save_load(tiny
 
 def probe_rows(model, samples, seed=0):
     """The number of rows of each frame-probe DiT call of one stage-2 loss (every call but the flow pass), and the loss."""
-    seen = []
-    real = model.generator.batched_velocity
-
-    def spy(rows, **kw):
-        if len(rows) != len(samples):
-            seen.append(len(rows))
-        return real(rows, **kw)
-
-    model.generator.batched_velocity = spy
-    try:
-        out = model.align_loss(samples, torch.Generator().manual_seed(seed))
-    finally:
-        del model.generator.batched_velocity
-    return seen, out
+    calls, out = dit_calls(model, samples, seed)
+    return [len(rows) for rows in calls if len(rows) != len(samples)], out
 
 
 @pytest.mark.parametrize("memo", [True, False])
