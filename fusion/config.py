@@ -440,7 +440,7 @@ class StageConfig:
     sample is computed once per (conversation, condition frames), from stage.frame_label_draws fixed noises, and reused
     (false: two DiT passes every step, with the step's noise). Toy recipe: stage 2 in 1090 s instead of 1294 s, but the
     head picked 6 wrong frames of the test and fresh sets' turns instead of 2 (README, "Stage 2's frame labels, once
-    per sample"): off by default."""
+    per sample"; with 8 draws 7 wrong): off by default."""
     frame_label_draws: int = 2
     """align, stage.frame_label_memo: noises each memoised label averages the DiT's flow losses over."""
     gain_warn: float = 0.05
