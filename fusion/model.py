@@ -691,7 +691,7 @@ class FusedModel(nn.Module):
         if self.step >= int(s.get("generator_frozen_steps", 0) or 0):  # the DiT moves: what it preferred is stale
             self.__dict__.pop("_frame_labels", None)
             return None
-        if not s.get("frame_label_memo", True) or any(hasattr(q, "ds_status") for q in self.generator.parameters()):
+        if not s.get("frame_label_memo", False) or any(hasattr(q, "ds_status") for q in self.generator.parameters()):
             return None
         return self.__dict__.setdefault("_frame_labels", {})
 
@@ -709,7 +709,7 @@ class FusedModel(nn.Module):
         gen, dev = self.generator, self.generator.device
         memo = self._frame_label_memo()
         t_probe = float(s.get("frame_select_t", 0.8))
-        todo, labels, probes, owners = [], [], [], []
+        todo, labels, probes, owners, keys = [], [], [], [], {}
         for p in plans:
             smp = p.sample
             if smp.cond is None:
@@ -728,22 +728,22 @@ class FusedModel(nn.Module):
             labels.append(memo.get(key) if key is not None else None)
             if labels[-1] is not None:
                 continue
+            keys[len(todo) - 1] = key
+            cond = smp.cond.to(dev)
             if key is None:  # the sample's own noise, drawn afresh each step
-                probes.append((p.target, p.noise, smp.cond.to(dev), states[0], mask[0]))
-                owners.append((len(todo) - 1, None))
-                continue
-            g = torch.Generator().manual_seed(zlib.crc32(f"{key[0]}|{key[1]}|{int(s.get('seed', 0))}".encode()))
-            for _ in range(int(s.get("frame_label_draws", 2))):  # a fixed noise per sample and draw: the same label after a resume
-                noise = torch.randn(p.target.shape, generator=g).to(dev)
-                probes.append((p.target, noise, smp.cond.to(dev), states[0], mask[0]))
-                owners.append((len(todo) - 1, key))
+                noises = [p.noise]
+            else:  # fixed noises per sample and draw: the same label after a resume
+                g = torch.Generator().manual_seed(zlib.crc32(f"{key[0]}|{key[1]}|{int(s.get('seed', 0))}".encode()))
+                noises = [torch.randn(p.target.shape, generator=g).to(dev) for _ in range(int(s.get("frame_label_draws", 2)))]
+            probes += [(p.target, noise, cond, states[0], mask[0]) for noise in noises]
+            owners += [len(todo) - 1] * len(noises)
         sums: dict[int, torch.Tensor] = {}
-        for (i, key), (_, losses) in zip(owners, best_frames(gen, probes, t_probe, batched)):
+        for i, (_, losses) in zip(owners, best_frames(gen, probes, t_probe, batched)):
             sums[i] = sums[i] + losses if i in sums else losses
-        for (i, key) in owners:
-            labels[i] = int(sums[i].argmin())
-            if key is not None:
-                memo[key] = labels[i]
+        for i, total in sums.items():
+            labels[i] = int(total.argmin())
+            if keys[i] is not None:
+                memo[keys[i]] = labels[i]
         losses, hits = [], []
         for (p, spans), best in zip(todo, labels):
             logits = self.frame_selector(p.sample.ctx_hidden.to(dev), spans)
