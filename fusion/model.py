@@ -114,6 +114,7 @@ class FusedModel(nn.Module):
         self.specs = specs or {}
         self.settings = dict(settings or {})
         self.lora: dict[str, dict] = {}
+        self.token_rows: dict[int, tuple[int, Any]] = {}  # id(embedding weight) -> (rows that train, gradient hook)
         self.generator_source: str | None = None  # the generator folder the DiT was loaded from (manifest: generator_source)
         self.step = 0  # the optimizer step (set by the trainer): distillation warm-up and other schedules read it
         if connector is not None:
@@ -205,6 +206,9 @@ class FusedModel(nn.Module):
         stage = _to_container(stage)
         tr = stage["trainable"]
         self.requires_grad_(False)
+        for _, hook in self.token_rows.values():
+            hook.remove()
+        self.token_rows.clear()
         parts = self.parts()
         if "mllm" not in parts and (tr["mllm"] != "frozen" or tr.get("vision_tower")):
             raise ConfigError("stage.trainable.mllm/vision_tower need the MLLM loaded; it is not (features from the cache)")
@@ -212,6 +216,7 @@ class FusedModel(nn.Module):
             parts["mllm"].requires_grad_(True)
         elif tr["mllm"] == "lora":
             self._inject_lora("mllm", self.mllm.language_model, stage["lora_mllm"])
+            self._train_token_rows([self.mllm.bov_token_id])
         if tr.get("vision_tower"):
             parts["vision_tower"].requires_grad_(True)
         if self.connector is not None and tr.get("connector"):
@@ -282,6 +287,23 @@ class FusedModel(nn.Module):
             p.requires_grad_("lora_" in n)
         self.lora[part] = {"config": cfg, "module": module}
 
+    def _train_token_rows(self, ids: list[int]) -> None:
+        """Train rows ``ids`` of the MLLM's input and output embeddings and no others.
+
+        LoRA reaches neither embedding, and ``<|bov|>`` starts as the mean of the other rows: without
+        this a LoRA stage 1 never learns to predict it, and the model never draws. The gradients are
+        masked to those rows and the rows' group has no weight decay (:meth:`param_groups`), so AdamW
+        leaves every other row bit for bit as it was; the optimizer still holds full-size states for the
+        two matrices (a published 7B: about 1.1 B parameters' worth, partitioned by ZeRO).
+        """
+        hf = self.mllm.model
+        for w in {id(t): t for t in (hf.get_input_embeddings().weight, hf.get_output_embeddings().weight)}.values():
+            mask = torch.zeros(w.shape[0], 1, dtype=torch.bool, device=w.device)
+            mask[sorted(set(ids))] = True
+            w.requires_grad_(True)
+            hook = w.register_hook(lambda g, m=mask: g * m.to(g.device))
+            self.token_rows[id(w)] = (int(mask.sum()), hook)
+
     def merge_lora(self, part: str) -> None:
         """Fold a part's LoRA into its base weights and drop the adapter layers."""
         from peft.tuners.lora import LoraLayer
@@ -294,19 +316,26 @@ class FusedModel(nn.Module):
                 setattr(parent, name.rsplit(".", 1)[-1], child.get_base_layer())
 
     def trainable_report(self) -> dict[str, tuple[int, int]]:
-        return {name: (sum(p.numel() for p in m.parameters() if p.requires_grad), sum(p.numel() for p in m.parameters()))
+        """{part: (trainable, total)} parameter counts; an embedding that trains some rows counts those rows."""
+        def trained(p: torch.Tensor) -> int:
+            return self.token_rows[id(p)][0] * p.shape[1] if id(p) in self.token_rows else p.numel()
+
+        return {name: (sum(trained(p) for p in m.parameters() if p.requires_grad), sum(p.numel() for p in m.parameters()))
                 for name, m in self.parts().items()}
 
     def param_groups(self, stage: dict | DictConfig) -> list[dict[str, Any]]:
-        """One optimizer group per part that trains: lr = stage.lr * stage.lr_scale[part]."""
+        """One optimizer group per part that trains: lr = stage.lr * stage.lr_scale[part] (and ``<part>_token_rows``, no weight decay, for embedding rows that train alone)."""
         stage = _to_container(stage)
         scale = stage.get("lr_scale") or {}
         groups = []
         for name, module in self.parts().items():
-            params = [p for p in module.parameters() if p.requires_grad]
+            params = [p for p in module.parameters() if p.requires_grad and id(p) not in self.token_rows]
+            rows = [p for p in module.parameters() if p.requires_grad and id(p) in self.token_rows]
+            lr = stage["lr"] * float(scale.get(name, 1.0))
             if params:
-                groups.append({"name": name, "params": params, "lr": stage["lr"] * float(scale.get(name, 1.0)),
-                               "weight_decay": stage.get("weight_decay", 0.0)})
+                groups.append({"name": name, "params": params, "lr": lr, "weight_decay": stage.get("weight_decay", 0.0)})
+            if rows:  # weight decay would shrink the rows that do not train
+                groups.append({"name": f"{name}_token_rows", "params": rows, "lr": lr, "weight_decay": 0.0})
         return groups
 
     # ------------------------------------------------------------------ stage 1

@@ -160,8 +160,36 @@ def test_trainable_set_sft_full_lora_and_vision(tiny_dir, convs, mllm_family):
     model.apply_trainable(cfg.stage)
     trained = names(model.mllm.model)
     lm = {n for n in trained if n.startswith("model.language_model.")}
-    assert lm and all("lora_" in n for n in lm)
+    assert lm and all("lora_" in n or n.endswith("embed_tokens.weight") for n in lm)  # embeddings: the <|bov|> rows
     assert any(n.startswith("model.visual.") for n in trained)
+
+
+def test_lora_stage_1_trains_the_bov_rows_and_no_other_row(tiny_dir, convs, mllm_family):
+    """LoRA reaches neither embedding: without their <|bov|> rows a LoRA stage 1 cannot learn to draw."""
+    model, cfg = build(tiny_dir, "last_mlp", "tiny_wan", stage="sft", extra=["stage.trainable.mllm=lora", "stage.lr=0.01", "stage.weight_decay=0.1"],
+                       family=mllm_family)
+    report = model.apply_trainable(cfg.stage)
+    hf, bov = model.mllm.model, model.mllm.bov_token_id
+    weights = {id(w): w for w in (hf.get_input_embeddings().weight, hf.get_output_embeddings().weight)}
+    lora = sum(p.numel() for n, p in hf.named_parameters() if "lora_" in n)
+    assert report["mllm"][0] == lora + sum(w.shape[1] for w in weights.values())  # one row of each, not the whole matrices
+    groups = {g["name"]: g for g in model.param_groups(cfg.stage)}
+    assert groups["mllm_token_rows"]["weight_decay"] == 0.0 and groups["mllm"]["weight_decay"] == 0.1
+    before = {k: w.detach().clone() for k, w in weights.items()}
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in groups.values()])
+    loss = model.sft_loss(convs[:2])["loss"]  # convs[0] is a text-to-image request: <|bov|> is a label
+    loss.backward()
+    for w in weights.values():
+        others = torch.ones(w.shape[0], dtype=torch.bool)
+        others[bov] = False
+        assert w.grad[bov].abs().sum() > 0 and not w.grad[others].any()
+    opt.step()
+    for k, w in weights.items():
+        changed = (w.detach() != before[k]).any(dim=1).nonzero().flatten().tolist()
+        assert changed == [bov]
+    model, cfg = build(tiny_dir, "last_mlp", "tiny_wan", stage="sft", family=mllm_family)
+    model.apply_trainable(cfg.stage)  # full: the whole matrices train, no row groups
+    assert not model.token_rows and [g["name"] for g in model.param_groups(cfg.stage)] == ["mllm"]
 
 
 def test_param_groups_have_per_part_learning_rates(tiny_dir):
