@@ -41,20 +41,24 @@ class TurnOutput:
 class Scorer:
     """Accumulates hits/totals per metric over many conversations."""
 
-    def __init__(self):
+    def __init__(self, items: list | None = None):
         self.hits: dict[str, float] = defaultdict(float)
         self.totals: dict[str, float] = defaultdict(float)
         self.tp = self.fp = self.fn = 0
+        self.items = items  # a list: one record per scored turn is appended (:meth:`turn_record`)
 
     def add(self, key: str, ok: bool) -> None:
         self.hits[key] += float(ok)
         self.totals[key] += 1
 
-    def score(self, meta: dict, outputs: list[TurnOutput]) -> None:
+    def score(self, meta: dict, outputs: list[TurnOutput], where: dict | None = None) -> None:
+        """Score one conversation's assistant turns; ``where`` (e.g. file and line) goes into each turn's record."""
         kind = meta["kind"]
         earlier = 0  # images due before this turn (the condition frames of a model that drew them all)
         drawn: list[tuple] = []  # (ground truth, read back) of every image the model drew so far
-        for turn, out in zip(meta["turns"], outputs):
+        for t, (turn, out) in enumerate(zip(meta["turns"], outputs)):
+            if self.items is not None:
+                self.items.append(turn_record(kind, t, turn, out, where))
             due = [scene_from_dicts(s) for s in turn["images"]]
             self.tp += min(len(due), len(out.images))
             self.fp += max(0, len(out.images) - len(due))
@@ -70,9 +74,7 @@ class Scorer:
                 drawn.append((gt, pred))
             earlier += len(due)
             if turn.get("answer") is not None:
-                words = re.findall(r"[a-z]+", out.text.lower())
-                key = turn["answer"].lower()
-                self.add("text_answer", all(w in words for w in key.split()) if key else False)
+                self.add("text_answer", answered(out.text, turn["answer"]))
 
     def _image(self, kind: str, gt, pred) -> None:
         exact = pred == gt
@@ -118,3 +120,36 @@ class Scorer:
             out[k] = self.hits[k] / self.totals[k]
         out["n"] = {k: int(v) for k, v in sorted(self.totals.items())}
         return out
+
+
+def say(scene) -> str | None:
+    """A scene in words, objects in grid order ("red circle at top left, blue square at centre"); None: unreadable."""
+    if scene is None:
+        return None
+    return ", ".join(f"{o.colour} {o.shape} at {o.where}" for o in sorted(scene, key=lambda o: o.cell)) or "empty"
+
+
+def turn_record(kind: str, index: int, turn: dict, out: TurnOutput, where: dict | None = None) -> dict:
+    """What one assistant turn should have held and what the model gave, in words (``items.jsonl`` of tools/evaluate.py):
+    each due image's scene and the scene read back from the drawing in its place, the edit asked for, the text said and
+    the answer expected."""
+    due = [scene_from_dicts(s) for s in turn["images"]]
+    got = [read_scene(im) for im in out.images]
+    rec = {**(where or {}), "kind": kind, "turn": index, "images_due": len(due), "images_drawn": len(got),
+           "images": [{"want": say(g), "got": say(got[i]) if i < len(got) else None, "exact": i < len(got) and got[i] == g}
+                      for i, g in enumerate(due)],
+           "extra_images": [say(p) for p in got[len(due):]]}
+    if "edit" in turn:
+        e = turn["edit"]
+        rec["edit"] = {"op": e["op"], "target": say([Obj(**e["target"])]), "source": say(scene_from_dicts(e["source"])),
+                       "refers_back": bool(turn.get("refers_back"))}
+    rec["text"] = out.text
+    if turn.get("answer") is not None:
+        rec["answer"], rec["answered"] = turn["answer"], answered(out.text, turn["answer"])
+    return rec
+
+
+def answered(text: str, answer: str) -> bool:
+    """Every word of the expected answer is a word of the text (case-insensitive)."""
+    words = re.findall(r"[a-z]+", text.lower())
+    return bool(answer) and all(w in words for w in answer.lower().split())

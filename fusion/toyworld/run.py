@@ -19,8 +19,11 @@ from fusion.toyworld.report import cell
 
 
 def evaluate_split(model, path: str | Path, n: int | None = None, settings: GenerationSettings | None = None,
-                   transcripts_dir: str | Path | None = None, n_transcripts: int = 3, progress: bool = True) -> dict:
-    """Scores of ``model`` (a FusedModel) on the first ``n`` conversations of a split file."""
+                   transcripts_dir: str | Path | None = None, n_transcripts: int = 3, progress: bool = True,
+                   items_path: str | Path | None = None) -> dict:
+    """Scores of ``model`` (a FusedModel) on the first ``n`` conversations of a split file; ``items_path``: also one
+    JSON line per assistant turn there (what was due, what was drawn read back, the text; :func:`turn_record`)."""
+    from fusion.atomic import write_text_atomic
     from fusion.transcript import write_transcript
 
     path = Path(path)
@@ -28,7 +31,8 @@ def evaluate_split(model, path: str | Path, n: int | None = None, settings: Gene
     convs = list(read_jsonl(path))
     if n is not None:
         convs, metas = convs[:n], metas[:n]
-    scorer = Scorer()
+    items: list[dict] = []
+    scorer = Scorer(items if items_path is not None else None)
     per_kind: dict[str, Scorer] = {}
     for i, (conv, meta) in enumerate(tqdm(list(zip(convs, metas)), desc="evaluate", disable=not progress)):
         chat = Chat(model, settings or GenerationSettings())
@@ -42,10 +46,12 @@ def evaluate_split(model, path: str | Path, n: int | None = None, settings: Gene
             drawn = [s.image for s in new if s.role == "assistant" and s.kind == "image"]
             said = " ".join(s.text for s in new if s.role == "assistant" and s.kind == "text")
             outputs.append(TurnOutput(drawn, said))
-        scorer.score(meta, outputs)
+        scorer.score(meta, outputs, {"file": path.name, "line": conv.line})
         per_kind.setdefault(meta["kind"], Scorer()).score(meta, outputs)
         if transcripts_dir is not None and i < n_transcripts:
             write_transcript(chat.segments, Path(transcripts_dir) / f"{i:03d}_{meta['kind']}", title=f"{path.name} #{conv.line} ({meta['kind']})")
+    if items_path is not None:  # complete or absent: never a half-written file that looks whole
+        write_text_atomic(Path(items_path), "".join(json.dumps(r) + "\n" for r in items))
     report = scorer.report()
     report["by_kind"] = {k: s.report() for k, s in sorted(per_kind.items())}
     report["conversations"] = len(convs)

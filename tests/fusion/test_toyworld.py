@@ -10,7 +10,7 @@ import torch
 
 from fusion.data import load_images, read_jsonl
 from fusion.toyworld.conversations import HELD_OUT, KINDS, drawn_images, write_split
-from fusion.toyworld.evaluate import Scorer, TurnOutput
+from fusion.toyworld.evaluate import Scorer, TurnOutput, say
 from fusion.toyworld.reader import read_scene
 from fusion.toyworld.scenes import CELLS, COLOURS, SHAPES, Obj, make_scene, random_scene, render, scene_from_dicts
 
@@ -142,6 +142,28 @@ def test_scorer_gives_perfect_outputs_full_marks_and_penalises_mistakes(world):
     r = copier.report()
     assert r["edit_applied"] == 0.0
     assert r["edit_recolour_preserved"] == 1.0 and r.get("edit_add_preserved", 0.0) == 0.0  # same size vs. a missing object
+
+
+def test_scorer_records_each_turn_in_words(world):
+    root, paths = world
+    metas = [json.loads(line)["meta"] for line in paths["test"].read_text().splitlines()]
+    m = next(m for m in metas if m["kind"] == "edit_user")
+    outs = perfect_outputs(m)
+    edit = next(t for t in m["turns"] if "edit" in t)["edit"]
+    outs[-1].images[-1] = render(scene_from_dicts(edit["source"]))  # the edit left undone
+    items: list[dict] = []
+    Scorer(items).score(m, outs, {"file": "test.jsonl", "line": 7})
+    assert len(items) == len(m["turns"])
+    last = items[-1]
+    assert last["file"] == "test.jsonl" and last["line"] == 7 and last["kind"] == "edit_user"
+    assert last["images"][-1]["exact"] is False and last["images"][-1]["got"] == say(scene_from_dicts(edit["source"]))
+    assert last["images"][-1]["want"] == say(scene_from_dicts(m["turns"][-1]["images"][-1]))
+    assert last["edit"]["op"] == edit["op"] and last["images_drawn"] == last["images_due"]
+    q = next(m for m in metas if m["kind"] == "question")
+    items.clear()
+    Scorer(items).score(q, [TurnOutput([], "I do not know.")])
+    assert items[0]["answered"] is False and items[0]["answer"] == q["turns"][0]["answer"]
+    assert say(make_scene([Obj("circle", "red", 0, 0)])) == "red circle at top left" and say(()) == "empty" and say(None) is None
 
 
 def test_tracking_is_split_by_how_many_images_came_before_the_one_referred_back_to(world):

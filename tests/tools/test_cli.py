@@ -328,3 +328,10 @@ def test_evaluate_on_a_fresh_split_reports_every_metric(fused_dir, tmp_path):
     assert g["samples"] == 5 and all(f"gain@{t}" in g and f"shuffle_gain@{t}" in g for t in ("0.3", "0.5", "0.7", "0.9"))
     assert "conditioning gain at t=0.3/0.5/0.7/0.9" in p.stdout
     assert (tmp_path / "report.md").is_file() and any((tmp_path / "transcripts").iterdir())
+    items = [json.loads(line) for line in (tmp_path / "items.jsonl").read_text().splitlines()]
+    turns = sum(len(json.loads(line)["meta"]["turns"]) for line in (tmp_path / "fresh" / "test.jsonl").read_text().splitlines())
+    assert len(items) == turns and {i["file"] for i in items} == {"test.jsonl"}  # one record per assistant turn
+    exact = [im["exact"] for i in items for im in i["images"]]
+    assert len(exact) == r["n"]["exact_scene"] and sum(exact) / len(exact) == pytest.approx(r["exact_scene"])
+    answered = [i["answered"] for i in items if "answer" in i]
+    assert len(answered) == r["n"]["text_answer"] and sum(answered) / len(answered) == pytest.approx(r["text_answer"])
