@@ -9,8 +9,9 @@ draws from the states (run the stage 2 for that). Not part of the toolkit.
 
 Run as: python docs/dev/toy_connector_trial.py <name> [steps] [key=value ...]
     keys: the connector's constructor arguments (refiner_layers=4, window=3, ...), span=1 (the window after
-    the last image, stage.connector_span=since_image), seed=N, model=<fused model> (outputs/lab7_align/final),
-    cache=<file> (outputs/toy_connector_trial_turns.pt)
+    the last image, stage.connector_span=since_image), seed=N, wd=<AdamW weight decay> (0), model=<fused model>
+    (outputs/lab7_align/final), toy_dir=<toy world> (checkpoints/toy), cache=<file> (outputs/toy_connector_trial_turns.pt)
+    Turns whose scenes hold a (colour, shape) pair the train split never holds are reported apart ("(held-out pair)").
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from connectors.multilayer_concat import MultilayerConcat
 from fusion.data import load_images, read_jsonl
 from fusion.distill import aligned_distill_loss
 from fusion.model import FusedModel
+from fusion.toyworld.conversations import HELD_OUT
 
 NAME = sys.argv[1]
 STEPS = int(sys.argv[2]) if len(sys.argv) > 2 and sys.argv[2].isdigit() else 6000
@@ -39,7 +41,9 @@ SPAN = over.pop("span", "0") == "1"
 SEED = int(over.pop("seed", "0"))
 MODEL = over.pop("model", "outputs/lab7_align/final")
 CACHE = over.pop("cache", "outputs/toy_connector_trial_turns.pt")
-SPLITS = {"train": "checkpoints/toy/toyworld/train.jsonl", "test": "checkpoints/toy/toyworld/test.jsonl"}
+WD = float(over.pop("wd", "0"))
+TOY = over.pop("toy_dir", "checkpoints/toy")
+SPLITS = {"train": f"{TOY}/toyworld/train.jsonl", "test": f"{TOY}/toyworld/test.jsonl"}
 
 
 def collect(model: FusedModel, path: str) -> list[dict]:
@@ -55,6 +59,8 @@ def collect(model: FusedModel, path: str) -> list[dict]:
             g = "back" if turn.get("refers_back") else ("steps" if kind == "steps" else ("edit" if "edit" in turn else "draw"))
             if g in ("back", "edit") and turn["edit"]["op"] == "recolour":
                 g += " recolour"
+            if any((d["colour"], d["shape"]) in HELD_OUT for im in turn["images"] for d in im):
+                g += " (held-out pair)"  # a (colour, shape) pair the train split never holds
             s = replace(model.prepare_align_sample(load_images(conv.until_image(k))), request=conv.text_before_image(k))
             with torch.no_grad():
                 s = model.packed_context_states([s])[0]
@@ -68,8 +74,7 @@ if os.path.exists(CACHE):
     train, test = torch.load(CACHE)
 else:
     fused = FusedModel.from_pretrained(MODEL).eval()
-    if fused.settings.get("connector_span", "all") != "all":
-        raise SystemExit(f"{MODEL}: the cache keeps the whole context's states; use a model trained with connector_span=all")
+    fused.settings["connector_span"] = "all"  # the cache keeps the whole context's states (span=1 cuts the window)
     fused.set_teacher(TextEncoder.from_pretrained(fused.generator_source, device=fused.generator.device))
     fused.settings["target_image"] = "last"
     train, test = collect(fused, SPLITS["train"]), collect(fused, SPLITS["test"])
@@ -101,7 +106,7 @@ byconv = collections.defaultdict(list)
 for x in train:
     byconv[x["conv"]].append(x)
 convs = sorted(byconv)
-opt = torch.optim.AdamW(con.parameters(), lr=2e-3, weight_decay=0.0)
+opt = torch.optim.AdamW(con.parameters(), lr=2e-3, weight_decay=WD)
 sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1, (i + 1) / 30) * 0.5 * (1 + math.cos(math.pi * i / STEPS)))
 rng = random.Random(SEED)
 t0 = time.time()

@@ -4,7 +4,8 @@ teacher's states laid on the context tokens that say the same words, zeros elsew
 distillation target: the ceiling of a connector that imitates it perfectly), (c) the connector's
 states on those aligned tokens and zeros elsewhere, (d) the teacher's on the aligned tokens and the
 connector's elsewhere. Also the connector's error on the aligned tokens (relative squared error)
-and the energy it leaves on the others, single objects and several apart. Not part of the toolkit.
+and the energy it leaves on the others, single objects and several apart, and scenes with a (colour, shape)
+pair that the train split never holds (``HELD_OUT``) apart. Not part of the toolkit.
 
 Run as: python docs/dev/toy_t2i_oracle.py outputs/frames2/final [checkpoints/toy/toyworld/test.jsonl] [variants]
 (variants: comma-separated, default connector,oracle,connector_real_only,teacher_real_connector_rest; none: the errors alone)
@@ -22,6 +23,7 @@ from backbones.generator.text_encoder import TextEncoder
 from fusion.data import load_images, read_jsonl
 from fusion.distill import context_pieces
 from fusion.model import FusedModel
+from fusion.toyworld.conversations import HELD_OUT
 from fusion.toyworld.reader import read_scene
 from fusion.toyworld.scenes import CELL_NAMES, COLOURS, SHAPES, scene_from_dicts
 
@@ -56,8 +58,9 @@ with torch.no_grad():
         pieces = context_pieces(model.mllm.tokenizer, sample.ctx_ids)
         for p in real.nonzero().flatten().tolist():
             e = ((states[0, p] - target[p]).pow(2).sum() / target[p].pow(2).sum()).item()
-            word_err.setdefault(f"{'several' if len(scene) > 1 else 'single'} {kind_of(pieces[p].strip().lower())}", []).append(e)
-        row = {"n": len(scene), "err": err, "rest": rest, "request": sample.request}
+            held = "held-out " if any((o.colour, o.shape) in HELD_OUT for o in scene) else ""
+            word_err.setdefault(f"{held}{'several' if len(scene) > 1 else 'single'} {kind_of(pieces[p].strip().lower())}", []).append(e)
+        row = {"n": len(scene), "held": any((o.colour, o.shape) in HELD_OUT for o in scene), "err": err, "rest": rest, "request": sample.request}
         for name, st in ((n, variants[n]) for n in chosen):
             img = to_pil(gen.sample(st, mask, steps=20, guidance=3.0, generator=torch.Generator().manual_seed(k)))[0]
             drawn = read_scene(img)
@@ -66,7 +69,8 @@ with torch.no_grad():
                 print("  drawn", sorted(map(str, drawn)), "asked", sorted(map(str, scene)), flush=True)
         rows.append(row)
         print(k, {a: (round(b, 3) if isinstance(b, float) else b) for a, b in row.items()}, flush=True)
-for group, pick in (("single", lambda r: r["n"] == 1), ("several", lambda r: r["n"] > 1), ("all", lambda r: True)):
+for group, pick in (("single", lambda r: r["n"] == 1), ("several", lambda r: r["n"] > 1), ("all", lambda r: True),
+                    ("with a pair never in train (HELD_OUT)", lambda r: r["held"]), ("without", lambda r: not r["held"])):
     sel = [r for r in rows if pick(r)]
     if not sel:
         continue

@@ -45,7 +45,7 @@ class Scorer:
         self.hits: dict[str, float] = defaultdict(float)
         self.totals: dict[str, float] = defaultdict(float)
         self.tp = self.fp = self.fn = 0
-        self.items = items  # a list: one record per scored turn is appended (:meth:`turn_record`)
+        self.items = items  # a list: one record per scored turn is appended (:func:`turn_record`)
 
     def add(self, key: str, ok: bool) -> None:
         self.hits[key] += float(ok)
