@@ -482,3 +482,22 @@ def test_query_connectors_train_from_the_key_value_cache_with_the_uncached_losse
     assert sorted(off) == [1, 2, 3]
     for step in off:
         assert abs(off[step] - kv[step]) < 1e-4, (off, kv)
+
+
+def test_lora_stage_1_under_zero3_on_two_ranks_changes_only_the_bov_rows(tiny, tiny_dir, tmp_path):
+    """The row mask of a LoRA stage 1 (fusion/model.py ``_train_token_rows``) holds with partitioned parameters, reduced
+    gradients and weight decay: of both embedding matrices the export differs from the start in the <|bov|> row alone."""
+    from backbones.mllm.qwen2_5_vl import Qwen25VLAdapter
+
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(REPO / "tools" / "train.py"), tiny, "stage=sft", "stage.max_steps=3", "stage.trainable.mllm=lora",
+                        "stage.lr=0.01", "stage.weight_decay=0.1", "deepspeed=zero3", f"hydra.run.dir={tmp_path}"],
+                       cwd=REPO, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    start = Qwen25VLAdapter.from_pretrained(str(tiny_dir / "qwen2_5_vl"))  # <|bov|> added at the mean row, as stage 1 begins
+    end = Qwen25VLAdapter.from_pretrained(str(tmp_path / "final" / "mllm"))
+    bov = start.bov_token_id
+    assert end.bov_token_id == bov
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        a, b = getattr(start.model, get)().weight, getattr(end.model, get)().weight
+        assert (a != b).any(dim=1).nonzero().flatten().tolist() == [bov], get
