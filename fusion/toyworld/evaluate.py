@@ -57,14 +57,15 @@ class Scorer:
         earlier = 0  # images due before this turn (the condition frames of a model that drew them all)
         drawn: list[tuple] = []  # (ground truth, read back) of every image the model drew so far
         for t, (turn, out) in enumerate(zip(meta["turns"], outputs)):
-            if self.items is not None:
-                self.items.append(turn_record(kind, t, turn, out, where))
             due = [scene_from_dicts(s) for s in turn["images"]]
-            self.tp += min(len(due), len(out.images))
-            self.fp += max(0, len(out.images) - len(due))
-            self.fn += max(0, len(due) - len(out.images))
+            got = [read_scene(im) for im in out.images]  # each drawing read back once, for the scores and the record
+            if self.items is not None:
+                self.items.append(turn_record(kind, t, turn, due, got, out.text, where))
+            self.tp += min(len(due), len(got))
+            self.fp += max(0, len(got) - len(due))
+            self.fn += max(0, len(due) - len(got))
             for i, gt in enumerate(due):
-                pred = read_scene(out.images[i]) if i < len(out.images) else None
+                pred = got[i] if i < len(got) else None
                 self._image(kind, gt, pred)
                 if "edit" in turn and i == len(due) - 1:
                     self._edit(turn["edit"], gt, pred, drawn)
@@ -129,12 +130,10 @@ def say(scene) -> str | None:
     return ", ".join(f"{o.colour} {o.shape} at {o.where}" for o in sorted(scene, key=lambda o: o.cell)) or "empty"
 
 
-def turn_record(kind: str, index: int, turn: dict, out: TurnOutput, where: dict | None = None) -> dict:
+def turn_record(kind: str, index: int, turn: dict, due: list, got: list, text: str, where: dict | None = None) -> dict:
     """What one assistant turn should have held and what the model gave, in words (``items.jsonl`` of tools/evaluate.py):
-    each due image's scene and the scene read back from the drawing in its place, the edit asked for, the text said and
-    the answer expected."""
-    due = [scene_from_dicts(s) for s in turn["images"]]
-    got = [read_scene(im) for im in out.images]
+    each due image's scene (``due``) and the scene read back from the drawing in its place (``got``), the edit asked for,
+    the text said and the answer expected."""
     rec = {**(where or {}), "kind": kind, "turn": index, "images_due": len(due), "images_drawn": len(got),
            "images": [{"want": say(g), "got": say(got[i]) if i < len(got) else None, "exact": i < len(got) and got[i] == g}
                       for i, g in enumerate(due)],
@@ -143,9 +142,9 @@ def turn_record(kind: str, index: int, turn: dict, out: TurnOutput, where: dict 
         e = turn["edit"]
         rec["edit"] = {"op": e["op"], "target": say([Obj(**e["target"])]), "source": say(scene_from_dicts(e["source"])),
                        "refers_back": bool(turn.get("refers_back"))}
-    rec["text"] = out.text
+    rec["text"] = text
     if turn.get("answer") is not None:
-        rec["answer"], rec["answered"] = turn["answer"], answered(out.text, turn["answer"])
+        rec["answer"], rec["answered"] = turn["answer"], answered(text, turn["answer"])
     return rec
 
 
