@@ -1,0 +1,30 @@
+"""Drawings read back exactly, with and without a (colour, shape) pair the train split never holds
+(``HELD_OUT``), from an evaluation's ``items.jsonl`` (tools/evaluate.py): text-to-image, every other
+drawing, and edits (exact scene) by operation, an edit counting as held-out when its source or its
+result holds such a pair. Not part of the toolkit.
+
+Run as: python docs/dev/toy_items_held_out.py outputs/demo/eval/items.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections import Counter
+
+from fusion.toyworld.conversations import HELD_OUT
+
+pairs = [f"{colour} {shape}" for colour, shape in sorted(HELD_OUT)]
+held = lambda words: any(p in (words or "") for p in pairs)  # noqa: E731
+c = Counter()
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    for im in r["images"]:
+        c["t2i" if r["kind"] == "t2i" else "other", held(im["want"]), im["exact"]] += 1
+    if "edit" in r:
+        last = r["images"][-1]
+        for group in ("edits", f"edit {r['edit']['op']}"):
+            c[group, held(last["want"]) or held(r["edit"]["source"]), last["exact"]] += 1
+for group in ("t2i", "other", "edits", "edit recolour", "edit add", "edit remove", "edit move"):
+    print(f"{group}: " + " | ".join(f"{'with a held-out pair' if h else 'without'} {c[group, h, True]}/{c[group, h, True] + c[group, h, False]}"
+                                    for h in (True, False)))
