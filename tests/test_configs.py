@@ -95,6 +95,7 @@ def test_wrong_type_names_the_key():
         (["stage=align", "generator=tiny_wan", "generator.text_length=0"], "generator.text_length"),
         (["stage=align", "stage.frame_select=first"], "stage.frame_select"),
         (["stage=align", "stage.frame_select_t=0"], "stage.frame_select_t"),
+        (["stage=align", "stage.frame_label_draws=0"], "stage.frame_label_draws"),
     ],
 )
 def test_impossible_combinations_fail_validation(overrides, key):
