@@ -420,6 +420,13 @@ class StageConfig:
     """align: weight of the distillation term added to the flow loss after the warm-up (0: off)."""
     distill_target: str = "velocity"
     """align: velocity (the DiT's velocity from the connector's states regresses onto its velocity from its own encoder's states: any connector, any length) or states (the states themselves: the connector must emit the encoder's padded length, e.g. connector=resampler) or set (the states as a set: each of the encoder's real tokens matched one-to-one to a connector token, the rest onto zero; for DiTs with no position signal on their text: any connector, any length) or aligned (each of the encoder's tokens onto the context token that ends the same word, found by characters across the two tokenizers, every other context token onto zero; per-token connectors; fusion/distill.py)."""
+    distill_data: str | None = None
+    """align: a JSONL of extra conversations (the data format; an assistant's drawing may be an image item with no file,
+    ``{"type": "image"}``: text only) whose requests the distillation warm-up also reads (stage.distill_steps; states,
+    set or aligned targets): the connector learns to say what the DiT reads for words the image data lacks (GlueGen's
+    text-only alignment). Never in the flow loss: no image of it is learned from. None: the training data alone."""
+    distill_data_batch: int = 4
+    """align, stage.distill_data: its samples added to each warm-up micro-batch (drawn at random, seeded by the step)."""
     generator_frozen_steps: int = 0
     """align: steps at the start in which the DiT does not move (learning rate 0) while the connector learns to carry the text; keeps a DiT from eroding its own conditioning while the connector carries nothing."""
     gain_every: int = 100
@@ -499,6 +506,14 @@ class StageConfig:
         for key in ("distill_steps", "generator_frozen_steps", "gain_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"stage.{key} must be >= 0, got {getattr(self, key)}")
+        if self.distill_data is not None:
+            if not self.distill_steps:
+                raise ConfigError("stage.distill_data is read by the distillation warm-up: set stage.distill_steps > 0")
+            if self.distill_target == "velocity":
+                raise ConfigError("stage.distill_data needs a warm-up on the states (stage.distill_target=states, set or aligned): "
+                                  "the velocity target would run the DiT on its text-only samples' missing drawings")
+            if self.distill_data_batch < 1:
+                raise ConfigError(f"stage.distill_data_batch must be >= 1, got {self.distill_data_batch}")
         if self.distill_weight < 0:
             raise ConfigError(f"stage.distill_weight must be >= 0, got {self.distill_weight}")
         if self.gain_every and self.gain_samples < 2:
@@ -904,6 +919,9 @@ class MakeToyConfig:
     """Validation conversations."""
     n_test: int = 240
     """Test conversations (40 of each of the six kinds: at 10 per kind, two runs' figures differed by more than the effects measured)."""
+    n_distill: int = 1500
+    """Text-only text-to-image requests over every (colour, shape) pair in toyworld/distill.jsonl: the toy stage 2's
+    distillation corpus (stage.distill_data; no image). Written beside an existing world when missing (0: none)."""
     seed: int = 0
     """Added to each split's own seed (splits stay disjoint); the backbones' training seed."""
     image_size: int = 64

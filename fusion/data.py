@@ -221,6 +221,37 @@ def parse_converted(obj: Any, convert, source: str, line: int, image_root: str |
     return parse_conversation(obj, source, line, image_root, allow_outside_root)
 
 
+PLACEHOLDER_SIDE = 28  # a drawing's stand-in: the smallest image the MLLM's processor takes (one 28 x 28 patch group)
+
+
+def drawings_as_placeholders(obj: Any) -> Any:
+    """A text-only line (``stage.distill_data``): each assistant ``{"type": "image"}`` item without a file becomes a
+    blank stand-in, so a request can say where a drawing goes without one. The stand-in is never learned from: the
+    distillation reads the MLLM's states of the context *before* the drawing and the teacher's of the request's words.
+    An image item without a file in a user turn is refused (the MLLM would read a blank picture as the user's)."""
+    if not isinstance(obj, dict) or not isinstance(obj.get("messages"), list):
+        return obj  # parse_conversation names what is wrong
+    messages, blank = [], None
+    for i, m in enumerate(obj["messages"]):
+        if isinstance(m, dict) and isinstance(m.get("content"), list):
+            items = []
+            for j, item in enumerate(m["content"]):
+                if isinstance(item, dict) and item.get("type") == "image":
+                    if blank is not None:
+                        raise DataError(f"{blank} is an image item without a file and messages[{i}].content[{j}] follows it: only "
+                                        "a line's last image may be left without one (a later request would read a blank picture)")
+                    if item.get("image") is None:
+                        blank = f"messages[{i}].content[{j}]"
+                        if m.get("role") != "assistant":
+                            raise DataError(f'{blank} is an image item without an "image" path: only an '
+                                            "assistant's drawing may be left without a file in a text-only line")
+                        item = {**item, "image": Image.new("RGB", (PLACEHOLDER_SIDE, PLACEHOLDER_SIDE), "white")}
+                items.append(item)
+            m = {**m, "content": items}
+        messages.append(m)
+    return {**obj, "messages": messages}
+
+
 def _inside(p: Path, root: Path) -> bool:
     try:
         p.resolve().relative_to(root.resolve())

@@ -339,6 +339,7 @@ class Trainer:
         self.cache = None  # a FeatureCache when stage 2 trains from cached features
         self.cache_info: dict[str, Any] = {}
         self._batch_this_epoch = False  # whether the current epoch has given a usable micro-batch (_next_batch)
+        self.distill_convs, self.distill_cache = [], None  # stage.distill_data (_setup_distill_data)
 
     # -- setup ---------------------------------------------------------------------
     def _setup_distributed(self) -> None:
@@ -585,6 +586,11 @@ class Trainer:
 
     def _setup_cache(self, convs: list[Conversation]) -> list[Conversation]:
         """Find (or build) the feature cache of these conversations; returns the ones it can train on."""
+        self.cache, self.cache_info = self._feature_cache(convs, self.cfg.data.path)
+        return self._cached_usable(self.cache, convs)
+
+    def _feature_cache(self, convs: list[Conversation], data_path: str):
+        """(FeatureCache, info) of ``convs`` read from ``data_path``: found, or built (``cache=auto|build``)."""
         from fusion import feature_cache as fc
 
         cfg, model = self.run_cfg, self.model
@@ -595,7 +601,7 @@ class Trainer:
                  "pixels": [cfg.mllm.min_pixels, cfg.mllm.max_pixels], "max_length": cfg.mllm.max_length, "image_size": side,
                  "vae": fc.folder_fingerprint(gen_path / "vae" if (gen_path / "vae").is_dir() else cfg.generator.path),
                  "dtype": cfg.cache.dtype if cfg.cache.dtype != "auto" else cfg.mllm.dtype,
-                 "data_path": str(Path(cfg.data.path).resolve()), "data": fc.data_fingerprint(cfg.data.path, convs)}
+                 "data_path": str(Path(data_path).resolve()), "data": fc.data_fingerprint(data_path, convs)}
         if model.settings.get("buckets"):  # (absent without buckets: the keys of caches built before them stay valid)
             parts["buckets"] = model.settings["buckets"]
         if self.cache_kind == "kv":  # query connectors: every layer's keys and values (absent for hidden states: older keys stay valid)
@@ -608,9 +614,9 @@ class Trainer:
             why = fc.explain_miss(root, parts)
             if self.cache_mode == "use":
                 raise CheckpointError(f"cache=use: no feature cache {key} in {root} for this MLLM, layer selection, image size, VAE "
-                                      f"and data ({why}); build it with cache=build")
+                                      f"and data {data_path} ({why}); build it with cache=build")
             if self.is_main:
-                log.info("feature cache %s: building (%s)", key, why)
+                log.info("feature cache %s: building for %s (%s)", key, data_path, why)
             stand_in = model.mllm
             if isinstance(stand_in, fc.MLLMFolder):
                 real = instantiate(cfg.mllm, device=self.device)
@@ -625,19 +631,69 @@ class Trainer:
             built = True
         elif self.is_main:
             log.info("feature cache %s: using %s", key, found)
-        self.cache = fc.FeatureCache(found)
-        self.cache_info = {"key": key, "path": str(found), "built": built, "samples": len(self.cache),
-                           "build_seconds": self.cache.manifest.get("seconds")}
+        cache = fc.FeatureCache(found)
+        return cache, {"key": key, "path": str(found), "built": built, "samples": len(cache), "build_seconds": cache.manifest.get("seconds")}
+
+    def _cached_usable(self, cache, convs: list[Conversation]) -> list[Conversation]:
         usable = []
         for conv in convs:  # the samples the uncached path would keep after prevalidation
             try:
-                self.cache.entry(conv)
+                cache.entry(conv)
                 usable.append(conv)
             except DataError as e:
-                if cfg.data.on_error == "error" and e.kind not in NOT_FOR_THIS_STAGE:
+                if self.cfg.data.on_error == "error" and e.kind not in NOT_FOR_THIS_STAGE:
                     raise
                 self.report.add(e)
         return usable
+
+    def _setup_distill_data(self) -> None:
+        """``stage.distill_data``: the text-only conversations the distillation warm-up reads beside the data."""
+        st = self.cfg.stage
+        self.distill_convs, self.distill_cache = [], None
+        if st.name != "align" or not st.distill_data:
+            return
+        from fusion.data import drawings_as_placeholders, read_jsonl
+
+        d = self.cfg.data
+        convs = list(read_jsonl(st.distill_data, d.image_root, d.on_error, self.report, d.allow_outside_root,
+                                convert=drawings_as_placeholders))
+        if self.cache_mode != "off":
+            self.distill_cache, info = self._feature_cache(convs, st.distill_data)
+            self.cache_info["distill_data"] = info
+            convs = self._cached_usable(self.distill_cache, convs)
+        else:
+            kept = []
+            for conv in convs:
+                if conv.num_target_images():
+                    kept.append(conv)
+                else:
+                    e = DataError("stage.distill_data: a line with no assistant drawing gives the distillation nothing to read",
+                                  conv.source, conv.line, kind="no_target")
+                    if d.on_error == "error":
+                        raise e
+                    self.report.add(e)
+            convs = kept
+        if not convs:
+            raise DataError(f"stage.distill_data: no usable sample ({self.report.summary()})", st.distill_data)
+        self.distill_convs = convs
+        if self.is_main:
+            log.info("distillation data: %d conversations from %s, %d added to each micro-batch of the %d warm-up steps (never in "
+                     "the flow loss)", len(convs), st.distill_data, st.distill_data_batch, st.distill_steps)
+
+    def _distill_extra(self, micro: int, generator: torch.Generator) -> list:
+        """This micro-batch's ``stage.distill_data`` samples (the warm-up only), drawn by the step's seed."""
+        st = self.cfg.stage
+        if not self.distill_convs or self.state.step >= st.distill_steps:
+            return []
+        pick = torch.Generator().manual_seed((st.seed * 1_000_003 + self.state.step * 1009 + micro) * 137 + self.rank + 7)
+        out = []
+        for i in torch.randint(len(self.distill_convs), (st.distill_data_batch,), generator=pick).tolist():
+            conv = self.distill_convs[i]
+            if self.distill_cache is not None:
+                out.append(self.distill_cache.sample(conv, self.model.settings, generator))
+            else:
+                out.append(self.model.prepare_align_sample(load_images(conv), generator))
+        return out
 
     def _loader(self):
         if isinstance(self.dataset, StreamingConversations):
@@ -947,6 +1003,10 @@ class Trainer:
         self.model.step = self.state.step
         for micro in range(st.grad_accum):
             batch, it = self._next_batch(it, self._step_generator(micro))
+            extra = self._distill_extra(micro, self._step_generator(micro))
+            if self.distill_convs:
+                metrics["distill_data"] = metrics.get("distill_data", 0.0) + len(extra) / st.grad_accum
+            batch = batch + extra
             out = self.engine(batch, self._step_generator(micro))
             if faults.due("nan_loss", self.state.step + 1):
                 out["loss"] = out["loss"] * float("nan")
@@ -979,6 +1039,7 @@ class Trainer:
         self._setup_distributed()
         self._setup_model()
         self._setup_data()
+        self._setup_distill_data()
         self._setup_engine()
         self._maybe_resume()
         self.logger = instantiate(self.cfg.logger, output_dir=str(self.out), run_config=OmegaConf.to_container(self.cfg, resolve=True),

@@ -96,6 +96,10 @@ def test_wrong_type_names_the_key():
         (["stage=align", "stage.frame_select=first"], "stage.frame_select"),
         (["stage=align", "stage.frame_select_t=0"], "stage.frame_select_t"),
         (["stage=align", "stage.frame_label_draws=0"], "stage.frame_label_draws"),
+        (["stage=align", "stage.distill_data=/x.jsonl"], "stage.distill_steps"),
+        (["stage=align", "stage.distill_data=/x.jsonl", "stage.distill_steps=5"], "stage.distill_target"),
+        (["stage=align", "stage.distill_data=/x.jsonl", "stage.distill_steps=5", "stage.distill_target=aligned",
+          "stage.distill_data_batch=0"], "stage.distill_data_batch"),
     ],
 )
 def test_impossible_combinations_fail_validation(overrides, key):

@@ -9,7 +9,8 @@ Run as:
 Parts, in <out_dir>:
     toyworld/    train / val / test JSONL (the project's chat format + a ``meta`` field with the
                  ground truth of every assistant turn) and their PNGs; disjoint seeds, held-out
-                 (colour, shape) pairs never in train
+                 (colour, shape) pairs never in train; distill.jsonl: text-only requests over every pair
+                 (stage 2's distillation corpus, stage.distill_data; no image)
     vae/         diffusers AutoencoderKL trained to reconstruct toy scenes
     qwen2_5_vl/  tiny Qwen2.5-VL (real classes and layout) pretrained on captions and questions
     <family>/    diffusers pipeline folder (transformer/, vae/, scheduler/, text_encoder/, tokenizer/) of a
@@ -57,6 +58,18 @@ def cached(target: Path, want: dict, build: Callable[[Path], dict], summary: Cal
     return stats
 
 
+def make_distill_corpus(cfg: DictConfig, target: Path) -> None:
+    """toyworld/distill.jsonl (cfg.n_distill text-only requests), written when missing or of another size."""
+    from fusion.toyworld.conversations import write_distill_corpus
+
+    path = target / "distill.jsonl"
+    have = sum(1 for _ in open(path)) if path.is_file() else None
+    if not cfg.n_distill or have == cfg.n_distill:
+        return
+    write_distill_corpus(target, cfg.n_distill, cfg.seed)
+    print(f"distill: {cfg.n_distill} text-only requests ({path})")
+
+
 def make_world(cfg: DictConfig, out: Path) -> None:
     from fusion.toyworld.conversations import make_toyworld
 
@@ -65,6 +78,7 @@ def make_world(cfg: DictConfig, out: Path) -> None:
     stamp = target / "settings.json"
     if (target / "test.jsonl").is_file() and (cfg.skip_existing or (stamp.is_file() and json.loads(stamp.read_text()) == want)):
         print(f"toyworld: exists, reused ({target})")
+        make_distill_corpus(cfg, target)
         return
     with tempfile.TemporaryDirectory(dir=out, prefix=".toyworld.") as tmp:
         make_toyworld(tmp, cfg.seed, "toyworld", cfg.n_train, cfg.n_val, cfg.n_test, cfg.image_size)
@@ -76,6 +90,7 @@ def make_world(cfg: DictConfig, out: Path) -> None:
         kinds = Counter(json.loads(line)["meta"]["kind"] for line in (target / f"{split}.jsonl").read_text().splitlines())
         print(f"{split}: {sum(kinds.values())} conversations ({', '.join(f'{k} {v}' for k, v in sorted(kinds.items()))})")
     print(f"toyworld: wrote {target}")
+    make_distill_corpus(cfg, target)
 
 
 def dit_summary(stats: dict) -> str:

@@ -43,6 +43,7 @@ MODEL = over.pop("model", "outputs/lab7_align/final")
 CACHE = over.pop("cache", "outputs/toy_connector_trial_turns.pt")
 WD = float(over.pop("wd", "0"))
 TOY = over.pop("toy_dir", "checkpoints/toy")
+EXTRA = over.pop("extra", None)  # more conversations whose turns join the training turns (e.g. a text-only distillation corpus)
 SPLITS = {"train": f"{TOY}/toyworld/train.jsonl", "test": f"{TOY}/toyworld/test.jsonl"}
 
 
@@ -80,6 +81,19 @@ else:
     train, test = collect(fused, SPLITS["train"]), collect(fused, SPLITS["test"])
     torch.save((train, test), CACHE)
     del fused
+if EXTRA:
+    extra_cache = CACHE.replace(".pt", f"_extra_{os.path.basename(EXTRA)}.pt")
+    if os.path.exists(extra_cache):
+        extra = torch.load(extra_cache)
+    else:
+        fused = FusedModel.from_pretrained(MODEL).eval()
+        fused.settings["connector_span"] = "all"
+        fused.set_teacher(TextEncoder.from_pretrained(fused.generator_source, device=fused.generator.device))
+        fused.settings["target_image"] = "last"
+        extra = collect(fused, EXTRA)
+        torch.save(extra, extra_cache)
+        del fused
+    train = train + [dict(x, conv=1_000_000 + x["conv"]) for x in extra]
 n_layers, _, width = train[0]["h"].shape
 spec = dict(mllm_dim=width, text_dim=train[0]["t"].shape[-1], num_mllm_layers=n_layers, out_norm="rms_gated", refiner_layers=2)
 spec.update({k: (int(v) if v.isdigit() else v) for k, v in over.items()})

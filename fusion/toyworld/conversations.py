@@ -38,7 +38,7 @@ from fusion.toyworld.scenes import (
 )
 
 KINDS = ("t2i", "edit_user", "edit_generated", "steps", "question", "distractor")
-SPLIT_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+SPLIT_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_003, "distill": 3_000_003}
 HELD_OUT = frozenset({("purple", "triangle"), ("yellow", "circle")})
 
 DRAW = ["Draw {objs}.", "Please draw {objs}.", "Can you make a picture with {objs}?", "Show me {objs}.", "Paint {objs}."]
@@ -274,6 +274,32 @@ def write_split(root: str | Path, split: str, n: int, seed: int = 0, kinds=KINDS
     tmp = path.with_suffix(".jsonl.tmp")
     with open(tmp, "w") as f:
         f.writelines(json.dumps(conversation(kinds[i % len(kinds)], rng, w, held_out)) + "\n" for i in range(n))
+    tmp.replace(path)
+    return path
+
+
+class TextOnly(Writer):
+    """A writer of text-only lines: each drawing an image item without a file (``fusion.data.drawings_as_placeholders``)."""
+
+    def __init__(self):
+        self.count = 0
+
+    def image(self, scene) -> dict:
+        self.count += 1
+        return {"type": "image"}
+
+
+def write_distill_corpus(root: str | Path, n: int, seed: int = 0, name: str = "distill") -> Path:
+    """``<root>/<name>.jsonl``: ``n`` text-only text-to-image requests over every (colour, shape) pair, the ones the
+    train split holds out too (the toy stage 2's ``stage.distill_data``: what a caption corpus is to a published DiT).
+    No image is drawn: each line's one drawing is an image item without a file."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(SPLIT_SEEDS["distill"] + seed)
+    path = root / f"{name}.jsonl"
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(conversation("t2i", rng, TextOnly(), frozenset())) + "\n" for _ in range(n))
     tmp.replace(path)
     return path
 

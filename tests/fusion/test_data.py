@@ -100,3 +100,29 @@ def test_too_long_sample_is_a_data_error(mllm, folder):
 def test_missing_data_file(folder):
     with pytest.raises(DataError, match="data file not found"):
         list(read_jsonl(folder / "nope.jsonl"))
+
+
+def test_text_only_lines_take_a_drawing_without_a_file_and_refuse_a_blank_anywhere_else(tmp_path):
+    """stage.distill_data: an assistant's last image may be ``{"type": "image"}`` (a blank stand-in the distillation never
+    reads); a user image without a file, or an image after the stand-in, is refused naming file and line."""
+    from fusion.data import PLACEHOLDER_SIDE, drawings_as_placeholders, load_images, read_jsonl
+
+    user = {"role": "user", "content": [{"type": "text", "text": "Draw a yellow circle."}]}
+    drawn = {"role": "assistant", "content": [{"type": "text", "text": "Here it is."}, {"type": "image"}]}
+    good = {"messages": [user, drawn]}
+    lines = [good,
+             {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Move it."}]}, drawn]},
+             {"messages": [user, drawn, {"role": "user", "content": [{"type": "text", "text": "Again."}]}, drawn]}]
+    path = tmp_path / "distill.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    with pytest.raises(DataError, match=rf"{path}:2: .*messages\[0\].content\[0\].*only an assistant's drawing"):
+        list(read_jsonl(path, convert=drawings_as_placeholders))
+    path.write_text("".join(json.dumps(x) + "\n" for x in (lines[0], lines[2])))
+    with pytest.raises(DataError, match=rf"{path}:2: messages\[1\].content\[1\] is an image item without a file and messages\[3\]"):
+        list(read_jsonl(path, convert=drawings_as_placeholders))
+    path.write_text(json.dumps(good) + "\n")
+    (conv,) = read_jsonl(path, convert=drawings_as_placeholders)
+    assert conv.num_target_images() == 1 and conv.text_before_image(0) == "Draw a yellow circle. Here it is."
+    assert load_images(conv).messages[-1]["content"][1]["image"].size == (PLACEHOLDER_SIDE, PLACEHOLDER_SIDE)
+    with pytest.raises(DataError, match=rf"{path}:1: .*without an \"image\" path"):  # the training data's reader refuses it
+        list(read_jsonl(path))

@@ -455,6 +455,35 @@ def test_stage2_feature_cache_build_use_and_stale(tiny, tiny_dir, sft_run, tmp_p
     assert p.returncode == 2 and "stale: data changed" in p.stderr, p.stderr[-2000:]
 
 
+def test_stage2_distill_data_joins_the_warm_up_only_cached_or_not(tiny, tiny_dir, sft_run, tmp_path):
+    """stage.distill_data: its text-only lines (the drawing an image item without a file) join every warm-up micro-batch,
+    distill_data_batch of them, and no step after the warm-up; they change the warm-up's loss; the cached and the
+    uncached paths train alike (the stand-in drawing read the same way)."""
+    corpus = tmp_path / "distill.jsonl"
+    corpus.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": f"Draw a {colour} {shape} at the top."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Here it is."}, {"type": "image"}]}]}) + "\n"
+        for colour, shape in (("yellow", "circle"), ("purple", "triangle"), ("green", "square"))))
+    demo = tiny_dir / "demo_data"
+    common = [tiny, "stage=align", "generator=tiny_wan", "connector=multilayer_concat", "connector.refiner_layers=1", f"init_from={sft_run}",
+              "stage.max_steps=4", "stage.warmup_steps=0", "stage.save_every=0", "stage.gain_every=0", "stage.distill_steps=3",
+              "stage.distill_target=aligned", f"data.path={demo / 'conversations.jsonl'}", f"data.image_root={demo}",
+              f"cache.dir={tmp_path / 'cache'}"]
+    corpus_args = [f"stage.distill_data={corpus}", "stage.distill_data_batch=2"]
+    train(*common, *corpus_args, "cache=off", f"hydra.run.dir={tmp_path / 'off'}")
+    train(*common, *corpus_args, "cache=build", f"hydra.run.dir={tmp_path / 'built'}")
+    train(*common, "cache=use", f"hydra.run.dir={tmp_path / 'plain'}")  # the data's cache, built by the run before
+    rows = [json.loads(line) for line in (tmp_path / "off" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"]: r["distill_data"] for r in rows if "loss" in r} == {1: 2, 2: 2, 3: 2, 4: 0}
+    off, built, plain = (losses(tmp_path / n) for n in ("off", "built", "plain"))
+    for step in off:
+        assert abs(off[step] - built[step]) < 1e-4, (off, built)
+    assert abs(built[1] - plain[1]) > 1e-4  # the same data batch, plus the corpus's two
+    assert "distillation data: 3 conversations" in (tmp_path / "built" / "train.log").read_text()
+    info = json.loads((tmp_path / "built" / "summary.json").read_text())["feature_cache"]
+    assert info["distill_data"]["built"] and info["distill_data"]["samples"] == 3 and info["distill_data"]["key"] != info["key"]
+
+
 @pytest.mark.slow
 def test_stage2_cached_run_has_the_losses_of_the_uncached_run(tiny, tiny_dir, sft_run, tmp_path):
     demo = tiny_dir / "demo_data"
