@@ -10,7 +10,9 @@ draws from the states (run the stage 2 for that). Not part of the toolkit.
 Run as: python docs/dev/toy_connector_trial.py <name> [steps] [key=value ...]
     keys: the connector's constructor arguments (refiner_layers=4, window=3, ...), span=1 (the window after
     the last image, stage.connector_span=since_image), seed=N, wd=<AdamW weight decay> (0), model=<fused model>
-    (outputs/lab7_align/final), toy_dir=<toy world> (checkpoints/toy), cache=<file> (outputs/toy_connector_trial_turns.pt)
+    (outputs/lab7_align/final), toy_dir=<toy world> (checkpoints/toy), cache=<file> (outputs/toy_connector_trial_turns.pt),
+    extra=<jsonl> (more conversations whose turns join the training pool, drawn alike: e.g. a corpus of text-to-image
+    requests over every pair written by fusion.toyworld.conversations.write_split(..., 'test', n, kinds=('t2i',)))
     Turns whose scenes hold a (colour, shape) pair the train split never holds are reported apart ("(held-out pair)").
 """
 
