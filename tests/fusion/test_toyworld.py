@@ -344,3 +344,21 @@ def test_the_source_of_an_edit_is_the_first_drawing_of_its_scene():
         sc = Scorer()
         sc.score(meta, [TurnOutput([render(first)]), TurnOutput([render(again)]), TurnOutput([render(edited)])])
         assert sc.report()["edit_source_right"] == float(right), (first, again)
+
+
+def test_the_distillation_corpus_is_text_only_and_holds_every_pair(tmp_path):
+    """toyworld/distill.jsonl (make_toy's n_distill, the toy stage 2's stage.distill_data): text-to-image requests, each
+    drawing an image item without a file, over every (colour, shape) pair, the train split's held-out ones too; no image
+    written; the same lines for the same seed."""
+    from fusion.data import drawings_as_placeholders
+    from fusion.toyworld.conversations import write_distill_corpus
+
+    path = write_distill_corpus(tmp_path, 200, seed=0)
+    raw = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(raw) == 200 and not (tmp_path / "images").exists()
+    assert all(item == {"type": "image"} for r in raw for m in r["messages"] for item in m["content"] if item["type"] == "image")
+    pairs = {(d["colour"], d["shape"]) for r in raw for im in r["meta"]["turns"][0]["images"] for d in im}
+    assert pairs == {(c, s) for c in COLOURS for s in SHAPES} and HELD_OUT <= pairs
+    convs = list(read_jsonl(path, convert=drawings_as_placeholders))
+    assert all(c.num_target_images() == 1 and c.text_before_image(0) for c in convs)
+    assert write_distill_corpus(tmp_path / "again", 200, seed=0).read_text() == path.read_text()

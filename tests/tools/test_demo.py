@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 #: a world and budgets small enough for the fast tier (scores are not asserted: they are near 0)
 REDUCED = ["n_train=12", "n_test=6", "eval_n=6", "vae_steps=10", "mllm_steps=6", "dit_steps=6", "sft_steps=2", "align_steps=2",
-           "sample_steps=2", "transcripts=2", "make_toy_overrides=['dit_pool=16','n_val=3','dit_eval_n=4','dit_text_length=24']",
+           "sample_steps=2", "transcripts=2", "make_toy_overrides=['dit_pool=16','n_val=3','dit_eval_n=4','dit_text_length=24','n_distill=12']",
            "sft_overrides=['stage.save_every=0','stage.micro_batch_size=2']", "align_overrides=['stage.save_every=0','stage.micro_batch_size=2']"]
 
 METRICS = ("trigger_precision", "trigger_recall", "trigger_f1", "exact_scene", "exact_scene_t2i", "attr_shape", "attr_colour", "attr_position",
@@ -59,7 +59,7 @@ def test_demo_reuses_the_cached_world_and_backbones(demo):
     root, _ = demo
     stamps = {part: (root / "toy" / part / "pretrain.json").stat().st_mtime for part in ("vae", "qwen2_5_vl", "wan")}
     p = run("make_toy.py", f"out_dir={root / 'toy'}", "n_train=12", "n_test=6", "n_val=3", "vae_steps=10", "mllm_steps=6", "dit_steps=6",
-            "dit_pool=16", "dit_eval_n=4", "dit_text_length=24", f"hydra.run.dir={root / 'again'}")
+            "dit_pool=16", "dit_eval_n=4", "dit_text_length=24", "n_distill=12", f"hydra.run.dir={root / 'again'}")
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("cached") == 3 and "reused" in p.stdout
     assert stamps == {part: (root / "toy" / part / "pretrain.json").stat().st_mtime for part in stamps}
