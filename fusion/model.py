@@ -62,6 +62,7 @@ class AlignSample:
     request: str = ""  # the text the generator's own encoder would read (Conversation.text_before_image)
     bucket: tuple[int, int] | None = None  # (height, width) every image of the sample was fitted to (data.buckets; None: square)
     ctx_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # feature cache, query connectors: (keys/values [layers, 2, H, L, d], next rope position [L])
+    text_only: bool = False  # stage.distill_data: read by the distillation alone (its target a stand-in: no flow, alignment or frame loss)
 
 
 def set_distill_loss(states: torch.Tensor, mask: torch.Tensor, t_states: torch.Tensor, t_mask: torch.Tensor) -> torch.Tensor:
@@ -547,9 +548,10 @@ class FusedModel(nn.Module):
         if key not in memo:
             if len(memo) >= 8192:
                 memo.clear()
-            states, mask = self.teacher.encode([request])
-            memo[key] = (states.to(self.generator.device, self.generator.dtype), mask.to(self.generator.device))
-        return memo[key]
+            states, mask = self.teacher.encode([request])  # kept on the CPU: a corpus of distinct requests (stage.distill_data)
+            memo[key] = (states.to("cpu", self.generator.dtype), mask.cpu())  # would fill an accelerator's memory
+        states, mask = memo[key]
+        return states.to(self.generator.device), mask.to(self.generator.device)
 
     def aligned_teacher(self, sample: AlignSample, t_states: torch.Tensor, t_mask: torch.Tensor, length: int):
         """The teacher's states laid on the sample's context tokens (:mod:`fusion.distill`): (target [L, D], real [L])."""
@@ -617,13 +619,14 @@ class FusedModel(nn.Module):
                                          cond=None if (drop_cond or sample.cond is None) else sample.cond.to(dev),
                                          target=target, noise=noise, t=t, x_t=add_noise(target, noise, t)))
         batched = s.get("dit_batching", "grouped") == "grouped"
-        selection = self._select_frames(plans, batched)
+        drawn = [p for p in plans if not p.sample.text_only]  # stage.distill_data's samples have no drawing to learn from
+        selection = self._select_frames(drawn, batched)
         flows, aligns, velocities = [], [], []
-        if not states_only:
-            capture = self.connector.align_layer if align_w > 0 and any(p.query_hidden is not None for p in plans) else None
-            rows = [DiTRow(p.x_t[0], p.t[0], p.cond, p.states[0].to(gen.dtype), p.mask[0]) for p in plans]
+        if not states_only and drawn:
+            capture = self.connector.align_layer if align_w > 0 and any(p.query_hidden is not None for p in drawn) else None
+            rows = [DiTRow(p.x_t[0], p.t[0], p.cond, p.states[0].to(gen.dtype), p.mask[0]) for p in drawn]
             velocities, grids = gen.batched_velocity(rows, batch=batched, capture=capture)
-            for p, v, grid in zip(plans, velocities, grids):
+            for p, v, grid in zip(drawn, velocities, grids):
                 flows.append(nn.functional.mse_loss(v[None].float(), target_velocity(p.target, p.noise).float()))
                 if grid is not None and p.query_hidden is not None:
                     aligns.append(self.connector.alignment_loss(grid[None], p.query_hidden))
@@ -631,6 +634,8 @@ class FusedModel(nn.Module):
             todo = [i for i, p in enumerate(plans) if not p.drop_text and p.sample.request]
             teacher = {i: self._teacher_states(plans[i].sample.request) for i in todo}
             if distill_target == "velocity":  # the DiT is the judge: its velocity from the connector vs from its own encoder
+                todo = [i for i in todo if not plans[i].sample.text_only]  # (refused with stage.distill_data: none there)
+                velocities = dict(zip([i for i, p in enumerate(plans) if not p.sample.text_only], velocities))
                 with torch.no_grad():
                     rows = [DiTRow(plans[i].x_t[0], plans[i].t[0], plans[i].cond, teacher[i][0][0], teacher[i][1][0]) for i in todo]
                     v_teacher, _ = gen.batched_velocity(rows, batch=batched)

@@ -21,6 +21,7 @@ complete, so a crash mid-write never leaves a folder that ``resume=auto`` would 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -340,6 +341,7 @@ class Trainer:
         self.cache_info: dict[str, Any] = {}
         self._batch_this_epoch = False  # whether the current epoch has given a usable micro-batch (_next_batch)
         self.distill_convs, self.distill_cache = [], None  # stage.distill_data (_setup_distill_data)
+        self.distill_report = SkipReport()
 
     # -- setup ---------------------------------------------------------------------
     def _setup_distributed(self) -> None:
@@ -647,41 +649,50 @@ class Trainer:
         return usable
 
     def _setup_distill_data(self) -> None:
-        """``stage.distill_data``: the text-only conversations the distillation warm-up reads beside the data."""
+        """``stage.distill_data``: the text-only conversations the distillation warm-up reads beside the data (none when
+        the run resumes past the warm-up). Relative image paths resolve against the corpus file's own folder."""
         st = self.cfg.stage
         self.distill_convs, self.distill_cache = [], None
-        if st.name != "align" or not st.distill_data:
+        if st.name != "align" or not st.distill_data or self.state.step >= st.distill_steps:
             return
         from fusion.data import drawings_as_placeholders, read_jsonl
 
         d = self.cfg.data
-        convs = list(read_jsonl(st.distill_data, d.image_root, d.on_error, self.report, d.allow_outside_root,
-                                convert=drawings_as_placeholders))
+        if not Path(st.distill_data).is_file():
+            raise DataError("stage.distill_data: file not found (the toy world writes toyworld/distill.jsonl: python tools/make_toy.py "
+                            "n_distill=1500; stage.distill_data=null trains without one)", st.distill_data, kind="missing_file")
+        report = self.distill_report = SkipReport()
+        convs = []
+        for conv in read_jsonl(st.distill_data, None, d.on_error, report, d.allow_outside_root, convert=drawings_as_placeholders):
+            try:
+                if not conv.num_target_images():
+                    raise DataError("stage.distill_data: no assistant drawing: the distillation has nothing to read", conv.source,
+                                    conv.line, kind="no_drawing")
+                if self.cache_mode == "off" and d.prevalidate:
+                    self.model.mllm.render(load_images(conv))  # decode + length check before the first step
+                convs.append(conv)
+            except DataError as e:
+                if d.on_error == "error":
+                    raise
+                report.add(e)
         if self.cache_mode != "off":
             self.distill_cache, info = self._feature_cache(convs, st.distill_data)
             self.cache_info["distill_data"] = info
-            convs = self._cached_usable(self.distill_cache, convs)
-        else:
-            kept = []
-            for conv in convs:
-                if conv.num_target_images():
-                    kept.append(conv)
-                else:
-                    e = DataError("stage.distill_data: a line with no assistant drawing gives the distillation nothing to read",
-                                  conv.source, conv.line, kind="no_target")
-                    if d.on_error == "error":
-                        raise e
-                    self.report.add(e)
-            convs = kept
+            main, self.report = self.report, report
+            try:
+                convs = self._cached_usable(self.distill_cache, convs)
+            finally:
+                self.report = main
         if not convs:
-            raise DataError(f"stage.distill_data: no usable sample ({self.report.summary()})", st.distill_data)
+            raise DataError(f"stage.distill_data: no usable sample ({report.summary()})", st.distill_data)
         self.distill_convs = convs
         if self.is_main:
-            log.info("distillation data: %d conversations from %s, %d added to each micro-batch of the %d warm-up steps (never in "
-                     "the flow loss)", len(convs), st.distill_data, st.distill_data_batch, st.distill_steps)
+            log.info("distillation data: %d conversations from %s (%s), %d added to each micro-batch of the %d warm-up steps "
+                     "(never in the flow loss)", len(convs), st.distill_data, report.summary(), st.distill_data_batch, st.distill_steps)
 
     def _distill_extra(self, micro: int, generator: torch.Generator) -> list:
-        """This micro-batch's ``stage.distill_data`` samples (the warm-up only), drawn by the step's seed."""
+        """This micro-batch's ``stage.distill_data`` samples (the warm-up only), drawn by the step's seed; a sample that
+        fails to load is counted in the corpus's skip report (data.on_error=skip) or stops the run naming it."""
         st = self.cfg.stage
         if not self.distill_convs or self.state.step >= st.distill_steps:
             return []
@@ -689,10 +700,17 @@ class Trainer:
         out = []
         for i in torch.randint(len(self.distill_convs), (st.distill_data_batch,), generator=pick).tolist():
             conv = self.distill_convs[i]
-            if self.distill_cache is not None:
-                out.append(self.distill_cache.sample(conv, self.model.settings, generator))
-            else:
-                out.append(self.model.prepare_align_sample(load_images(conv), generator))
+            try:
+                if self.distill_cache is not None:
+                    sample = self.distill_cache.sample(conv, self.model.settings, generator)
+                else:
+                    sample = self.model.prepare_align_sample(load_images(conv), generator)
+            except DataError as e:
+                if self.cfg.data.on_error == "error":
+                    raise
+                self.distill_report.add(e)
+                continue
+            out.append(dataclasses.replace(sample, text_only=True))
         return out
 
     def _loader(self):
@@ -1039,9 +1057,9 @@ class Trainer:
         self._setup_distributed()
         self._setup_model()
         self._setup_data()
-        self._setup_distill_data()
         self._setup_engine()
         self._maybe_resume()
+        self._setup_distill_data()
         self.logger = instantiate(self.cfg.logger, output_dir=str(self.out), run_config=OmegaConf.to_container(self.cfg, resolve=True),
                                   start_step=self.state.step, _recursive_=False) if self.is_main else None
         st = self.cfg.stage

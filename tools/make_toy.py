@@ -63,7 +63,7 @@ def make_distill_corpus(cfg: DictConfig, target: Path) -> None:
     from fusion.toyworld.conversations import write_distill_corpus
 
     path = target / "distill.jsonl"
-    have = sum(1 for _ in open(path)) if path.is_file() else None
+    have = len(path.read_text().splitlines()) if path.is_file() else None
     if not cfg.n_distill or have == cfg.n_distill:
         return
     write_distill_corpus(target, cfg.n_distill, cfg.seed)

@@ -31,7 +31,7 @@ import torch
 
 from backbones.generator.text_encoder import TextEncoder
 from connectors.multilayer_concat import MultilayerConcat
-from fusion.data import load_images, read_jsonl
+from fusion.data import drawings_as_placeholders, load_images, read_jsonl
 from fusion.distill import aligned_distill_loss
 from fusion.model import FusedModel
 from fusion.toyworld.conversations import HELD_OUT
@@ -51,9 +51,10 @@ SPLITS = {"train": f"{TOY}/toyworld/train.jsonl", "test": f"{TOY}/toyworld/test.
 
 def collect(model: FusedModel, path: str) -> list[dict]:
     """Every assistant image of a split with the true history: the MLLM's states of its context, the
-    teacher's states laid on the context (aligned target), the window start, the turn's group."""
+    teacher's states laid on the context (aligned target), the window start, the turn's group (text-only lines too:
+    a drawing without a file is a stand-in, ``fusion.data.drawings_as_placeholders``)."""
     out = []
-    for ci, (conv, line) in enumerate(zip(read_jsonl(path), open(path))):
+    for ci, (conv, line) in enumerate(zip(read_jsonl(path, convert=drawings_as_placeholders), open(path))):
         raw = json.loads(line)
         kind, turns = raw["meta"]["kind"], raw["meta"]["turns"]
         targets = [k for k, (r, _) in enumerate(conv.image_items()) if r == "assistant"]

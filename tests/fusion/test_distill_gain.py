@@ -189,6 +189,26 @@ def test_velocity_distillation_warm_up_then_auxiliary(tiny_dir, convs, generator
     assert distill_after_training_the_connector(model, samples) < warm["distill"].item()
 
 
+@pytest.mark.parametrize("connector,frames", [("multilayer_concat", "learned"), ("multiscale_queries", "all")])
+def test_text_only_samples_reach_the_distillation_and_no_other_loss(tiny_dir, convs, connector, frames):
+    """stage.distill_data's samples (AlignSample.text_only: a stand-in drawing): the distillation reads them, the flow loss,
+    a query connector's alignment loss and the frame head do not (before and after the warm-up)."""
+    from dataclasses import replace
+
+    extra = ["stage.distill_steps=1", "stage.distill_weight=1", "stage.distill_target=set", f"stage.frame_select={frames}"]
+    model, samples = with_teacher(tiny_dir, convs, connector, extra=extra)
+    drawn = [s for s in samples if s.cond is not None][:1]  # with an earlier image: the frame head has a label to learn
+    stand_in = [replace(s, text_only=True) for s in samples if s.cond is not None][1:3]  # frames and all: still distillation only
+    for step in (0, 1):  # the warm-up (no DiT pass for per-token connectors), then flow + distillation
+        model.step = step
+        alone = model.align_loss(drawn, seeded())
+        mixed = model.align_loss(drawn + stand_in, seeded())  # the drawn sample draws its dropout, t and noise first: the same
+        assert torch.allclose(mixed["flow"], alone["flow"]) and mixed["distill"] != alone["distill"]
+        key = "frame_select" if frames == "learned" else "align"
+        if step or key == "frame_select":  # (the warm-up of a query connector runs the DiT for its alignment loss too)
+            assert key in alone and torch.allclose(mixed[key], alone[key]), key
+
+
 def test_state_distillation_needs_the_teachers_length(tiny_dir, convs):
     from backbones.generator.text_encoder import TextEncoder
 

@@ -484,6 +484,21 @@ def test_stage2_distill_data_joins_the_warm_up_only_cached_or_not(tiny, tiny_dir
     assert info["distill_data"]["built"] and info["distill_data"]["samples"] == 3 and info["distill_data"]["key"] != info["key"]
 
 
+def test_stage2_distill_data_refuses_a_missing_file_and_a_line_without_a_drawing_by_name(tiny, sft_run, tmp_path):
+    common = [tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", "stage.max_steps=1",
+              "stage.distill_steps=1", "stage.distill_target=aligned", "stage.gain_every=0", "cache=off", f"hydra.run.dir={tmp_path / 'run'}"]
+    p = train(*common, f"stage.distill_data={tmp_path / 'nowhere.jsonl'}", check=False)
+    assert p.returncode == 2 and "stage.distill_data: file not found" in p.stderr and "make_toy" in p.stderr, p.stderr[-2000:]
+    corpus = tmp_path / "distill.jsonl"
+    corpus.write_text(json.dumps({"messages": [{"role": "user", "content": "Draw a red circle."},
+                                               {"role": "assistant", "content": [{"type": "text", "text": "Here it is."}, {"type": "image"}]}]})
+                      + "\n" + json.dumps({"messages": [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello!"}]}) + "\n")
+    p = train(*common, f"stage.distill_data={corpus}", check=False)
+    assert p.returncode == 2 and f"{corpus}:2: stage.distill_data: no assistant drawing" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    train(*common, f"stage.distill_data={corpus}", "data.on_error=skip")  # counted and left out
+    assert "distillation data: 1 conversations" in (tmp_path / "run" / "train.log").read_text()
+
+
 @pytest.mark.slow
 def test_stage2_cached_run_has_the_losses_of_the_uncached_run(tiny, tiny_dir, sft_run, tmp_path):
     demo = tiny_dir / "demo_data"
