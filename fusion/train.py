@@ -589,7 +589,7 @@ class Trainer:
     def _setup_cache(self, convs: list[Conversation]) -> list[Conversation]:
         """Find (or build) the feature cache of these conversations; returns the ones it can train on."""
         self.cache, self.cache_info = self._feature_cache(convs, self.cfg.data.path)
-        return self._cached_usable(self.cache, convs)
+        return self._cached_usable(self.cache, convs, self.report)
 
     def _feature_cache(self, convs: list[Conversation], data_path: str):
         """(FeatureCache, info) of ``convs`` read from ``data_path``: found, or built (``cache=auto|build``)."""
@@ -636,7 +636,7 @@ class Trainer:
         cache = fc.FeatureCache(found)
         return cache, {"key": key, "path": str(found), "built": built, "samples": len(cache), "build_seconds": cache.manifest.get("seconds")}
 
-    def _cached_usable(self, cache, convs: list[Conversation]) -> list[Conversation]:
+    def _cached_usable(self, cache, convs: list[Conversation], report: SkipReport) -> list[Conversation]:
         usable = []
         for conv in convs:  # the samples the uncached path would keep after prevalidation
             try:
@@ -645,7 +645,7 @@ class Trainer:
             except DataError as e:
                 if self.cfg.data.on_error == "error" and e.kind not in NOT_FOR_THIS_STAGE:
                     raise
-                self.report.add(e)
+                report.add(e)
         return usable
 
     def _setup_distill_data(self) -> None:
@@ -678,11 +678,7 @@ class Trainer:
         if self.cache_mode != "off":
             self.distill_cache, info = self._feature_cache(convs, st.distill_data)
             self.cache_info["distill_data"] = info
-            main, self.report = self.report, report
-            try:
-                convs = self._cached_usable(self.distill_cache, convs)
-            finally:
-                self.report = main
+            convs = self._cached_usable(self.distill_cache, convs, report)
         if not convs:
             raise DataError(f"stage.distill_data: no usable sample ({report.summary()})", st.distill_data)
         self.distill_convs = convs

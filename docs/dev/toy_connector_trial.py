@@ -74,28 +74,22 @@ def collect(model: FusedModel, path: str) -> list[dict]:
     return out
 
 
-if os.path.exists(CACHE):
-    train, test = torch.load(CACHE)
-else:
+def cached_turns(cache: str, *paths: str) -> list:
+    """``collect`` of each path, kept in ``cache`` (read back when it exists)."""
+    if os.path.exists(cache):
+        return torch.load(cache)
     fused = FusedModel.from_pretrained(MODEL).eval()
     fused.settings["connector_span"] = "all"  # the cache keeps the whole context's states (span=1 cuts the window)
     fused.set_teacher(TextEncoder.from_pretrained(fused.generator_source, device=fused.generator.device))
     fused.settings["target_image"] = "last"
-    train, test = collect(fused, SPLITS["train"]), collect(fused, SPLITS["test"])
-    torch.save((train, test), CACHE)
-    del fused
+    out = [collect(fused, p) for p in paths]
+    torch.save(out if len(out) > 1 else out[0], cache)
+    return out if len(out) > 1 else out[0]
+
+
+train, test = cached_turns(CACHE, SPLITS["train"], SPLITS["test"])
 if EXTRA:
-    extra_cache = CACHE.replace(".pt", f"_extra_{os.path.basename(EXTRA)}.pt")
-    if os.path.exists(extra_cache):
-        extra = torch.load(extra_cache)
-    else:
-        fused = FusedModel.from_pretrained(MODEL).eval()
-        fused.settings["connector_span"] = "all"
-        fused.set_teacher(TextEncoder.from_pretrained(fused.generator_source, device=fused.generator.device))
-        fused.settings["target_image"] = "last"
-        extra = collect(fused, EXTRA)
-        torch.save(extra, extra_cache)
-        del fused
+    extra = cached_turns(CACHE.replace(".pt", f"_extra_{os.path.basename(EXTRA)}.pt"), EXTRA)
     train = train + [dict(x, conv=1_000_000 + x["conv"]) for x in extra]
 n_layers, _, width = train[0]["h"].shape
 spec = dict(mllm_dim=width, text_dim=train[0]["t"].shape[-1], num_mllm_layers=n_layers, out_norm="rms_gated", refiner_layers=2)

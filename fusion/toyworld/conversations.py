@@ -25,6 +25,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from fusion.atomic import write_text_atomic
 from fusion.toyworld.scenes import (
     CELL_NAMES,
     CELLS,
@@ -293,15 +294,9 @@ def write_distill_corpus(root: str | Path, n: int, seed: int = 0, name: str = "d
     """``<root>/<name>.jsonl``: ``n`` text-only text-to-image requests over every (colour, shape) pair, the ones the
     train split holds out too (the toy stage 2's ``stage.distill_data``: what a caption corpus is to a published DiT).
     No image is drawn: each line's one drawing is an image item without a file."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(SPLIT_SEEDS["distill"] + seed)
-    path = root / f"{name}.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(conversation("t2i", rng, TextOnly(), frozenset())) + "\n" for _ in range(n))
-    tmp.replace(path)
-    return path
+    return write_text_atomic(Path(root) / f"{name}.jsonl",
+                             "".join(json.dumps(conversation("t2i", rng, TextOnly(), frozenset())) + "\n" for _ in range(n)))
 
 
 def make_toyworld(out_dir: str | Path, seed: int = 0, name: str = "toyworld", n_train: int = 600, n_val: int = 60, n_test: int = 60,
