@@ -1020,6 +1020,9 @@ class MakeToyConfig:
     dit_copy_heads: float = 0.0
     """Toy Wan only: start one self-attention head per block as a copy head (fusion.toyworld.pretrain.init_copy_heads)
     with this query/key RMSNorm gain; 0: off."""
+    dit_ema: float = 0.0
+    """Toy DiTs: the decay of an exponential moving average of the DiT's and its text encoder's weights, saved in
+    place of the last weights (both scored: ``accuracy`` and ``accuracy_last`` in ``pretrain.json``); 0: off."""
     dit_eval_n: int = 64
     """Held-out scenes and edits each sampled (20 steps, guidance 3) to score the pretrained toy DiT."""
 
@@ -1038,6 +1041,8 @@ class MakeToyConfig:
                 raise ConfigError(f"{key}: {getattr(self, key)} must be in [0, 1]")
         if self.dit_p_shared_colour + self.dit_p_shared_shape > 1:
             raise ConfigError(f"dit_p_shared_colour + dit_p_shared_shape: {self.dit_p_shared_colour + self.dit_p_shared_shape} must be <= 1")
+        if not 0 <= self.dit_ema < 1:
+            raise ConfigError(f"dit_ema: {self.dit_ema} must be in [0, 1)")
         if self.dit_t_shift <= 0:
             raise ConfigError(f"dit_t_shift: {self.dit_t_shift} must be > 0")
         if self.dit_copy_heads < 0 or (self.dit_copy_heads and not self.dit_coord_freqs):

@@ -99,6 +99,8 @@ def dit_summary(stats: dict) -> str:
     if "fit" in stats:  # absent from parts built before it was measured
         line += "; flow loss at t=0.3-0.9, training / held-out items: " + ", ".join(
             f"{k} {v['train']:.4f} / {v['held_out']:.4f}" for k, v in stats["fit"].items())
+    if stats.get("accuracy_last"):  # with dit_ema: the saved average above, the last weights here
+        line += "; the last weights (not the average): " + ", ".join(f"{k} {v:.3f}" for k, v in stats["accuracy_last"].items())
     return line
 
 
@@ -158,6 +160,8 @@ def main(cfg: DictConfig) -> None:
                 want["p_shared_shape"] = cfg.dit_p_shared_shape
             if cfg.dit_t_sampling != "logit_normal":
                 want["t_sampling"] = [cfg.dit_t_sampling, cfg.dit_t_shift]
+            if cfg.dit_ema:
+                want["ema"] = cfg.dit_ema
             cached(out / family, want,
                    lambda p, f=family: pretrain_dit(f, p, out / "vae", steps=cfg.dit_steps, batch=cfg.dit_batch, lr=cfg.dit_lr,
                                                      seed=cfg.seed, pool_size=cfg.dit_pool, text_length=cfg.dit_text_length,
@@ -166,7 +170,8 @@ def main(cfg: DictConfig) -> None:
                                                      t_shift=cfg.dit_t_shift, copy_heads=cfg.dit_copy_heads if f == "wan" else 0.0,
                                                      p_frames=cfg.dit_p_frames, p_context=cfg.dit_p_context,
                                                      p_edit=cfg.dit_p_edit, edit_mix=EditMix(cfg.dit_p_recolour, cfg.dit_p_shared_colour,
-                                                                                       cfg.dit_p_shared_shape)),
+                                                                                       cfg.dit_p_shared_shape),
+                                                     ema_decay=cfg.dit_ema),
                    dit_summary)
 
 

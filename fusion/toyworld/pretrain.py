@@ -514,7 +514,8 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
                  text_dim: int = 64, p_edit: float = 0.7, p_drop_text: float = 0.1, layers: int = 4, pool_size: int = 4096,
                  text_layers: int = 2, text_length: int = TEXT_LENGTH, eval_n: int = 32, probe_weight: float = 0.1,
                  fit_n: int = 256, coord_freqs: int = 0, t_sampling: str = "shifted", t_shift: float = 3.0, copy_heads: float = 0.0,
-                 p_frames: float = 0.0, p_context: float = 0.0, progress: bool = True, edit_mix: EditMix = EditMix()) -> dict:
+                 p_frames: float = 0.0, p_context: float = 0.0, progress: bool = True, edit_mix: EditMix = EditMix(),
+                 ema_decay: float = 0.0) -> dict:
     """Pretrain a toy DiT of ``family`` together with its own text encoder (the family's class) to draw
     toy scenes from the toy world's requests (padded to ``text_length`` tokens) and to apply edits to a
     clean condition frame; save both (with the VAE, tokenizer and scheduler) in the diffusers layout.
@@ -524,8 +525,12 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     condition frame from pure noise; SD3's logit-normal puts 1.4% there, and a DiT trained with it
     kept the source's other objects in a one-step prediction at t = 1 a fifth of the time (README,
     the toy DiT). ``copy_heads``: :func:`init_copy_heads` with that RMSNorm gain (Wan; 0: off).
+    ``ema_decay``: keep an exponential moving average of the DiT's and its encoder's weights
+    (diffusers' ``EMAModel``) and save it; the last weights are scored too (``accuracy_last``).
     ``p_frames``: the share of edits with 2-3 condition frames (:func:`frame_edits`; scored as
     ``edit_first_of_frames`` / ``edit_latest_of_frames``)."""
+    from diffusers.training_utils import EMAModel
+
     from backbones.generator.text_encoder import TextEncoder
     from fusion.flow import sample_t
 
@@ -546,6 +551,8 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     params = [*gen.transformer.parameters(), *text.encoder.parameters(), *probe.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 100))
+    weights = [*gen.transformer.parameters(), *text.encoder.parameters()]
+    ema = EMAModel(weights, decay=ema_decay) if ema_decay else None
     t0, losses, probes = time.time(), [], []
     p_edit, frames = (p_edit, p_frames) if gen.uses_condition_frames else (0.0, 0.0)
     pool = _latent_pool(gen, tokenizer, rng, pool_size, p_edit, progress, frames, p_context, edit_mix)
@@ -568,12 +575,18 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
+        if ema is not None:
+            ema.step(weights)
         losses.append(loss.item())
         probes.append(float(probe_loss.detach()) if isinstance(probe_loss, torch.Tensor) else 0.0)
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", probe=f"{np.mean(probes[-50:]):.3f}")
     gen.transformer.eval()
     text.encoder.eval().requires_grad_(False)
+    last = None
+    if ema is not None:  # the last weights scored on the same items, then the average put in their place
+        last = dit_accuracy(gen, text, n=eval_n, frames=bool(frames))
+        ema.copy_to(weights)
     acc = dit_accuracy(gen, text, n=eval_n, frames=bool(frames))
     held_out = _latent_pool(gen, tokenizer, random.Random(seed + 54_321), min(fit_n, pool_size), p_edit, False, frames, p_context,
                             edit_mix)
@@ -584,7 +597,8 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
              "text_length": text_length, "probe_weight": probe_weight, "coord_freqs": coord_freqs if family == "wan" else None,
              "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads, "p_frames": frames, "p_context": p_context, "p_edit": p_edit,
              **{k: v for k, v in asdict(edit_mix).items() if v},
-             "last_probe_loss": float(np.mean(probes[-50:])), "accuracy": acc, "fit": fit}
+             "last_probe_loss": float(np.mean(probes[-50:])), "accuracy": acc, "fit": fit,
+             **({"ema_decay": ema_decay, "accuracy_last": last} if ema is not None else {})}
     gen.transformer.save_pretrained(out / "transformer")
     text.encoder.save_pretrained(out / "text_encoder")
     (out / "pretrain.json").write_text(json.dumps(stats, indent=2))

@@ -265,7 +265,7 @@ def test_copy_heads_start_reading_the_condition_frame_at_the_same_cell():
                                              ("dit_t_sampling", "cosine", "dit_t_sampling"), ("dit_t_shift", 0.0, "dit_t_shift"),
                                              ("dit_copy_heads", -1.0, "dit_copy_heads"), ("dit_p_frames", 1.0, "dit_p_frames"),
                                              ("dit_p_context", 1.5, "dit_p_context"), ("mllm_p_text", -0.1, "mllm_p_text"),
-                                             ("dit_p_edit", 1.2, "dit_p_edit"),
+                                             ("dit_p_edit", 1.2, "dit_p_edit"), ("dit_ema", 1.0, "dit_ema"),
                                              ("mllm_rope_theta", 1.0, "mllm_rope_theta"), ("mllm_vision_out_scale", 0.0, "mllm_vision_out_scale")])
 def test_make_toy_refuses_impossible_settings_naming_the_key(field, value, key):
     from fusion.config import MakeToyConfig
@@ -429,6 +429,24 @@ def test_toy_dit_pretrains_on_requests_in_context_and_scores_edits_in_context(tm
                          coord_freqs=1, p_context=0.5, p_edit=0.75)
     assert stats["p_context"] == 0.5 and 0.0 <= stats["accuracy"]["edit_in_context"] <= 1.0
     assert stats["p_edit"] == 0.75
+
+
+def test_toy_dit_with_ema_trains_alike_saves_the_average_and_scores_the_last_weights(tmp_path, toy_vae):
+    """dit_ema changes what is saved, not how it trains: the same losses as a run without it, its
+    ``accuracy_last`` is what that run scored on the same items, and its saved DiT and encoder are the average."""
+    kw = dict(steps=3, batch=4, pool_size=16, eval_n=4, text_length=24, progress=False, coord_freqs=1)
+    plain = pretrain_dit("wan", tmp_path / "plain", toy_vae, **kw)
+    ema = pretrain_dit("wan", tmp_path / "ema", toy_vae, ema_decay=0.5, **kw)
+    assert "accuracy_last" not in plain and ema["ema_decay"] == 0.5
+    assert (ema["first_loss"], ema["last_loss"]) == (plain["first_loss"], plain["last_loss"])
+    assert json.dumps(ema["accuracy_last"], sort_keys=True) == json.dumps(plain["accuracy"], sort_keys=True)  # NaN: no item of a kind
+    from backbones.generator.text_encoder import TextEncoder
+
+    for part, load in (("transformer", lambda r: load_toy_generator("wan", r).transformer),
+                       ("text_encoder", lambda r: TextEncoder.from_pretrained(r).encoder)):
+        a, b = load(tmp_path / "plain").state_dict(), load(tmp_path / "ema").state_dict()
+        assert a.keys() == b.keys()
+        assert any(not torch.equal(a[k], b[k]) for k in a), part  # the average, not the last weights
 
 
 def test_object_probe_labels_an_edit_with_the_object_its_words_name():
