@@ -40,13 +40,16 @@ pytestmark = pytest.mark.slow
 #: text_answer 0.835 (fresh 0.932), then t2i_1obj 0.913, edit_preserved 0.825, edit_recolour_applied 0.875 missed. With the
 #: text-only distillation corpus since (stage.distill_data, toyworld/distill.jsonl: outputs/dd_align): t2i_1obj 1.000
 #: (fresh 1.000), edit_recolour_applied 0.875 (fresh 0.951), edit_preserved 0.875 (fresh 0.883); the two below still
-#: missed on the test split: the goals sit inside the spread of a rebuild, so either side may show.
-MISSED: dict[str, float] = {"edit_preserved": 0.875, "edit_recolour_applied": 0.875}
+#: missed on the test split: the goals sit inside the spread of a rebuild, so either side may show. With the toy Wan
+#: pretrained 9000 steps since (dit_steps=9000, outputs/k9_align on that world): edit_preserved 0.933, edit_recolour_applied
+#: 0.900, tracking 0.925, exact_scene_t2i 0.975 (t2i_1obj 1.000): every goal but the budget met on the test split.
+MISSED: dict[str, float] = {}
 #: total seconds of the demo with the world built from scratch, as measured by that fresh-clone run (phases: world 2012 with
 #: toy VAE 272, toy MLLM 340, toy Wan 1381; stage 1 197; stage 2 1332; evaluation 180; setup about 240 more); on the
 #: AVX-512 machine about 3070 summed from its phases. Stage 2 with the corpus: 1633 s instead of 1296 s on the same
-#: machine (outputs/dd_align vs outputs/lr5e4_align), so about 4060 s now.
-MEASURED_TOTAL_S = 4060
+#: machine (outputs/dd_align vs outputs/lr5e4_align), so about 4060 s; the toy Wan's 9000 steps about 700 s more (2080 s
+#: alone against 1381 s), so about 4760 s now (not one measured run).
+MEASURED_TOTAL_S = 4760
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +57,7 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo_full")
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     p = subprocess.run([sys.executable, str(REPO / "tools" / "demo.py"), f"out_dir={out}"], cwd=REPO, env=env, capture_output=True,
-                       text=True, timeout=3600)
+                       text=True, timeout=7200)  # about 4760 s here with the world built
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return json.loads((out / "report.json").read_text())
 
