@@ -548,10 +548,10 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     text = TextEncoder.from_pretrained(out)
     text.encoder.train().requires_grad_(True)
     probe = ObjectProbe(text_dim)  # object read-outs that shape the encoder's states (probe_weight; 0: the flow loss alone)
-    params = [*gen.transformer.parameters(), *text.encoder.parameters(), *probe.parameters()]
+    weights = [*gen.transformer.parameters(), *text.encoder.parameters()]  # what is saved (and averaged with ema_decay)
+    params = [*weights, *probe.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 100))
-    weights = [*gen.transformer.parameters(), *text.encoder.parameters()]
     ema = EMAModel(weights, decay=ema_decay) if ema_decay else None
     t0, losses, probes = time.time(), [], []
     p_edit, frames = (p_edit, p_frames) if gen.uses_condition_frames else (0.0, 0.0)
