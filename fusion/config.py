@@ -407,7 +407,7 @@ class StageConfig:
     batching: str = "packed"
     """How the MLLM sees a micro-batch: packed (samples end to end, block-diagonal attention, almost no padding), padded (one right-padded row per sample) or none (one forward per sample); the loss is the same. align (uncached): packed runs the frozen MLLM once over all contexts, else once per context."""
     dit_batching: str = "grouped"
-    """align: how the DiT sees a micro-batch: grouped (one forward/backward per group of samples sharing a target size and number of condition frames, texts of different lengths padded and masked) or none (one forward per sample); the loss is the same."""
+    """align: how the DiT sees a micro-batch: grouped (one forward/backward per group of samples sharing a target size and number of condition frames, texts of different lengths padded and masked; a per-token connector reads every sample's cached or packed states in one padded, masked call) or none (one forward per sample, one connector call per sample); the loss is the same."""
     pack_length: int | None = None
     """Tokens per packed row (None: the longest sample of the micro-batch, so a row is never longer than a padded one; measured fastest here)."""
     gradient_checkpointing: list[str] = field(default_factory=list)
@@ -812,7 +812,7 @@ class ChatUIConfig(ChatSettingsConfig):
             raise ConfigError(f"max_upload_mb must be positive, got {self.max_upload_mb}")
 
 
-BENCH_SECTIONS = ("cache", "cache_queries", "stage2_batching", "frame_labels", "sampling_guidance", "overhead", "stage1_overhead", "packing", "generation")
+BENCH_SECTIONS = ("cache", "cache_queries", "stage2_batching", "frame_labels", "connector_batching", "sampling_guidance", "overhead", "stage1_overhead", "packing", "generation")
 
 
 @dataclass
@@ -820,7 +820,7 @@ class BenchConfig:
     """``tools/bench.py``: side-by-side measurements in one process (ratios, never absolute pass/fail)."""
 
     sections: list[str] = field(default_factory=lambda: list(BENCH_SECTIONS))
-    """What to measure (tools/bench.py's docstring): cache (stage 2 with/without the feature cache), stage2_batching (DiT passes per shape vs per sample), sampling_guidance (guidance passes batched vs separate), overhead (stage-2 fused step vs bare parts), stage1_overhead (stage-1 step vs bare forward/backward/optimizer on pre-rendered tensors), packing (stage 1 packed vs padded), generation."""
+    """What to measure (tools/bench.py's docstring): cache (stage 2 with/without the feature cache), stage2_batching (DiT passes per shape vs per sample), frame_labels (the frame head's labels memoised vs probed), connector_batching (the connector over a micro-batch in one call vs per sample), sampling_guidance (guidance passes batched vs separate), overhead (stage-2 fused step vs bare parts), stage1_overhead (stage-1 step vs bare forward/backward/optimizer on pre-rendered tensors), packing (stage 1 packed vs padded), generation."""
     toy_dir: str = "checkpoints/toy"
     """The toy world (make_toy): its MLLM, Wan DiT and training data for cache / overhead / packing."""
     use_toy: bool = True

@@ -505,6 +505,26 @@ class FusedModel(nn.Module):
             return None
         return self.mllm.queries_after_prefixes([(smp.ctx_kv[0], int(smp.ctx_kv[1][-1])) for smp in samples], self.connector.query_embeds())
 
+    def states_from_cache(self, samples: list[AlignSample]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Per-token connectors on states already computed (feature cache or packed MLLM pass): every sample's
+        window (:meth:`connector_start`) right-padded into one batch, masked, and read in one connector call;
+        item i equals what :meth:`sample_states` gives sample i (the refiner ignores masked keys, the window
+        convolution reads no padded token). None where a sample has no states or the connector is not per token."""
+        from fusion.distill import per_token
+
+        if len(samples) < 2 or not per_token(self.connector) or any(smp.ctx_hidden is None or smp.ctx_kv is not None for smp in samples):
+            return None
+        windows = [smp.ctx_hidden[:, self.connector_start(smp.ctx_ids[: smp.ctx_hidden.shape[1]]):] for smp in samples]
+        n_layers, width, longest = windows[0].shape[0], windows[0].shape[2], max(w.shape[1] for w in windows)
+        dev, dtype = self.generator.device, self.connector_dtype
+        hidden = torch.zeros(len(windows), n_layers, longest, width, device=dev, dtype=dtype)
+        mask = torch.zeros(len(windows), longest, dtype=torch.long, device=dev)
+        for i, w in enumerate(windows):
+            hidden[i, :, : w.shape[1]] = w.to(dev, dtype)
+            mask[i, : w.shape[1]] = 1
+        out = self.connector(hidden, mask)
+        return [(out.states[i : i + 1, : w.shape[1]], out.mask[i : i + 1, : w.shape[1]]) for i, w in enumerate(windows)]
+
     @property
     def connector_dtype(self) -> torch.dtype:
         return next(self.connector.parameters()).dtype
@@ -584,7 +604,9 @@ class FusedModel(nn.Module):
         whatever the batching). The DiT then runs once per group of samples that share a shape
         (``stage.dit_batching=grouped``: target size and condition frames; texts of different
         lengths padded and masked, :meth:`~backbones.generator.base.FlowGenerator.batched_velocity`)
-        or once per sample (``none``); the loss is the mean of each sample's own loss either way.
+        or once per sample (``none``); the loss is the mean of each sample's own loss either way. With
+        ``grouped`` a per-token connector also reads every sample's cached or packed states in one call
+        (:meth:`states_from_cache`).
         """
         s = self.settings
         gen, dev = self.generator, self.generator.device
@@ -599,12 +621,16 @@ class FusedModel(nn.Module):
         # a warm-up on the states alone (flow weight 0, no alignment loss) needs no DiT pass: only the connector trains
         states_only = w_flow == 0 and distill_target in ("states", "set", "aligned") and not align_w
         plans = []
+        batched = s.get("dit_batching", "grouped") == "grouped"
         batched_queries = self.queries_from_cache(samples)
         batched_out = self.connector(batched_queries) if batched_queries is not None else None  # a fixed number of tokens: one call
+        batched_states = self.states_from_cache(samples) if batched and batched_queries is None else None
         for i, sample in enumerate(samples):
             if batched_queries is not None:
                 query_hidden = batched_queries[i : i + 1]
                 states, mask = batched_out.states[i : i + 1], batched_out.mask[i : i + 1]
+            elif batched_states is not None:
+                (states, mask), query_hidden = batched_states[i], None
             else:
                 states, mask, query_hidden = self.sample_states(sample)
             drop_text, drop_cond = self.draw_dropout(generator)
@@ -618,7 +644,6 @@ class FusedModel(nn.Module):
             plans.append(SimpleNamespace(sample=sample, states=states, mask=mask, query_hidden=query_hidden, drop_text=drop_text,
                                          cond=None if (drop_cond or sample.cond is None) else sample.cond.to(dev),
                                          target=target, noise=noise, t=t, x_t=add_noise(target, noise, t)))
-        batched = s.get("dit_batching", "grouped") == "grouped"
         drawn = [p for p in plans if not p.sample.text_only]  # stage.distill_data's samples have no drawing to learn from
         selection = self._select_frames(drawn, batched)
         flows, aligns, velocities = [], [], []

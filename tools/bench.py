@@ -21,6 +21,11 @@ drift on a noisy machine hits both alike):
                 distillation, the DiT frozen: no flow pass) with each sample's preferred frame probed once and
                 reused (``stage.frame_label_memo=true``, opt-in; the steady state, every sample seen) vs probed
                 with two DiT passes every step; DiT forwards per step.
+``connector_batching``  stage-2 optimizer step of the toy recipe's distillation warm-up (its connector: refiner,
+                window 3, gated norm; the frame labels probed every step, as the recipe does) with a per-token
+                connector reading every sample's cached states in one padded, masked call
+                (``stage.dit_batching=grouped``, the default) vs one call per sample (the loop before); connector
+                calls per step; the loss difference of the two on the same batch and seed.
 ``sampling_guidance``  one image with classifier-free guidance (``sample_steps`` steps, DuoGen-style shorter
                 negative, one condition frame): the guidance passes of a step batched into shared DiT
                 forwards vs one forward per pass; with text guidance (2 passes) and with image guidance
@@ -230,21 +235,67 @@ def bench_stage2_batching(cfg: DictConfig, w: dict) -> dict:
             "dropout": {"p_drop_text": model.settings.get("p_drop_text"), "p_drop_cond": model.settings.get("p_drop_cond")}}
 
 
-def bench_frame_labels(cfg: DictConfig, w: dict) -> dict:
+def warmup_model(cfg: DictConfig, w: dict, connector: list[str] = ()):
+    """An untrained stage-2 model set up as the toy recipe's distillation warm-up (learned frame head, aligned
+    distillation onto the generator's own encoder, the DiT frozen: no flow pass), ``connector`` overrides added."""
     from backbones.generator.text_encoder import TextEncoder
-    from fusion import feature_cache as fc
-    from fusion.data import SkipReport
     from fusion.model import FusedModel
 
     recipe = ["stage.frame_select=learned", "stage.distill_steps=1000000", "stage.distill_weight=1.0", "stage.distill_target=aligned",
               "stage.generator_frozen_steps=1000000", "stage.connector_span=since_image"]
-    c = compose([*w["overrides"], "stage=align", f"connector={cfg.connector_name}", "stage.target_image=last", *recipe])
+    c = compose([*w["overrides"], "stage=align", f"connector={cfg.connector_name}", "stage.target_image=last", *recipe, *connector])
     torch.manual_seed(0)
     model = FusedModel.build(c)
     model.apply_trainable(c.stage)
     model.set_teacher(TextEncoder.from_pretrained(c.generator.path))
+    return model, torch.optim.AdamW(model.param_groups(c.stage), lr=1e-4)
+
+
+def bench_connector_batching(cfg: DictConfig, w: dict) -> dict:
+    from fusion import feature_cache as fc
+    from fusion.data import SkipReport
+
+    model, opt = warmup_model(cfg, w, ["connector.out_norm=rms_gated", "connector.refiner_layers=4", "connector.window=3"])
+    convs = target_convs(w["data"], cfg.batch * cfg.batches)
+    batches = [convs[i * cfg.batch : (i + 1) * cfg.batch] for i in range(cfg.batches)]
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = fc.FeatureCache(fc.build(model, convs, tmp, "bench", {}, "error", SkipReport(), progress=False))
+    it = {"per_sample": 0, "batched": 0}
+    calls = {"per_sample": [], "batched": []}
+    batched_states = model.states_from_cache
+
+    def loss(batch, seed, name):
+        model.states_from_cache = batched_states if name == "batched" else (lambda samples: None)  # per sample: the loop before
+        n = []
+        hook = model.connector.register_forward_hook(lambda m, args, out: n.append(1))
+        try:
+            return model.align_loss([cache.sample(x, model.settings) for x in batch], torch.Generator().manual_seed(seed))["loss"]
+        finally:
+            hook.remove()
+            del model.states_from_cache
+            calls[name].append(len(n))
+
+    def step(name):
+        def fn():
+            batch = batches[it[name] % len(batches)]
+            optimizer_step(loss(batch, it[name], name), opt)
+            it[name] += 1
+        return fn
+
+    with torch.no_grad():
+        diff = abs(float(loss(batches[0], 0, "per_sample")) - float(loss(batches[0], 0, "batched")))
+    times = interleaved({"per_sample": step("per_sample"), "batched": step("batched")}, cfg.repeats)
+    r = {k: spread(v) for k, v in times.items()}
+    return {"step_seconds": r, "speedup": r["per_sample"]["median"] / r["batched"]["median"], "batch": cfg.batch,
+            "connector_calls_per_step": {k: statistics.mean(v) for k, v in calls.items()}, "loss_diff_same_batch": diff}
+
+
+def bench_frame_labels(cfg: DictConfig, w: dict) -> dict:
+    from fusion import feature_cache as fc
+    from fusion.data import SkipReport
+
+    model, opt = warmup_model(cfg, w)
     model.settings["frame_label_memo"] = True  # (off by default: this section measures what it saves)
-    opt = torch.optim.AdamW(model.param_groups(c.stage), lr=1e-4)
     convs = [x for x in target_convs(w["data"], 4 * cfg.batch * cfg.batches) if x.num_target_images() and len(x.image_items()) > 1]
     convs = [convs[i % len(convs)] for i in range(cfg.batch * cfg.batches)] if convs else []
     if not convs:
@@ -563,6 +614,17 @@ def markdown(results: dict) -> str:
             f"{r['dit_forwards_per_step']['batched']:.1f} | 1.00x |\n\n"
             f"Micro-batch {r['batch']}, feature cache on, CFG dropout {r['dropout']}; loss difference on the same batch and seed "
             f"{r['loss_diff_same_batch']:.1e}. (Each DiT forward is followed by its backward.)")
+    if "connector_batching" in results:
+        r = results["connector_batching"]
+        parts.append(
+            "### stage 2: the connector over a micro-batch in one call\n\n| variant | step s | connector calls / step | ratio |\n"
+            "|---|---|---|---|\n"
+            f"| one call per sample | {fmt(r['step_seconds']['per_sample'])} | {r['connector_calls_per_step']['per_sample']:.1f} | "
+            f"{r['speedup']:.2f}x slower |\n"
+            f"| one padded, masked call (stage.dit_batching=grouped, default) | {fmt(r['step_seconds']['batched'])} | "
+            f"{r['connector_calls_per_step']['batched']:.1f} | 1.00x |\n\n"
+            f"Micro-batch {r['batch']}, the toy recipe's distillation warm-up (refiner, window 3, gated norm; frame labels probed every "
+            f"step), feature cache on; loss difference on the same batch and seed {r['loss_diff_same_batch']:.1e}.")
     if "frame_labels" in results and "skipped" not in results["frame_labels"]:
         r = results["frame_labels"]
         parts.append(
@@ -624,7 +686,7 @@ def main(cfg: DictConfig) -> None:
     results: dict = {"meta": {"world": w["name"], "repeats": cfg.repeats, "torch_threads": torch.get_num_threads(),
                               "sections": list(cfg.sections)}}
     run = {"cache": lambda: bench_cache(cfg, w), "cache_queries": lambda: bench_cache(cfg, w, "queries"), "stage2_batching": lambda: bench_stage2_batching(cfg, w),
-           "frame_labels": lambda: bench_frame_labels(cfg, w),
+           "frame_labels": lambda: bench_frame_labels(cfg, w), "connector_batching": lambda: bench_connector_batching(cfg, w),
            "sampling_guidance": lambda: bench_sampling_guidance(cfg, w), "overhead": lambda: bench_overhead(cfg, w),
            "stage1_overhead": lambda: bench_stage1_overhead(cfg, w), "packing": lambda: bench_packing(cfg, w),
            "generation": lambda: bench_generation(cfg, w)}

@@ -73,18 +73,24 @@ def loss_and_grads(model, samples, seed=3):
 def test_grouped_dit_passes_equal_the_per_sample_loop(tiny_dir, convs, tmp_path, generator):
     """stage.dit_batching=grouped (one DiT pass per shape) vs none (one per sample): the same losses and gradients, for
     per-token states of different lengths (DuoGen negatives shorter still), samples with and without condition frames,
-    from the feature cache or not, with a query connector and its alignment loss, and with velocity distillation."""
+    from the feature cache or not, with a query connector and its alignment loss, and with velocity distillation; with
+    grouped a per-token connector (the recipe's: refiner, window, gated norm, since_image span, aligned distillation)
+    reads every sample's states in one call."""
     from backbones.generator.text_encoder import TextEncoder
     from fusion import feature_cache as fc
     from fusion.data import SkipReport
+    from fusion.distill import per_token
 
     drops = ["stage.p_drop_text=0.4", "stage.p_drop_cond=0.3", "stage.text_dropout_form=duogen"]
     cases = [("last_mlp", [], "plain"), ("last_mlp", [], "cache"), ("multiscale_queries", [], "plain")]
     if generator != "tiny_cosmos":  # the tiny Cosmos has no text encoder of its own (no distillation teacher)
         cases.append(("last_mlp", ["stage.distill_weight=0.5"], "plain"))
+        cases.append(("multilayer_concat", ["stage.distill_weight=0.5", "stage.distill_target=aligned", "connector.refiner_layers=2",
+                                            "connector.window=3", "connector.out_norm=rms_gated", "stage.connector_span=since_image"], "cache"))
     for connector, extra, source in cases:
         torch.manual_seed(0)
-        model, cfg = build(tiny_dir, connector, generator, extra=[*drops, *extra])
+        negative = [d for d in drops if "since_image" not in str(extra) or "duogen" not in d]  # (since_image refuses duogen)
+        model, cfg = build(tiny_dir, connector, generator, extra=[*negative, *extra])
         model.apply_trainable(cfg.stage)
         if cfg.stage.distill_weight:
             model.set_teacher(TextEncoder.from_pretrained(cfg.generator.path))
@@ -93,10 +99,15 @@ def test_grouped_dit_passes_equal_the_per_sample_loop(tiny_dir, convs, tmp_path,
             samples = [cache.sample(c, model.settings) for c in convs * 2]
         else:
             samples = [model.prepare_align_sample(c) for c in convs * 2]
-        results = []
+        results, widest = [], []
+        hook = model.connector.register_forward_hook(lambda m, args, out: widest.append(len(out.states)))
         for mode in ("none", "grouped"):  # the same model and samples, the same draws (seeded), batched or not
             model.settings["dit_batching"] = mode
+            widest.clear()
             results.append(loss_and_grads(model, samples))
+            if per_token(model.connector):  # (query connectors: one call for every sample from the cache in either mode)
+                assert max(widest) == (len(samples) if mode == "grouped" else 1), (connector, mode, widest)
+        hook.remove()
         (la, ga), (lb, gb) = results
         case = f"{generator} {connector} {extra} {source}"
         assert la.keys() == lb.keys() and ga.keys() == gb.keys(), case

@@ -277,6 +277,19 @@ def test_bench_frame_labels_counts_the_dit_passes_it_saves(made, tmp_path):
     assert "frame head's labels" in (tmp_path / "bench.md").read_text()
 
 
+def test_bench_connector_batching_reads_a_micro_batch_in_one_connector_call(made, tmp_path):
+    """The connector-batching section: the recipe's warm-up step calls the connector once per sample in the loop before
+    and once per micro-batch batched, with the same loss."""
+    out, _ = made
+    p = run("bench.py", f"tiny_dir={out}", "use_toy=false", "sections=[connector_batching]", "repeats=2", "batch=3", "batches=2",
+            f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "bench.json").read_text())["connector_batching"]
+    assert r["connector_calls_per_step"] == {"per_sample": 3, "batched": 1} and r["speedup"] > 0
+    assert r["loss_diff_same_batch"] < 1e-5
+    assert "in one call" in (tmp_path / "bench.md").read_text()
+
+
 @pytest.mark.slow
 def test_bench_training_sections_reduced(made, tmp_path):
     """The stage-1/2 sections run end to end on the tiny checkpoints (figures not asserted: the machine is noisy)."""
