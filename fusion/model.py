@@ -487,8 +487,7 @@ class FusedModel(nn.Module):
             out = self.connector(query_hidden)
             return out.states, out.mask, query_hidden
         if sample.ctx_hidden is not None:
-            hidden = sample.ctx_hidden[:, :length] if length is not None else sample.ctx_hidden
-            hidden = hidden[None, :, self.connector_start(sample.ctx_ids[: hidden.shape[1]]):].to(self.generator.device, self.connector_dtype)
+            hidden = self.cached_window(sample, length)[None].to(self.generator.device, self.connector_dtype)
             out = self.connector(hidden, torch.ones(hidden.shape[0], hidden.shape[2], dtype=torch.long, device=hidden.device))
             return out.states, out.mask, None
         if length is None:
@@ -505,6 +504,12 @@ class FusedModel(nn.Module):
             return None
         return self.mllm.queries_after_prefixes([(smp.ctx_kv[0], int(smp.ctx_kv[1][-1])) for smp in samples], self.connector.query_embeds())
 
+    def cached_window(self, sample: AlignSample, length: int | None = None) -> torch.Tensor:
+        """The connector's window (:meth:`connector_start`) of a sample's stored MLLM states (or of their first
+        ``length`` tokens): [n_layers, L, D]."""
+        hidden = sample.ctx_hidden[:, :length] if length is not None else sample.ctx_hidden
+        return hidden[:, self.connector_start(sample.ctx_ids[: hidden.shape[1]]):]
+
     def states_from_cache(self, samples: list[AlignSample]) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Per-token connectors on states already computed (feature cache or packed MLLM pass): every sample's
         window (:meth:`connector_start`) right-padded into one batch, masked, and read in one connector call;
@@ -514,15 +519,13 @@ class FusedModel(nn.Module):
 
         if len(samples) < 2 or not per_token(self.connector) or any(smp.ctx_hidden is None or smp.ctx_kv is not None for smp in samples):
             return None
-        windows = [smp.ctx_hidden[:, self.connector_start(smp.ctx_ids[: smp.ctx_hidden.shape[1]]):] for smp in samples]
-        n_layers, width, longest = windows[0].shape[0], windows[0].shape[2], max(w.shape[1] for w in windows)
-        dev, dtype = self.generator.device, self.connector_dtype
-        hidden = torch.zeros(len(windows), n_layers, longest, width, device=dev, dtype=dtype)
-        mask = torch.zeros(len(windows), longest, dtype=torch.long, device=dev)
-        for i, w in enumerate(windows):
-            hidden[i, :, : w.shape[1]] = w.to(dev, dtype)
-            mask[i, : w.shape[1]] = 1
-        out = self.connector(hidden, mask)
+        from backbones.generator.base import pad_text
+
+        windows = [self.cached_window(smp) for smp in samples]
+        n_layers, width = windows[0].shape[0], windows[0].shape[2]
+        rows = [w.transpose(0, 1).reshape(w.shape[1], n_layers * width).to(self.generator.device, self.connector_dtype) for w in windows]
+        flat, mask, _ = pad_text(rows, [None] * len(rows))  # [B, L, n_layers * D], zeros and mask 0 past each window
+        out = self.connector(flat.view(len(rows), -1, n_layers, width).transpose(1, 2), mask)
         return [(out.states[i : i + 1, : w.shape[1]], out.mask[i : i + 1, : w.shape[1]]) for i, w in enumerate(windows)]
 
     @property

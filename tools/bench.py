@@ -130,6 +130,16 @@ def target_convs(path: Path, n: int) -> list:
     return [out[i % len(out)] for i in range(n)]
 
 
+def cached_micro_batches(model, convs: list, cfg: DictConfig):
+    """``convs`` split into ``cfg.batches`` micro-batches of ``cfg.batch``, and a feature cache of them built for ``model``."""
+    from fusion import feature_cache as fc
+    from fusion.data import SkipReport
+
+    batches = [convs[i * cfg.batch : (i + 1) * cfg.batch] for i in range(cfg.batches)]
+    with tempfile.TemporaryDirectory() as tmp:
+        return batches, fc.FeatureCache(fc.build(model, convs, tmp, "bench", {}, "error", SkipReport(), progress=False))
+
+
 def optimizer_step(loss: torch.Tensor, opt) -> None:
     loss.backward()
     opt.step()
@@ -195,14 +205,9 @@ class DiTForwards(list):
 
 
 def bench_stage2_batching(cfg: DictConfig, w: dict) -> dict:
-    from fusion import feature_cache as fc
-    from fusion.data import SkipReport
-
     model, opt = stage2_model(w, cfg, dropout=True)
     convs = target_convs(w["data"], cfg.batch * cfg.batches)
-    batches = [convs[i * cfg.batch : (i + 1) * cfg.batch] for i in range(cfg.batches)]
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = fc.FeatureCache(fc.build(model, convs, tmp, "bench", {}, "error", SkipReport(), progress=False))
+    batches, cache = cached_micro_batches(model, convs, cfg)
     it = {"per_sample": 0, "batched": 0}
     forwards = {"per_sample": [], "batched": []}
 
@@ -252,14 +257,9 @@ def warmup_model(cfg: DictConfig, w: dict, connector: list[str] = ()):
 
 
 def bench_connector_batching(cfg: DictConfig, w: dict) -> dict:
-    from fusion import feature_cache as fc
-    from fusion.data import SkipReport
-
     model, opt = warmup_model(cfg, w, ["connector.out_norm=rms_gated", "connector.refiner_layers=4", "connector.window=3"])
     convs = target_convs(w["data"], cfg.batch * cfg.batches)
-    batches = [convs[i * cfg.batch : (i + 1) * cfg.batch] for i in range(cfg.batches)]
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = fc.FeatureCache(fc.build(model, convs, tmp, "bench", {}, "error", SkipReport(), progress=False))
+    batches, cache = cached_micro_batches(model, convs, cfg)
     it = {"per_sample": 0, "batched": 0}
     calls = {"per_sample": [], "batched": []}
     batched_states = model.states_from_cache
@@ -291,18 +291,13 @@ def bench_connector_batching(cfg: DictConfig, w: dict) -> dict:
 
 
 def bench_frame_labels(cfg: DictConfig, w: dict) -> dict:
-    from fusion import feature_cache as fc
-    from fusion.data import SkipReport
-
     model, opt = warmup_model(cfg, w)
     model.settings["frame_label_memo"] = True  # (off by default: this section measures what it saves)
     convs = [x for x in target_convs(w["data"], 4 * cfg.batch * cfg.batches) if x.num_target_images() and len(x.image_items()) > 1]
     convs = [convs[i % len(convs)] for i in range(cfg.batch * cfg.batches)] if convs else []
     if not convs:
         return {"skipped": "no conversation with an image before its target in this data"}
-    batches = [convs[i * cfg.batch : (i + 1) * cfg.batch] for i in range(cfg.batches)]
-    with tempfile.TemporaryDirectory() as tmp:
-        cache = fc.FeatureCache(fc.build(model, convs, tmp, "bench", {}, "error", SkipReport(), progress=False))
+    batches, cache = cached_micro_batches(model, convs, cfg)
     it = {"every_step": 0, "memo": 0}
     forwards = {"every_step": [], "memo": []}
 
