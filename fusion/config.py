@@ -973,6 +973,9 @@ class MakeToyConfig:
     """Batch size of the toy DiTs."""
     dit_pool: int = 4096
     """Training items (scenes and edits) rendered and encoded once before the DiT pretraining."""
+    dit_patch: int = 2
+    """Spatial patch side of the toy DiTs in latent pixels: 2 gives 64 tokens a frame on the toy VAE's 16x16 latents,
+    4 gives 16 (the objects sit on a 3x3 grid)."""
     dit_text_length: int = 48
     """Tokens the toy DiT's own text encoder pads every request to (its pipeline's max_sequence_length)."""
     dit_text_layers: int = 2
@@ -1034,6 +1037,8 @@ class MakeToyConfig:
         bad = [f for f in self.dit_families if f not in ("wan", "cosmos", "sana")]
         if bad:
             raise ConfigError(f"dit_families: unknown family {bad[0]!r}; expected wan, cosmos or sana")
+        if self.dit_patch not in (1, 2, 4, 8, 16):
+            raise ConfigError(f"dit_patch: {self.dit_patch} must divide the toy VAE's 16x16 latents (1, 2, 4, 8 or 16)")
         if self.dit_coord_freqs < 0:
             raise ConfigError(f"dit_coord_freqs: {self.dit_coord_freqs} must be >= 0")
         if self.dit_t_sampling not in T_SAMPLINGS:

@@ -143,6 +143,8 @@ def main(cfg: DictConfig) -> None:
             want = {"steps": cfg.dit_steps, "lr": cfg.dit_lr, "batch": cfg.dit_batch, "pool": cfg.dit_pool, "seed": cfg.seed, "vae": vae_want,
                     "text_length": cfg.dit_text_length, "text_layers": cfg.dit_text_layers, "recipe": RECIPES["dit"]}
             # each only when it differs from what parts built before the setting used, so those stay cached
+            if cfg.dit_patch != 2:
+                want["patch"] = cfg.dit_patch
             if family == "wan" and cfg.dit_coord_freqs:
                 want["coord_freqs"] = cfg.dit_coord_freqs
             if family == "wan" and cfg.dit_copy_heads:
@@ -171,7 +173,7 @@ def main(cfg: DictConfig) -> None:
                                                      p_frames=cfg.dit_p_frames, p_context=cfg.dit_p_context,
                                                      p_edit=cfg.dit_p_edit, edit_mix=EditMix(cfg.dit_p_recolour, cfg.dit_p_shared_colour,
                                                                                        cfg.dit_p_shared_shape),
-                                                     ema_decay=cfg.dit_ema),
+                                                     ema_decay=cfg.dit_ema, patch=cfg.dit_patch),
                    dit_summary)
 
 

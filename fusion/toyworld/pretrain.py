@@ -188,9 +188,10 @@ def in_context(rng: random.Random, request: str, edit: bool) -> str:
 
 
 def toy_transformer(family: str, latent_channels: int, text_dim: int = 64, layers: int = 4, heads: int = 4, head_dim: int = 32,
-                    coord_freqs: int = 0):
+                    coord_freqs: int = 0, patch: int = 2):
     """A small DiT of the family's own diffusers class, with an absolute position signal (Wan:
-    ``coord_freqs`` sin/cos frequency pairs per axis besides the two coordinate ramps)."""
+    ``coord_freqs`` sin/cos frequency pairs per axis besides the two coordinate ramps); ``patch``: the
+    spatial patch side in latent pixels (2: 64 tokens a frame on the toy VAE's 16x16 latents, 4: 16)."""
     from diffusers import (
         CosmosTransformer3DModel,
         SanaTransformer2DModel,
@@ -198,17 +199,17 @@ def toy_transformer(family: str, latent_channels: int, text_dim: int = 64, layer
     )
 
     if family == "wan":  # coordinate input channels (see backbones/generator/wan.py)
-        return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=latent_channels + 2 + 4 * coord_freqs,
+        return WanTransformer3DModel(patch_size=(1, patch, patch), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=latent_channels + 2 + 4 * coord_freqs,
                                      out_channels=latent_channels, text_dim=text_dim, freq_dim=64, ffn_dim=2 * heads * head_dim, num_layers=layers,
                                      rope_max_seq_len=64)
     if family == "cosmos":  # learnable absolute position embedding (Predict2's extra_pos_embed_type)
         return CosmosTransformer3DModel(in_channels=latent_channels + 1, out_channels=latent_channels, num_attention_heads=heads, attention_head_dim=head_dim,
                                         num_layers=layers, mlp_ratio=2.0, text_embed_dim=text_dim, adaln_lora_dim=32, max_size=(8, 32, 32),
-                                        patch_size=(1, 2, 2), rope_scale=(1.0, 1.0, 1.0), concat_padding_mask=False, extra_pos_embed_type="learnable")
+                                        patch_size=(1, patch, patch), rope_scale=(1.0, 1.0, 1.0), concat_padding_mask=False, extra_pos_embed_type="learnable")
     if family == "sana":  # sin-cos absolute position embedding (interpolation_scale set)
         return SanaTransformer2DModel(in_channels=latent_channels, out_channels=latent_channels, num_attention_heads=heads, attention_head_dim=head_dim,
                                       num_layers=layers, num_cross_attention_heads=heads, cross_attention_head_dim=head_dim,
-                                      cross_attention_dim=heads * head_dim, caption_channels=text_dim, mlp_ratio=2.0, sample_size=16, patch_size=2,
+                                      cross_attention_dim=heads * head_dim, caption_channels=text_dim, mlp_ratio=2.0, sample_size=16, patch_size=patch,
                                       interpolation_scale=1)
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
@@ -515,7 +516,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
                  text_layers: int = 2, text_length: int = TEXT_LENGTH, eval_n: int = 32, probe_weight: float = 0.1,
                  fit_n: int = 256, coord_freqs: int = 0, t_sampling: str = "shifted", t_shift: float = 3.0, copy_heads: float = 0.0,
                  p_frames: float = 0.0, p_context: float = 0.0, progress: bool = True, edit_mix: EditMix = EditMix(),
-                 ema_decay: float = 0.0) -> dict:
+                 ema_decay: float = 0.0, patch: int = 2) -> dict:
     """Pretrain a toy DiT of ``family`` together with its own text encoder (the family's class) to draw
     toy scenes from the toy world's requests (padded to ``text_length`` tokens) and to apply edits to a
     clean condition frame; save both (with the VAE, tokenizer and scheduler) in the diffusers layout.
@@ -539,7 +540,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     rng = random.Random(seed)
     latent_channels = json.loads((Path(vae_dir) / "config.json").read_text())["latent_channels"]
     tokenizer = toy_tokenizer(text_length)
-    transformer = toy_transformer(family, latent_channels, text_dim, layers, coord_freqs=coord_freqs)
+    transformer = toy_transformer(family, latent_channels, text_dim, layers, coord_freqs=coord_freqs, patch=patch)
     if copy_heads:
         init_copy_heads(transformer, latent_channels, copy_heads)
     encoder = toy_text_encoder(family, len(tokenizer), text_dim, text_layers)
@@ -595,7 +596,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
              "last_loss": float(np.mean(losses[-50:])), "params": sum(p.numel() for p in gen.transformer.parameters()),
              "text_encoder": type(text.encoder).__name__, "text_encoder_params": sum(p.numel() for p in text.encoder.parameters()),
              "text_length": text_length, "probe_weight": probe_weight, "coord_freqs": coord_freqs if family == "wan" else None,
-             "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads, "p_frames": frames, "p_context": p_context, "p_edit": p_edit,
+             "patch": patch, "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads, "p_frames": frames, "p_context": p_context, "p_edit": p_edit,
              **{k: v for k, v in asdict(edit_mix).items() if v},
              "last_probe_loss": float(np.mean(probes[-50:])), "accuracy": acc, "fit": fit,
              **({"ema_decay": ema_decay, "accuracy_last": last} if ema is not None else {})}

@@ -164,6 +164,30 @@ def test_wan_coordinate_channels_tell_positions_apart(tmp_path, toy_vae):
     assert not torch.allclose(v[..., :8, :8], v[..., 8:, 8:], atol=1e-6)
 
 
+@pytest.mark.parametrize("family", ["wan", "cosmos", "sana"])
+def test_a_coarser_patch_gives_fewer_tokens_and_runs_through_the_adapter(tmp_path, toy_vae, family):
+    """make_toy's dit_patch: a patch of 4 latent pixels gives 16 tokens a frame on the 16x16 latents (64 with 2), and
+    the family's adapter reads the patch from the saved config (velocity of the latent's shape, position-dependent)."""
+    from fusion.toyworld.pretrain import save_generator, toy_transformer
+
+    torch.manual_seed(0)
+    coord = 3 if family == "wan" else 0
+    save_generator(tmp_path / family, family, toy_transformer(family, 8, 64, layers=1, coord_freqs=coord, patch=4), toy_vae)
+    gen = load_toy_generator(family, tmp_path / family)
+    seen = []  # the first block's hidden states: [B, tokens, width]
+    hook = gen.dit_blocks()[0].register_forward_hook(lambda m, a, k, out: seen.append((a[0] if a else k["hidden_states"]).shape),
+                                                     with_kwargs=True)
+    x = torch.zeros(1, gen.latent_channels, 16, 16)
+    x[..., :6, :6] = 1.0
+    cond = torch.zeros(1, 1, 8, 16, 16) if gen.uses_condition_frames else None
+    states, mask = torch.randn(1, 4, 64), torch.ones(1, 4, dtype=torch.long)
+    v = gen.velocity(x, torch.tensor([0.5]), cond, states, mask)
+    hook.remove()
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    assert seen[0][1] == 16 * (2 if cond is not None else 1)  # 4x4 tokens per frame
+    assert not torch.allclose(v[..., :4, :4], v[..., 12:, 12:], atol=1e-6)
+
+
 def _wan(tmp_path, toy_vae):
     from fusion.toyworld.pretrain import save_generator, toy_transformer
 
@@ -265,7 +289,7 @@ def test_copy_heads_start_reading_the_condition_frame_at_the_same_cell():
                                              ("dit_t_sampling", "cosine", "dit_t_sampling"), ("dit_t_shift", 0.0, "dit_t_shift"),
                                              ("dit_copy_heads", -1.0, "dit_copy_heads"), ("dit_p_frames", 1.0, "dit_p_frames"),
                                              ("dit_p_context", 1.5, "dit_p_context"), ("mllm_p_text", -0.1, "mllm_p_text"),
-                                             ("dit_p_edit", 1.2, "dit_p_edit"), ("dit_ema", 1.0, "dit_ema"),
+                                             ("dit_p_edit", 1.2, "dit_p_edit"), ("dit_ema", 1.0, "dit_ema"), ("dit_patch", 3, "dit_patch"),
                                              ("mllm_rope_theta", 1.0, "mllm_rope_theta"), ("mllm_vision_out_scale", 0.0, "mllm_vision_out_scale")])
 def test_make_toy_refuses_impossible_settings_naming_the_key(field, value, key):
     from fusion.config import MakeToyConfig
