@@ -1,7 +1,7 @@
 """Seconds per step of the toy Wan's pretraining loop (the same parts as fusion.toyworld.pretrain.pretrain_dit: its
 own UMT5 encoder, the object probe, the flow loss per kind group, AdamW, clipping) at a given batch, on a small pool.
 
-    python docs/dev/toy_dit_step_cost.py <toy_dir> [batch=16] [patch=2] [layers=4] [threads=N] [compile] [profile]
+    python docs/dev/toy_dit_step_cost.py <toy_dir> [batch=16] [patch=2] [layers=4] [threads=N] [fused] [compile] [profile]
 
 Prints s/step over 40 steps after 5 warm-up steps (``compile``: torch.compile of the DiT and its encoder first, the
 warm-up then includes the compiling; ``profile``: a torch.profiler table of 10 more steps). README, "A larger batch
@@ -23,7 +23,7 @@ from fusion.toyworld import pretrain as P
 from fusion.toyworld.conversations import EditMix
 
 
-def main(toy: Path, batch: int, threads: int | None, compile_: bool, profile: bool, patch: int = 2, layers: int = 4) -> None:
+def main(toy: Path, batch: int, threads: int | None, compile_: bool, profile: bool, patch: int = 2, layers: int = 4, fused: bool = False) -> None:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -37,7 +37,7 @@ def main(toy: Path, batch: int, threads: int | None, compile_: bool, profile: bo
     text.encoder.train().requires_grad_(True)
     probe = P.ObjectProbe(64)
     params = [*gen.transformer.parameters(), *text.encoder.parameters(), *probe.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=fused or None)
     pool = P._latent_pool(gen, tok, random.Random(0), 256, 0.7, False, 0.0, 0.25, EditMix(0, 0.5, 0))
     g = torch.Generator().manual_seed(0)
     gen.transformer.train()
@@ -60,7 +60,7 @@ def main(toy: Path, batch: int, threads: int | None, compile_: bool, profile: bo
     t0 = time.time()
     for _ in range(5):
         step()
-    print(f"threads {torch.get_num_threads()}, batch {batch}, patch {patch}, layers {layers}: warm-up {time.time() - t0:.1f} s")
+    print(f"threads {torch.get_num_threads()}, batch {batch}, patch {patch}, layers {layers}, fused AdamW {fused}: warm-up {time.time() - t0:.1f} s")
     t0 = time.time()
     for _ in range(40):
         step()
@@ -78,4 +78,4 @@ if __name__ == "__main__":
     args = sys.argv[2:]
     kv = dict(a.split("=", 1) for a in args if "=" in a)
     main(Path(sys.argv[1]), int(kv.get("batch", 16)), int(kv["threads"]) if "threads" in kv else None, "compile" in args, "profile" in args,
-         int(kv.get("patch", 2)), int(kv.get("layers", 4)))
+         int(kv.get("patch", 2)), int(kv.get("layers", 4)), "fused" in args)
