@@ -265,29 +265,30 @@ def test_bench_generation_reports_ratios(made, tmp_path):
     assert (tmp_path / "bench.md").is_file()
 
 
+def _bench_section(made, tmp_path, section: str, batch: int) -> tuple[dict, str]:
+    """One bench section on the tiny checkpoints (2 repeats of 2 micro-batches): its bench.json entry and bench.md."""
+    out, _ = made
+    p = run("bench.py", f"tiny_dir={out}", "use_toy=false", f"sections=[{section}]", "repeats=2", f"batch={batch}", "batches=2",
+            f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads((tmp_path / "bench.json").read_text())[section], (tmp_path / "bench.md").read_text()
+
+
 def test_bench_frame_labels_counts_the_dit_passes_it_saves(made, tmp_path):
     """The frame-label section: probed every step, the frozen DiT runs two forwards a step (candidates with one frame, and
     none) in the distillation warm-up, which has no flow pass; memoised, none once every sample is known."""
-    out, _ = made
-    p = run("bench.py", f"tiny_dir={out}", "use_toy=false", "sections=[frame_labels]", "repeats=2", "batch=2", "batches=2",
-            f"hydra.run.dir={tmp_path}")
-    assert p.returncode == 0, p.stderr[-3000:]
-    r = json.loads((tmp_path / "bench.json").read_text())["frame_labels"]
+    r, md = _bench_section(made, tmp_path, "frame_labels", batch=2)
     assert r["dit_forwards_per_step"] == {"every_step": 2, "memo": 0} and r["speedup"] > 0
-    assert "frame head's labels" in (tmp_path / "bench.md").read_text()
+    assert "frame head's labels" in md
 
 
 def test_bench_connector_batching_reads_a_micro_batch_in_one_connector_call(made, tmp_path):
     """The connector-batching section: the recipe's warm-up step calls the connector once per sample in the loop before
     and once per micro-batch batched, with the same loss."""
-    out, _ = made
-    p = run("bench.py", f"tiny_dir={out}", "use_toy=false", "sections=[connector_batching]", "repeats=2", "batch=3", "batches=2",
-            f"hydra.run.dir={tmp_path}")
-    assert p.returncode == 0, p.stderr[-3000:]
-    r = json.loads((tmp_path / "bench.json").read_text())["connector_batching"]
+    r, md = _bench_section(made, tmp_path, "connector_batching", batch=3)
     assert r["connector_calls_per_step"] == {"per_sample": 3, "batched": 1} and r["speedup"] > 0
     assert r["loss_diff_same_batch"] < 1e-5
-    assert "in one call" in (tmp_path / "bench.md").read_text()
+    assert "in one call" in md
 
 
 @pytest.mark.slow
