@@ -16,6 +16,7 @@ is always ``num_queries`` tokens with an all-ones mask, whatever the context len
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,11 @@ class ResamplerConfig(ConnectorBase):
     """MLP hidden width as a multiple of width."""
     init_std: float = 0.02
     """Standard deviation of the queries' initialisation."""
+    positions: str = "none"
+    """none: the queries read the context by content alone (cross-attention is blind to order); window: each
+    context token also carries its index counted from the first and from the last token of the connector's
+    window (sinusoids through a zero-initialised projection), so a query can read "the i-th word of the
+    request", which an ordered target (``stage.distill_target=states``) asks of it."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,6 +73,24 @@ class ResamplerConfig(ConnectorBase):
             raise ConfigError(f"connector.mlp_ratio must be positive, got {self.mlp_ratio}")
         if self.init_std < 0:
             raise ConfigError(f"connector.init_std must be >= 0, got {self.init_std}")
+        if self.positions not in POSITIONS:
+            raise ConfigError(f"connector.positions must be {' or '.join(POSITIONS)}, got {self.positions!r}")
+
+
+POSITIONS = ("none", "window")
+POSITION_FREQS = 16  # sin/cos pairs per count (from the window's start, from its end): periods of ~6 to ~4000 tokens
+
+
+def window_positions(mask: torch.Tensor, freqs: int = POSITION_FREQS) -> torch.Tensor:
+    """Sinusoidal features [B, L, 4 * freqs] of each token's index among the kept tokens of ``mask`` [B, L],
+    counted from the first kept token and from the last (0 there); tokens not kept get the features of
+    their neighbours' counts (the caller zeroes them)."""
+    keep = mask.to(torch.bool)
+    seen = keep.long().cumsum(1)
+    counts = torch.stack([seen - 1, seen[:, -1:] - seen], dim=-1).clamp(min=0).float()  # [B, L, 2]
+    div = torch.exp(-math.log(1000.0) * torch.arange(freqs, device=mask.device, dtype=torch.float) / freqs)
+    angles = counts[..., None] * div  # [B, L, 2, freqs]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(2)
 
 
 class ResamplerBlock(nn.Module):
@@ -98,7 +122,7 @@ class Resampler(nn.Module):
 
     def __init__(self, mllm_dim: int, text_dim: int, num_mllm_layers: int, dit_dim: int | None = None,
                  num_queries: int = 32, layers: list[int] | None = None, width: int | None = None, depth: int = 2,
-                 heads: int = 4, mlp_ratio: float = 4.0, init_std: float = 0.02,
+                 heads: int = 4, mlp_ratio: float = 4.0, init_std: float = 0.02, positions: str = "none",
                  out_norm: str = "rms_gated", out_gain: float = 1.0, refiner_layers: int = 0, refiner_heads: int = 4,
                  refiner_width: int | None = None):
         super().__init__()
@@ -110,6 +134,8 @@ class Resampler(nn.Module):
         if heads <= 0 or width % heads:
             raise ValueError(f"connector.heads={heads} must divide the working width {width} "
                              f"(connector.width, null: the MLLM width {mllm_dim})")
+        if positions not in POSITIONS:
+            raise ValueError(f"connector.positions must be {' or '.join(POSITIONS)}, got {positions!r}")
         self.layers = list(layers) if layers else [-1]
         n = len(self.layers)
         self.layer_norms = nn.ModuleList(nn.LayerNorm(mllm_dim) for _ in range(n))  # one per MLLM layer
@@ -120,6 +146,13 @@ class Resampler(nn.Module):
         self.proj = nn.Linear(width, text_dim)
         self.refiner = Refiner(text_dim, refiner_layers, refiner_heads, refiner_width)
         self.norm = OutputNorm(text_dim, out_norm, out_gain)
+        # zero-initialised, and made last so every other weight draws the numbers it draws without it:
+        # training starts from the content-only resampler
+        self.pos_proj: nn.Linear | None = None
+        if positions == "window":
+            self.pos_proj = nn.Linear(4 * POSITION_FREQS, width)
+            nn.init.zeros_(self.pos_proj.weight)
+            nn.init.zeros_(self.pos_proj.bias)
 
     @property
     def num_queries(self) -> int:
@@ -134,6 +167,8 @@ class Resampler(nn.Module):
         h = hidden.to(self.queries.dtype)
         ctx = torch.cat([norm(h[:, i]) for i, norm in enumerate(self.layer_norms)], dim=-1)  # [B, L, n*D]
         ctx = self.ctx_proj(ctx)
+        if self.pos_proj is not None:
+            ctx = ctx + self.pos_proj(window_positions(mask).to(ctx.dtype))
         keep = mask.to(torch.bool)
         ctx = torch.where(keep[..., None], ctx, torch.zeros((), dtype=ctx.dtype, device=ctx.device))
         any_kept = keep.any(dim=1)

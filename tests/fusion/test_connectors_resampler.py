@@ -164,3 +164,36 @@ def test_fused_model_builds_and_stage2_trains_the_connector(tiny_dir):
 def test_a_width_that_heads_cannot_split_fails_at_build(tiny_dir):
     with pytest.raises(ConfigError, match=r"connector=Resampler: connector.heads=3 must divide the working width 64"):
         build(tiny_dir, ["connector.heads=3"])
+
+
+def test_window_positions_count_from_both_ends_of_the_kept_tokens():
+    from connectors.resampler import POSITION_FREQS, window_positions
+
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    f = window_positions(mask)
+    assert f.shape == (2, 5, 4 * POSITION_FREQS)
+    # sample 0's window (tokens 2-4) counts 0, 1, 2 from its start and 2, 1, 0 from its end, like tokens 0-2 of a
+    # three-token context: the features depend on the place in the window, not in the padded row
+    three = window_positions(torch.ones(1, 3, dtype=torch.long))
+    torch.testing.assert_close(f[0, 2:], three[0])
+    assert not torch.allclose(f[1, 2:], three[0])  # the same tokens in a longer window sit elsewhere in it
+    assert torch.equal(f[0, 2, :POSITION_FREQS], torch.zeros(POSITION_FREQS))  # sin(0): the first kept token
+
+
+def test_positions_let_the_queries_tell_the_order_of_the_context():
+    hidden = torch.randn(1, 1, 9, D)
+    mask = torch.ones(1, 9, dtype=torch.long)
+    perm = torch.randperm(9)
+    blind = make(positions="none")
+    with torch.no_grad():  # content alone: cross-attention reads the context as a set
+        torch.testing.assert_close(blind(hidden[:, :, perm], mask).states, blind(hidden, mask).states, atol=1e-5, rtol=1e-5)
+    seeing = make(positions="window")
+    with torch.no_grad():
+        torch.testing.assert_close(seeing(hidden, mask).states, blind(hidden, mask).states)  # zero-initialised: starts blind
+        seeing.pos_proj.weight.normal_(0, 0.5)
+        a, b = seeing(hidden, mask).states, seeing(hidden[:, :, perm], mask).states
+    assert (a - b).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="connector.positions must be none or window"):
+        make(positions="rope")
+    with pytest.raises(ConfigError, match=r"connector.positions must be none or window, got 'abs'"):
+        validate(compose_config(["connector=resampler", "connector.positions=abs"]))
