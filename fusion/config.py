@@ -420,6 +420,13 @@ class StageConfig:
     """align: weight of the distillation term added to the flow loss after the warm-up (0: off)."""
     distill_target: str = "velocity"
     """align: velocity (the DiT's velocity from the connector's states regresses onto its velocity from its own encoder's states: any connector, any length) or states (the states themselves: the connector must emit the encoder's padded length, e.g. connector=resampler) or set (the states as a set: each of the encoder's real tokens matched one-to-one to a connector token, the rest onto zero; for DiTs with no position signal on their text: any connector, any length) or aligned (each of the encoder's tokens onto the context token that ends the same word, found by characters across the two tokenizers, every other context token onto zero; per-token connectors; fusion/distill.py)."""
+    distill_target_late: str | None = None
+    """align: the distillation target from step ``distill_target_switch`` on (velocity, states, set or aligned; None:
+    ``distill_target`` throughout). For the connectors with a fixed number of tokens on the toy world: ``set`` first
+    (cheap, no DiT pass: the tokens come close to the teacher's), then ``velocity`` (the frozen DiT judges them: what
+    it reads differs from what is close; README, "The resampler draws")."""
+    distill_target_switch: int = 0
+    """align: the step at which ``distill_target_late`` takes over (``stage.distill_data`` is read before it only)."""
     distill_data: str | None = None
     """align: a JSONL of extra conversations (the data format; an assistant's drawing may be an image item with no file,
     ``{"type": "image"}``: text only) whose requests the distillation warm-up also reads (stage.distill_steps; states,
@@ -501,6 +508,11 @@ class StageConfig:
             raise ConfigError(f"stage.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.distill_target not in ("velocity", "states", "set", "aligned"):
             raise ConfigError(f"stage.distill_target must be velocity, states, set or aligned, got {self.distill_target!r}")
+        if self.distill_target_late is not None:
+            if self.distill_target_late not in ("velocity", "states", "set", "aligned"):
+                raise ConfigError(f"stage.distill_target_late must be velocity, states, set or aligned (or null), got {self.distill_target_late!r}")
+            if self.distill_target_switch <= 0:
+                raise ConfigError("stage.distill_target_late needs stage.distill_target_switch > 0 (the step it takes over at)")
         if self.frame_label_draws < 1:
             raise ConfigError(f"stage.frame_label_draws must be >= 1, got {self.frame_label_draws}")
         for key in ("distill_steps", "generator_frozen_steps", "gain_every"):

@@ -564,6 +564,15 @@ class FusedModel(nn.Module):
             return 0.0, 1.0
         return 1.0, weight
 
+    def distill_target(self) -> str:
+        """The distillation target at the current step: ``stage.distill_target``, or ``stage.distill_target_late``
+        from step ``stage.distill_target_switch`` on."""
+        s = self.settings
+        late = s.get("distill_target_late")
+        if late and self.step >= int(s.get("distill_target_switch", 0) or 0):
+            return late
+        return s.get("distill_target", "velocity")
+
     def _teacher_states(self, request: str):
         """The frozen teacher's (states, mask) of one request, memoised (a data set repeats its requests every epoch)."""
         memo = self.__dict__.setdefault("_teacher_memo", {})
@@ -617,7 +626,7 @@ class FusedModel(nn.Module):
         w_flow, w_distill = self.distill_phase() if self.teacher is not None else (1.0, 0.0)
         if w_distill > 0 and self.teacher is None:
             raise ConfigError("stage.distill_steps / distill_weight need the generator's text encoder (FusedModel.set_teacher)")
-        distill_target = s.get("distill_target", "velocity")
+        distill_target = self.distill_target()
         if (s.get("batching", "packed") == "packed" or self.frame_selector is not None) and not getattr(self.connector, "uses_queries", False):
             samples = self.packed_context_states(samples)  # (the frame selector reads these states too)
         align_w = getattr(self.connector, "align_weight", 0.0)

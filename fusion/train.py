@@ -446,6 +446,8 @@ class Trainer:
                 log.info("distillation teacher: %s from %s (%d tokens, padded; reads each target's request text); "
                          "%d warm-up steps, then weight %g on %s", type(teacher.encoder).__name__, cfg.generator.path, teacher.max_length,
                          cfg.stage.distill_steps, cfg.stage.distill_weight, cfg.stage.distill_target)
+                if cfg.stage.get("distill_target_late"):
+                    log.info("distillation target %s from step %d on", cfg.stage.distill_target_late, cfg.stage.distill_target_switch)
 
     def _setup_data(self) -> None:
         d = self.cfg.data
@@ -692,6 +694,8 @@ class Trainer:
         st = self.cfg.stage
         if not self.distill_convs or self.state.step >= st.distill_steps:
             return []
+        if st.get("distill_target_late") and self.state.step >= st.distill_target_switch:
+            return []  # read by the first target only (a velocity target would have no drawing to judge them by)
         pick = torch.Generator().manual_seed((st.seed * 1_000_003 + self.state.step * 1009 + micro) * 137 + self.rank + 7)
         out = []
         for i in torch.randint(len(self.distill_convs), (st.distill_data_batch,), generator=pick).tolist():

@@ -223,6 +223,34 @@ def test_state_distillation_needs_the_teachers_length(tiny_dir, convs):
     assert out["distill"] > 0 and model.connector.proj.weight.grad.abs().sum() > 0
 
 
+def test_the_distillation_target_switches_at_its_step(tiny_dir, convs):
+    """stage.distill_target_late: set (no DiT pass) before distill_target_switch, velocity (the DiT judges) from it on."""
+    extra = ["stage.distill_steps=4", "stage.distill_target=set", "stage.distill_target_late=velocity", "stage.distill_target_switch=2",
+             "connector.num_queries=8"]
+    model, samples = with_teacher(tiny_dir, convs, "resampler", extra=extra)
+    got = {}
+    for step in (1, 2):
+        model.step = step
+        got[step] = model.align_loss(samples, seeded())["distill"]
+        assert model.distill_target() == ("set" if step == 1 else "velocity")
+    model.settings["distill_target_late"] = None  # the same model with one target throughout gives the same figures
+    for step, target in ((1, "set"), (2, "velocity")):
+        model.step = step
+        model.settings["distill_target"] = target
+        torch.testing.assert_close(model.align_loss(samples, seeded())["distill"], got[step])
+    assert not torch.allclose(got[1], got[2])
+
+
+@pytest.mark.parametrize("overrides,msg", [(["stage.distill_target_late=logits", "stage.distill_target_switch=5"], "distill_target_late must be"),
+                                           (["stage.distill_target_late=velocity"], "distill_target_switch > 0")])
+def test_a_late_distillation_target_is_validated(overrides, msg):
+    from omegaconf import OmegaConf
+
+    cfg = compose_config(["stage=align", *overrides])
+    with pytest.raises(ConfigError, match=msg):
+        OmegaConf.to_object(cfg.stage)
+
+
 @pytest.mark.parametrize("key,value,msg", [("distill_target", "logits", "velocity, states, set or aligned"), ("distill_steps", "-1", "distill_steps"),
                                            ("gain_samples", "1", "gain_samples")])
 def test_bad_recipe_settings_fail_naming_the_key(key, value, msg):
