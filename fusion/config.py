@@ -326,6 +326,9 @@ class TrainableConfig:
                 raise ConfigError(f"stage.trainable.{key} must be full, lora or frozen, got {v!r}")
 
 
+DISTILL_TARGETS = ("velocity", "states", "set", "aligned")
+
+
 @dataclass
 class StageConfig:
     """One training stage (sft: MLLM next-token loss; align: connector + DiT flow matching)."""
@@ -424,7 +427,7 @@ class StageConfig:
     """align: the distillation target from step ``distill_target_switch`` on (velocity, states, set or aligned; None:
     ``distill_target`` throughout). For the connectors with a fixed number of tokens on the toy world: ``set`` first
     (cheap, no DiT pass: the tokens come close to the teacher's), then ``velocity`` (the frozen DiT judges them: what
-    it reads differs from what is close; README, "The resampler draws")."""
+    it reads differs from what is close; README, the toy world's "A shorter joint phase")."""
     distill_target_switch: int = 0
     """align: the step at which ``distill_target_late`` takes over (``stage.distill_data`` is read before it only)."""
     distill_data: str | None = None
@@ -506,10 +509,10 @@ class StageConfig:
             raise ConfigError(f"stage.lr_schedule must be constant or cosine, got {self.lr_schedule!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"stage.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.distill_target not in ("velocity", "states", "set", "aligned"):
+        if self.distill_target not in DISTILL_TARGETS:
             raise ConfigError(f"stage.distill_target must be velocity, states, set or aligned, got {self.distill_target!r}")
         if self.distill_target_late is not None:
-            if self.distill_target_late not in ("velocity", "states", "set", "aligned"):
+            if self.distill_target_late not in DISTILL_TARGETS:
                 raise ConfigError(f"stage.distill_target_late must be velocity, states, set or aligned (or null), got {self.distill_target_late!r}")
             if self.distill_target_switch <= 0:
                 raise ConfigError("stage.distill_target_late needs stage.distill_target_switch > 0 (the step it takes over at)")

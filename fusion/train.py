@@ -694,7 +694,7 @@ class Trainer:
         st = self.cfg.stage
         if not self.distill_convs or self.state.step >= st.distill_steps:
             return []
-        if st.get("distill_target_late") and self.state.step >= st.distill_target_switch:
+        if self.model.distill_target() != st.distill_target:
             return []  # read by the first target only (a velocity target would have no drawing to judge them by)
         pick = torch.Generator().manual_seed((st.seed * 1_000_003 + self.state.step * 1009 + micro) * 137 + self.rank + 7)
         out = []
