@@ -427,7 +427,7 @@ class StageConfig:
     """align: the distillation target from step ``distill_target_switch`` on (velocity, states, set or aligned; None:
     ``distill_target`` throughout). For the connectors with a fixed number of tokens on the toy world: ``set`` first
     (cheap, no DiT pass: the tokens come close to the teacher's), then ``velocity`` (the frozen DiT judges them: what
-    it reads differs from what is close; README, the toy world's "A shorter joint phase")."""
+    it reads differs from what is close; docs/toyworld_log.md, "A shorter joint phase")."""
     distill_target_switch: int = 0
     """align: the step at which ``distill_target_late`` takes over (``stage.distill_data`` is read before it only)."""
     distill_data: str | None = None
@@ -456,7 +456,7 @@ class StageConfig:
     """align, frame_select=learned: while the DiT is frozen (stage.generator_frozen_steps) the frame it prefers for a
     sample is computed once per (conversation, condition frames), from stage.frame_label_draws fixed noises, and reused
     (false: two DiT passes every step, with the step's noise). Toy recipe: stage 2 in 1090 s instead of 1294 s, but the
-    head picked 6 wrong frames of the test and fresh sets' turns instead of 2 (README, "Stage 2's frame labels, once
+    head picked 6 wrong frames of the test and fresh sets' turns instead of 2 (docs/toyworld_log.md, "Stage 2's frame labels, once
     per sample"; with 8 draws 7 wrong): off by default."""
     frame_label_draws: int = 2
     """align, stage.frame_label_memo: noises each memoised label averages the DiT's flow losses over."""
@@ -910,7 +910,7 @@ class EvaluateConfig:
     gain_samples: int = 160
     """Conversations (with an assistant image) of the split on which the conditioning gain is measured (0: skip).
     The gain at one t is a ratio of mean losses with heavy-tailed samples: on the toy world's test split the DiT's
-    own-encoder gain at t=0.7 read -0.015 / -0.154 / 0.163 on its first 16 / 64 / 160 (README), so few samples
+    own-encoder gain at t=0.7 read -0.015 / -0.154 / 0.163 on its first 16 / 64 / 160 (docs/toyworld_log.md), so few samples
     can flip the gain ratio; 160 cost 46 s on 2 CPU cores."""
     output_dir: str = "outputs/evaluate"
     """Where report.json, report.md and transcripts/ go."""
@@ -956,7 +956,7 @@ class MakeToyConfig:
     mllm_lr: float = 5e-4
     """Learning rate of the toy MLLM. 5e-4 rather than 2e-3: at 2e-3 its trained vision tower loses the colours it
     could be read for (held-out "what colour is the <shape> at <place>" 5/30 after 1500 steps, 18/30 with the
-    vision tower frozen, 20/30 at 5e-4; README, the toy world)."""
+    vision tower frozen, 20/30 at 5e-4; docs/toyworld_log.md)."""
     mllm_vision_out_scale: float = 0.03
     """Initial scale of the toy MLLM's vision merger output layer (``make_tiny(vision_out_scale=...)``). At 1 its
     image tokens enter the language model ~130x the norm of its text embeddings and its layers cannot add to them
@@ -964,12 +964,12 @@ class MakeToyConfig:
     mllm_rope_theta: float = 10000.0
     """MRoPE base of the toy MLLM (published Qwen2.5-VL: 1e6). Base 10 turns the toy's few rotary frequencies by a
     visible angle per grid cell, but trained unevenly: 59.4% of held-out questions on one machine, 32.8% on
-    another, same seed and steps (base 10000: 51.6%); README, the toy world."""
+    another, same seed and steps (base 10000: 51.6%); docs/toyworld_log.md."""
     mllm_mrope_interleaved: bool = True
     """Interleave the toy MLLM's MRoPE frequencies over time / rows / columns (mrope_section of ones; Qwen3-VL's
     layout) instead of Qwen2.5-VL's blocks, which leave the columns of a 3x3 image the lowest frequencies (under
     0.004 rad per cell). With the lower lr and vision_out_scale: held-out questions 0.828 vs 0.734 in blocks after 4000 steps
-    (README, the toy world)."""
+    (docs/toyworld_log.md)."""
     mllm_p_text: float = 0.0
     """Share of the toy MLLM's pretraining exchanges that are text-only exercises in the world's words (repeat a
     description, pick its n-th object, look a colour or place up in it: fusion.toyworld.pretrain.text_exercise),
@@ -979,9 +979,9 @@ class MakeToyConfig:
     dit_steps: int = 9000
     """Steps of each toy DiT's pretraining (0: skip). 9000 rather than 6000: the toy Wan on its own encoder (128 held-out
     items each, built on the 2-core machine without AVX-512) edits 0.852 -> 0.961 applied, 0.867 -> 0.961 preserved,
-    recolour 0.800 -> 0.900, test-split edit turns 102 -> 108 of 120 exact; about 2080 s instead of 1381 s there (README,
+    recolour 0.800 -> 0.900, test-split edit turns 102 -> 108 of 120 exact; about 2080 s instead of 1381 s there (docs/toyworld_log.md,
     "The toy DiT's edits on this machine"). 6000 rather than 3000 before: edits 0.641 -> 0.734 applied, 0.672 -> 0.812
-    preserved, the fused demo's t2i 0.850 -> 0.950 (README, "Results, latest: a longer-trained toy DiT")."""
+    preserved, the fused demo's t2i 0.850 -> 0.950 (docs/toyworld_log.md, "Results: a longer-trained toy DiT")."""
     dit_lr: float = 2e-3
     """Learning rate of the toy DiTs."""
     dit_batch: int = 16
@@ -992,7 +992,7 @@ class MakeToyConfig:
     """Spatial patch side of the toy DiTs in latent pixels: 2 gives 64 tokens a frame on the toy VAE's 16x16 latents,
     4 gives 16. 4 on the toy Wan: 0.133 against 0.229 s per step side by side, but through its own encoder (128 each)
     edits applied 0.359, preserved 0.523 (an edit's other objects are not copied to the latent pixel): not the default
-    (README, "A shorter distillation warm-up")."""
+    (docs/toyworld_log.md, "A shorter distillation warm-up")."""
     dit_text_length: int = 48
     """Tokens the toy DiT's own text encoder pads every request to (its pipeline's max_sequence_length)."""
     dit_text_layers: int = 2
@@ -1015,18 +1015,18 @@ class MakeToyConfig:
     exchange before the request), the prompts stage 2's teacher reads in the tracking turns. 0.25 rather than 0: the
     toy Wan on its own encoder applies 34 rather than 19 of the test split's 40 edits after distractors (57 rather
     than 64 of 80 plain edits), and the fused demo tracks 0.650 rather than 0.325 on the test split
-    (a second stage-2 seed: 0.625; README, the toy world)."""
+    (a second stage-2 seed: 0.625; docs/toyworld_log.md)."""
     dit_p_edit: float = 0.7
     """Share of the toy DiTs' pretraining items that are edits of a condition frame (the rest text-to-image);
     families without condition frames draw text-to-image only. 0.7 rather than 0.5: the toy Wan's own encoder
     (128 held-out edits each) applies 0.828 rather than 0.797 and preserves 0.836 rather than 0.805, text-to-image
-    0.977 vs 0.984 (README, the toy world)."""
+    0.977 vs 0.984 (docs/toyworld_log.md)."""
     dit_p_recolour: float = 0.0
     """Share of the toy DiTs' pretraining edits that are recolours (the rest the other operations the scene allows,
     alike; edits with several condition frames, dit_p_frames, keep the world's choice); 0: every operation the scene allows
     alike (recolours about 29%). 0.5 on the toy Wan (128 held-out edits):
-    recolour 0.850 rather than 0.800, remove 0.759 rather than 0.931, preserved 0.906 rather than 0.922 (README, the
-    toy world): not the default."""
+    recolour 0.850 rather than 0.800, remove 0.759 rather than 0.931, preserved 0.906 rather than 0.922
+    (docs/toyworld_log.md): not the default."""
     dit_p_shared_colour: float = 0.5
     """Share of the toy DiTs' pretraining edits redrawn until another object of the scene has the colour of the object
     the edit changes (fusion.toyworld.conversations.EditMix): "Make the red circle blue." beside a red square (drawn
@@ -1034,8 +1034,8 @@ class MakeToyConfig:
     there: of 96 held-out recolours 19 missed, 12 by changing other objects too, and of the 11 other objects that
     took the new colour 8 had the target's old colour. 0.5 rather than 0, its own encoder on 384 held-out items:
     recolour 0.891 rather than 0.802, edits applied 0.961 rather than 0.922, preserved 0.974 rather than 0.948; the
-    fused model recolours 0.875 / 0.902 rather than 0.775 / 0.829 on the test split / a fresh set (README, the toy
-    world)."""
+    fused model recolours 0.875 / 0.902 rather than 0.775 / 0.829 on the test split / a fresh set
+    (docs/toyworld_log.md)."""
     dit_p_shared_shape: float = 0.0
     """Likewise, the share of edits redrawn until another object of the scene has the shape of the object the edit
     changes ("Make the red circle blue." beside a green circle); dit_p_shared_colour + dit_p_shared_shape <= 1."""
@@ -1046,7 +1046,7 @@ class MakeToyConfig:
     """Toy DiTs: the decay of an exponential moving average of the DiT's and its text encoder's weights, saved in
     place of the last weights (both scored: ``accuracy`` and ``accuracy_last`` in ``pretrain.json``); 0: off. 0.999 on
     the toy Wan (128 held-out items each, the average beside the same run's last weights): t2i 1.000 vs 0.984, edits
-    applied 0.820 vs 0.852, preserved 0.820 vs 0.867, recolour 0.800 vs 0.800 (README, the toy world): not the default."""
+    applied 0.820 vs 0.852, preserved 0.820 vs 0.867, recolour 0.800 vs 0.800 (docs/toyworld_log.md): not the default."""
     dit_eval_n: int = 64
     """Held-out scenes and edits each sampled (20 steps, guidance 3) to score the pretrained toy DiT."""
 
@@ -1103,15 +1103,15 @@ class DemoConfig:
     """Toy DiT pretraining steps (MakeToyConfig.dit_steps)."""
     sft_steps: int = 3000
     """Stage-1 steps. 3000 rather than 1500: the toy MLLM writes more of the step-by-step answers' "Now <object>."
-    lines right with the true prefix (README, the toy world; docs/dev/toy_sft_lines.py)."""
+    lines right with the true prefix (docs/toyworld_log.md; docs/dev/toy_sft_lines.py)."""
     align_steps: int = 4000
     """Stage-2 steps: 3000 connector-only distillation steps (conf/experiment/toy_align.yaml), then 1000 joint
     steps in which the DiT learns at 0.1x lr from the fused path (test split: edits 0.625 -> 0.750 applied, tracking
-    0.050 -> 0.175, gain ratio at t=0.7 undefined -> 1.01; the fresh set moved less: README, the toy world), with the
+    0.050 -> 0.175, gain ratio at t=0.7 undefined -> 1.01; the fresh set moved less: docs/toyworld_log.md), with the
     learned frame head of toy_align (stage.frame_select). 3000 rather than 6000 distillation steps since the text-only
-    corpus joined them: every goal but the budget met on two seeds either way, stage 2 about 380 s shorter (README,
+    corpus joined them: every goal but the budget met on two seeds either way, stage 2 about 380 s shorter (docs/toyworld_log.md,
     "A shorter distillation warm-up"). 1000 joint steps rather than 1500 since: every goal but the budget met on two
-    seeds and both sets, stage 2 about 686 s instead of 911-1066 s (README, "A shorter joint phase")."""
+    seeds and both sets, stage 2 about 686 s instead of 911-1066 s (docs/toyworld_log.md, "A shorter joint phase")."""
     generator: str = "toy_wan"
     """Generator config (toy_wan, toy_cosmos, toy_sana)."""
     connector: str = "multilayer_concat"

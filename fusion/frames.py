@@ -47,7 +47,7 @@ class FrameSelector(nn.Module):
     request's mean, a linear query), kept so that models saved with it load. On the toy world's 223
     test turns with earlier images, trained alone on the same labels, it picked 4-5 wrong frames
     where the pooled head picks 0-2 (most of them adds of an earlier picture, drawn from nothing);
-    in stage 2 the pooled head picks 1 wrong (README, "The frame head's gradients").
+    in stage 2 the pooled head picks 1 wrong (docs/toyworld_log.md, "The frame head's gradients").
     """
 
     def __init__(self, mllm_dim: int, dim: int = 128, max_frames: int = 8, request_heads: int = 4):

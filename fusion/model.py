@@ -755,7 +755,7 @@ class FusedModel(nn.Module):
         the frame it prefers for a sample is a function of the sample alone, so each (conversation, condition
         frames) sample's label is computed once, from ``stage.frame_label_draws`` fixed noises through its own
         encoder's states, and reused: the toy world's 6000 distillation steps ran two DiT passes each for these
-        labels (README, "Stage 2's frame labels, once per sample"). None (every step probes afresh, with the sample's noise) once
+        labels (docs/toyworld_log.md, "Stage 2's frame labels, once per sample"). None (every step probes afresh, with the sample's noise) once
         the DiT trains, without a teacher, or with the DiT's weights partitioned (ZeRO-3: every rank must run
         the same DiT passes)."""
         s = self.settings

@@ -22,7 +22,7 @@ Coordinate channels (toy checkpoints): a transformer whose ``in_channels`` excee
 more reliably with it); by ``2 + 4k``, also ``sin``/``cos`` of ``pi / 2 * 2**i * y`` and of
 ``x`` for ``i < k`` (Fourier features, the lowest period twice the span so the two edges
 differ: a query/key projection can then peak at a given cell, which a bilinear form of the
-ramps cannot; the toy Wan drew 86% of scenes with them against 66%, see the README). Published
+ramps cannot; the toy Wan drew 86% of scenes with them against 66%, see docs/toyworld_log.md). Published
 checkpoints have none; the choice is read from the config.
 
 Latents: the VAE slot of the checkpoint (``AutoencoderKLWan``: ``(z - latents_mean) / latents_std``

@@ -208,7 +208,7 @@ def make_tiny(out_dir: str | Path, seed: int = 0, name: str = "qwen2_5_vl", hidd
     ``vision_out_scale`` multiplies the initial weights of the vision merger's output layer: at
     ``initializer_range`` 0.1 the image tokens otherwise reach the language model at ~130x the
     norm of its text embeddings, too large for its layers to change (the toy MLLM: initializer_range
-    0.1, vision_out_scale 0.03; README, the toy world)."""
+    0.1, vision_out_scale 0.03; docs/toyworld_log.md)."""
     from transformers import (
         Qwen2_5_VLForConditionalGeneration,
         Qwen2_5_VLProcessor,

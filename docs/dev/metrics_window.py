@@ -1,5 +1,5 @@
 """Mean of metrics.jsonl keys over windows of steps, for several stage-2 runs side by side (the
-frame head's weight trial in the README: distillation loss per 500 steps, frame_acc at the end).
+frame head's weight trial in docs/toyworld_log.md: distillation loss per 500 steps, frame_acc at the end).
 Not part of the toolkit.
 
 Run as: python docs/dev/metrics_window.py distill 500 outputs/joint1500 outputs/frames1 outputs/frames2

@@ -4,7 +4,7 @@ made apart, seed k being the k-th folder of a connector:
     python docs/dev/toy_ablation_from_runs.py multilayer_concat=outputs/j1k_align/eval,outputs/j1k_align_s1/eval \
         last_mlp=outputs/demo_w3k/ablation/last_mlp/seed0/eval,outputs/demo_w3k/ablation/last_mlp/seed1/eval
 
-(README, the toy world: "On the current recipe (partial, this round)")."""
+(docs/toyworld_log.md, "On the current recipe (partial, this round)")."""
 import json
 import sys
 from pathlib import Path

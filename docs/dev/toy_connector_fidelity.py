@@ -1,5 +1,5 @@
 """How close does a connector's output set get to the teacher's set? (greedy one-to-one match as set_distill_loss)
-python docs/dev/toy_connector_fidelity.py <run>/final [n=24] [test.jsonl]   (README, "A shorter joint phase")"""
+python docs/dev/toy_connector_fidelity.py <run>/final [n=24] [test.jsonl]   (docs/toyworld_log.md, "A shorter joint phase")"""
 import sys
 import torch
 from backbones.generator.text_encoder import TextEncoder

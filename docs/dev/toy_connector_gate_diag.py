@@ -1,5 +1,5 @@
 """Does a set-distilled fixed-token connector fail because its 'empty' tokens are not empty?
-python docs/dev/toy_connector_gate_diag.py <run>/final [n=24] [test.jsonl]   (README, "A shorter joint phase")"""
+python docs/dev/toy_connector_gate_diag.py <run>/final [n=24] [test.jsonl]   (docs/toyworld_log.md, "A shorter joint phase")"""
 import sys, types
 import torch
 from backbones.generator.text_encoder import TextEncoder

@@ -1,6 +1,6 @@
 """Attention of the toy Wan DiT's self-attention from each target-frame token to the condition
 frame's token at the same cell (what copying the frame needs), per block and head, on 32
-held-out edits at t = 0.3 and 0.7 (README, the toy DiT; uniform attention would be 1/128).
+held-out edits at t = 0.3 and 0.7 (docs/toyworld_log.md, the toy DiT; uniform attention would be 1/128).
 Not part of the toolkit.
 
 Run as: python docs/dev/toy_dit_attention.py checkpoints/toy/wan

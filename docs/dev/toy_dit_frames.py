@@ -1,6 +1,6 @@
 """A toy Wan DiT's sampled scenes read back exactly (its pretrain.json figures) plus edits with 2-3
 condition frames: the first referred back to, or the latest (``dit_accuracy(..., frames=True)``;
-README, the several-frames trial). Not part of the toolkit.
+docs/toyworld_log.md, the several-frames trial). Not part of the toolkit.
 
 Run as: python docs/dev/toy_dit_frames.py checkpoints/toy/wan [n=64]
 """

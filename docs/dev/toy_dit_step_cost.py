@@ -4,7 +4,7 @@ own UMT5 encoder, the object probe, the flow loss per kind group, AdamW, clippin
     python docs/dev/toy_dit_step_cost.py <toy_dir> [batch=16] [patch=2] [layers=4] [threads=N] [fused] [compile] [profile]
 
 Prints s/step over 40 steps after 5 warm-up steps (``compile``: torch.compile of the DiT and its encoder first, the
-warm-up then includes the compiling; ``profile``: a torch.profiler table of 10 more steps). README, "A larger batch
+warm-up then includes the compiling; ``profile``: a torch.profiler table of 10 more steps). docs/toyworld_log.md, "A larger batch
 for the toy DiT": 0.261 s at batch 16, 0.385 at 32, 0.677 at 64 on the 2-core machine.
 """
 

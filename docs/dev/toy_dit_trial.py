@@ -1,4 +1,4 @@
-"""One trial of the toy Wan DiT's pretraining with a single change, as measured in the README
+"""One trial of the toy Wan DiT's pretraining with a single change, as measured in docs/toyworld_log.md
 ("Is the toy DiT under-fitted or memorising?"). A copy of ``pretrain_dit``'s loop with knobs;
 not part of the toolkit. Needs the toy VAE (``python tools/make_toy.py``).
 

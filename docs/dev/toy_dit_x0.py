@@ -1,4 +1,4 @@
-"""The toy Wan DiT's one-step prediction of an edit at fixed t (README, the toy DiT): from the
+"""The toy Wan DiT's one-step prediction of an edit at fixed t (docs/toyworld_log.md, the toy DiT): from the
 true noisy target at t, x0 = x_t - t v is decoded and read back; "kept" is the share of edits
 whose other source objects are all there. At t = 1 (pure noise, where sampling starts) only the
 condition frame can say where they are. Not part of the toolkit.

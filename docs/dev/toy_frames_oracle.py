@@ -1,7 +1,7 @@
 """The frame-selection oracle: the toy world's distractor conversations played through a fused
 model, with the turn that refers back to the first picture handed only that picture as its
 condition frame (``oracle``) or every earlier image (``all``, what the model does with
-``stage.frame_select=all``). The gap is what picking the right frame is worth (README,
+``stage.frame_select=all``). The gap is what picking the right frame is worth (docs/toyworld_log.md,
 frame selection). Not part of the toolkit.
 
 Run as: python docs/dev/toy_frames_oracle.py outputs/joint1500/final oracle|all [checkpoints/toy/toyworld/test.jsonl]

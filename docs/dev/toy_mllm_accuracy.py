@@ -1,6 +1,6 @@
 """make_toy's scores of pretrained toy MLLMs (``fusion.toyworld.pretrain.mllm_accuracy``): held-out picture
 questions and text exercises, 64 each. Re-scores MLLMs built before the picture score was fixed to never ask a text
-exercise (README, the toy world: the MLLM pretraining trials). Not part of the toolkit.
+exercise (docs/toyworld_log.md: the MLLM pretraining trials). Not part of the toolkit.
 
 Run as: python docs/dev/toy_mllm_accuracy.py checkpoints/toy/qwen2_5_vl [more MLLM folders ...]
 """

@@ -1,4 +1,4 @@
-"""Greedy answers of a toy MLLM to held-out pretraining questions, by kind (README, the toy
+"""Greedy answers of a toy MLLM to held-out pretraining questions, by kind (docs/toyworld_log.md: the toy
 world's text answers). Not part of the toolkit.
 
 Run as: python docs/dev/toy_mllm_questions.py checkpoints/toy/qwen2_5_vl [n=96]

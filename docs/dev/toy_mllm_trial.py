@@ -1,5 +1,5 @@
-"""One toy-MLLM pretraining trial and its greedy answers to 192 held-out questions by kind (README,
-the toy world: "the toy MLLM reads its pictures"). The loop of ``fusion.toyworld.pretrain.pretrain_mllm``
+"""One toy-MLLM pretraining trial and its greedy answers to 192 held-out questions by kind (docs/toyworld_log.md,
+"the toy MLLM reads its pictures"). The loop of ``fusion.toyworld.pretrain.pretrain_mllm``
 (same data, seeds and optimizer: with the same settings it writes the same weights) plus options it
 does not have: ``vlr`` scales the vision tower's learning rate (0 freezes it). Not part of the toolkit.
 

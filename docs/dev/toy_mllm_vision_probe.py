@@ -1,4 +1,4 @@
-"""What a toy MLLM's vision tower hands its language model (README, the toy world: "the toy MLLM
+"""What a toy MLLM's vision tower hands its language model (docs/toyworld_log.md, "the toy MLLM
 reads its pictures"): the norm of its merged image tokens against the norm of the text
 embeddings, and a linear probe per grid cell (trained on 900 random scenes' image tokens, tested
 on 300) that reads the colour of the object in that cell, or none, from the cell's image token.

@@ -524,8 +524,8 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     ``t_sampling`` / ``t_shift``: training timesteps (:func:`fusion.flow.sample_t`). Shifted by 3, a
     quarter of the steps fall above t = 0.9, where sampling starts and an edit must copy its
     condition frame from pure noise; SD3's logit-normal puts 1.4% there, and a DiT trained with it
-    kept the source's other objects in a one-step prediction at t = 1 a fifth of the time (README,
-    the toy DiT). ``copy_heads``: :func:`init_copy_heads` with that RMSNorm gain (Wan; 0: off).
+    kept the source's other objects in a one-step prediction at t = 1 a fifth of the time (docs/toyworld_log.md,
+    "Why the toy DiT did not edit, and the fix"). ``copy_heads``: :func:`init_copy_heads` with that RMSNorm gain (Wan; 0: off).
     ``ema_decay``: keep an exponential moving average of the DiT's and its encoder's weights
     (diffusers' ``EMAModel``) and save it; the last weights are scored too (``accuracy_last``).
     ``p_frames``: the share of edits with 2-3 condition frames (:func:`frame_edits`; scored as
@@ -624,7 +624,7 @@ def text_exercise(rng: random.Random) -> list[dict]:
     """One text-only exchange in the toy world's words: repeat a description, pick its n-th object, or look an
     object's colour or place up in it. The language skills (copying, indexing, lookup) a published MLLM brings from
     its text pretraining and a toy MLLM trained on pictures alone lacks; with them stage 1 copies more of a request's
-    objects into its own words (README, the toy world: an option, ``MakeToyConfig.mllm_p_text``)."""
+    objects into its own words (docs/toyworld_log.md: an option, ``MakeToyConfig.mllm_p_text``)."""
     from fusion.toyworld.conversations import list_objs, place
 
     scene = random_scene(rng, rng.randint(1, 3))

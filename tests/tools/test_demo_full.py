@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 #: edit_add_applied 0.950, edit_remove_applied 1.000, tracking 0.850, text_answer 0.812 (fresh 0.849), gain_ratio@0.7
 #: 0.951, gain_ratio@0.9 1.000. (Its second seed, outputs/v2_s1: edit_recolour_applied 0.850 on the test split, 0.927
 #: fresh; edit_preserved 0.900 / 0.933; tracking 0.900 / 0.850.) The same code and seeds from a fresh clone on a 2-core
-#: machine without AVX-512 (README, "make demo from a fresh clone on the machine kind without AVX-512") built weaker toy
+#: machine without AVX-512 (docs/toyworld_log.md, "make demo from a fresh clone on the machine kind without AVX-512") built weaker toy
 #: backbones (toy MLLM 0.734 of its held-out questions against 0.812; toy Wan edits 0.828 applied against 0.922) and missed
 #: four goals at stage 1's lr 1e-3 (t2i_1obj 0.913, edit_preserved 0.817, edit_recolour_applied 0.850, text_answer 0.765).
 #: Stage 1 at lr 5e-4 since (conf/experiment/toy_sft.yaml; the same world, stage 2 as the demo runs it: outputs/lr5e4_align):
@@ -49,10 +49,10 @@ MISSED: dict[str, float] = {}
 #: AVX-512 machine about 3070 summed from its phases. Stage 2 with the corpus: 1633 s instead of 1296 s on the same
 #: machine (outputs/dd_align vs outputs/lr5e4_align), so about 4060 s; the toy Wan's 9000 steps about 700 s more (2080 s
 #: alone against 1381 s), so about 4760 s; stage 2's connector over a micro-batch in one call 219 s less (1571 s against
-#: 1790 s, README "A larger batch for the toy DiT"), so about 4540 s; stage 2's distillation warm-up 3000 steps instead of
-#: 6000 since (README "A shorter distillation warm-up"): with the world built, tools/demo.py measured stage 1 219 s,
+#: 1790 s, docs/toyworld_log.md "A larger batch for the toy DiT"), so about 4540 s; stage 2's distillation warm-up 3000 steps instead of
+#: 6000 since (docs/toyworld_log.md "A shorter distillation warm-up"): with the world built, tools/demo.py measured stage 1 219 s,
 #: stage 2 911 s, evaluation 204 s; with the world's about 2710 s, about 4045 s (the world not rebuilt in that run); stage
-#: 2's joint phase 1000 steps instead of 1500 since (README "A shorter joint phase": 685-686 s against 956-1066 s alone),
+#: 2's joint phase 1000 steps instead of 1500 since (docs/toyworld_log.md "A shorter joint phase": 685-686 s against 956-1066 s alone),
 #: so about 3775 s (estimated from those runs, not yet run end to end).
 MEASURED_TOTAL_S = 3775
 
