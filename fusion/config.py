@@ -430,6 +430,11 @@ class StageConfig:
     it reads differs from what is close; docs/toyworld_log.md, "A shorter joint phase")."""
     distill_target_switch: int = 0
     """align: the step at which ``distill_target_late`` takes over (``stage.distill_data`` is read before it only)."""
+    distill_keep_weight: float = 0.0
+    """align, with ``distill_target_late``: the early target's loss (states, set or aligned: no DiT pass) kept beside
+    the late one from the switch on, at this weight (0: the late target alone). On the toy world the velocity target
+    alone let the resampler's gate close every token first ("say nothing"; docs/toyworld_log.md, "A fresh-clone demo
+    measured ...")."""
     distill_data: str | None = None
     """align: a JSONL of extra conversations (the data format; an assistant's drawing may be an image item with no file,
     ``{"type": "image"}``: text only) whose requests the distillation warm-up also reads (stage.distill_steps; states,
@@ -516,6 +521,12 @@ class StageConfig:
                 raise ConfigError(f"stage.distill_target_late must be velocity, states, set or aligned (or null), got {self.distill_target_late!r}")
             if self.distill_target_switch <= 0:
                 raise ConfigError("stage.distill_target_late needs stage.distill_target_switch > 0 (the step it takes over at)")
+        if self.distill_keep_weight < 0:
+            raise ConfigError(f"stage.distill_keep_weight must be >= 0, got {self.distill_keep_weight}")
+        if self.distill_keep_weight > 0 and (self.distill_target_late is None or self.distill_target == "velocity"
+                                             or self.distill_target == self.distill_target_late):
+            raise ConfigError("stage.distill_keep_weight keeps the early distillation target beside stage.distill_target_late: it needs "
+                              "distill_target_late set and distill_target states, set or aligned (and different from it)")
         if self.frame_label_draws < 1:
             raise ConfigError(f"stage.frame_label_draws must be >= 1, got {self.frame_label_draws}")
         for key in ("distill_steps", "generator_frozen_steps", "gain_every"):

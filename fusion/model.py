@@ -667,30 +667,23 @@ class FusedModel(nn.Module):
                 flows.append(nn.functional.mse_loss(v[None].float(), target_velocity(p.target, p.noise).float()))
                 if grid is not None and p.query_hidden is not None:
                     aligns.append(self.connector.alignment_loss(grid[None], p.query_hidden))
+        out_kept = None
         if w_distill > 0:
             todo = [i for i, p in enumerate(plans) if not p.drop_text and p.sample.request]
             teacher = {i: self._teacher_states(plans[i].sample.request) for i in todo}
             if distill_target == "velocity":  # the DiT is the judge: its velocity from the connector vs from its own encoder
-                todo = [i for i in todo if not plans[i].sample.text_only]  # (refused with stage.distill_data: none there)
+                drawn_todo = [i for i in todo if not plans[i].sample.text_only]  # (refused with stage.distill_data: none there)
                 velocities = dict(zip([i for i, p in enumerate(plans) if not p.sample.text_only], velocities))
                 with torch.no_grad():
-                    rows = [DiTRow(plans[i].x_t[0], plans[i].t[0], plans[i].cond, teacher[i][0][0], teacher[i][1][0]) for i in todo]
+                    rows = [DiTRow(plans[i].x_t[0], plans[i].t[0], plans[i].cond, teacher[i][0][0], teacher[i][1][0]) for i in drawn_todo]
                     v_teacher, _ = gen.batched_velocity(rows, batch=batched)
-                distills = [nn.functional.mse_loss(velocities[i].float(), vt.float()) for i, vt in zip(todo, v_teacher)]
+                distills = [nn.functional.mse_loss(velocities[i].float(), vt.float()) for i, vt in zip(drawn_todo, v_teacher)]
             else:
-                for i in todo:
-                    p, (t_states, t_mask) = plans[i], teacher[i]
-                    if distill_target == "states":
-                        if t_states.shape != p.states.shape:
-                            raise ConfigError(f"stage.distill_target=states needs the connector to emit the teacher's {t_states.shape[1]} "
-                                              f"tokens of width {t_states.shape[2]}, it emits {p.states.shape[1]} (use distill_target="
-                                              f"velocity, or connector=resampler with connector.num_queries={t_states.shape[1]})")
-                        distills.append(nn.functional.mse_loss(p.states.float(), t_states.float()))
-                    elif distill_target == "set":
-                        distills.append(set_distill_loss(p.states, p.mask, t_states, t_mask))
-                    else:  # aligned
-                        target_s, real = self.aligned_teacher(p.sample, t_states, t_mask, p.states.shape[1])
-                        distills.append(aligned_distill_loss(p.states[0], target_s, real))
+                distills = self._states_distill(plans, teacher, todo, distill_target)
+            early, keep_w = s.get("distill_target", "velocity"), float(s.get("distill_keep_weight", 0.0) or 0.0)
+            if keep_w > 0 and distill_target != early:  # stage.distill_keep_weight: the early target kept beside the late one
+                kept = self._states_distill(plans, teacher, todo, early)
+                out_kept = torch.stack(kept).mean() if kept else None
         if flows:
             flow = torch.stack(flows).mean()
         else:  # the states-only warm-up: a zero that still reaches every trainable DiT weight (ZeRO expects their gradients)
@@ -708,8 +701,29 @@ class FusedModel(nn.Module):
         if w_distill > 0:
             out["distill"] = torch.stack(distills).mean() if distills else flow.new_zeros(())
             loss = loss + w_distill * out["distill"] + (0.0 * flow if w_flow == 0 else 0.0)  # keeps the graph of every part
+            if out_kept is not None:
+                out["distill_kept"] = out_kept
+                loss = loss + w_distill * float(s["distill_keep_weight"]) * out_kept
         out["loss"] = loss
         return out
+
+    def _states_distill(self, plans: list, teacher: dict, todo: list[int], target: str) -> list[torch.Tensor]:
+        """Each of ``todo``'s samples' distillation loss on the teacher's states (``target``: states, set or aligned)."""
+        losses = []
+        for i in todo:
+            p, (t_states, t_mask) = plans[i], teacher[i]
+            if target == "states":
+                if t_states.shape != p.states.shape:
+                    raise ConfigError(f"stage.distill_target=states needs the connector to emit the teacher's {t_states.shape[1]} "
+                                      f"tokens of width {t_states.shape[2]}, it emits {p.states.shape[1]} (use distill_target="
+                                      f"velocity, or connector=resampler with connector.num_queries={t_states.shape[1]})")
+                losses.append(nn.functional.mse_loss(p.states.float(), t_states.float()))
+            elif target == "set":
+                losses.append(set_distill_loss(p.states, p.mask, t_states, t_mask))
+            else:  # aligned
+                target_s, real = self.aligned_teacher(p.sample, t_states, t_mask, p.states.shape[1])
+                losses.append(aligned_distill_loss(p.states[0], target_s, real))
+        return losses
 
     # ---- condition frames (stage.frame_select, fusion/frames.py)
     def image_spans(self, ids: torch.Tensor) -> list[tuple[int, int]]:

@@ -447,7 +447,9 @@ class Trainer:
                          "%d warm-up steps, then weight %g on %s", type(teacher.encoder).__name__, cfg.generator.path, teacher.max_length,
                          cfg.stage.distill_steps, cfg.stage.distill_weight, cfg.stage.distill_target)
                 if cfg.stage.get("distill_target_late"):
-                    log.info("distillation target %s from step %d on", cfg.stage.distill_target_late, cfg.stage.distill_target_switch)
+                    log.info("distillation target %s from step %d on%s", cfg.stage.distill_target_late, cfg.stage.distill_target_switch,
+                             f" ({cfg.stage.distill_target} kept beside it at weight {cfg.stage.distill_keep_weight:g})"
+                             if cfg.stage.get("distill_keep_weight") else "")
 
     def _setup_data(self) -> None:
         d = self.cfg.data

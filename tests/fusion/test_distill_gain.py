@@ -241,8 +241,32 @@ def test_the_distillation_target_switches_at_its_step(tiny_dir, convs):
     assert not torch.allclose(got[1], got[2])
 
 
+def test_the_early_target_can_be_kept_beside_the_late_one(tiny_dir, convs):
+    """stage.distill_keep_weight: from the switch on, the loss is the late target's plus the early one's at that weight."""
+    extra = ["stage.distill_steps=4", "stage.distill_target=set", "stage.distill_target_late=velocity", "stage.distill_target_switch=2",
+             "connector.num_queries=8", "stage.distill_keep_weight=0.5"]
+    model, samples = with_teacher(tiny_dir, convs, "resampler", extra=extra)
+    model.step = 1  # before the switch: the early target alone, nothing kept
+    assert "distill_kept" not in model.align_loss(samples, seeded())
+    model.step = 2
+    both = model.align_loss(samples, seeded())
+    model.settings["distill_target_late"] = None  # the set target alone at the same step gives the kept term
+    model.settings["distill_target"] = "set"
+    torch.testing.assert_close(both["distill_kept"], model.align_loss(samples, seeded())["distill"])
+    model.settings.update(distill_target="set", distill_target_late="velocity", distill_keep_weight=0.0)
+    alone = model.align_loss(samples, seeded())
+    assert "distill_kept" not in alone
+    torch.testing.assert_close(both["distill"], alone["distill"])
+    torch.testing.assert_close(both["loss"], alone["loss"] + 0.5 * both["distill_kept"])
+    both["loss"].backward()
+    assert model.connector.proj.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("overrides,msg", [(["stage.distill_target_late=logits", "stage.distill_target_switch=5"], "distill_target_late must be"),
-                                           (["stage.distill_target_late=velocity"], "distill_target_switch > 0")])
+                                           (["stage.distill_target_late=velocity"], "distill_target_switch > 0"),
+                                           (["stage.distill_keep_weight=1"], "distill_keep_weight keeps the early"),
+                                           (["stage.distill_target=set", "stage.distill_target_late=velocity", "stage.distill_target_switch=5",
+                                             "stage.distill_keep_weight=-1"], "distill_keep_weight must be >= 0")])
 def test_a_late_distillation_target_is_validated(overrides, msg):
     from omegaconf import OmegaConf
 
