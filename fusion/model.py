@@ -667,7 +667,7 @@ class FusedModel(nn.Module):
                 flows.append(nn.functional.mse_loss(v[None].float(), target_velocity(p.target, p.noise).float()))
                 if grid is not None and p.query_hidden is not None:
                     aligns.append(self.connector.alignment_loss(grid[None], p.query_hidden))
-        out_kept = None
+        kept, keep_w = [], float(s.get("distill_keep_weight", 0.0) or 0.0)
         if w_distill > 0:
             todo = [i for i, p in enumerate(plans) if not p.drop_text and p.sample.request]
             teacher = {i: self._teacher_states(plans[i].sample.request) for i in todo}
@@ -680,10 +680,9 @@ class FusedModel(nn.Module):
                 distills = [nn.functional.mse_loss(velocities[i].float(), vt.float()) for i, vt in zip(drawn_todo, v_teacher)]
             else:
                 distills = self._states_distill(plans, teacher, todo, distill_target)
-            early, keep_w = s.get("distill_target", "velocity"), float(s.get("distill_keep_weight", 0.0) or 0.0)
+            early = s.get("distill_target", "velocity")
             if keep_w > 0 and distill_target != early:  # stage.distill_keep_weight: the early target kept beside the late one
                 kept = self._states_distill(plans, teacher, todo, early)
-                out_kept = torch.stack(kept).mean() if kept else None
         if flows:
             flow = torch.stack(flows).mean()
         else:  # the states-only warm-up: a zero that still reaches every trainable DiT weight (ZeRO expects their gradients)
@@ -701,9 +700,9 @@ class FusedModel(nn.Module):
         if w_distill > 0:
             out["distill"] = torch.stack(distills).mean() if distills else flow.new_zeros(())
             loss = loss + w_distill * out["distill"] + (0.0 * flow if w_flow == 0 else 0.0)  # keeps the graph of every part
-            if out_kept is not None:
-                out["distill_kept"] = out_kept
-                loss = loss + w_distill * float(s["distill_keep_weight"]) * out_kept
+            if kept:
+                out["distill_kept"] = torch.stack(kept).mean()
+                loss = loss + w_distill * keep_w * out["distill_kept"]
         out["loss"] = loss
         return out
 
