@@ -435,6 +435,11 @@ class StageConfig:
     the late one from the switch on, at this weight (0: the late target alone). On the toy world the velocity target
     alone let the resampler's gate close every token first ("say nothing"; docs/toyworld_log.md, "A fresh-clone demo
     measured ...")."""
+    lr_late_scale: float = 1.0
+    """align, with ``distill_target_late``: every part's learning rate multiplied by this from ``distill_target_switch``
+    on (1: the schedule unchanged), so the late target can train at its own rate after the early one's warm-up in the
+    same run. On the toy world the resampler's velocity phase after its set warm-up drew only at a lower rate than the
+    set phase needs (docs/toyworld_log.md, "A fresh-clone demo measured ...")."""
     distill_data: str | None = None
     """align: a JSONL of extra conversations (the data format; an assistant's drawing may be an image item with no file,
     ``{"type": "image"}``: text only) whose requests the distillation warm-up also reads (stage.distill_steps; states,
@@ -527,6 +532,11 @@ class StageConfig:
                                              or self.distill_target == self.distill_target_late):
             raise ConfigError("stage.distill_keep_weight keeps the early distillation target beside stage.distill_target_late: it needs "
                               "distill_target_late set and distill_target states, set or aligned (and different from it)")
+        if self.lr_late_scale <= 0:
+            raise ConfigError(f"stage.lr_late_scale must be > 0, got {self.lr_late_scale}")
+        if self.lr_late_scale != 1.0 and self.distill_target_late is None:
+            raise ConfigError("stage.lr_late_scale scales the learning rate from stage.distill_target_switch on: "
+                              "it needs stage.distill_target_late set")
         if self.frame_label_draws < 1:
             raise ConfigError(f"stage.frame_label_draws must be >= 1, got {self.frame_label_draws}")
         for key in ("distill_steps", "generator_frozen_steps", "gain_every"):

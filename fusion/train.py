@@ -165,6 +165,29 @@ class SeededSampler(torch.utils.data.Sampler):
         return len(self.indices(self.epoch)) - self.start
 
 
+def lr_multipliers(st, group_names: list[str]) -> list:
+    """One learning-rate multiplier per parameter group (torch's LambdaLR): linear warm-up over ``stage.warmup_steps``,
+    then constant or cosine to 0 at ``max_steps``; in align, the generator's group at 0 for ``generator_frozen_steps``,
+    and every group times ``lr_late_scale`` from ``distill_target_switch`` on (with ``distill_target_late``)."""
+    warm, total = st.warmup_steps, st.max_steps
+    late_scale = float(st.get("lr_late_scale", 1.0) or 1.0) if st.get("distill_target_late") else 1.0
+    switch = int(st.get("distill_target_switch", 0) or 0)
+
+    def schedule(step: int) -> float:
+        if step < warm:
+            base = (step + 1) / warm
+        elif st.lr_schedule == "cosine":
+            base = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        else:
+            base = 1.0
+        return base * late_scale if step >= switch and late_scale != 1.0 else base
+
+    def frozen_then(steps: int):
+        return lambda step: 0.0 if step < steps else schedule(step)
+
+    return [frozen_then(st.generator_frozen_steps) if name == "generator" and st.name == "align" else schedule for name in group_names]
+
+
 def decode_sample(conv: Conversation) -> Conversation | DataError:
     """A conversation with its images decoded, or the DataError it raises (reported by the main process under the run's
     policy; anything else a sample triggers becomes ``load_failed``, never a dead loader worker)."""
@@ -447,9 +470,10 @@ class Trainer:
                          "%d warm-up steps, then weight %g on %s", type(teacher.encoder).__name__, cfg.generator.path, teacher.max_length,
                          cfg.stage.distill_steps, cfg.stage.distill_weight, cfg.stage.distill_target)
                 if cfg.stage.get("distill_target_late"):
-                    log.info("distillation target %s from step %d on%s", cfg.stage.distill_target_late, cfg.stage.distill_target_switch,
+                    log.info("distillation target %s from step %d on%s%s", cfg.stage.distill_target_late, cfg.stage.distill_target_switch,
                              f" ({cfg.stage.distill_target} kept beside it at weight {cfg.stage.distill_keep_weight:g})"
-                             if cfg.stage.get("distill_keep_weight") else "")
+                             if cfg.stage.get("distill_keep_weight") else "",
+                             f", the learning rate x{cfg.stage.lr_late_scale:g}" if cfg.stage.get("lr_late_scale", 1.0) != 1.0 else "")
 
     def _setup_data(self) -> None:
         d = self.cfg.data
@@ -737,21 +761,7 @@ class Trainer:
             raise ConfigError(f"stage={st.name}: {', '.join(outside)} would train outside the module DeepSpeed wraps "
                               f"(stage.trainable / lr_scale); that part does not train in this stage")
         optimizer = self.inner_optimizer = GuardedAdamW(groups, betas=(0.9, 0.999), eps=1e-8, foreach=True)  # (the default on GPUs; on CPUs too)
-        warm, total = st.warmup_steps, st.max_steps
-
-        def schedule(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            if st.lr_schedule == "cosine":
-                return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-            return 1.0
-
-        def frozen_then(schedule_fn, steps: int):
-            return lambda step: 0.0 if step < steps else schedule_fn(step)
-
-        lambdas = [frozen_then(schedule, st.generator_frozen_steps) if g["name"] == "generator" and st.name == "align" else schedule
-                   for g in groups]
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambdas)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multipliers(st, [g["name"] for g in groups]))
         ds = deepspeed_config(self.cfg.deepspeed, st, self.device, self.world)
         if ds["zero_optimization"]["stage"] != self.cfg.deepspeed.zero_stage and self.is_main:
             log.info("one rank: ZeRO-%d runs as ZeRO-0 (nothing to partition; deepspeed.single_rank_zero0=false keeps it)",

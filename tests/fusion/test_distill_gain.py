@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -266,13 +268,39 @@ def test_the_early_target_can_be_kept_beside_the_late_one(tiny_dir, convs):
                                            (["stage.distill_target_late=velocity"], "distill_target_switch > 0"),
                                            (["stage.distill_keep_weight=1"], "distill_keep_weight keeps the early"),
                                            (["stage.distill_target=set", "stage.distill_target_late=velocity", "stage.distill_target_switch=5",
-                                             "stage.distill_keep_weight=-1"], "distill_keep_weight must be >= 0")])
+                                             "stage.distill_keep_weight=-1"], "distill_keep_weight must be >= 0"),
+                                           (["stage.lr_late_scale=0.5"], "lr_late_scale scales the learning rate"),
+                                           (["stage.distill_target=set", "stage.distill_target_late=velocity", "stage.distill_target_switch=5",
+                                             "stage.lr_late_scale=0"], "lr_late_scale must be > 0")])
 def test_a_late_distillation_target_is_validated(overrides, msg):
     from omegaconf import OmegaConf
 
     cfg = compose_config(["stage=align", *overrides])
     with pytest.raises(ConfigError, match=msg):
         OmegaConf.to_object(cfg.stage)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_the_late_target_trains_at_its_own_rate(schedule):
+    """stage.lr_late_scale: every group's multiplier (the one the trainer's LambdaLR uses) scaled from the switch on,
+    warm-up and the generator's frozen steps kept; without it the schedule is the plain one."""
+    from omegaconf import OmegaConf
+
+    from fusion.train import lr_multipliers
+
+    base = ["stage=align", "stage.warmup_steps=10", "stage.max_steps=100", "stage.generator_frozen_steps=50", f"stage.lr_schedule={schedule}",
+            "stage.distill_target=set", "stage.distill_target_late=velocity", "stage.distill_target_switch=40"]
+    scaled, plain = compose_config([*base, "stage.lr_late_scale=0.25"]), compose_config(base)
+    OmegaConf.to_object(scaled.stage)  # a valid setting
+    conn, gen = lr_multipliers(scaled.stage, ["connector", "generator"])
+    conn1, gen1 = lr_multipliers(plain.stage, ["connector", "generator"])
+    assert conn(4) == conn1(4) == pytest.approx(0.5)  # warm-up: (step + 1) / warmup_steps, untouched before the switch
+    assert conn(39) == conn1(39) > 0.5
+    for step in (40, 60, 99):
+        assert conn(step) == pytest.approx(0.25 * conn1(step)) and conn1(step) > 0
+    assert gen(45) == gen1(45) == 0.0  # still frozen after the switch
+    assert gen(50) == pytest.approx(0.25 * gen1(50)) and gen1(50) > 0
+    assert conn1(40) == (1.0 if schedule == "constant" else pytest.approx(0.5 * (1 + math.cos(math.pi * 30 / 90))))
 
 
 @pytest.mark.parametrize("key,value,msg", [("distill_target", "logits", "velocity, states, set or aligned"), ("distill_steps", "-1", "distill_steps"),
