@@ -1156,12 +1156,16 @@ class DemoConfig:
     connector_overrides: dict[str, list[str]] = field(default_factory=lambda: {
         "queries": ["stage.distill_target=set", "stage.frame_select=all", "stage.connector_span=all"],
         "multiscale_queries": ["stage.distill_target=set", "stage.frame_select=all", "stage.connector_span=all"],
-        "resampler": ["stage.distill_target=set"]})
+        "resampler": ["stage.distill_target=set", "stage.distill_target_late=velocity", "stage.distill_target_switch=2000",
+                      "stage.lr_late_scale=0.25", "stage.distill_steps=4000", "stage.generator_frozen_steps=4000"]})
     """Stage-2 overrides by connector, after align_overrides: toy_align's aligned distillation needs one state per
     context token, so the connectors with a fixed number of tokens distil onto the teacher's states as a set; its
     learned frame head reads the MLLM's states of the context's images, which query connectors do not keep, so
     they hand the DiT every earlier image (their tracking rows are not comparable with the others'), and they read
-    their queries rather than a window of the context (connector_span=all; the resampler attends to the window)."""
+    their queries rather than a window of the context (connector_span=all; the resampler attends to the window).
+    The resampler: the set target for 2000 steps, then the DiT's velocity at a quarter of the rate, the DiT frozen
+    throughout (the set target alone drew nothing, t2i 0.000; set 2000 then velocity 1000 at the full rate drew
+    t2i 0.050: docs/toyworld_log.md, "A fresh-clone demo measured ...")."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     """tools/ablate.py: stage-2 seeds per connector (stage.seed and data.seed); differences are judged against the spread between seeds."""
     reuse: bool = True
