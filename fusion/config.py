@@ -437,9 +437,8 @@ class StageConfig:
     measured ...")."""
     lr_late_scale: float = 1.0
     """align, with ``distill_target_late``: every part's learning rate multiplied by this from ``distill_target_switch``
-    on (1: the schedule unchanged), so the late target can train at its own rate after the early one's warm-up in the
-    same run. On the toy world the resampler's velocity phase after its set warm-up drew only at a lower rate than the
-    set phase needs (docs/toyworld_log.md, "A fresh-clone demo measured ...")."""
+    on (1: the schedule unchanged), so the late target trains at its own rate after the early one's warm-up, in one
+    run (the resampler in ``make ablation``: 0.25; docs/toyworld_log.md, "The connector ablation from one command")."""
     distill_data: str | None = None
     """align: a JSONL of extra conversations (the data format; an assistant's drawing may be an image item with no file,
     ``{"type": "image"}``: text only) whose requests the distillation warm-up also reads (stage.distill_steps; states,
@@ -1163,9 +1162,10 @@ class DemoConfig:
     learned frame head reads the MLLM's states of the context's images, which query connectors do not keep, so
     they hand the DiT every earlier image (their tracking rows are not comparable with the others'), and they read
     their queries rather than a window of the context (connector_span=all; the resampler attends to the window).
-    The resampler: the set target for 2000 steps, then the DiT's velocity at a quarter of the rate, the DiT frozen
-    throughout (the set target alone drew nothing, t2i 0.000; set 2000 then velocity 1000 at the full rate drew
-    t2i 0.050: docs/toyworld_log.md, "A fresh-clone demo measured ...")."""
+    The resampler: the set target for 2000 steps, then the DiT's velocity at a quarter of the schedule's rate (2.5e-4
+    at the switch, cosine to 0 at step 4000), the DiT frozen throughout: t2i 0.075 / 0.200 on seeds 0 / 1, where the
+    set target alone drew nothing (t2i 0.000) and set 2000 steps then velocity 1000 in a 3000-step schedule 0.050
+    (docs/toyworld_log.md, "The connector ablation from one command")."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     """tools/ablate.py: stage-2 seeds per connector (stage.seed and data.seed); differences are judged against the spread between seeds."""
     reuse: bool = True
