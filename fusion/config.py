@@ -1153,7 +1153,9 @@ class DemoConfig:
     align_overrides: list[str] = field(default_factory=list)
     """Extra overrides for stage 2 (tools/train.py experiment=toy_align)."""
     connector_overrides: dict[str, list[str]] = field(default_factory=lambda: {
-        "queries": ["stage.distill_target=set", "stage.frame_select=all", "stage.connector_span=all"],
+        "queries": ["stage.distill_target=set", "stage.frame_select=all", "stage.connector_span=all", "stage.distill_target_late=velocity",
+                    "stage.distill_target_switch=2000", "stage.lr_late_scale=0.25", "stage.distill_steps=4000",
+                    "stage.generator_frozen_steps=4000"],
         "multiscale_queries": ["stage.distill_target=set", "stage.frame_select=all", "stage.connector_span=all"],
         "resampler": ["stage.distill_target=set", "stage.distill_target_late=velocity", "stage.distill_target_switch=2000",
                       "stage.lr_late_scale=0.25", "stage.distill_steps=4000", "stage.generator_frozen_steps=4000"]})
@@ -1162,10 +1164,11 @@ class DemoConfig:
     learned frame head reads the MLLM's states of the context's images, which query connectors do not keep, so
     they hand the DiT every earlier image (their tracking rows are not comparable with the others'), and they read
     their queries rather than a window of the context (connector_span=all; the resampler attends to the window).
-    The resampler: the set target for 2000 steps, then the DiT's velocity at a quarter of the schedule's rate (2.5e-4
-    at the switch, cosine to 0 at step 4000), the DiT frozen throughout: t2i 0.075 / 0.200 on seeds 0 / 1, where the
-    set target alone drew nothing (t2i 0.000) and set 2000 steps then velocity 1000 in a 3000-step schedule 0.050
-    (docs/toyworld_log.md, "The connector ablation from one command")."""
+    The resampler and queries: the set target for 2000 steps, then the DiT's velocity at a quarter of the schedule's
+    rate (2.5e-4 at the switch, cosine to 0 at step 4000), the DiT frozen throughout: the resampler t2i 0.075 / 0.200
+    on seeds 0 / 1, where the set target alone drew nothing (t2i 0.000) and set 2000 steps then velocity 1000 in a
+    3000-step schedule 0.050; queries still nothing (t2i 0.000; docs/toyworld_log.md, "The connector ablation from one
+    command"). multiscale_queries keeps the set target alone (not run with the two phases)."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     """tools/ablate.py: stage-2 seeds per connector (stage.seed and data.seed); differences are judged against the spread between seeds."""
     reuse: bool = True
