@@ -1101,6 +1101,11 @@ class MakeToyConfig:
             raise ConfigError("dit_steps > 0 needs the toy VAE (vae_steps > 0): the DiTs learn in its latent space")
 
 
+SET_THEN_VELOCITY = ("stage.distill_target_late=velocity", "stage.distill_target_switch=2000", "stage.lr_late_scale=0.25",
+                     "stage.distill_steps=4000", "stage.generator_frozen_steps=4000")
+"""The fixed-token connectors' stage-2 schedule in make ablation (after the set target): see DemoConfig.connector_overrides."""
+
+
 @dataclass
 class DemoConfig:
     """``tools/demo.py`` (``make demo``): the toy world end to end, one phase after another."""
@@ -1153,12 +1158,9 @@ class DemoConfig:
     align_overrides: list[str] = field(default_factory=list)
     """Extra overrides for stage 2 (tools/train.py experiment=toy_align)."""
     connector_overrides: dict[str, list[str]] = field(default_factory=lambda: {
-        "queries": ["stage.distill_target=set", "stage.frame_select=all", "stage.connector_span=all", "stage.distill_target_late=velocity",
-                    "stage.distill_target_switch=2000", "stage.lr_late_scale=0.25", "stage.distill_steps=4000",
-                    "stage.generator_frozen_steps=4000"],
+        "queries": ["stage.distill_target=set", "stage.frame_select=all", "stage.connector_span=all", *SET_THEN_VELOCITY],
         "multiscale_queries": ["stage.distill_target=set", "stage.frame_select=all", "stage.connector_span=all"],
-        "resampler": ["stage.distill_target=set", "stage.distill_target_late=velocity", "stage.distill_target_switch=2000",
-                      "stage.lr_late_scale=0.25", "stage.distill_steps=4000", "stage.generator_frozen_steps=4000"]})
+        "resampler": ["stage.distill_target=set", *SET_THEN_VELOCITY]})
     """Stage-2 overrides by connector, after align_overrides: toy_align's aligned distillation needs one state per
     context token, so the connectors with a fixed number of tokens distil onto the teacher's states as a set; its
     learned frame head reads the MLLM's states of the context's images, which query connectors do not keep, so

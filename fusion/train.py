@@ -180,7 +180,7 @@ def lr_multipliers(st, group_names: list[str]) -> list:
             base = 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
         else:
             base = 1.0
-        return base * late_scale if step >= switch and late_scale != 1.0 else base
+        return base * late_scale if step >= switch else base
 
     def frozen_then(steps: int):
         return lambda step: 0.0 if step < steps else schedule(step)
