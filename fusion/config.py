@@ -472,6 +472,12 @@ class StageConfig:
     gain_warn: float = 0.05
     """align: warn when the gain is below this after the warm-up (the DiT is not using the connector's states), at the t
     where the DiT's own text encoder gains most (t=0.7 when the generator has none; fusion.gain.gain_warning)."""
+    erosion_warn: float = 0.25
+    """align: warn when the DiT's own-encoder gain (its conditioning on its own text encoder, measured beside the
+    connector's) has fallen by more than this share of its value at the run's first measurement, at the t where that
+    first value is highest: stage 2 is wearing away what the DiT read before, and the gain ratio (fused / own) then
+    flatters the connector (fusion.gain.erosion_warning; toy resampler with the DiT at 2.5e-4: own gain at t=0.7
+    0.736 -> 0.247 while the ratio rose to 0.956 and text-to-image fell). 0: off. Needs the generator's text encoder."""
 
     def __post_init__(self) -> None:
         if self.name not in ("sft", "align"):
@@ -551,6 +557,9 @@ class StageConfig:
                 raise ConfigError(f"stage.distill_data_batch must be >= 1, got {self.distill_data_batch}")
         if self.distill_weight < 0:
             raise ConfigError(f"stage.distill_weight must be >= 0, got {self.distill_weight}")
+        if not 0 <= self.erosion_warn < 1:
+            raise ConfigError(f"stage.erosion_warn must be in [0, 1) (a share of the DiT's first own-encoder gain; 0: off), "
+                              f"got {self.erosion_warn}")
         if self.gain_every and self.gain_samples < 2:
             raise ConfigError(f"stage.gain_samples must be >= 2 (one to shuffle with), got {self.gain_samples}")
         if self.lr <= 0 or self.max_steps <= 0 or self.micro_batch_size <= 0 or self.grad_accum <= 0:

@@ -26,7 +26,9 @@ earlier image, the latest, or the learned head's pick).
 
 Healthy stage 2: the gain rises well above zero in the first few hundred steps. A gain that
 stays near 0 means the DiT is not using the connector's states; the trainer warns
-(``stage.gain_every``, ``stage.gain_warn``).
+(``stage.gain_every``, ``stage.gain_warn``). It warns too when the DiT's own-encoder gain falls
+well below its first measured value (``stage.erosion_warn``): the DiT is being worn away, and the
+ratio of the fused gain to a shrinking own gain overstates the connector.
 
 Run as: ``python tools/evaluate.py model=outputs/demo/align/final`` (reports it), or read
 ``gain@0.7`` in a stage-2 run's ``metrics.jsonl`` / ``train.log`` / ``summary.json``.
@@ -151,6 +153,25 @@ def gain_warning(g: dict[str, float], threshold: float, default_t: float = 0.7) 
     own = f" (the DiT's own text encoder: {refs[t]:.3f})" if refs else ""
     return (f"conditioning gain at t={t:g} is {value:.3f}{own}, under stage.gain_warn={threshold:g}: the DiT is not using the "
             "connector's states; the falling loss is the DiT learning the average image (see README, 'Is stage 2 working?')")
+
+
+def erosion_warning(first: dict[str, float], now: dict[str, float], threshold: float) -> str | None:
+    """Stage 2's warning when the DiT's own conditioning is eroding: its own-encoder gain (``reference_gain@t``)
+    has fallen by more than ``threshold`` (a share) of its value at the run's first measurement ``first``, at
+    the ``t`` where that first value is highest. The fused model's gain may still rise meanwhile, and its
+    ratio to the own-encoder gain then flatters the connector: the yardstick itself is shrinking. None: no
+    warning (``threshold`` 0, no reference, or a first own gain under :data:`RATIO_FLOOR`)."""
+    refs = {float(k.split("@")[1]): v for k, v in first.items() if k.startswith("reference_gain@")}
+    if not threshold or not refs:
+        return None
+    t = max(refs, key=refs.get)
+    start, value = refs[t], now.get(f"reference_gain@{t:g}")
+    if start < RATIO_FLOOR or value is None or value >= start * (1 - threshold):
+        return None
+    return (f"the DiT's own-encoder gain at t={t:g} fell from {start:.3f} (step {int(first.get('step', 0))}) to {value:.3f} "
+            f"({(value - start) / start:+.0%}), past stage.erosion_warn={threshold:g}: stage 2 is wearing away the DiT's own "
+            "conditioning, and the gain ratio (fused / own) flatters the connector; lower stage.lr_scale.generator or freeze "
+            "the DiT longer (stage.generator_frozen_steps)")
 
 
 def summary_line(g: dict[str, float], ts: Sequence[float] = DEFAULT_TS) -> str:

@@ -592,7 +592,7 @@ class Trainer:
         return self._gain_prepared
 
     def _measure_gain(self) -> dict[str, float]:
-        from fusion.gain import conditioning_gain, gain_warning, summary_line
+        from fusion.gain import conditioning_gain, erosion_warning, gain_warning, summary_line
 
         samples = self._gain_samples()
         if len(samples) < 2:
@@ -607,6 +607,9 @@ class Trainer:
         warning = gain_warning(gain, st.gain_warn) if self.state.step > warm else None
         if warning:
             log.warning("step %d: %s", self.state.step, warning)
+        erosion = erosion_warning(self.gain_history[0], gain, st.erosion_warn) if len(self.gain_history) > 1 else None
+        if erosion:
+            log.warning("step %d: %s", self.state.step, erosion)
         return gain
 
     def _log_gain(self) -> None:
@@ -1116,7 +1119,8 @@ class Trainer:
                    "skip_examples": self.report.examples[:5], "feature_cache": self.cache_info or None,
                    "nonfinite_steps": self.state.nonfinite, "interrupted": interrupted,
                    "conditioning_gain": self.gain_history[-1] if self.gain_history else None,
-                   "conditioning_gain_history": [{k: h[k] for k in ("step", "gain@0.3", "gain@0.5", "gain@0.7", "gain@0.9")}
+                   "conditioning_gain_history": [{k: h[k] for k in ("step", "gain@0.3", "gain@0.5", "gain@0.7", "gain@0.9",
+                                                                    "reference_gain@0.7", "reference_gain@0.9") if k in h}
                                                  for h in self.gain_history],
                    "gain_batch": {"conversations": len(self.gain_convs), "held_out": self.gain_held_out} if self.gain_convs else None}
         if self.is_main:

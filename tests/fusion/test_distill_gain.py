@@ -563,3 +563,29 @@ def test_gain_warning_watches_the_t_where_the_dits_own_encoder_reads_text():
     # no reference: t=0.7, as before
     assert "t=0.7 is 0.003" in gain_warning({"gain@0.7": 0.003, "gain@0.9": 0.5}, 0.05)
     assert gain_warning({"gain@0.7": 0.2}, 0.05) is None
+
+
+def test_erosion_warning_when_the_dits_own_gain_wears_away():
+    from fusion.gain import erosion_warning
+
+    first = {"step": 0, "reference_gain@0.3": 0.20, "reference_gain@0.7": 0.736, "reference_gain@0.9": 0.70}
+    # the toy resampler's run with the DiT at 2.5e-4 (own gain at t=0.7 0.736 -> 0.247): warned, at the t it was highest
+    worn = {"gain@0.7": 0.22, "reference_gain@0.3": 0.19, "reference_gain@0.7": 0.247, "reference_gain@0.9": 0.69}
+    msg = erosion_warning(first, worn, 0.25)
+    assert msg is not None and "t=0.7 fell from 0.736 (step 0) to 0.247 (-66%)" in msg and "stage.erosion_warn=0.25" in msg
+    # within the threshold, or the threshold off: no warning
+    assert erosion_warning(first, dict(worn, **{"reference_gain@0.7": 0.60}), 0.25) is None
+    assert erosion_warning(first, worn, 0.0) is None
+    assert erosion_warning(first, dict(worn, **{"reference_gain@0.7": 0.60}), 0.15) is not None  # 0.60 < 0.736 * 0.85
+    # no reference (a generator without its text encoder), or a DiT that read no text to begin with: nothing to wear away
+    assert erosion_warning({"step": 0, "gain@0.7": 0.5}, {"gain@0.7": 0.1}, 0.25) is None
+    assert erosion_warning({"step": 0, "reference_gain@0.7": 0.01}, {"reference_gain@0.7": 0.0}, 0.25) is None
+
+
+def test_erosion_warn_is_validated():
+    from fusion.config import StageConfig
+
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ConfigError, match="stage.erosion_warn"):
+            StageConfig(name="align", erosion_warn=bad)
+    assert StageConfig(name="align", erosion_warn=0.0).erosion_warn == 0.0

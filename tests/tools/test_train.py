@@ -210,6 +210,8 @@ def test_stage2_distillation_warm_up_with_a_frozen_dit_and_the_gain_instrument(t
     assert "distillation teacher: UMT5EncoderModel" in log_text and "conditioning gain at t=0.3/0.5/0.7/0.9" in log_text
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert [h["step"] for h in summary["conditioning_gain_history"]] == [0, 2, 3]
+    assert all("reference_gain@0.7" in h for h in summary["conditioning_gain_history"])  # the own gain over time (erosion)
+    assert "own-encoder gain" not in log_text  # a frozen DiT's own gain cannot erode: no stage.erosion_warn warning
     assert summary["gain_batch"] == {"conversations": 4, "held_out": False}
     before = load_file(str(tiny_dir / "wan" / "transformer" / "diffusion_pytorch_model.safetensors"))
     after = load_file(str(tmp_path / "final" / "generator" / "transformer" / "diffusion_pytorch_model.safetensors"))
