@@ -1168,7 +1168,7 @@ class DemoConfig:
     """Extra overrides for stage 2 (tools/train.py experiment=toy_align)."""
     connector_overrides: dict[str, list[str]] = field(default_factory=lambda: {
         "queries": ["stage.distill_target=set", "stage.frame_select=all", "stage.connector_span=all", *SET_THEN_VELOCITY],
-        "multiscale_queries": ["stage.distill_target=set", "stage.frame_select=all", "stage.connector_span=all"],
+        "multiscale_queries": ["stage.distill_target=set", "stage.frame_select=all", "stage.connector_span=all", *SET_THEN_VELOCITY],
         "resampler": ["stage.distill_target=set", *SET_THEN_VELOCITY]})
     """Stage-2 overrides by connector, after align_overrides: toy_align's aligned distillation needs one state per
     context token, so the connectors with a fixed number of tokens distil onto the teacher's states as a set; its
@@ -1178,8 +1178,8 @@ class DemoConfig:
     The resampler and queries: the set target for 2000 steps, then the DiT's velocity at a quarter of the schedule's
     rate (2.5e-4 at the switch, cosine to 0 at step 4000), the DiT frozen throughout: the resampler t2i 0.075 / 0.200
     on seeds 0 / 1, where the set target alone drew nothing (t2i 0.000) and set 2000 steps then velocity 1000 in a
-    3000-step schedule 0.050; queries still nothing (t2i 0.000; docs/toyworld_log.md, "The connector ablation from one
-    command"). multiscale_queries keeps the set target alone (not run with the two phases)."""
+    3000-step schedule 0.050; queries t2i 0.000 / 0.325; multiscale_queries the same two phases as queries
+    (docs/toyworld_log.md, "The connector ablation from one command" and "All six connectors")."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     """tools/ablate.py: stage-2 seeds per connector (stage.seed and data.seed); differences are judged against the spread between seeds."""
     reuse: bool = True
