@@ -474,10 +474,11 @@ class StageConfig:
     where the DiT's own text encoder gains most (t=0.7 when the generator has none; fusion.gain.gain_warning)."""
     erosion_warn: float = 0.25
     """align: warn when the DiT's own-encoder gain (its conditioning on its own text encoder, measured beside the
-    connector's) has fallen by more than this share of its value at the run's first measurement, at the t where that
-    first value is highest: stage 2 is wearing away what the DiT read before, and the gain ratio (fused / own) then
-    flatters the connector (fusion.gain.erosion_warning; toy resampler with the DiT at 2.5e-4: own gain at t=0.7
-    0.736 -> 0.247 while the ratio rose to 0.956 and text-to-image fell). 0: off. Needs the generator's text encoder."""
+    connector's) has fallen at some t by more than this share of its highest value so far in the run: stage 2 is
+    wearing away what the DiT read before, and the gain ratio (fused / own) then flatters the connector
+    (fusion.gain.erosion_warning; toy resampler with the DiT at 2.5e-4: own gain at t=0.5 0.357 -> -0.079, at t=0.7
+    0.736 -> 0.247, while the ratio rose to 0.956 and text-to-image fell; the demo's joint steps at 0.1x: at most
+    -10%). 0: off. Needs the generator's text encoder."""
 
     def __post_init__(self) -> None:
         if self.name not in ("sft", "align"):

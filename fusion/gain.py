@@ -27,7 +27,7 @@ earlier image, the latest, or the learned head's pick).
 Healthy stage 2: the gain rises well above zero in the first few hundred steps. A gain that
 stays near 0 means the DiT is not using the connector's states; the trainer warns
 (``stage.gain_every``, ``stage.gain_warn``). It warns too when the DiT's own-encoder gain falls
-well below its first measured value (``stage.erosion_warn``): the DiT is being worn away, and the
+well below its highest value so far (``stage.erosion_warn``): the DiT is being worn away, and the
 ratio of the fused gain to a shrinking own gain overstates the connector.
 
 Run as: ``python tools/evaluate.py model=outputs/demo/align/final`` (reports it), or read
@@ -155,23 +155,37 @@ def gain_warning(g: dict[str, float], threshold: float, default_t: float = 0.7) 
             "connector's states; the falling loss is the DiT learning the average image (see README, 'Is stage 2 working?')")
 
 
-def erosion_warning(first: dict[str, float], now: dict[str, float], threshold: float) -> str | None:
-    """Stage 2's warning when the DiT's own conditioning is eroding: its own-encoder gain (``reference_gain@t``)
-    has fallen by more than ``threshold`` (a share) of its value at the run's first measurement ``first``, at
-    the ``t`` where that first value is highest. The fused model's gain may still rise meanwhile, and its
-    ratio to the own-encoder gain then flatters the connector: the yardstick itself is shrinking. None: no
-    warning (``threshold`` 0, no reference, or a first own gain under :data:`RATIO_FLOOR`)."""
-    refs = {float(k.split("@")[1]): v for k, v in first.items() if k.startswith("reference_gain@")}
-    if not threshold or not refs:
+def erosion_warning(history: Sequence[dict[str, float]], now: dict[str, float], threshold: float) -> str | None:
+    """Stage 2's warning when the DiT's own conditioning is eroding: at some ``t`` its own-encoder gain
+    (``reference_gain@t``) in ``now`` is more than ``threshold`` (a share) under the highest value ``history``
+    (the run's earlier measurements, each with its ``step``) holds for that ``t``; the ``t`` with the largest
+    fall is named. The highest, not the first: before its learned frame head picks frames, the DiT's own gain
+    at step 0 reads lower (toy demo: 0.365 at t=0.7 at step 0, 0.736 from step 500 on). The fused gain may
+    still rise meanwhile, and its ratio to the own-encoder gain then flatters the connector: the yardstick
+    itself is shrinking. None: no warning (``threshold`` 0, no reference, or no own gain of at least
+    :data:`RATIO_FLOOR` to fall from)."""
+    if not threshold:
         return None
-    t = max(refs, key=refs.get)
-    start, value = refs[t], now.get(f"reference_gain@{t:g}")
-    if start < RATIO_FLOOR or value is None or value >= start * (1 - threshold):
+    worst = None
+    for key, value in now.items():
+        if not key.startswith("reference_gain@"):
+            continue
+        earlier = [(h[key], int(h.get("step", 0))) for h in history if key in h]
+        if not earlier:
+            continue
+        peak, step = max(earlier, key=lambda e: e[0])  # (the first step at the highest value)
+        if peak < RATIO_FLOOR or value >= peak * (1 - threshold):
+            continue
+        fall = (peak - value) / peak
+        if worst is None or fall > worst[0]:
+            worst = (fall, key.split("@")[1], peak, step, value)
+    if worst is None:
         return None
-    return (f"the DiT's own-encoder gain at t={t:g} fell from {start:.3f} (step {int(first.get('step', 0))}) to {value:.3f} "
-            f"({(value - start) / start:+.0%}), past stage.erosion_warn={threshold:g}: stage 2 is wearing away the DiT's own "
-            "conditioning, and the gain ratio (fused / own) flatters the connector; lower stage.lr_scale.generator or freeze "
-            "the DiT longer (stage.generator_frozen_steps)")
+    fall, t, peak, step, value = worst
+    return (f"the DiT's own-encoder gain at t={t} fell from {peak:.3f} (step {step}) to {value:.3f} ({-fall:+.0%}), past "
+            f"stage.erosion_warn={threshold:g}: stage 2 is wearing away the DiT's own conditioning, and the gain ratio "
+            "(fused / own) flatters the connector; lower stage.lr_scale.generator or freeze the DiT longer "
+            "(stage.generator_frozen_steps)")
 
 
 def summary_line(g: dict[str, float], ts: Sequence[float] = DEFAULT_TS) -> str:

@@ -607,7 +607,7 @@ class Trainer:
         warning = gain_warning(gain, st.gain_warn) if self.state.step > warm else None
         if warning:
             log.warning("step %d: %s", self.state.step, warning)
-        erosion = erosion_warning(self.gain_history[0], gain, st.erosion_warn) if len(self.gain_history) > 1 else None
+        erosion = erosion_warning(self.gain_history[:-1], gain, st.erosion_warn)
         if erosion:
             log.warning("step %d: %s", self.state.step, erosion)
         return gain

@@ -568,18 +568,25 @@ def test_gain_warning_watches_the_t_where_the_dits_own_encoder_reads_text():
 def test_erosion_warning_when_the_dits_own_gain_wears_away():
     from fusion.gain import erosion_warning
 
-    first = {"step": 0, "reference_gain@0.3": 0.20, "reference_gain@0.7": 0.736, "reference_gain@0.9": 0.70}
-    # the toy resampler's run with the DiT at 2.5e-4 (own gain at t=0.7 0.736 -> 0.247): warned, at the t it was highest
-    worn = {"gain@0.7": 0.22, "reference_gain@0.3": 0.19, "reference_gain@0.7": 0.247, "reference_gain@0.9": 0.69}
-    msg = erosion_warning(first, worn, 0.25)
-    assert msg is not None and "t=0.7 fell from 0.736 (step 0) to 0.247 (-66%)" in msg and "stage.erosion_warn=0.25" in msg
-    # within the threshold, or the threshold off: no warning
-    assert erosion_warning(first, dict(worn, **{"reference_gain@0.7": 0.60}), 0.25) is None
-    assert erosion_warning(first, worn, 0.0) is None
-    assert erosion_warning(first, dict(worn, **{"reference_gain@0.7": 0.60}), 0.15) is not None  # 0.60 < 0.736 * 0.85
-    # no reference (a generator without its text encoder), or a DiT that read no text to begin with: nothing to wear away
-    assert erosion_warning({"step": 0, "gain@0.7": 0.5}, {"gain@0.7": 0.1}, 0.25) is None
-    assert erosion_warning({"step": 0, "reference_gain@0.7": 0.01}, {"reference_gain@0.7": 0.0}, 0.25) is None
+    def own(step, *g):
+        return {"step": step, **{f"reference_gain@{t:g}": v for t, v in zip((0.3, 0.5, 0.7, 0.9), g)}}
+
+    # measured: the toy demo's stage 2 (frame head untrained at step 0, the DiT at 0.1x in its last 1000 steps) ...
+    demo = [own(0, 0.136, 0.229, 0.365, 0.465), own(500, 0.203, 0.357, 0.736, 0.966), own(3000, 0.203, 0.357, 0.736, 0.966),
+            own(3500, 0.183, 0.352, 0.727, 0.970), own(4000, 0.187, 0.352, 0.727, 0.970)]
+    assert all(erosion_warning(demo[:i], demo[i], 0.25) is None for i in range(len(demo)))  # rising, then -10% at most
+    # ... and the resampler's run with the DiT trained at 2.5e-4 from step 2000: warned, at the t that fell most
+    worn = own(2500, -0.013, -0.048, 0.327, 0.811)
+    msg = erosion_warning(demo[:3], worn, 0.25)
+    assert msg is not None and "t=0.5 fell from 0.357 (step 500) to -0.048 (-113%)" in msg and "stage.erosion_warn=0.25" in msg
+    assert erosion_warning(demo[:3], worn, 0.0) is None  # off
+    # the threshold: a fall of 10% at t=0.3 warns only under a threshold below 0.10
+    slight = own(3500, 0.183, 0.357, 0.736, 0.966)
+    assert erosion_warning(demo[:3], slight, 0.25) is None and "t=0.3 fell from 0.203" in erosion_warning(demo[:3], slight, 0.05)
+    # no reference (a generator without its text encoder), no earlier measurement, or nothing read to fall from
+    assert erosion_warning([{"step": 0, "gain@0.7": 0.5}], {"gain@0.7": 0.1}, 0.25) is None
+    assert erosion_warning([], worn, 0.25) is None
+    assert erosion_warning([own(0, 0.01, 0.02, 0.03, 0.04)], own(500, 0.0, 0.0, 0.0, 0.0), 0.25) is None
 
 
 def test_erosion_warn_is_validated():
