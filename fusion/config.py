@@ -474,7 +474,7 @@ class StageConfig:
     where the DiT's own text encoder gains most (t=0.7 when the generator has none; fusion.gain.gain_warning)."""
     erosion_warn: float = 0.25
     """align: warn when the DiT's own-encoder gain (its conditioning on its own text encoder, measured beside the
-    connector's) has fallen at some t by more than this share of its highest value so far in the run: stage 2 is
+    connector's) has fallen at some t by more than this share of its highest value since the run started (or resumed): stage 2 is
     wearing away what the DiT read before, and the gain ratio (fused / own) then flatters the connector
     (fusion.gain.erosion_warning; toy resampler with the DiT at 2.5e-4: own gain at t=0.5 0.357 -> -0.079, at t=0.7
     0.736 -> 0.247, while the ratio rose to 0.956 and text-to-image fell; the demo's joint steps at 0.1x: at most
@@ -559,7 +559,7 @@ class StageConfig:
         if self.distill_weight < 0:
             raise ConfigError(f"stage.distill_weight must be >= 0, got {self.distill_weight}")
         if not 0 <= self.erosion_warn < 1:
-            raise ConfigError(f"stage.erosion_warn must be in [0, 1) (a share of the DiT's first own-encoder gain; 0: off), "
+            raise ConfigError(f"stage.erosion_warn must be in [0, 1) (a share of the DiT's highest own-encoder gain so far; 0: off), "
                               f"got {self.erosion_warn}")
         if self.gain_every and self.gain_samples < 2:
             raise ConfigError(f"stage.gain_samples must be >= 2 (one to shuffle with), got {self.gain_samples}")
