@@ -1114,6 +1114,8 @@ class MakeToyConfig:
 SET_THEN_VELOCITY = ("stage.distill_target_late=velocity", "stage.distill_target_switch=2000", "stage.lr_late_scale=0.25",
                      "stage.distill_steps=4000", "stage.generator_frozen_steps=4000")
 """The fixed-token connectors' stage-2 schedule in make ablation (after the set target): see DemoConfig.connector_overrides."""
+QUERY_CONNECTOR_OVERRIDES = ("stage.distill_target=set", "stage.frame_select=all", "stage.connector_span=all", *SET_THEN_VELOCITY)
+"""queries and multiscale_queries in make ablation: the set target, every earlier frame, the whole context, then the schedule above."""
 
 
 @dataclass
@@ -1168,8 +1170,8 @@ class DemoConfig:
     align_overrides: list[str] = field(default_factory=list)
     """Extra overrides for stage 2 (tools/train.py experiment=toy_align)."""
     connector_overrides: dict[str, list[str]] = field(default_factory=lambda: {
-        "queries": ["stage.distill_target=set", "stage.frame_select=all", "stage.connector_span=all", *SET_THEN_VELOCITY],
-        "multiscale_queries": ["stage.distill_target=set", "stage.frame_select=all", "stage.connector_span=all", *SET_THEN_VELOCITY],
+        "queries": list(QUERY_CONNECTOR_OVERRIDES),
+        "multiscale_queries": list(QUERY_CONNECTOR_OVERRIDES),
         "resampler": ["stage.distill_target=set", *SET_THEN_VELOCITY]})
     """Stage-2 overrides by connector, after align_overrides: toy_align's aligned distillation needs one state per
     context token, so the connectors with a fixed number of tokens distil onto the teacher's states as a set; its
