@@ -1,10 +1,11 @@
 """Seconds per step of the toy Wan's pretraining loop (the same parts as fusion.toyworld.pretrain.pretrain_dit: its
 own UMT5 encoder, the object probe, the flow loss per kind group, AdamW, clipping) at a given batch, on a small pool.
 
-    python docs/dev/toy_dit_step_cost.py <toy_dir> [batch=16] [patch=2] [layers=4] [threads=N] [fused] [compile] [profile]
+    python docs/dev/toy_dit_step_cost.py <toy_dir> [batch=16] [patch=2] [layers=4] [threads=N] [fused] [compile] [static] [profile]
 
 Prints s/step over 40 steps after 5 warm-up steps (``compile``: torch.compile of the DiT and its encoder first, the
-warm-up then includes the compiling; ``profile``: a torch.profiler table of 10 more steps). docs/toyworld_log.md, "A larger batch
+warm-up then includes the compiling; ``static``: every step draws the same group sizes, 30% text-to-image and the rest
+edits, so every shape is fixed and ``compile`` compiles with ``dynamic=False``; ``profile``: a torch.profiler table of 10 more steps). docs/toyworld_log.md, "A larger batch
 for the toy DiT": 0.261 s at batch 16, 0.385 at 32, 0.677 at 64 on the 2-core machine.
 """
 
@@ -23,7 +24,8 @@ from fusion.toyworld import pretrain as P
 from fusion.toyworld.conversations import EditMix
 
 
-def main(toy: Path, batch: int, threads: int | None, compile_: bool, profile: bool, patch: int = 2, layers: int = 4, fused: bool = False) -> None:
+def main(toy: Path, batch: int, threads: int | None, compile_: bool, profile: bool, patch: int = 2, layers: int = 4, fused: bool = False,
+         static: bool = False) -> None:
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -42,9 +44,17 @@ def main(toy: Path, batch: int, threads: int | None, compile_: bool, profile: bo
     g = torch.Generator().manual_seed(0)
     gen.transformer.train()
 
+    counts = {"t2i": round(0.3 * batch), "edit": batch - round(0.3 * batch)}
+
+    def draw_static():
+        for kind, n in counts.items():
+            target, cond, ids, mask, labels = pool[kind]
+            idx = torch.randint(len(target), (n,), generator=g)
+            yield target[idx], (cond[idx] if cond is not None else None), ids[idx], mask[idx], labels[idx], n / batch
+
     def step():
         loss, probe_loss = 0.0, 0.0
-        for target, cond, ids, mask, labels, share in P._draw(pool, batch, g):
+        for target, cond, ids, mask, labels, share in (draw_static() if static else P._draw(pool, batch, g)):
             states = text.states(ids, mask)
             probe_loss = probe_loss + probe.loss(states, labels) * share
             t = sample_t(len(states), "shifted", g, "cpu", shift=3.0)
@@ -55,12 +65,12 @@ def main(toy: Path, batch: int, threads: int | None, compile_: bool, profile: bo
         opt.step()
 
     if compile_:
-        gen.transformer.compile(dynamic=True)
-        text.encoder.compile(dynamic=True)
+        gen.transformer.compile(dynamic=not static)
+        text.encoder.compile(dynamic=not static)
     t0 = time.time()
     for _ in range(5):
         step()
-    print(f"threads {torch.get_num_threads()}, batch {batch}, patch {patch}, layers {layers}, fused AdamW {fused}: warm-up {time.time() - t0:.1f} s")
+    print(f"threads {torch.get_num_threads()}, batch {batch}, patch {patch}, layers {layers}, fused AdamW {fused}, static {static}: warm-up {time.time() - t0:.1f} s")
     t0 = time.time()
     for _ in range(40):
         step()
@@ -78,4 +88,4 @@ if __name__ == "__main__":
     args = sys.argv[2:]
     kv = dict(a.split("=", 1) for a in args if "=" in a)
     main(Path(sys.argv[1]), int(kv.get("batch", 16)), int(kv["threads"]) if "threads" in kv else None, "compile" in args, "profile" in args,
-         int(kv.get("patch", 2)), int(kv.get("layers", 4)), "fused" in args)
+         int(kv.get("patch", 2)), int(kv.get("layers", 4)), "fused" in args, "static" in args)
