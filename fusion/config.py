@@ -970,7 +970,10 @@ class MakeToyConfig:
     seed: int = 0
     """Added to each split's own seed (splits stay disjoint); the backbones' training seed."""
     image_size: int = 64
-    """Image side in pixels."""
+    """Image side in pixels of the toy world's pictures and of what its toy VAE, MLLM and DiTs are pretrained on (the 3x3
+    grid's cells are image_size / 3 wide; the VAE's latents image_size / 4 at the default vae_channels). Stage 2, the chat
+    and evaluation draw at the size the toy generator folder was pretrained at (conf/generator/toy_*.yaml read it with
+    ``${toy_image_size:...}``); the toy MLLM sees every picture resized to 84 pixels whatever this is."""
     skip_existing: bool = False
     """Keep an existing toyworld/ folder."""
     vae_steps: int = 1200
@@ -1019,8 +1022,8 @@ class MakeToyConfig:
     dit_pool: int = 4096
     """Training items (scenes and edits) rendered and encoded once before the DiT pretraining."""
     dit_patch: int = 2
-    """Spatial patch side of the toy DiTs in latent pixels: 2 gives 64 tokens a frame on the toy VAE's 16x16 latents,
-    4 gives 16. 4 on the toy Wan: 0.133 against 0.229 s per step side by side, but through its own encoder (128 each)
+    """Spatial patch side of the toy DiTs in latent pixels: 2 gives 64 tokens a frame on the toy VAE's 16x16 latents
+    of a 64-pixel scene, 4 gives 16. 4 on the toy Wan: 0.133 against 0.229 s per step side by side, but through its own encoder (128 each)
     edits applied 0.359, preserved 0.523 (an edit's other objects are not copied to the latent pixel): not the default
     (docs/toyworld_log.md, "A shorter distillation warm-up")."""
     dit_text_length: int = 48
@@ -1084,8 +1087,13 @@ class MakeToyConfig:
         bad = [f for f in self.dit_families if f not in ("wan", "cosmos", "sana")]
         if bad:
             raise ConfigError(f"dit_families: unknown family {bad[0]!r}; expected wan, cosmos or sana")
-        if self.dit_patch not in (1, 2, 4, 8, 16):
-            raise ConfigError(f"dit_patch: {self.dit_patch} must divide the toy VAE's 16x16 latents (1, 2, 4, 8 or 16)")
+        f = 2 ** (len(self.vae_channels) - 1)  # the toy VAE's downsampling
+        if self.image_size < 24 or self.image_size % f:
+            raise ConfigError(f"image_size: {self.image_size} must be >= 24 and a multiple of the toy VAE's downsampling factor {f} "
+                              f"(vae_channels {list(self.vae_channels)})")
+        side = self.image_size // f
+        if self.dit_patch < 1 or side % self.dit_patch:
+            raise ConfigError(f"dit_patch: {self.dit_patch} must divide the toy VAE's {side}x{side} latents of a {self.image_size}-pixel scene")
         if self.dit_coord_freqs < 0:
             raise ConfigError(f"dit_coord_freqs: {self.dit_coord_freqs} must be >= 0")
         if self.dit_t_sampling not in T_SAMPLINGS:
@@ -1132,6 +1140,8 @@ class DemoConfig:
     """Training conversations of the toy world."""
     n_test: int = 240
     """Test conversations of the toy world (40 of each kind)."""
+    image_size: int = 64
+    """Side in pixels of the toy world's pictures (MakeToyConfig.image_size), so of what stage 2 and the evaluation draw."""
     vae_steps: int = 1200
     """Toy VAE pretraining steps."""
     mllm_steps: int = 4000
@@ -1196,8 +1206,25 @@ class DemoConfig:
             raise ConfigError(f"seeds must be unique, got {list(self.seeds)}")
 
 
+def toy_image_size(path: str) -> int:
+    """``${toy_image_size:<generator folder>}`` (conf/generator/toy_*.yaml): the side in pixels a toy generator was
+    pretrained at (its ``pretrain.json``, MakeToyConfig.image_size), so stage 2, the chat and evaluation draw at the
+    size of the world that was built; 64 where the folder is not built yet or predates the setting."""
+    import json
+    from pathlib import Path
+
+    stats = Path(path) / "pretrain.json"
+    if not stats.is_file():
+        return 64
+    try:
+        return int(json.loads(stats.read_text()).get("image_size", 64))
+    except (ValueError, AttributeError) as e:
+        raise ConfigError(f"{stats}: not a toy generator's pretrain.json ({e})") from e
+
+
 def register_configs() -> None:
     """Register every schema in Hydra's ConfigStore (idempotent)."""
+    OmegaConf.register_new_resolver("toy_image_size", toy_image_size, replace=True)
     # Schemas that live beside their code; imported here, not at the top: their modules import
     # ConnectorBase from this one (a cycle at import time otherwise).
     from connectors.resampler import ResamplerConfig

@@ -48,7 +48,7 @@ def main(cfg: DictConfig) -> None:
     toy = Path(cfg.toy_dir).resolve()
     root = out / "ablation"
     timings: dict[str, float] = {}
-    run_phase("world", "make_toy.py", [f"out_dir={toy}", f"n_train={cfg.n_train}", f"n_test={cfg.n_test}", f"vae_steps={cfg.vae_steps}",
+    run_phase("world", "make_toy.py", [f"out_dir={toy}", f"n_train={cfg.n_train}", f"n_test={cfg.n_test}", f"image_size={cfg.image_size}", f"vae_steps={cfg.vae_steps}",
                                         f"mllm_steps={cfg.mllm_steps}", f"dit_steps={cfg.dit_steps}",
                                         f"dit_families=[{cfg.generator.removeprefix('toy_')}]", f"hydra.run.dir={root / 'world'}",
                                         *cfg.make_toy_overrides], timings)

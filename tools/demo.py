@@ -43,7 +43,7 @@ def main(cfg: DictConfig) -> None:
     t_start = time.time()
     console.print(f"[bold]unifuse demo[/] ({cfg.profile}): toy world in {toy}, outputs in {out}")
 
-    run_phase("world", "make_toy.py", [f"out_dir={toy}", f"n_train={cfg.n_train}", f"n_test={cfg.n_test}", f"vae_steps={cfg.vae_steps}",
+    run_phase("world", "make_toy.py", [f"out_dir={toy}", f"n_train={cfg.n_train}", f"n_test={cfg.n_test}", f"image_size={cfg.image_size}", f"vae_steps={cfg.vae_steps}",
                                         f"mllm_steps={cfg.mllm_steps}", f"dit_steps={cfg.dit_steps}",
                                         f"dit_families=[{cfg.generator.removeprefix('toy_')}]", f"hydra.run.dir={out / 'world'}",
                                         *cfg.make_toy_overrides], timings)

@@ -117,13 +117,16 @@ def main(cfg: DictConfig) -> None:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     make_world(cfg, out)
-    vae_want = {"steps": cfg.vae_steps, "channels": list(cfg.vae_channels), "lr": cfg.vae_lr, "seed": cfg.seed, "recipe": RECIPES["vae"]}
+    # the image side joins each part's settings only when it is not 64, so parts built before it was a setting stay cached
+    sized = {"size": cfg.image_size} if cfg.image_size != 64 else {}
+    vae_want = {"steps": cfg.vae_steps, "channels": list(cfg.vae_channels), "lr": cfg.vae_lr, "seed": cfg.seed, "recipe": RECIPES["vae"], **sized}
     if cfg.vae_steps > 0:
         cached(out / "vae", vae_want,
-               lambda p: pretrain_vae(p, steps=cfg.vae_steps, lr=cfg.vae_lr, seed=cfg.seed, channels=tuple(cfg.vae_channels)),
+               lambda p: pretrain_vae(p, steps=cfg.vae_steps, lr=cfg.vae_lr, seed=cfg.seed, channels=tuple(cfg.vae_channels),
+                                      image_size=cfg.image_size),
                lambda s: f"reader accuracy of its reconstructions {s['reader_accuracy']:.3f}")
     if cfg.mllm_steps > 0:
-        want = {"steps": cfg.mllm_steps, "hidden_size": cfg.mllm_hidden_size, "lr": cfg.mllm_lr, "seed": cfg.seed, "recipe": RECIPES["mllm"]}
+        want = {"steps": cfg.mllm_steps, "hidden_size": cfg.mllm_hidden_size, "lr": cfg.mllm_lr, "seed": cfg.seed, "recipe": RECIPES["mllm"], **sized}
         if cfg.mllm_rope_theta != 10000.0:  # only when it differs from the base parts built before the setting used
             want["rope_theta"] = cfg.mllm_rope_theta
         if cfg.mllm_mrope_interleaved:
@@ -135,7 +138,7 @@ def main(cfg: DictConfig) -> None:
         cached(out / "qwen2_5_vl", want,
                lambda p: pretrain_mllm(p, steps=cfg.mllm_steps, lr=cfg.mllm_lr, seed=cfg.seed, hidden_size=cfg.mllm_hidden_size,
                                          rope_theta=cfg.mllm_rope_theta, mrope_interleaved=cfg.mllm_mrope_interleaved,
-                                         p_text=cfg.mllm_p_text, vision_out_scale=cfg.mllm_vision_out_scale),
+                                         p_text=cfg.mllm_p_text, vision_out_scale=cfg.mllm_vision_out_scale, image_size=cfg.image_size),
                lambda s: f"held-out questions answered exactly {s['answer_accuracy']:.3f}"
                          + (f", text exercises {s['text_accuracy']:.3f}" if "text_accuracy" in s else ""))
     if cfg.dit_steps > 0:
@@ -173,7 +176,7 @@ def main(cfg: DictConfig) -> None:
                                                      p_frames=cfg.dit_p_frames, p_context=cfg.dit_p_context,
                                                      p_edit=cfg.dit_p_edit, edit_mix=EditMix(cfg.dit_p_recolour, cfg.dit_p_shared_colour,
                                                                                        cfg.dit_p_shared_shape),
-                                                     ema_decay=cfg.dit_ema, patch=cfg.dit_patch),
+                                                     ema_decay=cfg.dit_ema, patch=cfg.dit_patch, image_size=cfg.image_size),
                    dit_summary)
 
 

@@ -44,13 +44,13 @@ def scene_batch(rng: random.Random, n: int, size: int = 64) -> tuple[torch.Tenso
     return x, scenes
 
 
-def toy_vae(latent_channels: int = 8, channels: tuple[int, ...] = (32, 64, 128)):
+def toy_vae(latent_channels: int = 8, channels: tuple[int, ...] = (32, 64, 128), image_size: int = 64):
     from diffusers import AutoencoderKL
 
     n = len(channels)
     return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
                          block_out_channels=channels, layers_per_block=1, latent_channels=latent_channels, norm_num_groups=min(16, min(channels)),
-                         sample_size=64)
+                         sample_size=image_size)
 
 
 @torch.no_grad()
@@ -66,8 +66,8 @@ def reader_accuracy(vae, n: int = 64, seed: int = 10_007, size: int = 64) -> flo
 
 
 def pretrain_vae(out: str | Path, steps: int = 1200, batch: int = 8, lr: float = 3e-3, seed: int = 0, kl_weight: float = 1e-6,
-                 channels: tuple[int, ...] = (16, 32, 64), latent_channels: int = 8, progress: bool = True) -> dict:
-    """Train and save ``<out>`` (a diffusers AutoencoderKL folder); returns its stats.
+                 channels: tuple[int, ...] = (16, 32, 64), latent_channels: int = 8, progress: bool = True, image_size: int = 64) -> dict:
+    """Train and save ``<out>`` (a diffusers AutoencoderKL folder) on scenes of ``image_size`` pixels; returns its stats.
 
     Measured on a 2-core CPU with these defaults (0.69 M parameters, warm-up + cosine decay):
     1200 steps in 241 s, 63 of 64 held-out random scenes read back exactly from their
@@ -75,13 +75,13 @@ def pretrain_vae(out: str | Path, steps: int = 1200, batch: int = 8, lr: float =
     """
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    vae = toy_vae(latent_channels, tuple(channels))
+    vae = toy_vae(latent_channels, tuple(channels), image_size)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 20))
     t0, losses = time.time(), []
     bar = tqdm(range(steps), desc="toy VAE", disable=not progress)
     for step in bar:
-        x, _ = scene_batch(rng, batch)
+        x, _ = scene_batch(rng, batch, image_size)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.mode()).sample  # a deterministic autoencoder learns the toy world far faster than with sampling
         loss = torch.nn.functional.mse_loss(rec, x) + kl_weight * post.kl().mean()
@@ -94,10 +94,11 @@ def pretrain_vae(out: str | Path, steps: int = 1200, batch: int = 8, lr: float =
             bar.set_postfix(loss=f"{loss.item():.4f}")
     # scale the latents to unit variance, as published VAEs do with scaling_factor
     with torch.no_grad():
-        z = vae.encode(scene_batch(random.Random(seed + 1), 64)[0]).latent_dist.mode()
+        z = vae.encode(scene_batch(random.Random(seed + 1), 64, image_size)[0]).latent_dist.mode()
         vae.register_to_config(scaling_factor=float(1.0 / z.std()), shift_factor=float(z.mean()))
     stats = {"steps": steps, "seconds": round(time.time() - t0, 1), "first_loss": losses[0], "last_loss": sum(losses[-20:]) / min(20, len(losses)),
-             "reader_accuracy": reader_accuracy(vae), "params": sum(p.numel() for p in vae.parameters())}
+             "reader_accuracy": reader_accuracy(vae, size=image_size), "params": sum(p.numel() for p in vae.parameters()),
+             "image_size": image_size}
     vae.save_pretrained(out)
     (Path(out) / "pretrain.json").write_text(json.dumps(stats, indent=2))
     return stats
@@ -188,10 +189,11 @@ def in_context(rng: random.Random, request: str, edit: bool) -> str:
 
 
 def toy_transformer(family: str, latent_channels: int, text_dim: int = 64, layers: int = 4, heads: int = 4, head_dim: int = 32,
-                    coord_freqs: int = 0, patch: int = 2):
+                    coord_freqs: int = 0, patch: int = 2, latent_side: int = 16):
     """A small DiT of the family's own diffusers class, with an absolute position signal (Wan:
     ``coord_freqs`` sin/cos frequency pairs per axis besides the two coordinate ramps); ``patch``: the
-    spatial patch side in latent pixels (2: 64 tokens a frame on the toy VAE's 16x16 latents, 4: 16)."""
+    spatial patch side in latent pixels (2: 64 tokens a frame on the toy VAE's 16x16 latents of a 64-pixel scene, 4: 16);
+    ``latent_side``: the latents' side (SANA's sample_size)."""
     from diffusers import (
         CosmosTransformer3DModel,
         SanaTransformer2DModel,
@@ -209,7 +211,7 @@ def toy_transformer(family: str, latent_channels: int, text_dim: int = 64, layer
     if family == "sana":  # sin-cos absolute position embedding (interpolation_scale set)
         return SanaTransformer2DModel(in_channels=latent_channels, out_channels=latent_channels, num_attention_heads=heads, attention_head_dim=head_dim,
                                       num_layers=layers, num_cross_attention_heads=heads, cross_attention_head_dim=head_dim,
-                                      cross_attention_dim=heads * head_dim, caption_channels=text_dim, mlp_ratio=2.0, sample_size=16, patch_size=patch,
+                                      cross_attention_dim=heads * head_dim, caption_channels=text_dim, mlp_ratio=2.0, sample_size=latent_side, patch_size=patch,
                                       interpolation_scale=1)
     raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
@@ -280,9 +282,14 @@ def save_generator(root: Path, family: str, transformer, vae_dir: Path, text_enc
         save_text_encoder(root, text_encoder, tokenizer)
 
 
-def load_toy_generator(family: str, root: str | Path, image_size: int = 64):
-    """A toy generator folder through the family adapter's own from_pretrained."""
+def load_toy_generator(family: str, root: str | Path, image_size: int | None = None):
+    """A toy generator folder through the family adapter's own from_pretrained; ``image_size``: None reads the side
+    it was pretrained at from its ``pretrain.json`` (64 where that does not say)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if image_size is None:
+        stats = Path(root) / "pretrain.json"
+        image_size = json.loads(stats.read_text()).get("image_size", 64) if stats.is_file() else 64
 
     sched = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")
     if family == "wan":
@@ -346,12 +353,13 @@ def dit_accuracy(gen, text, n: int = 32, seed: int = 20_011, steps: int = 20, gu
     states, mask = text.encode([scene_prompt(rng, s) for s in scenes])
     imgs = to_pil(gen.sample(states, mask, steps=steps, guidance=guidance, generator=g))
     ok = [read_scene(im) == s for im, s in zip(imgs, scenes)]
+    size = gen.image_size
     out = {"t2i": _frac(ok), "t2i_1obj": _frac([k for k, s in zip(ok, scenes) if len(s) == 1]),
            "t2i_multi": _frac([k for k, s in zip(ok, scenes) if len(s) > 1])}
     if gen.uses_condition_frames:
         _, edits = dit_batch(rng, n, 1.0)
         states, mask = text.encode([edit_prompt(rng, src, op, tgt) for src, _, op, tgt in edits])
-        cond = gen.encode(_images([src for src, *_ in edits]))[:, None]
+        cond = gen.encode(_images([src for src, *_ in edits], size))[:, None]
         imgs = to_pil(gen.sample(states, mask, cond, steps=steps, guidance=guidance, generator=g))
         reads = [read_scene(im) for im in imgs]
         ok = [r == e[1] for r, e in zip(reads, edits)]
@@ -373,7 +381,7 @@ def dit_accuracy(gen, text, n: int = 32, seed: int = 20_011, steps: int = 20, gu
                 if not group:
                     continue
                 states, mask = text.encode([m[5] for m in group])
-                cond = gen.encode(_images([f for m in group for f in m[0]]))
+                cond = gen.encode(_images([f for m in group for f in m[0]], size))
                 cond = cond.reshape(len(group), k, *cond.shape[1:])
                 imgs = to_pil(gen.sample(states, mask, cond, steps=steps, guidance=guidance, generator=g))
                 for im, m in zip(imgs, group):
@@ -399,7 +407,7 @@ def _latent_pool(gen, tokenizer, rng: random.Random, n: int, p_edit: float, prog
     def enc(scenes):
         out = []
         for i in range(0, len(scenes), chunks):
-            out.append(gen.encode(_images(scenes[i : i + chunks])))
+            out.append(gen.encode(_images(scenes[i : i + chunks], gen.image_size)))
             bar.update(len(scenes[i : i + chunks]))
         return torch.cat(out) if out else None
 
@@ -516,7 +524,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
                  text_layers: int = 2, text_length: int = TEXT_LENGTH, eval_n: int = 32, probe_weight: float = 0.1,
                  fit_n: int = 256, coord_freqs: int = 0, t_sampling: str = "shifted", t_shift: float = 3.0, copy_heads: float = 0.0,
                  p_frames: float = 0.0, p_context: float = 0.0, progress: bool = True, edit_mix: EditMix = EditMix(),
-                 ema_decay: float = 0.0, patch: int = 2) -> dict:
+                 ema_decay: float = 0.0, patch: int = 2, image_size: int = 64) -> dict:
     """Pretrain a toy DiT of ``family`` together with its own text encoder (the family's class) to draw
     toy scenes from the toy world's requests (padded to ``text_length`` tokens) and to apply edits to a
     clean condition frame; save both (with the VAE, tokenizer and scheduler) in the diffusers layout.
@@ -540,12 +548,14 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     rng = random.Random(seed)
     latent_channels = json.loads((Path(vae_dir) / "config.json").read_text())["latent_channels"]
     tokenizer = toy_tokenizer(text_length)
-    transformer = toy_transformer(family, latent_channels, text_dim, layers, coord_freqs=coord_freqs, patch=patch)
+    vae_config = json.loads((Path(vae_dir) / "config.json").read_text())
+    side = image_size // 2 ** (len(vae_config["block_out_channels"]) - 1)  # the latents' side
+    transformer = toy_transformer(family, latent_channels, text_dim, layers, coord_freqs=coord_freqs, patch=patch, latent_side=side)
     if copy_heads:
         init_copy_heads(transformer, latent_channels, copy_heads)
     encoder = toy_text_encoder(family, len(tokenizer), text_dim, text_layers)
     save_generator(out, family, transformer, Path(vae_dir), encoder, tokenizer)
-    gen = load_toy_generator(family, out)
+    gen = load_toy_generator(family, out, image_size)
     text = TextEncoder.from_pretrained(out)
     text.encoder.train().requires_grad_(True)
     probe = ObjectProbe(text_dim)  # object read-outs that shape the encoder's states (probe_weight; 0: the flow loss alone)
@@ -596,7 +606,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
              "last_loss": float(np.mean(losses[-50:])), "params": sum(p.numel() for p in gen.transformer.parameters()),
              "text_encoder": type(text.encoder).__name__, "text_encoder_params": sum(p.numel() for p in text.encoder.parameters()),
              "text_length": text_length, "probe_weight": probe_weight, "coord_freqs": coord_freqs if family == "wan" else None,
-             "patch": patch, "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads, "p_frames": frames, "p_context": p_context, "p_edit": p_edit,
+             "patch": patch, "image_size": image_size, "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads, "p_frames": frames, "p_context": p_context, "p_edit": p_edit,
              **{k: v for k, v in asdict(edit_mix).items() if v},
              "last_probe_loss": float(np.mean(probes[-50:])), "accuracy": acc, "fit": fit,
              **({"ema_decay": ema_decay, "accuracy_last": last} if ema is not None else {})}
@@ -696,13 +706,13 @@ def collate_rendered(items: list, pad_id: int) -> tuple[dict, torch.Tensor]:
 
 
 @torch.no_grad()
-def mllm_accuracy(adapter, n: int = 64, seed: int = 30_011, text_only: bool = False) -> float:
+def mllm_accuracy(adapter, n: int = 64, seed: int = 30_011, text_only: bool = False, image_size: int = 64) -> float:
     """Fraction of held-out pretraining questions (``text_only``: text exercises) answered exactly (greedy decoding)."""
     rng = random.Random(seed)
     hits = 0
     eot = adapter.end_of_turn_id
     for _ in range(n):
-        msgs = text_exercise(rng) if text_only else mllm_sample(rng)
+        msgs = text_exercise(rng) if text_only else mllm_sample(rng, image_size)
         r = adapter.render(msgs[:1], add_generation_prompt=True)
         inputs = {k: v for k, v in r.model_inputs().items() if k != "labels" and v is not None}  # text-only: no pixels
         out = adapter.model.generate(**inputs, max_new_tokens=24, do_sample=False, eos_token_id=eot, pad_token_id=eot)
@@ -713,9 +723,10 @@ def mllm_accuracy(adapter, n: int = 64, seed: int = 30_011, text_only: bool = Fa
 
 def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float = 2e-3, seed: int = 0, hidden_size: int = 128,
                   num_layers: int = 4, vision_hidden_size: int = 64, initializer_range: float = 0.1, rope_theta: float = 10000.0,
-                  mrope_interleaved: bool = False, p_text: float = 0.0, vision_out_scale: float = 1.0, progress: bool = True) -> dict:
+                  mrope_interleaved: bool = False, p_text: float = 0.0, vision_out_scale: float = 1.0, progress: bool = True,
+                  image_size: int = 64) -> dict:
     """Build a tiny Qwen2.5-VL (real classes, real folder layout) and pretrain it on captions and
-    questions about toy scenes (and, a ``p_text`` share, :func:`text_exercise`); save it with its
+    questions about toy scenes of ``image_size`` pixels (and, a ``p_text`` share, :func:`text_exercise`); save it with its
     processor. No ``<|bov|>`` yet: stage 1 adds it, as it does to a published checkpoint."""
     from backbones.mllm.qwen2_5_vl import Qwen25VLAdapter
     from backbones.mllm.tiny_qwen2_5_vl import make_tiny
@@ -732,7 +743,7 @@ def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float 
     adapter.model.train()
     bar = tqdm(range(steps), desc="toy MLLM", disable=not progress)
     for step in bar:
-        inputs, labels = collate_rendered([adapter.render(mllm_sample(rng, p_text=p_text)) for _ in range(batch)], adapter.tokenizer.pad_token_id)
+        inputs, labels = collate_rendered([adapter.render(mllm_sample(rng, image_size, p_text=p_text)) for _ in range(batch)], adapter.tokenizer.pad_token_id)
         loss = adapter(**inputs, labels=labels)["loss"]
         opt.zero_grad()
         loss.backward()
@@ -746,7 +757,9 @@ def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float 
     seconds = round(time.time() - t0, 1)
     adapter.save_pretrained(out)  # before scoring it: a failure there loses no training
     stats = {"steps": steps, "seconds": seconds, "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:])),
-             "params": sum(p.numel() for p in adapter.model.parameters()), "answer_accuracy": mllm_accuracy(adapter)}
+             "params": sum(p.numel() for p in adapter.model.parameters()), "answer_accuracy": mllm_accuracy(adapter, image_size=image_size)}
+    if image_size != 64:
+        stats["image_size"] = image_size
     if p_text:
         stats.update(p_text=p_text, text_accuracy=mllm_accuracy(adapter, text_only=True))
     (out / "pretrain.json").write_text(json.dumps(stats, indent=2))

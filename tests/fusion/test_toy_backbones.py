@@ -188,6 +188,51 @@ def test_a_coarser_patch_gives_fewer_tokens_and_runs_through_the_adapter(tmp_pat
     assert not torch.allclose(v[..., :4, :4], v[..., 12:, 12:], atol=1e-6)
 
 
+def test_make_toy_checks_the_patch_against_the_latents_of_its_image_size():
+    from fusion.config import MakeToyConfig
+    from fusion.errors import ConfigError
+
+    MakeToyConfig(image_size=48, dit_patch=4)  # 12x12 latents: 3x3 tokens, one per grid cell
+    with pytest.raises(ConfigError, match=r"dit_patch: 8 must divide the toy VAE's 12x12 latents of a 48-pixel scene"):
+        MakeToyConfig(image_size=48, dit_patch=8)
+
+
+def test_a_smaller_world_pretrains_and_samples_at_its_own_size(tmp_path):
+    """MakeToyConfig.image_size reaches every pretraining: the VAE learns 48-pixel scenes, the DiT's pool and its
+    sampled pictures are 48 pixels (12x12 latents), and the folder says so, which load_toy_generator reads back."""
+    from backbones.generator.text_encoder import TextEncoder
+
+    vae = tmp_path / "vae"
+    stats = pretrain_vae(vae, steps=2, batch=2, progress=False, image_size=48)
+    assert stats["image_size"] == 48 and json.loads((vae / "config.json").read_text())["sample_size"] == 48
+    stats = pretrain_dit("wan", tmp_path / "wan", vae, steps=2, batch=4, pool_size=8, layers=1, text_length=24, eval_n=2, fit_n=4,
+                         coord_freqs=3, progress=False, image_size=48)
+    assert stats["image_size"] == 48
+    gen = load_toy_generator("wan", tmp_path / "wan")
+    assert gen.image_size == 48
+    states, mask = TextEncoder.from_pretrained(tmp_path / "wan").encode(["Draw a red circle."])
+    img = gen.sample(states, mask, steps=2, guidance=1.0, generator=torch.Generator().manual_seed(0))
+    assert tuple(img.shape[-2:]) == (48, 48)
+    assert load_toy_generator("wan", tmp_path / "wan", 64).image_size == 64  # an explicit side wins
+
+
+@pytest.mark.parametrize("family", ["wan", "cosmos", "sana"])
+def test_the_toy_generator_configs_draw_at_the_size_their_folder_was_pretrained_at(tmp_path, family):
+    def side():
+        cfg = compose_config(["experiment=toy_align", f"toy_dir={tmp_path}", f"generator=toy_{family}"])
+        return cfg.generator.image_size
+
+    assert side() == 64  # not built yet
+    (tmp_path / family).mkdir()
+    (tmp_path / family / "pretrain.json").write_text(json.dumps({"steps": 9000}))
+    assert side() == 64  # built before the setting
+    (tmp_path / family / "pretrain.json").write_text(json.dumps({"steps": 10, "image_size": 48}))
+    assert side() == 48
+    (tmp_path / family / "pretrain.json").write_text("[1, 2]")
+    with pytest.raises(Exception, match=r"pretrain.json: not a toy generator's pretrain.json"):  # OmegaConf wraps the resolver's error
+        side()
+
+
 def _wan(tmp_path, toy_vae):
     from fusion.toyworld.pretrain import save_generator, toy_transformer
 
@@ -290,6 +335,7 @@ def test_copy_heads_start_reading_the_condition_frame_at_the_same_cell():
                                              ("dit_copy_heads", -1.0, "dit_copy_heads"), ("dit_p_frames", 1.0, "dit_p_frames"),
                                              ("dit_p_context", 1.5, "dit_p_context"), ("mllm_p_text", -0.1, "mllm_p_text"),
                                              ("dit_p_edit", 1.2, "dit_p_edit"), ("dit_ema", 1.0, "dit_ema"), ("dit_patch", 3, "dit_patch"),
+                                             ("image_size", 50, "image_size"), ("image_size", 16, "image_size"),
                                              ("mllm_rope_theta", 1.0, "mllm_rope_theta"), ("mllm_vision_out_scale", 0.0, "mllm_vision_out_scale")])
 def test_make_toy_refuses_impossible_settings_naming_the_key(field, value, key):
     from fusion.config import MakeToyConfig
