@@ -287,10 +287,10 @@ def load_toy_generator(family: str, root: str | Path, image_size: int | None = N
     it was pretrained at from its ``pretrain.json`` (64 where that does not say)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    if image_size is None:
-        stats = Path(root) / "pretrain.json"
-        image_size = json.loads(stats.read_text()).get("image_size", 64) if stats.is_file() else 64
+    from fusion.config import toy_image_size
 
+    if image_size is None:
+        image_size = toy_image_size(str(root))
     sched = FlowMatchEulerDiscreteScheduler.from_pretrained(root, subfolder="scheduler")
     if family == "wan":
         from backbones.generator.wan import WanGenerator as G
@@ -353,13 +353,12 @@ def dit_accuracy(gen, text, n: int = 32, seed: int = 20_011, steps: int = 20, gu
     states, mask = text.encode([scene_prompt(rng, s) for s in scenes])
     imgs = to_pil(gen.sample(states, mask, steps=steps, guidance=guidance, generator=g))
     ok = [read_scene(im) == s for im, s in zip(imgs, scenes)]
-    size = gen.image_size
     out = {"t2i": _frac(ok), "t2i_1obj": _frac([k for k, s in zip(ok, scenes) if len(s) == 1]),
            "t2i_multi": _frac([k for k, s in zip(ok, scenes) if len(s) > 1])}
     if gen.uses_condition_frames:
         _, edits = dit_batch(rng, n, 1.0)
         states, mask = text.encode([edit_prompt(rng, src, op, tgt) for src, _, op, tgt in edits])
-        cond = gen.encode(_images([src for src, *_ in edits], size))[:, None]
+        cond = gen.encode(_images([src for src, *_ in edits], gen.image_size))[:, None]
         imgs = to_pil(gen.sample(states, mask, cond, steps=steps, guidance=guidance, generator=g))
         reads = [read_scene(im) for im in imgs]
         ok = [r == e[1] for r, e in zip(reads, edits)]
@@ -381,7 +380,7 @@ def dit_accuracy(gen, text, n: int = 32, seed: int = 20_011, steps: int = 20, gu
                 if not group:
                     continue
                 states, mask = text.encode([m[5] for m in group])
-                cond = gen.encode(_images([f for m in group for f in m[0]], size))
+                cond = gen.encode(_images([f for m in group for f in m[0]], gen.image_size))
                 cond = cond.reshape(len(group), k, *cond.shape[1:])
                 imgs = to_pil(gen.sample(states, mask, cond, steps=steps, guidance=guidance, generator=g))
                 for im, m in zip(imgs, group):
@@ -546,10 +545,10 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     out = Path(out)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    latent_channels = json.loads((Path(vae_dir) / "config.json").read_text())["latent_channels"]
-    tokenizer = toy_tokenizer(text_length)
     vae_config = json.loads((Path(vae_dir) / "config.json").read_text())
+    latent_channels = vae_config["latent_channels"]
     side = image_size // 2 ** (len(vae_config["block_out_channels"]) - 1)  # the latents' side
+    tokenizer = toy_tokenizer(text_length)
     transformer = toy_transformer(family, latent_channels, text_dim, layers, coord_freqs=coord_freqs, patch=patch, latent_side=side)
     if copy_heads:
         init_copy_heads(transformer, latent_channels, copy_heads)
@@ -757,9 +756,8 @@ def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float 
     seconds = round(time.time() - t0, 1)
     adapter.save_pretrained(out)  # before scoring it: a failure there loses no training
     stats = {"steps": steps, "seconds": seconds, "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:])),
-             "params": sum(p.numel() for p in adapter.model.parameters()), "answer_accuracy": mllm_accuracy(adapter, image_size=image_size)}
-    if image_size != 64:
-        stats["image_size"] = image_size
+             "params": sum(p.numel() for p in adapter.model.parameters()), "answer_accuracy": mllm_accuracy(adapter, image_size=image_size),
+             "image_size": image_size}
     if p_text:
         stats.update(p_text=p_text, text_accuracy=mllm_accuracy(adapter, text_only=True))
     (out / "pretrain.json").write_text(json.dumps(stats, indent=2))
