@@ -990,6 +990,8 @@ class MakeToyConfig:
     """Learning rate of the toy MLLM. 5e-4 rather than 2e-3: at 2e-3 its trained vision tower loses the colours it
     could be read for (held-out "what colour is the <shape> at <place>" 5/30 after 1500 steps, 18/30 with the
     vision tower frozen, 20/30 at 5e-4; docs/toyworld_log.md)."""
+    mllm_optimizer: str = "adamw"
+    """The toy MLLM's optimizer (fusion.toyworld.pretrain.toy_optimizers): adamw, or muon."""
     mllm_vision_out_scale: float = 0.03
     """Initial scale of the toy MLLM's vision merger output layer (``make_tiny(vision_out_scale=...)``). At 1 its
     image tokens enter the language model ~130x the norm of its text embeddings and its layers cannot add to them
@@ -1009,12 +1011,13 @@ class MakeToyConfig:
     the language skills a published MLLM has from its text pretraining."""
     dit_families: list[str] = field(default_factory=lambda: ["wan"])
     """DiT families to pretrain (wan, cosmos, sana), each into <out_dir>/<family>."""
-    dit_steps: int = 9000
-    """Steps of each toy DiT's pretraining (0: skip). 9000 rather than 6000: the toy Wan on its own encoder (128 held-out
-    items each, built on the 2-core machine without AVX-512) edits 0.852 -> 0.961 applied, 0.867 -> 0.961 preserved,
-    recolour 0.800 -> 0.900, test-split edit turns 102 -> 108 of 120 exact; about 2080 s instead of 1381 s there (docs/toyworld_log.md,
-    "The toy DiT's edits on this machine"). 6000 rather than 3000 before: edits 0.641 -> 0.734 applied, 0.672 -> 0.812
-    preserved, the fused demo's t2i 0.850 -> 0.950 (docs/toyworld_log.md, "Results: a longer-trained toy DiT")."""
+    dit_steps: int = 4500
+    """Steps of each toy DiT's pretraining (0: skip). 4500 with Muon (dit_optimizer) rather than 9000 with AdamW: through its
+    own encoder (128 held-out items each) t2i 1.000, edits 0.969 applied, 0.977 preserved, recolour 0.950, remove 0.931 in
+    1185 s, flow loss on edits 0.0183 / 0.0193 training / held-out (9000 AdamW steps in the fresh-clone demo: 0.0209 /
+    0.0216 in 1890 s; docs/toyworld_log.md, "Muon for the toy DiT"). 9000 rather than 6000 before (AdamW): edits 0.852 ->
+    0.961 applied, recolour 0.800 -> 0.900 ("The toy DiT's edits on this machine"); 6000 rather than 3000 before that
+    ("Results: a longer-trained toy DiT")."""
     dit_lr: float = 2e-3
     """Learning rate of the toy DiTs."""
     dit_batch: int = 16
@@ -1080,6 +1083,11 @@ class MakeToyConfig:
     place of the last weights (both scored: ``accuracy`` and ``accuracy_last`` in ``pretrain.json``); 0: off. 0.999 on
     the toy Wan (128 held-out items each, the average beside the same run's last weights): t2i 1.000 vs 0.984, edits
     applied 0.820 vs 0.852, preserved 0.820 vs 0.867, recolour 0.800 vs 0.800 (docs/toyworld_log.md): not the default."""
+    dit_optimizer: str = "muon"
+    """Toy DiTs' optimizer (fusion.toyworld.pretrain.toy_optimizers): muon (torch.optim.Muon over the hidden linear
+    layers' weights, AdamW over the rest, the same lr) or adamw. The toy Wan at 1500 steps, one change (64 held-out items
+    each): t2i 0.734 against 0.438, edits applied 0.500 against 0.234, preserved 0.641 against 0.422, at the same cost a
+    step (docs/toyworld_log.md, "Muon for the toy DiT")."""
     dit_eval_n: int = 64
     """Held-out scenes and edits each sampled (20 steps, guidance 3) to score the pretrained toy DiT."""
 
@@ -1105,6 +1113,9 @@ class MakeToyConfig:
                 raise ConfigError(f"{key}: {getattr(self, key)} must be in [0, 1]")
         if self.dit_p_shared_colour + self.dit_p_shared_shape > 1:
             raise ConfigError(f"dit_p_shared_colour + dit_p_shared_shape: {self.dit_p_shared_colour + self.dit_p_shared_shape} must be <= 1")
+        for key in ("dit_optimizer", "mllm_optimizer"):
+            if getattr(self, key) not in ("adamw", "muon"):
+                raise ConfigError(f"{key} must be adamw or muon, got {getattr(self, key)!r}")
         if not 0 <= self.dit_ema < 1:
             raise ConfigError(f"dit_ema: {self.dit_ema} must be in [0, 1)")
         if self.dit_t_shift <= 0:
@@ -1146,8 +1157,8 @@ class DemoConfig:
     """Toy VAE pretraining steps."""
     mllm_steps: int = 4000
     """Toy MLLM pretraining steps."""
-    dit_steps: int = 9000
-    """Toy DiT pretraining steps (MakeToyConfig.dit_steps)."""
+    dit_steps: int = 4500
+    """Toy DiT pretraining steps (MakeToyConfig.dit_steps; with its default optimizer, Muon)."""
     sft_steps: int = 3000
     """Stage-1 steps. 3000 rather than 1500: the toy MLLM writes more of the step-by-step answers' "Now <object>."
     lines right with the true prefix (docs/toyworld_log.md; docs/dev/toy_sft_lines.py)."""

@@ -135,10 +135,13 @@ def main(cfg: DictConfig) -> None:
             want["p_text"] = cfg.mllm_p_text
         if cfg.mllm_vision_out_scale != 1.0:
             want["vision_out_scale"] = cfg.mllm_vision_out_scale
+        if cfg.mllm_optimizer != "adamw":
+            want["optimizer"] = cfg.mllm_optimizer
         cached(out / "qwen2_5_vl", want,
                lambda p: pretrain_mllm(p, steps=cfg.mllm_steps, lr=cfg.mllm_lr, seed=cfg.seed, hidden_size=cfg.mllm_hidden_size,
                                          rope_theta=cfg.mllm_rope_theta, mrope_interleaved=cfg.mllm_mrope_interleaved,
-                                         p_text=cfg.mllm_p_text, vision_out_scale=cfg.mllm_vision_out_scale, image_size=cfg.image_size),
+                                         p_text=cfg.mllm_p_text, vision_out_scale=cfg.mllm_vision_out_scale, image_size=cfg.image_size,
+                                         optimizer=cfg.mllm_optimizer),
                lambda s: f"held-out questions answered exactly {s['answer_accuracy']:.3f}"
                          + (f", text exercises {s['text_accuracy']:.3f}" if "text_accuracy" in s else ""))
     if cfg.dit_steps > 0:
@@ -167,6 +170,8 @@ def main(cfg: DictConfig) -> None:
                 want["t_sampling"] = [cfg.dit_t_sampling, cfg.dit_t_shift]
             if cfg.dit_ema:
                 want["ema"] = cfg.dit_ema
+            if cfg.dit_optimizer != "adamw":
+                want["optimizer"] = cfg.dit_optimizer
             cached(out / family, want,
                    lambda p, f=family: pretrain_dit(f, p, out / "vae", steps=cfg.dit_steps, batch=cfg.dit_batch, lr=cfg.dit_lr,
                                                      seed=cfg.seed, pool_size=cfg.dit_pool, text_length=cfg.dit_text_length,
@@ -176,7 +181,8 @@ def main(cfg: DictConfig) -> None:
                                                      p_frames=cfg.dit_p_frames, p_context=cfg.dit_p_context,
                                                      p_edit=cfg.dit_p_edit, edit_mix=EditMix(cfg.dit_p_recolour, cfg.dit_p_shared_colour,
                                                                                        cfg.dit_p_shared_shape),
-                                                     ema_decay=cfg.dit_ema, patch=cfg.dit_patch, image_size=cfg.image_size),
+                                                     ema_decay=cfg.dit_ema, patch=cfg.dit_patch, image_size=cfg.image_size,
+                                                     optimizer=cfg.dit_optimizer),
                    dit_summary)
 
 

@@ -518,12 +518,35 @@ def _frac(xs: list) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+TOY_OPTIMIZERS = ("adamw", "muon")
+
+
+def toy_optimizers(kind: str, modules: list, lr: float, plain: tuple = (), outputs: tuple[str, ...] = ("proj_out", "lm_head")) -> list:
+    """The optimizers of a toy backbone's pretraining over the parameters of ``modules`` and ``plain``.
+    ``adamw``: AdamW over every parameter. ``muon``: ``torch.optim.Muon`` (orthogonalised momentum, its update
+    scaled to AdamW's RMS so ``lr`` means the same) over the weights of the hidden ``nn.Linear`` layers of
+    ``modules``, AdamW over the rest: embeddings, convolutions, norms, modulation tables, biases, the output layers
+    (named ``outputs``) and every parameter of ``plain`` (Muon is for hidden 2-D weights only)."""
+    if kind not in TOY_OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {TOY_OPTIMIZERS}, got {kind!r}")
+    params = list(dict.fromkeys(p for m in (*modules, *plain) for p in m.parameters() if p.requires_grad))
+    if kind == "adamw":
+        return [torch.optim.AdamW(params, lr=lr, weight_decay=0.0)]
+    hidden = {id(mod.weight): mod.weight for m in modules for name, mod in m.named_modules()
+              if isinstance(mod, torch.nn.Linear) and mod.weight.requires_grad and not name.split(".")[-1] in outputs}
+    for m in plain:  # a weight shared with a plain module (tied embeddings) stays with AdamW
+        for p in m.parameters():
+            hidden.pop(id(p), None)
+    return [torch.optim.Muon(list(hidden.values()), lr=lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"),
+            torch.optim.AdamW([p for p in params if id(p) not in hidden], lr=lr, weight_decay=0.0)]
+
+
 def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int = 3000, batch: int = 16, lr: float = 1e-3, seed: int = 0,
                  text_dim: int = 64, p_edit: float = 0.7, p_drop_text: float = 0.1, layers: int = 4, pool_size: int = 4096,
                  text_layers: int = 2, text_length: int = TEXT_LENGTH, eval_n: int = 32, probe_weight: float = 0.1,
                  fit_n: int = 256, coord_freqs: int = 0, t_sampling: str = "shifted", t_shift: float = 3.0, copy_heads: float = 0.0,
                  p_frames: float = 0.0, p_context: float = 0.0, progress: bool = True, edit_mix: EditMix = EditMix(),
-                 ema_decay: float = 0.0, patch: int = 2, image_size: int = 64) -> dict:
+                 ema_decay: float = 0.0, patch: int = 2, image_size: int = 64, optimizer: str = "adamw") -> dict:
     """Pretrain a toy DiT of ``family`` together with its own text encoder (the family's class) to draw
     toy scenes from the toy world's requests (padded to ``text_length`` tokens) and to apply edits to a
     clean condition frame; save both (with the VAE, tokenizer and scheduler) in the diffusers layout.
@@ -536,7 +559,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     ``ema_decay``: keep an exponential moving average of the DiT's and its encoder's weights
     (diffusers' ``EMAModel``) and save it; the last weights are scored too (``accuracy_last``).
     ``p_frames``: the share of edits with 2-3 condition frames (:func:`frame_edits`; scored as
-    ``edit_first_of_frames`` / ``edit_latest_of_frames``)."""
+    ``edit_first_of_frames`` / ``edit_latest_of_frames``). ``optimizer``: :func:`toy_optimizers`."""
     from diffusers.training_utils import EMAModel
 
     from backbones.generator.text_encoder import TextEncoder
@@ -560,8 +583,8 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     probe = ObjectProbe(text_dim)  # object read-outs that shape the encoder's states (probe_weight; 0: the flow loss alone)
     weights = [*gen.transformer.parameters(), *text.encoder.parameters()]  # what is saved (and averaged with ema_decay)
     params = [*weights, *probe.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 100))
+    opts = toy_optimizers(optimizer, [gen.transformer, text.encoder], lr, plain=(probe,))
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, warmup_cosine(steps, 100)) for o in opts]
     ema = EMAModel(weights, decay=ema_decay) if ema_decay else None
     t0, losses, probes = time.time(), [], []
     p_edit, frames = (p_edit, p_frames) if gen.uses_condition_frames else (0.0, 0.0)
@@ -580,11 +603,13 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
             t = sample_t(len(states), t_sampling, g, "cpu", shift=t_shift)
             noise = torch.randn(target.shape, generator=g)
             loss = loss + gen.flow_loss(target, cond, states, mask, t, noise) * share
-        opt.zero_grad()
+        for o in opts:
+            o.zero_grad()
         (loss + probe_weight * probe_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
+        for o, s in zip(opts, scheds):
+            o.step()
+            s.step()
         if ema is not None:
             ema.step(weights)
         losses.append(loss.item())
@@ -605,7 +630,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
              "last_loss": float(np.mean(losses[-50:])), "params": sum(p.numel() for p in gen.transformer.parameters()),
              "text_encoder": type(text.encoder).__name__, "text_encoder_params": sum(p.numel() for p in text.encoder.parameters()),
              "text_length": text_length, "probe_weight": probe_weight, "coord_freqs": coord_freqs if family == "wan" else None,
-             "patch": patch, "image_size": image_size, "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads, "p_frames": frames, "p_context": p_context, "p_edit": p_edit,
+             "patch": patch, "image_size": image_size, "optimizer": optimizer, "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads, "p_frames": frames, "p_context": p_context, "p_edit": p_edit,
              **{k: v for k, v in asdict(edit_mix).items() if v},
              "last_probe_loss": float(np.mean(probes[-50:])), "accuracy": acc, "fit": fit,
              **({"ema_decay": ema_decay, "accuracy_last": last} if ema is not None else {})}
@@ -723,10 +748,10 @@ def mllm_accuracy(adapter, n: int = 64, seed: int = 30_011, text_only: bool = Fa
 def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float = 2e-3, seed: int = 0, hidden_size: int = 128,
                   num_layers: int = 4, vision_hidden_size: int = 64, initializer_range: float = 0.1, rope_theta: float = 10000.0,
                   mrope_interleaved: bool = False, p_text: float = 0.0, vision_out_scale: float = 1.0, progress: bool = True,
-                  image_size: int = 64) -> dict:
+                  image_size: int = 64, optimizer: str = "adamw") -> dict:
     """Build a tiny Qwen2.5-VL (real classes, real folder layout) and pretrain it on captions and
     questions about toy scenes of ``image_size`` pixels (and, a ``p_text`` share, :func:`text_exercise`); save it with its
-    processor. No ``<|bov|>`` yet: stage 1 adds it, as it does to a published checkpoint."""
+    processor. No ``<|bov|>`` yet: stage 1 adds it, as it does to a published checkpoint. ``optimizer``: :func:`toy_optimizers`."""
     from backbones.mllm.qwen2_5_vl import Qwen25VLAdapter
     from backbones.mllm.tiny_qwen2_5_vl import make_tiny
 
@@ -736,19 +761,21 @@ def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float 
     adapter = Qwen25VLAdapter.from_pretrained(str(out), add_bov=False)
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    opt = torch.optim.AdamW(adapter.model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(steps, 50))
+    opts = toy_optimizers(optimizer, [adapter.model], lr)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, warmup_cosine(steps, 50)) for o in opts]
     t0, losses = time.time(), []
     adapter.model.train()
     bar = tqdm(range(steps), desc="toy MLLM", disable=not progress)
     for step in bar:
         inputs, labels = collate_rendered([adapter.render(mllm_sample(rng, image_size, p_text=p_text)) for _ in range(batch)], adapter.tokenizer.pad_token_id)
         loss = adapter(**inputs, labels=labels)["loss"]
-        opt.zero_grad()
+        for o in opts:
+            o.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(adapter.model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        for o, s in zip(opts, scheds):
+            o.step()
+            s.step()
         losses.append(loss.item())
         if step % 20 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
@@ -757,7 +784,7 @@ def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float 
     adapter.save_pretrained(out)  # before scoring it: a failure there loses no training
     stats = {"steps": steps, "seconds": seconds, "first_loss": losses[0], "last_loss": float(np.mean(losses[-20:])),
              "params": sum(p.numel() for p in adapter.model.parameters()), "answer_accuracy": mllm_accuracy(adapter, image_size=image_size),
-             "image_size": image_size}
+             "image_size": image_size, "optimizer": optimizer}
     if p_text:
         stats.update(p_text=p_text, text_accuracy=mllm_accuracy(adapter, text_only=True))
     (out / "pretrain.json").write_text(json.dumps(stats, indent=2))

@@ -334,7 +334,8 @@ def test_copy_heads_start_reading_the_condition_frame_at_the_same_cell():
                                              ("dit_t_sampling", "cosine", "dit_t_sampling"), ("dit_t_shift", 0.0, "dit_t_shift"),
                                              ("dit_copy_heads", -1.0, "dit_copy_heads"), ("dit_p_frames", 1.0, "dit_p_frames"),
                                              ("dit_p_context", 1.5, "dit_p_context"), ("mllm_p_text", -0.1, "mllm_p_text"),
-                                             ("dit_p_edit", 1.2, "dit_p_edit"), ("dit_ema", 1.0, "dit_ema"), ("dit_patch", 3, "dit_patch"),
+                                             ("dit_p_edit", 1.2, "dit_p_edit"), ("dit_ema", 1.0, "dit_ema"), ("dit_optimizer", "sgd", "dit_optimizer"), ("mllm_optimizer", "lion", "mllm_optimizer"),
+                                             ("dit_patch", 3, "dit_patch"),
                                              ("image_size", 50, "image_size"), ("image_size", 16, "image_size"),
                                              ("mllm_rope_theta", 1.0, "mllm_rope_theta"), ("mllm_vision_out_scale", 0.0, "mllm_vision_out_scale")])
 def test_make_toy_refuses_impossible_settings_naming_the_key(field, value, key):
@@ -542,3 +543,54 @@ def test_object_probe_labels_an_edit_with_the_object_its_words_name():
         assert ((row, col) == (tgt.row, tgt.col)) if op in ("add", "move") else ((row, col) == (-100, -100)), request
         seen.add(op)
     assert seen == set(OPS)
+
+
+def test_muon_takes_the_hidden_linear_weights_of_the_toy_dit_and_adamw_the_rest(tmp_path, toy_vae):
+    """dit_optimizer=muon: torch.optim.Muon over the DiT's and its encoder's hidden nn.Linear weights only (never
+    the output projection, embeddings, convolutions, norms, biases, the probe), AdamW over every other parameter;
+    each parameter in exactly one; and a pretraining with it runs, records it and saves a loadable DiT."""
+    from torch import nn
+
+    from fusion.toyworld.pretrain import ObjectProbe, toy_optimizers, toy_transformer
+
+    dit, enc, probe = toy_transformer("wan", 4, 64, 2, coord_freqs=1), toy_text_encoder("wan", 40, 64, 1), ObjectProbe(64)
+    muon, adamw = toy_optimizers("muon", [dit, enc], 1e-3, plain=(probe,))
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    m = {id(p) for g in muon.param_groups for p in g["params"]}
+    a = {id(p) for g in adamw.param_groups for p in g["params"]}
+    every = {id(p) for mod in (dit, enc, probe) for p in mod.parameters()}
+    assert m | a == every and not m & a
+    assert all(p.ndim == 2 for g in muon.param_groups for p in g["params"])
+    assert id(dit.blocks[0].attn1.to_q.weight) in m and id(dit.blocks[0].ffn.net[2].weight) in m
+    assert id(dit.proj_out.weight) in a and id(dit.patch_embedding.weight) in a and id(dit.blocks[0].attn1.to_q.bias) in a
+    assert all(id(p) in a for p in probe.parameters())
+    assert all(id(mod.weight) in a for mod in enc.modules() if isinstance(mod, nn.Embedding))
+    assert [type(o) for o in toy_optimizers("adamw", [dit, enc], 1e-3, plain=(probe,))] == [torch.optim.AdamW]
+    with pytest.raises(ValueError, match="adamw"):
+        toy_optimizers("sgd", [dit, enc], 1e-3)
+
+    stats = pretrain_dit("wan", tmp_path / "wan", toy_vae, steps=6, batch=4, pool_size=16, eval_n=2, text_length=24, progress=False,
+                         coord_freqs=1, optimizer="muon")
+    assert stats["optimizer"] == "muon" and 0 < stats["last_loss"] < float("inf")
+    assert load_toy_generator("wan", tmp_path / "wan").transformer.config.num_layers == 4
+
+
+def test_the_toy_mllm_pretrains_with_muon_on_its_hidden_layers_only(tmp_path):
+    """mllm_optimizer=muon: the language model's and vision tower's hidden linear weights to Muon; the token
+    embeddings, the LM head (tied or not), the patch convolution and the norms to AdamW."""
+    from torch import nn
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from fusion.toyworld.pretrain import toy_optimizers
+
+    stats = pretrain_mllm(tmp_path / "qwen2_5_vl", steps=2, batch=2, hidden_size=64, vision_hidden_size=32, progress=False, optimizer="muon")
+    assert stats["optimizer"] == "muon" and 0.0 <= stats["answer_accuracy"] <= 1.0
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "qwen2_5_vl")
+    muon, adamw = toy_optimizers("muon", [model], 1e-3)
+    m = {id(p) for g in muon.param_groups for p in g["params"]}
+    a = {id(p) for g in adamw.param_groups for p in g["params"]}
+    assert m | a == {id(p) for p in model.parameters()} and not m & a
+    assert id(model.lm_head.weight) in a and id(model.get_input_embeddings().weight) in a
+    assert all(id(mod.weight) in a for mod in model.modules() if isinstance(mod, (nn.Embedding, nn.Conv3d)))
+    layer = model.model.language_model.layers[0]
+    assert id(layer.self_attn.q_proj.weight) in m and id(layer.mlp.down_proj.weight) in m
