@@ -1086,8 +1086,8 @@ class MakeToyConfig:
     dit_optimizer: str = "muon"
     """Toy DiTs' optimizer (fusion.toyworld.pretrain.toy_optimizers): muon (torch.optim.Muon over the hidden linear
     layers' weights, AdamW over the rest, the same lr) or adamw. The toy Wan at 1500 steps, one change (64 held-out items
-    each): t2i 0.734 against 0.438, edits applied 0.500 against 0.234, preserved 0.641 against 0.422, at the same cost a
-    step (docs/toyworld_log.md, "Muon for the toy DiT")."""
+    each): t2i 0.734 against 0.438, edits applied 0.500 against 0.234, preserved 0.641 against 0.422; a step costs about
+    a fifth more (0.214 against 0.179 s side by side; docs/toyworld_log.md, "Muon for the toy DiT")."""
     dit_eval_n: int = 64
     """Held-out scenes and edits each sampled (20 steps, guidance 3) to score the pretrained toy DiT."""
 
