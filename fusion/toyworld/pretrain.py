@@ -533,7 +533,7 @@ def toy_optimizers(kind: str, modules: list, lr: float, plain: tuple = (), outpu
     if kind == "adamw":
         return [torch.optim.AdamW(params, lr=lr, weight_decay=0.0)]
     hidden = {id(mod.weight): mod.weight for m in modules for name, mod in m.named_modules()
-              if isinstance(mod, torch.nn.Linear) and mod.weight.requires_grad and not name.split(".")[-1] in outputs}
+              if isinstance(mod, torch.nn.Linear) and mod.weight.requires_grad and name.split(".")[-1] not in outputs}
     for m in plain:  # a weight shared with a plain module (tied embeddings) stays with AdamW
         for p in m.parameters():
             hidden.pop(id(p), None)
