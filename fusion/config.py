@@ -24,6 +24,8 @@ from fusion.errors import ConfigError
 
 #: training-timestep modes of fusion.flow.sample_t (stage.timestep_sampling, make_toy dit_t_sampling)
 T_SAMPLINGS = ("uniform", "logit_normal", "shifted")
+#: optimizers of the toy backbones' pretraining (fusion.toyworld.pretrain.toy_optimizers; make_toy dit_optimizer, mllm_optimizer)
+TOY_OPTIMIZERS = ("adamw", "muon")
 
 
 # ---------------------------------------------------------------------------- mllm
@@ -1116,8 +1118,8 @@ class MakeToyConfig:
         if self.dit_p_shared_colour + self.dit_p_shared_shape > 1:
             raise ConfigError(f"dit_p_shared_colour + dit_p_shared_shape: {self.dit_p_shared_colour + self.dit_p_shared_shape} must be <= 1")
         for key in ("dit_optimizer", "mllm_optimizer"):
-            if getattr(self, key) not in ("adamw", "muon"):
-                raise ConfigError(f"{key} must be adamw or muon, got {getattr(self, key)!r}")
+            if getattr(self, key) not in TOY_OPTIMIZERS:
+                raise ConfigError(f"{key} must be one of {TOY_OPTIMIZERS}, got {getattr(self, key)!r}")
         if not 0 <= self.dit_ema < 1:
             raise ConfigError(f"dit_ema: {self.dit_ema} must be in [0, 1)")
         if self.dit_t_shift <= 0:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fusion.config import TOY_OPTIMIZERS
 from fusion.toyworld.conversations import EditMix, edited_object
 from fusion.toyworld.reader import read_scene
 from fusion.toyworld.scenes import random_scene, render
@@ -516,9 +517,6 @@ def _draw(pool: dict, batch: int, g: torch.Generator):
 
 def _frac(xs: list) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
-
-
-TOY_OPTIMIZERS = ("adamw", "muon")
 
 
 def toy_optimizers(kind: str, modules: list, lr: float, plain: tuple = (), outputs: tuple[str, ...] = ("proj_out", "lm_head")) -> list:
