@@ -16,6 +16,9 @@ def setup_environment() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("WANDB_MODE", "offline")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    from fusion import cpushare
+
+    cpushare.poll()  # one thread while a process the demo runs beside this one works (fusion/cpushare.py)
 
 
 def take_launcher_args(argv: list[str] | None = None) -> list[str]:

@@ -1163,6 +1163,9 @@ class DemoConfig:
     """Toy MLLM pretraining steps."""
     dit_steps: int = 4500
     """Toy DiT pretraining steps (MakeToyConfig.dit_steps; with its default optimizer, Muon)."""
+    parallel: bool = True
+    """Build the toy MLLM and run stage 1 beside the toy VAE and DiT (two processes, each on one thread while the other
+    works: fusion/cpushare.py), after the toy world's data. False: one phase after another."""
     sft_steps: int = 3000
     """Stage-1 steps. 3000 rather than 1500: the toy MLLM writes more of the step-by-step answers' "Now <object>."
     lines right with the true prefix (docs/toyworld_log.md; docs/dev/toy_sft_lines.py)."""

@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from backbones.mllm.base import RenderedConversation
-from fusion import faults
+from fusion import cpushare, faults
 from fusion.atomic import write_text_atomic
 from fusion.data import Conversation, SkipReport, load_images, set_max_image_pixels
 from fusion.errors import CheckpointError, ConfigError, DataError, NumericalError
@@ -1089,6 +1089,7 @@ class Trainer:
         if measure_gain and self.state.step == 0:
             self._log_gain()
         while self.state.step < st.max_steps:
+            cpushare.poll()  # make demo's parallel phases (fusion/cpushare.py)
             it, metrics = self._train_step(it)
             losses.append(metrics["loss"])
             if self.is_main:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from fusion import cpushare
 from fusion.config import TOY_OPTIMIZERS
 from fusion.toyworld.conversations import EditMix, edited_object
 from fusion.toyworld.reader import read_scene
@@ -82,6 +83,7 @@ def pretrain_vae(out: str | Path, steps: int = 1200, batch: int = 8, lr: float =
     t0, losses = time.time(), []
     bar = tqdm(range(steps), desc="toy VAE", disable=not progress)
     for step in bar:
+        cpushare.poll()
         x, _ = scene_batch(rng, batch, image_size)
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.mode()).sample  # a deterministic autoencoder learns the toy world far faster than with sampling
@@ -591,6 +593,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     g = torch.Generator().manual_seed(seed)
     gen.transformer.train()
     for step in bar:
+        cpushare.poll()
         loss, probe_loss = 0.0, 0.0
         for target, cond, ids, mask, labels, share in _draw(pool, batch, g):
             states = text.states(ids, mask)
@@ -765,6 +768,7 @@ def pretrain_mllm(out: str | Path, steps: int = 1500, batch: int = 8, lr: float 
     adapter.model.train()
     bar = tqdm(range(steps), desc="toy MLLM", disable=not progress)
     for step in bar:
+        cpushare.poll()
         inputs, labels = collate_rendered([adapter.render(mllm_sample(rng, image_size, p_text=p_text)) for _ in range(batch)], adapter.tokenizer.pad_token_id)
         loss = adapter(**inputs, labels=labels)["loss"]
         for o in opts:

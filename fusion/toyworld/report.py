@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from fusion import cpushare
 from fusion.errors import UnifuseError
 
 console = Console()
@@ -49,16 +53,38 @@ class PhaseError(UnifuseError):
     pass
 
 
-def run_phase(name: str, script: str, overrides: list[str], timings: dict) -> None:
-    """Run ``python tools/<script> <overrides>`` as its own process; time it; stop the pipeline if it fails."""
-    console.rule(f"[bold]{name}")
+def run_phase(name: str, script: str, overrides: list[str], timings: dict, *, log: Path | None = None,
+              shared_while: Path | None = None, stop: threading.Event | None = None) -> None:
+    """Run ``python tools/<script> <overrides>`` as its own process; time it; stop the pipeline if it fails.
+
+    ``log``: its output appended to this file instead of the console. ``shared_while``: the process runs torch on
+    one thread while this marker file exists (fusion/cpushare.py). ``stop``: terminate it when this event is set."""
     cmd = [sys.executable, str(ROOT / "tools" / script), *overrides]
-    console.print(" ".join(["python", f"tools/{script}", *overrides]), style="dim")
+    line = " ".join(["python", f"tools/{script}", *overrides])
+    env = dict(os.environ)
+    if shared_while is not None:
+        env[cpushare.ENV] = str(shared_while)
+    if log is None:
+        console.rule(f"[bold]{name}")
+        console.print(line, style="dim")
+    else:
+        console.print(f"[bold]{name}[/] runs beside it: {line} [dim](output: {log})[/]")
     t0 = time.time()
-    rc = subprocess.call(cmd, cwd=ROOT)
+    with open(log, "a") if log is not None else contextlib.nullcontext() as sink:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT if sink else None)
+        while True:
+            try:
+                rc = proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if stop is not None and stop.is_set():
+                    proc.terminate()
+                    proc.wait()
+                    raise PhaseError(f"demo phase {name!r} stopped: the phase beside it failed")
     timings[name] = round(time.time() - t0, 1)
     if rc != 0:
-        raise PhaseError(f"demo phase {name!r} failed (exit status {rc}): rerun the command above to see why")
+        where = f"its output is in {log}" if log is not None else "rerun the command above to see why"
+        raise PhaseError(f"demo phase {name!r} failed (exit status {rc}): {where}")
     console.print(f"{name}: {timings[name]:.0f} s")
 
 

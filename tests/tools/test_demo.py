@@ -44,7 +44,9 @@ def test_demo_writes_a_report_with_every_metric(demo):
         assert key in report and 0.0 <= report[key] <= 1.0, key
     assert report["conversations"] == 6
     assert set(report["by_kind"]) == {"t2i", "edit_user", "edit_generated", "steps", "question", "distractor"}
-    assert set(report["seconds"]) == {"world", "sft", "align", "evaluate", "total"}
+    assert set(report["seconds"]) == {"data", "world", "mllm", "sft", "world_and_sft", "align", "evaluate", "total"}  # parallel=true
+    assert not list((root / "out" / "world" / "running").iterdir())  # the markers of the branches side by side are gone
+    assert "toy MLLM" in (root / "out" / "world" / "mllm_sft.log").read_text()  # the branch beside the DiT wrote its own output
     assert set(report["pretrained_backbones"]) == {"vae", "qwen2_5_vl", "wan"}
     assert report["goals"]["trigger_f1"] == 0.95
     assert "| trigger_f1 |" in (root / "out" / "report.md").read_text()
