@@ -28,7 +28,7 @@ from rich.console import Console
 
 from fusion.cli import friendly_errors, setup_environment
 from fusion.config import register_configs
-from fusion.toyworld.report import GOALS, markdown, metrics_table, run_phase
+from fusion.toyworld.report import GOALS, PhaseStopped, markdown, metrics_table, run_phase
 
 register_configs()
 console = Console()
@@ -66,14 +66,14 @@ def side_by_side(out: Path, world: list[str], steps: dict[str, int], sft: list[s
         run_phase("world", "make_toy.py", [*world, "skip_existing=true", f"vae_steps={steps['vae_steps']}", "mllm_steps=0",
                                            f"dit_steps={steps['dit_steps']}", f"hydra.run.dir={out / 'world'}"],
                   timings, shared_while=marks["sft"], stop=stop)
-    except BaseException:
+    except BaseException as err:  # noqa: BLE001 (re-raised below, after the branch beside it has stopped)
+        failed.append(err)
         stop.set()
-        raise
     finally:
         marks["world"].unlink(missing_ok=True)
         branch.join()
-    if failed:
-        raise failed[0]
+    if failed:  # the failure that stopped the other branch, not the "stopped" of that branch
+        raise next((err for err in failed if not isinstance(err, PhaseStopped)), failed[0])
     timings["world_and_sft"] = round(time.time() - t0, 1)
     console.print(f"world and stage 1, side by side: {timings['world_and_sft']:.0f} s")
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from fusion import cpushare
@@ -53,6 +54,10 @@ class PhaseError(UnifuseError):
     pass
 
 
+class PhaseStopped(PhaseError):
+    """A phase ended because the phase beside it failed (tools/demo.py, parallel=true)."""
+
+
 def run_phase(name: str, script: str, overrides: list[str], timings: dict, *, log: Path | None = None,
               shared_while: Path | None = None, stop: threading.Event | None = None) -> None:
     """Run ``python tools/<script> <overrides>`` as its own process; time it; stop the pipeline if it fails.
@@ -66,9 +71,9 @@ def run_phase(name: str, script: str, overrides: list[str], timings: dict, *, lo
         env[cpushare.ENV] = str(shared_while)
     if log is None:
         console.rule(f"[bold]{name}")
-        console.print(line, style="dim")
+        console.print(line, style="dim", markup=False)  # an override like dit_families=[wan] is not rich markup
     else:
-        console.print(f"[bold]{name}[/] runs beside it: {line} [dim](output: {log})[/]")
+        console.print(f"[bold]{name}[/] runs beside it: {escape(line)} [dim](output: {escape(str(log))})[/]")
     t0 = time.time()
     with open(log, "a") if log is not None else contextlib.nullcontext() as sink:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT if sink else None)
@@ -80,7 +85,7 @@ def run_phase(name: str, script: str, overrides: list[str], timings: dict, *, lo
                 if stop is not None and stop.is_set():
                     proc.terminate()
                     proc.wait()
-                    raise PhaseError(f"demo phase {name!r} stopped: the phase beside it failed")
+                    raise PhaseStopped(f"demo phase {name!r} stopped: the phase beside it failed")
     timings[name] = round(time.time() - t0, 1)
     if rc != 0:
         where = f"its output is in {log}" if log is not None else "rerun the command above to see why"

@@ -100,5 +100,18 @@ def test_ablation_writes_one_table_for_the_connectors(demo):
 def test_a_failing_phase_stops_the_demo_with_its_name(tmp_path):
     p = run("demo.py", f"toy_dir={tmp_path / 'toy'}", f"out_dir={tmp_path / 'out'}", *REDUCED, "make_toy_overrides=['dit_lr=-1','mllm_hidden_size=nope']")
     assert p.returncode == 2
-    assert "demo phase 'world' failed" in p.stderr and "Traceback" not in p.stderr
+    assert "demo phase 'data' failed" in p.stderr and "Traceback" not in p.stderr  # the world's data come first (parallel=true)
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_a_failing_branch_stops_the_one_beside_it(tmp_path):
+    """Stage 1 fails (a bad override) while the toy VAE would train for hours beside it: the demo stops both at once
+    and names the failure, not the stopped phase, with the log of the branch that failed."""
+    p = run("demo.py", f"toy_dir={tmp_path / 'toy'}", f"out_dir={tmp_path / 'out'}", *REDUCED, "vae_steps=1000000",
+            "sft_overrides=['stage.lr=-1']")
+    assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "demo phase 'sft' failed" in p.stderr and "mllm_sft.log" in p.stderr and "Traceback" not in p.stderr
+    assert "stage.lr" in (tmp_path / "out" / "world" / "mllm_sft.log").read_text()
+    assert not (tmp_path / "toy" / "vae").exists()  # the VAE beside it was stopped, not finished
+    assert not list((tmp_path / "out" / "world" / "running").iterdir())
     assert not (tmp_path / "out" / "report.json").exists()
