@@ -1016,9 +1016,10 @@ class MakeToyConfig:
     dit_families: list[str] = field(default_factory=lambda: ["wan"])
     """DiT families to pretrain (wan, cosmos, sana), each into <out_dir>/<family>."""
     dit_steps: int = 4500
-    """Steps of each toy DiT's pretraining (0: skip). Not 3500 at dit_lr 4e-3: one build met every make_toy goal
-    (recolour 0.870, flow loss on edits 0.0195 / 0.0204) and the next, in the fresh-clone demo, did not (recolour 0.783,
-    preserved 0.891, flow loss 0.0252 / 0.0272; docs/toyworld_log.md, "The world and stage 1 side by side").
+    """Steps of each toy DiT's pretraining (0: skip). 3500 at dit_lr 4e-3 is a lead: built one phase after another it met every
+    make_toy goal (recolour 0.870, flow loss on edits 0.0195 / 0.0204); built beside the MLLM (DemoConfig.parallel) it
+    did not (recolour 0.783, flow loss 0.0252 / 0.0272), nor did 4500 at 2e-3 built so (docs/toyworld_log.md, "The world
+    and stage 1 side by side").
     4500 with Muon (dit_optimizer) rather than 9000 with AdamW before: through its
     own encoder (128 held-out items each) t2i 1.000, edits 0.969 applied, 0.977 preserved, recolour 0.950, remove 0.931 in
     1185 s, flow loss on edits 0.0183 / 0.0193 training / held-out (9000 AdamW steps in the fresh-clone demo: 0.0209 /
@@ -1167,9 +1168,12 @@ class DemoConfig:
     """Toy MLLM pretraining steps."""
     dit_steps: int = 4500
     """Toy DiT pretraining steps (MakeToyConfig.dit_steps; with its default optimizer, Muon)."""
-    parallel: bool = True
+    parallel: bool = False
     """Build the toy MLLM and run stage 1 beside the toy VAE and DiT (two processes, each on one thread while the other
-    works: fusion/cpushare.py), after the toy world's data. False: one phase after another."""
+    works: fusion/cpushare.py), after the toy world's data; false: one phase after another. Not the default: side by side
+    the world's phases took 1526 s against 1693 s one after another (9512e89's fresh-clone demo), but both worlds built that way (the VAE trained on one thread,
+    other rounding) gave a weaker toy Wan (flow loss on edits 0.0233 / 0.0256 against 0.0183 / 0.0193 at 4500 steps;
+    recolour 0.739 against the make_toy goal 0.85): docs/toyworld_log.md, "The world and stage 1 side by side"."""
     sft_steps: int = 3000
     """Stage-1 steps. 3000 rather than 1500: the toy MLLM writes more of the step-by-step answers' "Now <object>."
     lines right with the true prefix (docs/toyworld_log.md; docs/dev/toy_sft_lines.py)."""

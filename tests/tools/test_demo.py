@@ -31,7 +31,7 @@ def run(tool, *overrides):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
-    p = run("demo.py", f"toy_dir={root / 'toy'}", f"out_dir={root / 'out'}", *REDUCED)
+    p = run("demo.py", f"toy_dir={root / 'toy'}", f"out_dir={root / 'out'}", *REDUCED, "parallel=true")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return root, p
 
@@ -100,14 +100,14 @@ def test_ablation_writes_one_table_for_the_connectors(demo):
 def test_a_failing_phase_stops_the_demo_with_its_name(tmp_path):
     p = run("demo.py", f"toy_dir={tmp_path / 'toy'}", f"out_dir={tmp_path / 'out'}", *REDUCED, "make_toy_overrides=['dit_lr=-1','mllm_hidden_size=nope']")
     assert p.returncode == 2
-    assert "demo phase 'data' failed" in p.stderr and "Traceback" not in p.stderr  # the world's data come first (parallel=true)
+    assert "demo phase 'world' failed" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "out" / "report.json").exists()
 
 
 def test_a_failing_branch_stops_the_one_beside_it(tmp_path):
     """Stage 1 fails (a bad override) while the toy VAE would train for hours beside it: the demo stops both at once
     and names the failure, not the stopped phase, with the log of the branch that failed."""
-    p = run("demo.py", f"toy_dir={tmp_path / 'toy'}", f"out_dir={tmp_path / 'out'}", *REDUCED, "vae_steps=1000000",
+    p = run("demo.py", f"toy_dir={tmp_path / 'toy'}", f"out_dir={tmp_path / 'out'}", *REDUCED, "parallel=true", "vae_steps=1000000",
             "sft_overrides=['stage.lr=-1']")
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
     assert "demo phase 'sft' failed" in p.stderr and "mllm_sft.log" in p.stderr and "Traceback" not in p.stderr
