@@ -5,7 +5,8 @@ Phases (each prints its own progress bar; each is its own process, as on a clust
     2. sft        tools/train.py experiment=toy_sft     stage 1: the MLLM learns the conversations
     3. align      tools/train.py experiment=toy_align   stage 2: connector + DiT, MLLM frozen (feature cache: cache=auto)
     4. evaluate   tools/evaluate.py                     the test split, scored against its ground truth
-Writes <out_dir>/report.json (every metric, by conversation kind, phase timings, settings),
+With ``parallel=true`` the world's data come first, then the toy MLLM and stage 1 run beside the toy VAE and DiT
+(side_by_side below). Writes <out_dir>/report.json (every metric, by conversation kind, phase timings, settings),
 report.md (the table) and transcripts/ (HTML of a few test conversations).
 
 Run as:
@@ -33,13 +34,17 @@ from fusion.toyworld.report import GOALS, PhaseStopped, markdown, metrics_table,
 register_configs()
 console = Console()
 
+
 def side_by_side(out: Path, world: list[str], steps: dict[str, int], sft: list[str], timings: dict[str, float]) -> None:
     """The toy world's data, then two branches at once: the toy VAE and DiT (on the console), and the toy MLLM then
     stage 1 (into <out>/world/mllm_sft.log). Neither needs the other's parts; each runs torch on one thread while the
     other works and on all once it is done (fusion/cpushare.py): on 2 cores two one-thread processes do about 1.35x
     the work of one two-thread process (docs/toyworld_log.md)."""
     t0 = time.time()
-    run_phase("data", "make_toy.py", [*world, "vae_steps=0", "mllm_steps=0", "dit_steps=0", f"hydra.run.dir={out / 'world' / 'data'}"], timings)
+    def parts(*keep: str) -> list[str]:  # the step overrides of make_toy, every part but ``keep`` skipped (0 steps)
+        return [f"{k}={v if k in keep else 0}" for k, v in steps.items()]
+
+    run_phase("data", "make_toy.py", [*world, *parts(), f"hydra.run.dir={out / 'world' / 'data'}"], timings)
     running = out / "world" / "running"
     running.mkdir(parents=True, exist_ok=True)
     marks = {"world": running / "vae_dit", "sft": running / "mllm_sft"}
@@ -51,8 +56,8 @@ def side_by_side(out: Path, world: list[str], steps: dict[str, int], sft: list[s
         log = out / "world" / "mllm_sft.log"
         log.unlink(missing_ok=True)
         try:
-            run_phase("mllm", "make_toy.py", [*world, "skip_existing=true", "vae_steps=0", f"mllm_steps={steps['mllm_steps']}", "dit_steps=0",
-                                              f"hydra.run.dir={out / 'world' / 'mllm'}"], timings, log=log, shared_while=marks["world"], stop=stop)
+            run_phase("mllm", "make_toy.py", [*world, "skip_existing=true", *parts("mllm_steps"), f"hydra.run.dir={out / 'world' / 'mllm'}"],
+                      timings, log=log, shared_while=marks["world"], stop=stop)
             run_phase("sft", "train.py", sft, timings, log=log, shared_while=marks["world"], stop=stop)
         except BaseException as err:  # noqa: BLE001 (re-raised by the main thread)
             failed.append(err)
@@ -63,8 +68,7 @@ def side_by_side(out: Path, world: list[str], steps: dict[str, int], sft: list[s
     branch = threading.Thread(target=mllm_then_sft, name="mllm_then_sft")
     branch.start()
     try:
-        run_phase("world", "make_toy.py", [*world, "skip_existing=true", f"vae_steps={steps['vae_steps']}", "mllm_steps=0",
-                                           f"dit_steps={steps['dit_steps']}", f"hydra.run.dir={out / 'world'}"],
+        run_phase("world", "make_toy.py", [*world, "skip_existing=true", *parts("vae_steps", "dit_steps"), f"hydra.run.dir={out / 'world'}"],
                   timings, shared_while=marks["sft"], stop=stop)
     except BaseException as err:  # noqa: BLE001 (re-raised below, after the branch beside it has stopped)
         failed.append(err)
