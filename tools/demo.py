@@ -5,8 +5,8 @@ Phases (each prints its own progress bar; each is its own process, as on a clust
     2. sft        tools/train.py experiment=toy_sft     stage 1: the MLLM learns the conversations
     3. align      tools/train.py experiment=toy_align   stage 2: connector + DiT, MLLM frozen (feature cache: cache=auto)
     4. evaluate   tools/evaluate.py                     the test split, scored against its ground truth
-With ``parallel=true`` the world's data come first, then the toy MLLM and stage 1 run beside the toy VAE and DiT
-(side_by_side below). Writes <out_dir>/report.json (every metric, by conversation kind, phase timings, settings),
+With ``parallel=true`` the world's data and the toy VAE come first, then the toy MLLM and stage 1 run beside the toy
+DiT (side_by_side below). Writes <out_dir>/report.json (every metric, by conversation kind, phase timings, settings),
 report.md (the table) and transcripts/ (HTML of a few test conversations).
 
 Run as:
@@ -36,15 +36,18 @@ console = Console()
 
 
 def side_by_side(out: Path, world: list[str], steps: dict[str, int], sft: list[str], timings: dict[str, float]) -> None:
-    """The toy world's data, then two branches at once: the toy VAE and DiT (on the console), and the toy MLLM then
-    stage 1 (into <out>/world/mllm_sft.log). Neither needs the other's parts; each runs torch on one thread while the
-    other works and on all once it is done (fusion/cpushare.py): on 2 cores two one-thread processes do about 1.35x
-    the work of one two-thread process (docs/toyworld_log.md)."""
+    """The toy world's data, then the toy VAE alone on every thread, then two branches at once: the toy DiT (on the
+    console), and the toy MLLM then stage 1 (into <out>/world/mllm_sft.log). Neither branch needs the other's parts; each
+    runs torch on one thread while the other works and on all once it is done (fusion/cpushare.py): on 2 cores two
+    one-thread processes do about 1.35x the work of one two-thread process (docs/toyworld_log.md). The VAE trains alone
+    so that it is the one a build one phase after another makes (trained on one thread it reconstructed a third worse,
+    and the DiT learns in its latents: docs/toyworld_log.md, "The world and stage 1 side by side")."""
     t0 = time.time()
     def parts(*keep: str) -> list[str]:  # the step overrides of make_toy, every part but ``keep`` skipped (0 steps)
         return [f"{k}={v if k in keep else 0}" for k, v in steps.items()]
 
     run_phase("data", "make_toy.py", [*world, *parts(), f"hydra.run.dir={out / 'world' / 'data'}"], timings)
+    run_phase("vae", "make_toy.py", [*world, "skip_existing=true", *parts("vae_steps"), f"hydra.run.dir={out / 'world' / 'vae'}"], timings)
     running = out / "world" / "running"
     running.mkdir(parents=True, exist_ok=True)
     marks = {"world": running / "vae_dit", "sft": running / "mllm_sft"}

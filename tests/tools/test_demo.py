@@ -44,7 +44,7 @@ def test_demo_writes_a_report_with_every_metric(demo):
         assert key in report and 0.0 <= report[key] <= 1.0, key
     assert report["conversations"] == 6
     assert set(report["by_kind"]) == {"t2i", "edit_user", "edit_generated", "steps", "question", "distractor"}
-    assert set(report["seconds"]) == {"data", "world", "mllm", "sft", "world_and_sft", "align", "evaluate", "total"}  # parallel=true
+    assert set(report["seconds"]) == {"data", "vae", "world", "mllm", "sft", "world_and_sft", "align", "evaluate", "total"}  # parallel=true
     assert not list((root / "out" / "world" / "running").iterdir())  # the markers of the branches side by side are gone
     assert "toy MLLM" in (root / "out" / "world" / "mllm_sft.log").read_text()  # the branch beside the DiT wrote its own output
     assert set(report["pretrained_backbones"]) == {"vae", "qwen2_5_vl", "wan"}
@@ -105,13 +105,14 @@ def test_a_failing_phase_stops_the_demo_with_its_name(tmp_path):
 
 
 def test_a_failing_branch_stops_the_one_beside_it(tmp_path):
-    """Stage 1 fails (a bad override) while the toy VAE would train for hours beside it: the demo stops both at once
+    """Stage 1 fails (a bad override) while the toy DiT would train for hours beside it: the demo stops both at once
     and names the failure, not the stopped phase, with the log of the branch that failed."""
-    p = run("demo.py", f"toy_dir={tmp_path / 'toy'}", f"out_dir={tmp_path / 'out'}", *REDUCED, "parallel=true", "vae_steps=1000000",
+    p = run("demo.py", f"toy_dir={tmp_path / 'toy'}", f"out_dir={tmp_path / 'out'}", *REDUCED, "parallel=true", "dit_steps=1000000",
             "sft_overrides=['stage.lr=-1']")
     assert p.returncode == 2, p.stdout[-2000:] + p.stderr[-2000:]
     assert "demo phase 'sft' failed" in p.stderr and "mllm_sft.log" in p.stderr and "Traceback" not in p.stderr
     assert "stage.lr" in (tmp_path / "out" / "world" / "mllm_sft.log").read_text()
-    assert not (tmp_path / "toy" / "vae").exists()  # the VAE beside it was stopped, not finished
+    assert (tmp_path / "toy" / "vae" / "pretrain.json").is_file()  # the VAE trained first, alone
+    assert not (tmp_path / "toy" / "wan").exists()  # the DiT beside stage 1 was stopped, not finished
     assert not list((tmp_path / "out" / "world" / "running").iterdir())
     assert not (tmp_path / "out" / "report.json").exists()
