@@ -1148,7 +1148,7 @@ QUERY_CONNECTOR_OVERRIDES = ("stage.distill_target=set", "stage.frame_select=all
 
 @dataclass
 class DemoConfig:
-    """``tools/demo.py`` (``make demo``): the toy world end to end, one phase after another."""
+    """``tools/demo.py`` (``make demo``): the toy world end to end (the toy MLLM and stage 1 beside the toy DiT: ``parallel``)."""
 
     profile: str = "full"
     """Name of the profile these numbers come from (conf/profile/: full, quick)."""
@@ -1168,12 +1168,13 @@ class DemoConfig:
     """Toy MLLM pretraining steps."""
     dit_steps: int = 4500
     """Toy DiT pretraining steps (MakeToyConfig.dit_steps; with its default optimizer, Muon)."""
-    parallel: bool = False
-    """Build the toy MLLM and run stage 1 beside the toy VAE and DiT (two processes, each on one thread while the other
-    works: fusion/cpushare.py), after the toy world's data; false: one phase after another. Not the default: side by side
-    the world's phases took 1526 s against 1693 s one after another (9512e89's fresh-clone demo), but both worlds built that way (the VAE trained on one thread,
-    other rounding) gave a weaker toy Wan (flow loss on edits 0.0233 / 0.0256 against 0.0183 / 0.0193 at 4500 steps;
-    recolour 0.739 against the make_toy goal 0.85): docs/toyworld_log.md, "The world and stage 1 side by side"."""
+    parallel: bool = True
+    """Build the toy MLLM and run stage 1 beside the toy DiT (two processes, each on one thread while the other works:
+    fusion/cpushare.py), after the toy world's data and the toy VAE (alone, on every thread); false: one phase after
+    another. From a fresh clone (434fc3e) the world and stage 1 took 1529 s side by side against 1693 s one after another
+    (9512e89), the VAE bit for bit the same, the toy Wan's flow loss on edits 0.0186 / 0.0196 against 0.0183 / 0.0193 and
+    every demo goal met. With the VAE beside the MLLM too (on one thread) it reconstructed a third worse and the toy Wan
+    learnt less (recolour 0.739): docs/toyworld_log.md, "The world and stage 1 side by side"."""
     sft_steps: int = 3000
     """Stage-1 steps. 3000 rather than 1500: the toy MLLM writes more of the step-by-step answers' "Now <object>."
     lines right with the true prefix (docs/toyworld_log.md; docs/dev/toy_sft_lines.py)."""
