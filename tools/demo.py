@@ -114,7 +114,7 @@ def main(cfg: DictConfig) -> None:
                                     "cache=auto", f"cache.dir={out / 'feature_cache'}",  # the frozen MLLM and the VAE run once
                                     f"hydra.run.dir={out / 'align'}", *cfg.align_overrides, *cfg.connector_overrides.get(cfg.connector, [])], timings)
     ev = ["model=" + str(out / "align" / "final"), f"data_dir={toy / 'toyworld'}", "split=test", f"steps={cfg.sample_steps}",
-          f"guidance={cfg.guidance}", f"transcripts={cfg.transcripts}", f"hydra.run.dir={out / 'eval'}"]
+          f"guidance={cfg.guidance}", f"transcripts={cfg.transcripts}", f"workers={cfg.eval_workers}", f"hydra.run.dir={out / 'eval'}"]
     if cfg.eval_n is not None:
         ev.append(f"n={cfg.eval_n}")
     run_phase("evaluate", "evaluate.py", ev, timings)

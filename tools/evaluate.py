@@ -3,6 +3,7 @@
 Run as:
     python tools/evaluate.py model=outputs/demo/align/final split=test
     python tools/evaluate.py model=... seed=7 fresh_n=100       # a fresh test set drawn with seed 7
+    python tools/evaluate.py model=... workers=2                # two processes at once (on a 2-core CPU: faster)
 
 Writes report.json (every metric, overall and by conversation kind), report.md (the table),
 items.jsonl (one line per assistant turn: the scenes due and those read back from the drawings, in
@@ -67,7 +68,8 @@ def main(cfg: DictConfig) -> None:
             raise DataError(f"no {cfg.split} split here (make it with python tools/make_toy.py, or pass seed=N for a fresh one)", str(path))
     model = FusedModel.from_pretrained(cfg.model, device=cfg.device)
     settings = GenerationSettings(steps=cfg.steps, guidance=cfg.guidance, image_guidance=cfg.image_guidance, max_new_tokens=cfg.max_new_tokens)
-    report = evaluate_split(model, path, cfg.n, settings, out / "transcripts", cfg.transcripts, items_path=out / "items.jsonl")
+    report = evaluate_split(model, path, cfg.n, settings, out / "transcripts", cfg.transcripts, items_path=out / "items.jsonl",
+                            workers=cfg.workers, model_dir=cfg.model)
     report["model"], report["data"] = cfg.model, str(path)
     report["settings"] = {"steps": settings.steps, "guidance": settings.guidance, "image_guidance": settings.image_guidance}
     report["negative"] = resolve_negative(settings.negative, model.trained_negative)  # negative=auto: what stage 2 trained with

@@ -18,38 +18,104 @@ from fusion.toyworld.evaluate import Scorer, TurnOutput
 from fusion.toyworld.report import cell
 
 
-def evaluate_split(model, path: str | Path, n: int | None = None, settings: GenerationSettings | None = None,
-                   transcripts_dir: str | Path | None = None, n_transcripts: int = 3, progress: bool = True,
-                   items_path: str | Path | None = None) -> dict:
-    """Scores of ``model`` (a FusedModel) on the first ``n`` conversations of a split file; ``items_path``: also one
-    JSON line per assistant turn there (what was due, what was drawn read back, the text; :func:`turn_record`)."""
-    from fusion.atomic import write_text_atomic
+def play(model, conv, settings: GenerationSettings | None = None, transcript: tuple[Path, str] | None = None) -> list[TurnOutput]:
+    """Send each user turn of ``conv`` to a fresh :class:`Chat`; the assistant's drawings and text, one per user turn.
+    ``transcript``: (folder, title) where the chat is written as HTML."""
     from fusion.transcript import write_transcript
 
-    path = Path(path)
+    chat = Chat(model, settings or GenerationSettings())
+    outputs = []
+    for msg in conv.messages:
+        if msg["role"] != "user":
+            continue
+        text = " ".join(x["text"] for x in msg["content"] if x["type"] == "text")
+        images = [x["image"] for x in msg["content"] if x["type"] == "image"]
+        new = chat.send(text, images)
+        drawn = [s.image for s in new if s.role == "assistant" and s.kind == "image"]
+        said = " ".join(s.text for s in new if s.role == "assistant" and s.kind == "text")
+        outputs.append(TurnOutput(drawn, said))
+    if transcript is not None:
+        write_transcript(chat.segments, transcript[0], title=transcript[1])
+    return outputs
+
+
+def _play_all(model, convs: list, metas: list[dict], indices: list[int], path: Path, settings, transcripts_dir, n_transcripts: int,
+              bar=None) -> dict[int, list[TurnOutput]]:
+    out = {}
+    for i in indices:
+        where = Path(transcripts_dir) / f"{i:03d}_{metas[i]['kind']}" if transcripts_dir is not None and i < n_transcripts else None
+        out[i] = play(model, convs[i], settings, None if where is None else (where, f"{path.name} #{convs[i].line} ({metas[i]['kind']})"))
+        if bar is not None:
+            bar.update(1)
+    return out
+
+
+def _load_split(path: Path, n: int | None) -> tuple[list, list[dict]]:
     metas = [json.loads(line)["meta"] for line in path.read_text().splitlines() if line.strip()]
     convs = list(read_jsonl(path))
-    if n is not None:
-        convs, metas = convs[:n], metas[:n]
+    return (convs[:n], metas[:n]) if n is not None else (convs, metas)
+
+
+def _play_shard(model_dir: str, device: str, path: str, n: int | None, indices: list[int], settings, transcripts_dir,
+                n_transcripts: int) -> dict[int, list[TurnOutput]]:
+    """A worker process's share of :func:`evaluate_split` (its own model, torch on one thread)."""
+    import torch
+
+    from fusion.model import FusedModel
+
+    torch.set_num_threads(1)
+    convs, metas = _load_split(Path(path), n)
+    model = FusedModel.from_pretrained(model_dir, device=device)
+    return _play_all(model, convs, metas, indices, Path(path), settings, transcripts_dir, n_transcripts)
+
+
+def evaluate_split(model, path: str | Path, n: int | None = None, settings: GenerationSettings | None = None,
+                   transcripts_dir: str | Path | None = None, n_transcripts: int = 3, progress: bool = True,
+                   items_path: str | Path | None = None, workers: int = 1, model_dir: str | Path | None = None) -> dict:
+    """Scores of ``model`` (a FusedModel) on the first ``n`` conversations of a split file; ``items_path``: also one
+    JSON line per assistant turn there (what was due, what was drawn read back, the text; :func:`turn_record`).
+
+    ``workers`` > 1: the conversations are played in that many processes at once (this one and ``workers - 1`` others
+    that load the model from ``model_dir``), each on one torch thread and every ``workers``-th conversation; each
+    conversation's chat is seeded on its own (:class:`GenerationSettings`), so the scores are those of one process up to
+    the rounding of other thread counts. Scoring, the items and the report are the same code either way."""
+    from fusion.atomic import write_text_atomic
+
+    path = Path(path)
+    convs, metas = _load_split(path, n)
+    if workers > 1 and model_dir is None:
+        raise ValueError("evaluate_split(workers > 1) needs model_dir: each worker process loads the model itself")
+    workers = max(1, min(workers, len(convs)))
+    shards = [list(range(k, len(convs), workers)) for k in range(workers)]
+    outputs: dict[int, list[TurnOutput]] = {}
+    bar = tqdm(total=len(shards[0]), desc="evaluate" if workers == 1 else f"evaluate ({workers} processes; this one's share)",
+               disable=not progress)
+    if workers == 1:
+        outputs = _play_all(model, convs, metas, shards[0], path, settings, transcripts_dir, n_transcripts, bar)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        import torch
+
+        with ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_play_shard, str(model_dir), str(next(model.parameters()).device),
+                                   str(path), n, shard, settings, transcripts_dir, n_transcripts) for shard in shards[1:]]
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                outputs = _play_all(model, convs, metas, shards[0], path, settings, transcripts_dir, n_transcripts, bar)
+            finally:
+                torch.set_num_threads(threads)
+            for f in futures:
+                outputs.update(f.result())
+    bar.close()
     items: list[dict] = []
     scorer = Scorer(items if items_path is not None else None)
     per_kind: dict[str, Scorer] = {}
-    for i, (conv, meta) in enumerate(tqdm(list(zip(convs, metas)), desc="evaluate", disable=not progress)):
-        chat = Chat(model, settings or GenerationSettings())
-        outputs = []
-        for msg in conv.messages:
-            if msg["role"] != "user":
-                continue
-            text = " ".join(x["text"] for x in msg["content"] if x["type"] == "text")
-            images = [x["image"] for x in msg["content"] if x["type"] == "image"]
-            new = chat.send(text, images)
-            drawn = [s.image for s in new if s.role == "assistant" and s.kind == "image"]
-            said = " ".join(s.text for s in new if s.role == "assistant" and s.kind == "text")
-            outputs.append(TurnOutput(drawn, said))
-        scorer.score(meta, outputs, {"file": path.name, "line": conv.line})
-        per_kind.setdefault(meta["kind"], Scorer()).score(meta, outputs)
-        if transcripts_dir is not None and i < n_transcripts:
-            write_transcript(chat.segments, Path(transcripts_dir) / f"{i:03d}_{meta['kind']}", title=f"{path.name} #{conv.line} ({meta['kind']})")
+    for i, (conv, meta) in enumerate(zip(convs, metas)):
+        scorer.score(meta, outputs[i], {"file": path.name, "line": conv.line})
+        per_kind.setdefault(meta["kind"], Scorer()).score(meta, outputs[i])
     if items_path is not None:  # complete or absent: never a half-written file that looks whole
         write_text_atomic(Path(items_path), "".join(json.dumps(r) + "\n" for r in items))
     report = scorer.report()
