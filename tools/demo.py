@@ -5,8 +5,9 @@ Phases (each prints its own progress bar; each is its own process, as on a clust
     2. sft        tools/train.py experiment=toy_sft     stage 1: the MLLM learns the conversations
     3. align      tools/train.py experiment=toy_align   stage 2: connector + DiT, MLLM frozen (feature cache: cache=auto)
     4. evaluate   tools/evaluate.py                     the test split, scored against its ground truth
-With ``parallel=true`` the world's data and the toy VAE come first, then the toy MLLM and stage 1 run beside the toy
-DiT (side_by_side below). Writes <out_dir>/report.json (every metric, by conversation kind, phase timings, settings),
+By default (``parallel=true``) the world's data and the toy VAE come first, then the toy MLLM and stage 1 run beside the
+toy DiT (side_by_side below); ``parallel=false``: one phase after another. The evaluation plays the test split in
+``eval_workers`` processes. Writes <out_dir>/report.json (every metric, by conversation kind, phase timings, settings),
 report.md (the table) and transcripts/ (HTML of a few test conversations).
 
 Run as:

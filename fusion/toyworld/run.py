@@ -39,15 +39,9 @@ def play(model, conv, settings: GenerationSettings | None = None, transcript: tu
     return outputs
 
 
-def _play_all(model, convs: list, metas: list[dict], indices: list[int], path: Path, settings, transcripts_dir, n_transcripts: int,
-              bar=None) -> dict[int, list[TurnOutput]]:
-    out = {}
-    for i in indices:
-        where = Path(transcripts_dir) / f"{i:03d}_{metas[i]['kind']}" if transcripts_dir is not None and i < n_transcripts else None
-        out[i] = play(model, convs[i], settings, None if where is None else (where, f"{path.name} #{convs[i].line} ({metas[i]['kind']})"))
-        if bar is not None:
-            bar.update(1)
-    return out
+def _play_one(model, convs: list, metas: list[dict], i: int, path: Path, settings, transcripts_dir, n_transcripts: int):
+    where = Path(transcripts_dir) / f"{i:03d}_{metas[i]['kind']}" if transcripts_dir is not None and i < n_transcripts else None
+    return play(model, convs[i], settings, None if where is None else (where, f"{path.name} #{convs[i].line} ({metas[i]['kind']})"))
 
 
 def _load_split(path: Path, n: int | None) -> tuple[list, list[dict]]:
@@ -56,8 +50,33 @@ def _load_split(path: Path, n: int | None) -> tuple[list, list[dict]]:
     return (convs[:n], metas[:n]) if n is not None else (convs, metas)
 
 
-def _play_shard(model_dir: str, device: str, path: str, n: int | None, indices: list[int], settings, transcripts_dir,
-                n_transcripts: int) -> dict[int, list[TurnOutput]]:
+_COUNTER = None  # in a worker process: the shared index of the next conversation to play (_init_worker)
+
+
+def _init_worker(counter) -> None:
+    global _COUNTER
+    _COUNTER = counter
+
+
+def _play_claimed(model, convs: list, metas: list[dict], counter, path: Path, settings, transcripts_dir, n_transcripts: int,
+                  bar=None) -> dict[int, list[TurnOutput]]:
+    """Play the next unclaimed conversation until none is left (every process claims from the same counter, so a
+    process that drew long conversations takes fewer of them)."""
+    out = {}
+    while True:
+        with counter.get_lock():
+            i = counter.value
+            if i >= len(convs):
+                return out
+            counter.value = i + 1
+        out[i] = _play_one(model, convs, metas, i, path, settings, transcripts_dir, n_transcripts)
+        if bar is not None:  # the conversations every process has taken
+            bar.n = counter.value
+            bar.refresh()
+
+
+def _play_worker(model_dir: str, device: str, path: str, n: int | None, settings, transcripts_dir,
+                 n_transcripts: int) -> dict[int, list[TurnOutput]]:
     """A worker process's share of :func:`evaluate_split` (its own model, torch on one thread)."""
     import torch
 
@@ -66,7 +85,7 @@ def _play_shard(model_dir: str, device: str, path: str, n: int | None, indices: 
     torch.set_num_threads(1)
     convs, metas = _load_split(Path(path), n)
     model = FusedModel.from_pretrained(model_dir, device=device)
-    return _play_all(model, convs, metas, indices, Path(path), settings, transcripts_dir, n_transcripts)
+    return _play_claimed(model, convs, metas, _COUNTER, Path(path), settings, transcripts_dir, n_transcripts)
 
 
 def evaluate_split(model, path: str | Path, n: int | None = None, settings: GenerationSettings | None = None,
@@ -76,9 +95,9 @@ def evaluate_split(model, path: str | Path, n: int | None = None, settings: Gene
     JSON line per assistant turn there (what was due, what was drawn read back, the text; :func:`turn_record`).
 
     ``workers`` > 1: the conversations are played in that many processes at once (this one and ``workers - 1`` others
-    that load the model from ``model_dir``), each on one torch thread and every ``workers``-th conversation; each
-    conversation's chat is seeded on its own (:class:`GenerationSettings`), so the scores are those of one process up to
-    the rounding of other thread counts. Scoring, the items and the report are the same code either way."""
+    that load the model from ``model_dir``), each on one torch thread, each taking the next conversation not yet taken;
+    each conversation's chat is seeded on its own (:class:`GenerationSettings`), so the scores are those of one process
+    up to the rounding of other thread counts. Scoring, the items and the report are the same code either way."""
     from fusion.atomic import write_text_atomic
 
     path = Path(path)
@@ -86,29 +105,32 @@ def evaluate_split(model, path: str | Path, n: int | None = None, settings: Gene
     if workers > 1 and model_dir is None:
         raise ValueError("evaluate_split(workers > 1) needs model_dir: each worker process loads the model itself")
     workers = max(1, min(workers, len(convs)))
-    shards = [list(range(k, len(convs), workers)) for k in range(workers)]
     outputs: dict[int, list[TurnOutput]] = {}
-    bar = tqdm(total=len(shards[0]), desc="evaluate" if workers == 1 else f"evaluate ({workers} processes; this one's share)",
-               disable=not progress)
+    bar = tqdm(total=len(convs), desc="evaluate" if workers == 1 else f"evaluate ({workers} processes)", disable=not progress)
     if workers == 1:
-        outputs = _play_all(model, convs, metas, shards[0], path, settings, transcripts_dir, n_transcripts, bar)
+        for i in range(len(convs)):
+            outputs[i] = _play_one(model, convs, metas, i, path, settings, transcripts_dir, n_transcripts)
+            bar.update(1)
     else:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
         import torch
 
-        with ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_play_shard, str(model_dir), str(next(model.parameters()).device),
-                                   str(path), n, shard, settings, transcripts_dir, n_transcripts) for shard in shards[1:]]
+        ctx = multiprocessing.get_context("spawn")
+        counter = ctx.Value("i", 0)
+        with ProcessPoolExecutor(workers - 1, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool:
+            futures = [pool.submit(_play_worker, str(model_dir), str(next(model.parameters()).device), str(path), n, settings,
+                                   transcripts_dir, n_transcripts) for _ in range(workers - 1)]
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
-                outputs = _play_all(model, convs, metas, shards[0], path, settings, transcripts_dir, n_transcripts, bar)
+                outputs = _play_claimed(model, convs, metas, counter, path, settings, transcripts_dir, n_transcripts, bar)
             finally:
                 torch.set_num_threads(threads)
             for f in futures:
                 outputs.update(f.result())
+        bar.n = len(convs)
     bar.close()
     items: list[dict] = []
     scorer = Scorer(items if items_path is not None else None)

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -351,17 +352,19 @@ def test_evaluate_on_a_fresh_split_reports_every_metric(fused_dir, tmp_path):
     assert len(answered) == r["n"]["text_answer"] and sum(answered) / len(answered) == pytest.approx(r["text_answer"])
 
 
-def test_evaluation_in_two_processes_scores_what_one_does(fused_dir, tmp_path):
-    """workers=2: every other conversation is played in a second process that loads the model itself; the items, the
-    scores and the transcripts are those of one process (both on one thread here, so bit for bit)."""
+def test_evaluation_in_two_processes_scores_what_one_does(fused_dir, tmp_path, monkeypatch):
+    """workers=2: a second process that loads the model itself plays the conversations beside this one (each takes the
+    next one not yet taken); the items, the scores and the transcripts are those of one process (both on one thread
+    here, so bit for bit)."""
     import torch
 
     from fusion.generate import GenerationSettings
     from fusion.model import FusedModel
     from fusion.toyworld.conversations import write_split
+    from fusion.toyworld import run as runmod
     from fusion.toyworld.run import evaluate_split
 
-    path = write_split(tmp_path / "split", "test", 5, seed=3)
+    path = write_split(tmp_path / "split", "test", 8, seed=3)
     model = FusedModel.from_pretrained(fused_dir)
     settings = GenerationSettings(steps=1, max_new_tokens=6)
     threads = torch.get_num_threads()
@@ -371,12 +374,21 @@ def test_evaluation_in_two_processes_scores_what_one_does(fused_dir, tmp_path):
                              items_path=tmp_path / "one.jsonl")
     finally:
         torch.set_num_threads(threads)
+    mine, real = [], runmod.play
+
+    def slow_play(*args, **kw):  # this process plays slowly, so the worker (its own, unpatched module) takes some
+        mine.append(1)
+        time.sleep(4.0)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(runmod, "play", slow_play)
     two = evaluate_split(model, path, settings=settings, transcripts_dir=tmp_path / "t2", n_transcripts=2, progress=False,
                          items_path=tmp_path / "two.jsonl", workers=2, model_dir=fused_dir)
+    assert 1 <= len(mine) < 8  # the other process played the rest
     assert torch.get_num_threads() == threads  # this process's threads are given back
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()  # the same turns, in the same order
-    assert two == one and two["conversations"] == 5
+    assert two == one and two["conversations"] == 8
     assert sorted(p.name for p in (tmp_path / "t2").iterdir()) == sorted(p.name for p in (tmp_path / "t1").iterdir())
-    assert len(list((tmp_path / "t2").iterdir())) == 2  # conversation 1 was played (and written) by the other process
+    assert len(list((tmp_path / "t2").iterdir())) == 2
     with pytest.raises(ValueError, match="model_dir"):
         evaluate_split(model, path, settings=settings, progress=False, workers=2)

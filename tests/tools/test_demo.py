@@ -98,7 +98,8 @@ def test_ablation_writes_one_table_for_the_connectors(demo):
 
 
 def test_a_failing_phase_stops_the_demo_with_its_name(tmp_path):
-    p = run("demo.py", f"toy_dir={tmp_path / 'toy'}", f"out_dir={tmp_path / 'out'}", *REDUCED, "make_toy_overrides=['dit_lr=-1','mllm_hidden_size=nope']")
+    p = run("demo.py", f"toy_dir={tmp_path / 'toy'}", f"out_dir={tmp_path / 'out'}", *REDUCED, "make_toy_overrides=['dit_lr=-1','mllm_hidden_size=nope']",
+            "parallel=false")  # one phase after another (the branches side by side: the next test)
     assert p.returncode == 2
     assert "demo phase 'world' failed" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "out" / "report.json").exists()
