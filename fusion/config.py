@@ -945,9 +945,10 @@ class EvaluateConfig:
     own-encoder gain at t=0.7 read -0.015 / -0.154 / 0.163 on its first 16 / 64 / 160 (docs/toyworld_log.md), so few samples
     can flip the gain ratio; 160 cost 46 s on 2 CPU cores."""
     workers: int = 1
-    """Processes that play the conversations at once, each every ``workers``-th one on one torch thread (each loads the
-    model; a conversation's chat is seeded on its own, so the figures are those of one process). On 2 CPU cores two
-    one-thread processes do more than one two-thread process: the demo passes 2 (DemoConfig.eval_workers)."""
+    """Processes that play the conversations at once, each on one torch thread taking the next conversation not yet
+    taken (each loads the model; a conversation's chat is seeded on its own, so the figures are those of one process).
+    On 2 CPU cores two one-thread processes do more than one two-thread process (test split: 122 s against 218 s): the
+    demo passes 2 (DemoConfig.eval_workers)."""
     output_dir: str = "outputs/evaluate"
     """Where report.json, report.md and transcripts/ go."""
     device: str = "cpu"

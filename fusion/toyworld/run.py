@@ -8,6 +8,8 @@ images and text are scored by :class:`~fusion.toyworld.evaluate.Scorer`.
 from __future__ import annotations
 
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -105,20 +107,14 @@ def evaluate_split(model, path: str | Path, n: int | None = None, settings: Gene
     if workers > 1 and model_dir is None:
         raise ValueError("evaluate_split(workers > 1) needs model_dir: each worker process loads the model itself")
     workers = max(1, min(workers, len(convs)))
-    outputs: dict[int, list[TurnOutput]] = {}
     bar = tqdm(total=len(convs), desc="evaluate" if workers == 1 else f"evaluate ({workers} processes)", disable=not progress)
+    ctx = multiprocessing.get_context("spawn")
+    counter = ctx.Value("i", 0)  # the next conversation not yet taken, shared by every process
     if workers == 1:
-        for i in range(len(convs)):
-            outputs[i] = _play_one(model, convs, metas, i, path, settings, transcripts_dir, n_transcripts)
-            bar.update(1)
+        outputs = _play_claimed(model, convs, metas, counter, path, settings, transcripts_dir, n_transcripts, bar)
     else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         import torch
 
-        ctx = multiprocessing.get_context("spawn")
-        counter = ctx.Value("i", 0)
         with ProcessPoolExecutor(workers - 1, mp_context=ctx, initializer=_init_worker, initargs=(counter,)) as pool:
             futures = [pool.submit(_play_worker, str(model_dir), str(next(model.parameters()).device), str(path), n, settings,
                                    transcripts_dir, n_transcripts) for _ in range(workers - 1)]
