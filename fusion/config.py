@@ -859,7 +859,7 @@ class ChatUIConfig(ChatSettingsConfig):
             raise ConfigError(f"max_upload_mb must be positive, got {self.max_upload_mb}")
 
 
-BENCH_SECTIONS = ("cache", "cache_queries", "stage2_batching", "frame_labels", "connector_batching", "sampling_guidance", "overhead", "stage1_overhead", "packing", "generation")
+BENCH_SECTIONS = ("cache", "cache_queries", "stage2_batching", "frame_labels", "connector_batching", "sampling_guidance", "overhead", "stage1_overhead", "packing", "muon", "generation")
 
 
 @dataclass
@@ -867,7 +867,7 @@ class BenchConfig:
     """``tools/bench.py``: side-by-side measurements in one process (ratios, never absolute pass/fail)."""
 
     sections: list[str] = field(default_factory=lambda: list(BENCH_SECTIONS))
-    """What to measure (tools/bench.py's docstring): cache (stage 2 with/without the feature cache), stage2_batching (DiT passes per shape vs per sample), frame_labels (the frame head's labels memoised vs probed), connector_batching (the connector over a micro-batch in one call vs per sample), sampling_guidance (guidance passes batched vs separate), overhead (stage-2 fused step vs bare parts), stage1_overhead (stage-1 step vs bare forward/backward/optimizer on pre-rendered tensors), packing (stage 1 packed vs padded), generation."""
+    """What to measure (tools/bench.py's docstring): cache (stage 2 with/without the feature cache), stage2_batching (DiT passes per shape vs per sample), frame_labels (the frame head's labels memoised vs probed), connector_batching (the connector over a micro-batch in one call vs per sample), sampling_guidance (guidance passes batched vs separate), overhead (stage-2 fused step vs bare parts), stage1_overhead (stage-1 step vs bare forward/backward/optimizer on pre-rendered tensors), packing (stage 1 packed vs padded), muon (the toy DiT's Muon step, torch's vs grouped by shape), generation."""
     toy_dir: str = "checkpoints/toy"
     """The toy world (make_toy): its MLLM, Wan DiT and training data for cache / overhead / packing."""
     use_toy: bool = True

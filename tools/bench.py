@@ -41,6 +41,10 @@ drift on a noisy machine hits both alike):
                 trainer's cost per step.
 ``packing``     stage-1 tokens per second with packed rows vs right-padded rows vs one forward
                 per sample, on the same micro-batches; the padding fraction of each.
+``muon``        one optimizer step of the toy Wan's Muon (make_toy dit_optimizer=muon: its and its text encoder's
+                hidden matrices, as make_toy builds them, random gradients): ``torch.optim.Muon`` (one Newton-Schulz
+                orthogonalisation per matrix) vs ``GroupedMuon`` (one per matrix shape, the matrices stacked); the
+                largest weight difference after the same steps (0: bit for bit the same update).
 ``generation``  one answer with ``images`` images (``<|bov|>`` forced at fixed decode steps, so
                 every variant produces the same tokens) after ``history_turns`` earlier turns:
                 the KV-cached loop vs re-encoding the context at each image vs fully uncached;
@@ -576,6 +580,32 @@ def bench_generation(cfg: DictConfig, w: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------- tables
+def bench_muon(cfg: DictConfig) -> dict:
+    """torch.optim.Muon against GroupedMuon on the toy Wan's hidden matrices (make_toy's defaults), the same gradients."""
+    from fusion.config import MakeToyConfig
+    from fusion.toyworld.pretrain import GroupedMuon, toy_optimizers, toy_text_encoder, toy_tokenizer, toy_transformer
+
+    mt = MakeToyConfig()
+    side = mt.image_size // 2 ** (len(mt.vae_channels) - 1)
+    dit = toy_transformer("wan", 8, 64, coord_freqs=mt.dit_coord_freqs, patch=mt.dit_patch, latent_side=side)
+    enc = toy_text_encoder("wan", len(toy_tokenizer(mt.dit_text_length)), 64, mt.dit_text_layers)
+    hidden = toy_optimizers("muon", [dit, enc], mt.dit_lr)[0].param_groups[0]["params"]
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(p.shape, generator=g) for p in hidden]
+    kw = dict(lr=mt.dit_lr, weight_decay=0.0, adjust_lr_fn="match_rms_adamw")
+    weights = {name: [p.detach().clone() for p in hidden] for name in ("torch", "grouped")}
+    opts = {"torch": torch.optim.Muon(weights["torch"], **kw), "grouped": GroupedMuon(weights["grouped"], **kw)}
+    for name, ws in weights.items():
+        for w, grad in zip(ws, grads):
+            w.grad = grad
+
+    times = interleaved({name: opt.step for name, opt in opts.items()}, cfg.repeats * 10, warmup=2)
+    diff = max((a - b).abs().max().item() for a, b in zip(weights["torch"], weights["grouped"]))
+    st = {k: spread(v) for k, v in times.items()}
+    return {"step_seconds": st, "speedup": st["torch"]["median"] / st["grouped"]["median"], "matrices": len(hidden),
+            "shapes": len({tuple(sorted(p.shape)) for p in hidden}), "max_weight_diff": diff}
+
+
 def fmt(s: dict) -> str:
     return f"{s['median']:.3f} ({s['min']:.3f}-{s['max']:.3f})"
 
@@ -660,6 +690,14 @@ def markdown(results: dict) -> str:
         parts.append("### stage 1: packed sequences\n\n| layout | step s | tokens/s | padding |\n|---|---|---|---|\n" + rows +
                      f"\n\nMicro-batch {r['batch']}; packed / padded throughput {r['packed_vs_padded_throughput']:.2f}x "
                      f"(one row: {r['packed_one_row_vs_padded_throughput']:.2f}x).")
+    if "muon" in results:
+        r = results["muon"]
+        parts.append(
+            "### toy DiT pretraining: Muon's orthogonalisation per shape\n\n| variant | optimizer step s | ratio |\n|---|---|---|\n"
+            f"| torch.optim.Muon (one Newton-Schulz per matrix) | {fmt(r['step_seconds']['torch'])} | {r['speedup']:.2f}x slower |\n"
+            f"| GroupedMuon (one per shape, stacked; make_toy's) | {fmt(r['step_seconds']['grouped'])} | 1.00x |\n\n"
+            f"The toy Wan's and its text encoder's {r['matrices']} hidden matrices ({r['shapes']} shapes), the same gradients; "
+            f"largest weight difference after the same steps {r['max_weight_diff']:.1e}.")
     if "generation" in results:
         g = results["generation"]
         rows = "\n".join(f"| {k} | {g[k]['images']} | {g[k]['sequence_length']} | {g[k]['forwards_per_token']:.2f} | {fmt(g[k]['seconds'])} | "
@@ -684,7 +722,7 @@ def main(cfg: DictConfig) -> None:
            "frame_labels": lambda: bench_frame_labels(cfg, w), "connector_batching": lambda: bench_connector_batching(cfg, w),
            "sampling_guidance": lambda: bench_sampling_guidance(cfg, w), "overhead": lambda: bench_overhead(cfg, w),
            "stage1_overhead": lambda: bench_stage1_overhead(cfg, w), "packing": lambda: bench_packing(cfg, w),
-           "generation": lambda: bench_generation(cfg, w)}
+           "muon": lambda: bench_muon(cfg), "generation": lambda: bench_generation(cfg, w)}
     from hydra.core.hydra_config import HydraConfig
 
     command = " ".join(["python tools/bench.py", *HydraConfig.get().overrides.task])

@@ -546,7 +546,7 @@ def test_object_probe_labels_an_edit_with_the_object_its_words_name():
 
 
 def test_muon_takes_the_hidden_linear_weights_of_the_toy_dit_and_adamw_the_rest(tmp_path, toy_vae):
-    """dit_optimizer=muon: torch.optim.Muon over the DiT's and its encoder's hidden nn.Linear weights only (never
+    """dit_optimizer=muon: Muon (GroupedMuon) over the DiT's and its encoder's hidden nn.Linear weights only (never
     the output projection, embeddings, convolutions, norms, biases, the probe), AdamW over every other parameter;
     each parameter in exactly one; and a pretraining with it runs, records it and saves a loadable DiT."""
     from torch import nn
@@ -573,6 +573,34 @@ def test_muon_takes_the_hidden_linear_weights_of_the_toy_dit_and_adamw_the_rest(
                          coord_freqs=1, optimizer="muon")
     assert stats["optimizer"] == "muon" and 0 < stats["last_loss"] < float("inf")
     assert load_toy_generator("wan", tmp_path / "wan").transformer.config.num_layers == 4
+
+
+@pytest.mark.parametrize("nesterov, weight_decay", [(True, 0.0), (False, 0.1)])
+def test_grouped_muon_updates_every_matrix_exactly_as_torch_muon_does(nesterov, weight_decay):
+    """GroupedMuon orthogonalises the matrices of one shape together (tall ones transposed, as torch does): after
+    three steps on the toy Wan's and its encoder's hidden weights (five shapes, wide and tall) every weight and
+    momentum buffer equals torch.optim.Muon's bit for bit, and the step moved them."""
+    import copy
+
+    from fusion.toyworld.pretrain import GroupedMuon, toy_optimizers, toy_transformer
+
+    dit, enc = toy_transformer("wan", 4, 64, 2, coord_freqs=1), toy_text_encoder("wan", 40, 64, 1)
+    hidden = toy_optimizers("muon", [dit, enc], 1e-3)[0].param_groups[0]["params"]
+    assert len({tuple(p.shape) for p in hidden}) >= 4 and any(p.shape[0] > p.shape[1] for p in hidden)
+    ours, theirs = [p.detach().clone() for p in hidden], [p.detach().clone() for p in hidden]
+    start = copy.deepcopy(ours)
+    kw = dict(lr=4e-3, weight_decay=weight_decay, nesterov=nesterov, adjust_lr_fn="match_rms_adamw")
+    grouped, plain = GroupedMuon(ours, **kw), torch.optim.Muon(theirs, **kw)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        grouped.step()
+        plain.step()
+    for a, b, s in zip(ours, theirs, start):
+        assert torch.equal(a, b) and not torch.equal(a, s)
+        assert torch.equal(grouped.state[a]["momentum_buffer"], plain.state[b]["momentum_buffer"])
 
 
 def test_the_toy_mllm_pretrains_with_muon_on_its_hidden_layers_only(tmp_path):

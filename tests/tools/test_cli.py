@@ -292,6 +292,17 @@ def test_bench_connector_batching_reads_a_micro_batch_in_one_connector_call(made
     assert "in one call" in md
 
 
+def test_bench_muon_times_the_grouped_step_against_torchs_with_the_same_update(tmp_path):
+    """The muon section: the toy Wan's hidden matrices stepped by torch.optim.Muon and by GroupedMuon from the same
+    weights and gradients end bit for bit equal; both times and their ratio are reported (not asserted: noisy)."""
+    p = run("bench.py", "use_toy=false", "sections=[muon]", "repeats=1", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "bench.json").read_text())["muon"]
+    assert r["max_weight_diff"] == 0.0 and r["matrices"] > r["shapes"] > 1 and r["speedup"] > 0
+    assert len(r["step_seconds"]["torch"]["all"]) == 10
+    assert "Muon's orthogonalisation per shape" in (tmp_path / "bench.md").read_text()
+
+
 @pytest.mark.slow
 def test_bench_training_sections_reduced(made, tmp_path):
     """The stage-1/2 sections run end to end on the tiny checkpoints (figures not asserted: the machine is noisy)."""
