@@ -454,6 +454,9 @@ class StageConfig:
     """align: steps between conditioning-gain measurements (loss with true vs zero vs shuffled states on a fixed batch, fusion/gain.py); 0: never."""
     gain_samples: int = 16
     """align: conversations in the fixed gain batch (held out of training when the data has at least 10x as many)."""
+    gain_rows: int = 32
+    """align: rows (sample, t, condition) per no-grad DiT pass of the gain measurement (fusion.gain.conditioning_gain);
+    lower it where a large DiT runs out of memory there. Toy world: 2.1 s instead of 4.1 s with one row a pass."""
     frame_select: str = "all"
     """align: which earlier images become the DiT's condition frames: all, latest (the most recent one) or learned (a small head on the MLLM's states picks one, or none, trained in stage 2 from which frame the DiT's own flow loss prefers; fusion/frames.py)."""
     frame_select_t: float = 0.8
@@ -565,6 +568,8 @@ class StageConfig:
                               f"got {self.erosion_warn}")
         if self.gain_every and self.gain_samples < 2:
             raise ConfigError(f"stage.gain_samples must be >= 2 (one to shuffle with), got {self.gain_samples}")
+        if self.gain_rows < 1:
+            raise ConfigError(f"stage.gain_rows must be >= 1 (rows per DiT pass of the gain measurement), got {self.gain_rows}")
         if self.lr <= 0 or self.max_steps <= 0 or self.micro_batch_size <= 0 or self.grad_accum <= 0:
             raise ConfigError("stage.lr, stage.max_steps, stage.micro_batch_size and stage.grad_accum must be positive")
 
@@ -943,7 +948,10 @@ class EvaluateConfig:
     """Conversations (with an assistant image) of the split on which the conditioning gain is measured (0: skip).
     The gain at one t is a ratio of mean losses with heavy-tailed samples: on the toy world's test split the DiT's
     own-encoder gain at t=0.7 read -0.015 / -0.154 / 0.163 on its first 16 / 64 / 160 (docs/toyworld_log.md), so few samples
-    can flip the gain ratio; 160 cost 46 s on 2 CPU cores."""
+    can flip the gain ratio; 160 cost 46 s on 2 CPU cores with one DiT pass per row (gain_rows)."""
+    gain_rows: int = 32
+    """Rows (sample, t, condition) per no-grad DiT pass of the gain measurement (fusion.gain.conditioning_gain); lower
+    it where a large DiT runs out of memory there."""
     workers: int = 1
     """Processes that play the conversations at once, each on one torch thread taking the next conversation not yet
     taken (each loads the model; a conversation's chat is seeded on its own, so the figures are those of one process).
@@ -957,6 +965,8 @@ class EvaluateConfig:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ConfigError(f"workers must be at least 1, got {self.workers}")
+        if self.gain_rows < 1:
+            raise ConfigError(f"gain_rows must be at least 1 (rows per DiT pass of the gain measurement), got {self.gain_rows}")
         if self.split not in ("val", "test"):
             raise ConfigError(f"split must be val or test, got {self.split!r}")
 

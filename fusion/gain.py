@@ -41,21 +41,21 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from backbones.generator.base import DiTRow
 from fusion.flow import add_noise, target_velocity
 
 DEFAULT_TS = (0.3, 0.5, 0.7, 0.9)
 
 
-def _loss(gen, target, cond, states, mask, t, noise) -> float:
-    x_t = add_noise(target, noise, t)
-    v = gen.velocity(x_t, t, cond, states.to(gen.dtype), mask)
-    return float(nn.functional.mse_loss(v.float(), target_velocity(target, noise).float()))
-
-
 @torch.no_grad()
-def conditioning_gain(model, samples: Sequence, ts: Sequence[float] = DEFAULT_TS, seed: int = 0) -> dict[str, float]:
+def conditioning_gain(model, samples: Sequence, ts: Sequence[float] = DEFAULT_TS, seed: int = 0, batch: bool = True,
+                      rows_per_pass: int = 8) -> dict[str, float]:
     """Losses with true / zero / shuffled states (and the reference encoder's, when the model has one)
-    at each ``t`` in ``ts``, averaged over ``samples`` (prepared :class:`fusion.model.AlignSample`)."""
+    at each ``t`` in ``ts``, averaged over ``samples`` (prepared :class:`fusion.model.AlignSample`).
+
+    Every (sample, t, condition) is one row of :meth:`~backbones.generator.base.FlowGenerator.batched_velocity`:
+    rows that share a shape go through the DiT together, ``rows_per_pass`` at most, each row's velocity the one it gets
+    alone to float tolerance (``batch=False``: one DiT pass per row, the reference; tested equal)."""
     if len(samples) < 2:
         raise ValueError("the conditioning gain needs at least 2 samples (one to shuffle with)")
     gen = model.generator
@@ -68,17 +68,18 @@ def conditioning_gain(model, samples: Sequence, ts: Sequence[float] = DEFAULT_TS
         teacher = getattr(model, "teacher", None)
         refs = [model._teacher_states(s.request) if teacher is not None and s.request else None for s in samples]
         oracles = [_oracle(model, s, ref, st) if ref is not None else None for s, ref, (st, _) in zip(samples, refs, conds)]
-        sums: dict[str, float] = {}
+        rows, keys, targets = [], [], []  # targets: (target, noise) of each row's sample and t
         g = torch.Generator().manual_seed(seed)
         for i, s in enumerate(samples):
             target = s.target[None].to(dev)
             frames = model.condition_frames(s)  # as generation picks them (stage.frame_select)
-            cond = None if frames is None else frames[None].to(dev)
+            cond = None if frames is None else frames.to(dev)
             states, mask = conds[i]
             other_states, other_mask = conds[(i + 1) % len(conds)]
             for tv in ts:
                 noise = torch.randn(target.shape, generator=g).to(dev)
                 t = torch.full((1,), float(tv), device=dev)
+                x_t = add_noise(target, noise, t)[0]
                 parts = {"true": (states, mask), "zero": (torch.zeros_like(states), mask), "shuffled": (other_states, other_mask)}
                 if refs[i] is not None:
                     parts["reference"] = refs[i]
@@ -87,9 +88,18 @@ def conditioning_gain(model, samples: Sequence, ts: Sequence[float] = DEFAULT_TS
                     parts["reference_real"] = (real, torch.ones(real.shape[:2], dtype=torch.long, device=real.device))
                 if oracles[i] is not None:
                     parts["oracle"] = (oracles[i], mask)
+                targets.append((target[0], noise[0]))
                 for name, (st, mk) in parts.items():
-                    key = f"loss_{name}@{tv:g}"
-                    sums[key] = sums.get(key, 0.0) + _loss(gen, target, cond, st, mk, t, noise)
+                    rows.append(DiTRow(x_t, t[0], cond, st[0].to(gen.dtype), None if mk is None else mk[0]))
+                    keys.append((f"loss_{name}@{tv:g}", len(targets) - 1))
+        velocities = []
+        for start in range(0, len(rows), rows_per_pass):
+            velocities += gen.batched_velocity(rows[start : start + rows_per_pass], batch=batch)[0]
+        sums: dict[str, float] = {}
+        for (key, j), v in zip(keys, velocities):
+            target, noise = targets[j]
+            loss = float(nn.functional.mse_loss(v.float(), target_velocity(target, noise).float()))
+            sums[key] = sums.get(key, 0.0) + loss
         n_ref, n_oracle = sum(r is not None for r in refs), sum(o is not None for o in oracles)
         out = {k: v / (n_ref if k.startswith("loss_reference") else n_oracle if k.startswith("loss_oracle") else len(samples))
                for k, v in sums.items()}

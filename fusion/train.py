@@ -597,7 +597,7 @@ class Trainer:
         samples = self._gain_samples()
         if len(samples) < 2:
             return {}
-        gain = conditioning_gain(self.model, samples)
+        gain = conditioning_gain(self.model, samples, rows_per_pass=self.cfg.stage.gain_rows)
         st = self.cfg.stage
         if not self.is_main:
             return gain

@@ -27,7 +27,7 @@ from fusion.errors import DataError
 register_configs()
 
 
-def measure_gain(model, path: Path, n: int) -> dict | None:
+def measure_gain(model, path: Path, n: int, rows_per_pass: int = 32) -> dict | None:
     """The conditioning gain (fusion/gain.py) on the first ``n`` conversations of ``path`` with an assistant image,
     with the reference of the DiT's own text encoder when the generator the model was trained from still has one."""
     import torch
@@ -43,7 +43,7 @@ def measure_gain(model, path: Path, n: int) -> dict | None:
     if model.teacher is None and source and TextEncoder.has_one(source):
         model.set_teacher(TextEncoder.from_pretrained(source, device=model.generator.device))
     g = torch.Generator().manual_seed(0)
-    gain = conditioning_gain(model, [model.prepare_align_sample(load_images(c), g) for c in convs])
+    gain = conditioning_gain(model, [model.prepare_align_sample(load_images(c), g) for c in convs], rows_per_pass=rows_per_pass)
     print(summary_line(gain))
     return gain
 
@@ -68,13 +68,15 @@ def main(cfg: DictConfig) -> None:
             raise DataError(f"no {cfg.split} split here (make it with python tools/make_toy.py, or pass seed=N for a fresh one)", str(path))
     model = FusedModel.from_pretrained(cfg.model, device=cfg.device)
     settings = GenerationSettings(steps=cfg.steps, guidance=cfg.guidance, image_guidance=cfg.image_guidance, max_new_tokens=cfg.max_new_tokens)
+    gains = []  # measured by this process while the other workers play (evaluate_split's beside)
     report = evaluate_split(model, path, cfg.n, settings, out / "transcripts", cfg.transcripts, items_path=out / "items.jsonl",
-                            workers=cfg.workers, model_dir=cfg.model)
+                            workers=cfg.workers, model_dir=cfg.model,
+                            beside=(lambda: gains.append(measure_gain(model, path, cfg.gain_samples, cfg.gain_rows))) if cfg.gain_samples else None)
     report["model"], report["data"] = cfg.model, str(path)
     report["settings"] = {"steps": settings.steps, "guidance": settings.guidance, "image_guidance": settings.image_guidance}
     report["negative"] = resolve_negative(settings.negative, model.trained_negative)  # negative=auto: what stage 2 trained with
-    if cfg.gain_samples:
-        gain = report["conditioning_gain"] = measure_gain(model, path, cfg.gain_samples)
+    if gains:
+        gain = report["conditioning_gain"] = gains[0]
         if gain is not None:  # headline figures at t=0.7 and 0.9: the fused model's gain, its DiT's own-encoder gain, their ratio
             report.update(gain_ratios(gain))  # the ratio is None (undefined) where the DiT's own gain is under RATIO_FLOOR
     write_text_atomic(out / "report.json", json.dumps(report, indent=2))

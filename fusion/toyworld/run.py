@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -92,14 +93,18 @@ def _play_worker(model_dir: str, device: str, path: str, n: int | None, settings
 
 def evaluate_split(model, path: str | Path, n: int | None = None, settings: GenerationSettings | None = None,
                    transcripts_dir: str | Path | None = None, n_transcripts: int = 3, progress: bool = True,
-                   items_path: str | Path | None = None, workers: int = 1, model_dir: str | Path | None = None) -> dict:
+                   items_path: str | Path | None = None, workers: int = 1, model_dir: str | Path | None = None,
+                   beside: Callable[[], object] | None = None) -> dict:
     """Scores of ``model`` (a FusedModel) on the first ``n`` conversations of a split file; ``items_path``: also one
     JSON line per assistant turn there (what was due, what was drawn read back, the text; :func:`turn_record`).
 
     ``workers`` > 1: the conversations are played in that many processes at once (this one and ``workers - 1`` others
     that load the model from ``model_dir``), each on one torch thread, each taking the next conversation not yet taken;
     each conversation's chat is seeded on its own (:class:`GenerationSettings`), so the scores are those of one process
-    up to the rounding of other thread counts. Scoring, the items and the report are the same code either way."""
+    up to the rounding of other thread counts. Scoring, the items and the report are the same code either way.
+
+    ``beside``: other work of this process (tools/evaluate.py: the conditioning gain), run before it takes any
+    conversation, so with ``workers`` > 1 on one thread while the others play (they take more conversations meanwhile)."""
     from fusion.atomic import write_text_atomic
 
     path = Path(path)
@@ -111,6 +116,8 @@ def evaluate_split(model, path: str | Path, n: int | None = None, settings: Gene
     ctx = multiprocessing.get_context("spawn")
     counter = ctx.Value("i", 0)  # the next conversation not yet taken, shared by every process
     if workers == 1:
+        if beside is not None:
+            beside()
         outputs = _play_claimed(model, convs, metas, counter, path, settings, transcripts_dir, n_transcripts, bar)
     else:
         import torch
@@ -121,6 +128,8 @@ def evaluate_split(model, path: str | Path, n: int | None = None, settings: Gene
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
             try:
+                if beside is not None:
+                    beside()
                 outputs = _play_claimed(model, convs, metas, counter, path, settings, transcripts_dir, n_transcripts, bar)
             finally:
                 torch.set_num_threads(threads)

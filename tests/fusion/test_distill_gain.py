@@ -148,6 +148,21 @@ def test_gain_reads_zero_when_the_connector_says_nothing_and_is_deterministic(ti
         conditioning_gain(model, samples[:1])
 
 
+def test_gain_in_batched_passes_equals_one_pass_per_row(tiny_dir, convs):
+    """conditioning_gain runs its (sample, t, condition) rows through the DiT a few at a time (rows_per_pass): every
+    loss and gain equals the one-row-a-pass reference to float tolerance, whatever the pass size, with a reference
+    encoder and the oracle in the rows too (their lengths differ from the connector's)."""
+    from fusion.gain import conditioning_gain
+
+    model, samples = with_teacher(tiny_dir, convs, "last_mlp")
+    ref = conditioning_gain(model, samples, ts=(0.3, 0.7), batch=False, rows_per_pass=1)
+    assert {"loss_reference@0.7", "loss_reference_real@0.7", "loss_oracle@0.7", "loss_shuffled@0.3"} <= set(ref)
+    for rows in (3, 64):
+        got = conditioning_gain(model, samples, ts=(0.3, 0.7), rows_per_pass=rows)
+        assert set(got) == set(ref)
+        assert all(got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6) for k in ref), rows
+
+
 def test_gain_with_the_dits_own_encoder_as_reference(tiny_dir, convs):
     from backbones.generator.text_encoder import TextEncoder
     from fusion.gain import conditioning_gain, summary_line

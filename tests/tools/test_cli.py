@@ -366,7 +366,7 @@ def test_evaluate_on_a_fresh_split_reports_every_metric(fused_dir, tmp_path):
 def test_evaluation_in_two_processes_scores_what_one_does(fused_dir, tmp_path, monkeypatch):
     """workers=2: a second process that loads the model itself plays the conversations beside this one (each takes the
     next one not yet taken); the items, the scores and the transcripts are those of one process (both on one thread
-    here, so bit for bit)."""
+    here, so bit for bit); this process's other work (``beside``) runs first, on one thread."""
     import torch
 
     from fusion.generate import GenerationSettings
@@ -393,8 +393,11 @@ def test_evaluation_in_two_processes_scores_what_one_does(fused_dir, tmp_path, m
         return real(*args, **kw)
 
     monkeypatch.setattr(runmod, "play", slow_play)
+    beside = []  # this process's other work (evaluate.py: the gain), before it takes a conversation, on one thread
     two = evaluate_split(model, path, settings=settings, transcripts_dir=tmp_path / "t2", n_transcripts=2, progress=False,
-                         items_path=tmp_path / "two.jsonl", workers=2, model_dir=fused_dir)
+                         items_path=tmp_path / "two.jsonl", workers=2, model_dir=fused_dir,
+                         beside=lambda: beside.append((torch.get_num_threads(), len(mine))))
+    assert beside == [(1, 0)]
     assert 1 <= len(mine) < 8  # the other process played the rest
     assert torch.get_num_threads() == threads  # this process's threads are given back
     assert (tmp_path / "two.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()  # the same turns, in the same order
