@@ -432,7 +432,7 @@ def bench_stage1_overhead(cfg: DictConfig, w: dict) -> dict:
 
     model = bare_model
     params = [p for p in model.mllm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, foreach=True)  # as the trainer's
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)  # as the trainer's
     mllm = model.mllm
     order = trainer.sampler.indices(0)
     batches = [[rendered[i] for i in order[k : k + cfg.sft_batch]] for k in range(0, len(order) - cfg.sft_batch + 1, cfg.sft_batch)]

@@ -566,7 +566,7 @@ class GroupedMuon(torch.optim.Muon):
 
 def toy_optimizers(kind: str, modules: list, lr: float, plain: tuple = (), outputs: tuple[str, ...] = ("proj_out", "lm_head")) -> list:
     """The optimizers of a toy backbone's pretraining over the parameters of ``modules`` and ``plain``.
-    ``adamw``: AdamW over every parameter. ``muon``: ``torch.optim.Muon`` (orthogonalised momentum, its update
+    ``adamw``: AdamW over every parameter. ``muon``: Muon (:class:`GroupedMuon`, ``torch.optim.Muon``'s update: orthogonalised momentum,
     scaled to AdamW's RMS so ``lr`` means the same) over the weights of the hidden ``nn.Linear`` layers of
     ``modules``, AdamW over the rest: embeddings, convolutions, norms, modulation tables, biases, the output layers
     (named ``outputs``) and every parameter of ``plain`` (Muon is for hidden 2-D weights only)."""

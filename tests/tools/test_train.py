@@ -83,7 +83,7 @@ def test_guarded_adamw_clips_like_torch_and_skips_nonfinite_steps():
     a = [torch.nn.Parameter(torch.randn(20, 10)) for _ in range(3)]
     b = [torch.nn.Parameter(p.detach().clone()) for p in a]
     grads = [torch.randn(20, 10) * 5 for _ in a]
-    guarded, plain = GuardedAdamW(a, lr=0.1, foreach=True), torch.optim.AdamW(b, lr=0.1)
+    guarded, plain = GuardedAdamW(a, lr=0.1, fused=True), torch.optim.AdamW(b, lr=0.1)  # fused, as the trainer builds it
     guarded.clip_norm = 1.0
     for p, q, g in zip(a, b, grads):
         p.grad, q.grad = g.clone(), g.clone()
