@@ -763,7 +763,8 @@ class Trainer:
         if outside:  # DeepSpeed clears, reduces and checkpoints only what it wraps: such a part's gradients would sum forever
             raise ConfigError(f"stage={st.name}: {', '.join(outside)} would train outside the module DeepSpeed wraps "
                               f"(stage.trainable / lr_scale); that part does not train in this stage")
-        optimizer = self.inner_optimizer = GuardedAdamW(groups, betas=(0.9, 0.999), eps=1e-8, fused=True)  # one kernel (CPUs and GPUs): 3-4x the foreach step here
+        optimizer = self.inner_optimizer = GuardedAdamW(groups, betas=(0.9, 0.999), eps=1e-8,
+                                                             **({"fused": True} if st.adam_fused else {"foreach": True}))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multipliers(st, [g["name"] for g in groups]))
         ds = deepspeed_config(self.cfg.deepspeed, st, self.device, self.world)
         if ds["zero_optimization"]["stage"] != self.cfg.deepspeed.zero_stage and self.is_main:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
@@ -155,3 +156,16 @@ def test_toy_align_with_each_ablated_connector_composes_and_its_distillation_fit
     # the window after the last image for every connector that reads the context's states (FusedModel.build refuses it
     # to query connectors)
     assert (cfg.stage.connector_span == "since_image") == (not getattr(conn, "uses_queries", False)), connector
+
+
+def test_the_toy_recipe_keeps_foreach_adamw_in_stage_1_and_fuses_it_elsewhere():
+    """stage.adam_fused (default true) picks the AdamW kernel the trainer builds; the toy recipe's stage 1 keeps torch's
+    foreach one, with which its figures were measured (conf/experiment/toy_sft.yaml), and stage 2 takes the default."""
+    from fusion.train import GuardedAdamW
+
+    assert _compose("config", ["experiment=toy_sft"]).stage.adam_fused is False
+    assert _compose("config", ["experiment=toy_align"]).stage.adam_fused is True
+    p = [torch.nn.Parameter(torch.zeros(2, 2))]
+    for fused in (True, False):  # the trainer's call (Trainer._setup_engine)
+        opt = GuardedAdamW(p, **({"fused": True} if fused else {"foreach": True}))
+        assert bool(opt.param_groups[0]["fused"]) is fused and bool(opt.param_groups[0]["foreach"]) is not fused
