@@ -92,14 +92,13 @@ def conditioning_gain(model, samples: Sequence, ts: Sequence[float] = DEFAULT_TS
                 for name, (st, mk) in parts.items():
                     rows.append(DiTRow(x_t, t[0], cond, st[0].to(gen.dtype), None if mk is None else mk[0]))
                     keys.append((f"loss_{name}@{tv:g}", len(targets) - 1))
-        velocities = []
-        for start in range(0, len(rows), rows_per_pass):
-            velocities += gen.batched_velocity(rows[start : start + rows_per_pass], batch=batch)[0]
         sums: dict[str, float] = {}
-        for (key, j), v in zip(keys, velocities):
-            target, noise = targets[j]
-            loss = float(nn.functional.mse_loss(v.float(), target_velocity(target, noise).float()))
-            sums[key] = sums.get(key, 0.0) + loss
+        for start in range(0, len(rows), rows_per_pass):  # each pass's losses at once: no velocity outlives its pass
+            velocities = gen.batched_velocity(rows[start : start + rows_per_pass], batch=batch)[0]
+            for (key, j), v in zip(keys[start : start + rows_per_pass], velocities):
+                target, noise = targets[j]
+                loss = float(nn.functional.mse_loss(v.float(), target_velocity(target, noise).float()))
+                sums[key] = sums.get(key, 0.0) + loss
         n_ref, n_oracle = sum(r is not None for r in refs), sum(o is not None for o in oracles)
         out = {k: v / (n_ref if k.startswith("loss_reference") else n_oracle if k.startswith("loss_oracle") else len(samples))
                for k, v in sums.items()}
