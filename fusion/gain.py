@@ -49,7 +49,7 @@ DEFAULT_TS = (0.3, 0.5, 0.7, 0.9)
 
 @torch.no_grad()
 def conditioning_gain(model, samples: Sequence, ts: Sequence[float] = DEFAULT_TS, seed: int = 0, batch: bool = True,
-                      rows_per_pass: int = 8) -> dict[str, float]:
+                      rows_per_pass: int = 32) -> dict[str, float]:
     """Losses with true / zero / shuffled states (and the reference encoder's, when the model has one)
     at each ``t`` in ``ts``, averaged over ``samples`` (prepared :class:`fusion.model.AlignSample`).
 

@@ -27,7 +27,7 @@ from fusion.errors import DataError
 register_configs()
 
 
-def measure_gain(model, path: Path, n: int, rows_per_pass: int = 32) -> dict | None:
+def measure_gain(model, path: Path, n: int, rows_per_pass: int) -> dict | None:
     """The conditioning gain (fusion/gain.py) on the first ``n`` conversations of ``path`` with an assistant image,
     with the reference of the DiT's own text encoder when the generator the model was trained from still has one."""
     import torch

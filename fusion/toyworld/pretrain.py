@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim._muon import _adjust_lr as muon_lr  # torch's per-shape Muon rate (GroupedMuon applies it as Muon does)
 from tqdm.auto import tqdm
 
 from fusion import cpushare
@@ -532,8 +533,6 @@ class GroupedMuon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        from torch.optim._muon import _adjust_lr
-
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -560,7 +559,7 @@ class GroupedMuon(torch.optim.Muon):
                     x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
                 for (p, tall, _), u in zip(members, x):
                     p.mul_(1 - lr * wd)
-                    p.add_(u.T if tall else u, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))
+                    p.add_(u.T if tall else u, alpha=-muon_lr(lr, group["adjust_lr_fn"], p.shape))
         return loss
 
 
