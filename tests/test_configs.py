@@ -97,6 +97,7 @@ def test_wrong_type_names_the_key():
         (["stage=align", "stage.frame_select=first"], "stage.frame_select"),
         (["stage=align", "stage.frame_select_t=0"], "stage.frame_select_t"),
         (["stage=align", "stage.frame_label_draws=0"], "stage.frame_label_draws"),
+        (["stage=align", "stage.gain_rows=0"], "stage.gain_rows"),
         (["stage=align", "stage.distill_data=/x.jsonl"], "stage.distill_steps"),
         (["stage=align", "stage.distill_data=/x.jsonl", "stage.distill_steps=5"], "stage.distill_target"),
         (["stage=align", "stage.distill_data=/x.jsonl", "stage.distill_steps=5", "stage.distill_target=aligned",
@@ -107,6 +108,12 @@ def test_impossible_combinations_fail_validation(overrides, key):
     cfg = _compose("config", overrides)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg)
+
+
+def test_evaluate_refuses_no_rows_a_gain_pass():
+    cfg = _compose("evaluate", ["model=x", "gain_rows=0", "output_dir=x"])  # tools/evaluate.py checks its schema with OmegaConf.to_object
+    with pytest.raises(ConfigError, match="gain_rows"):
+        OmegaConf.to_object(cfg)
 
 
 @pytest.mark.parametrize("seeds", ["[]", "[0,0]"])
