@@ -355,6 +355,13 @@ class StageConfig:
     """Linear warm-up steps."""
     max_steps: int = 100
     """Optimizer steps."""
+    stop_before_generator: bool = False
+    """align: stop, with a checkpoint, before the first step that runs the generator (the flow loss, the velocity
+    distillation target, the learned frame head): no export; the same command without it goes on from there
+    (``resume=auto``; the schedule is that of ``max_steps``). With ``resume_generator=folder`` that run may read
+    another copy of the generator: ``make demo`` runs stage 2's distillation warm-up (connector only) this way on the
+    toy DiT's early snapshot, beside the DiT's last pretraining steps (tools/demo.py). Such a run measures no conditioning
+    gain (the copy it would measure need not be the one the run goes on with)."""
     micro_batch_size: int = 1
     """Samples per rank per forward."""
     grad_accum: int = 1
@@ -576,6 +583,8 @@ class StageConfig:
             raise ConfigError(f"stage.gain_rows must be >= 1 (rows per DiT pass of the gain measurement), got {self.gain_rows}")
         if self.lr <= 0 or self.max_steps <= 0 or self.micro_batch_size <= 0 or self.grad_accum <= 0:
             raise ConfigError("stage.lr, stage.max_steps, stage.micro_batch_size and stage.grad_accum must be positive")
+        if self.stop_before_generator and self.name != "align":
+            raise ConfigError("stage.stop_before_generator is for stage=align (it stops before the first step that runs the generator)")
 
 
 # ---------------------------------------------------------------------------- deepspeed
@@ -694,6 +703,13 @@ class Config:
     """stage=align: the stage-1 output (run folder or its final/ export), or 'base' to align the base MLLM."""
     resume: str = "auto"
     """auto (newest complete checkpoint in output_dir, if any), never, or a checkpoint folder."""
+    resume_generator: str = "checkpoint"
+    """stage=align, on resume: the generator's weights from the checkpoint (``checkpoint``) or as this run loaded them
+    from ``generator.path`` (``folder``): for a checkpoint written while the generator had not yet moved (step <=
+    ``stage.generator_frozen_steps``) by a run that never ran it (``stage.stop_before_generator``) and read another copy
+    of it, such as ``make demo``'s distillation warm-up beside the toy DiT's pretraining (tools/demo.py). The distillation teacher (``generator.path/text_encoder``)
+    must be the one the checkpoint's run read; ZeRO stage 0 without bf16 only (the other ZeRO stages and bf16 keep
+    master copies of the weights that a swap would not reach)."""
     stages: list[str] = field(default_factory=lambda: ["sft", "align"])
     """The experiment's stage configs in order (conf/stage/ names): tools/plan.py plans each; tools/train.py runs the one in ``stage``."""
 
@@ -1121,6 +1137,11 @@ class MakeToyConfig:
     a fifth more (0.214 against 0.179 s side by side; docs/toyworld_log.md, "Muon for the toy DiT")."""
     dit_eval_n: int = 64
     """Held-out scenes and edits each sampled (20 steps, guidance 3) to score the pretrained toy DiT."""
+    dit_text_freeze: float = 0.5
+    """Toy DiTs: the share of ``dit_steps`` after which their text encoder stops training (the DiT trains on with it
+    frozen, as published DiTs train on a frozen encoder) and the generator folder as it stands is written to
+    ``<out_dir>/<family>_early``: stage 2's distillation warm-up reads only that encoder, so ``make demo`` runs the warm-up
+    from there beside the DiT's remaining steps (tools/demo.py). 0: the encoder trains with the DiT throughout."""
 
     def __post_init__(self) -> None:
         bad = [f for f in self.dit_families if f not in ("wan", "cosmos", "sana")]
@@ -1149,6 +1170,11 @@ class MakeToyConfig:
                 raise ConfigError(f"{key} must be one of {TOY_OPTIMIZERS}, got {getattr(self, key)!r}")
         if not 0 <= self.dit_ema < 1:
             raise ConfigError(f"dit_ema: {self.dit_ema} must be in [0, 1)")
+        if not 0 <= self.dit_text_freeze < 1:
+            raise ConfigError(f"dit_text_freeze: {self.dit_text_freeze} must be in [0, 1) (a share of dit_steps; 0: off)")
+        if self.dit_text_freeze and self.dit_ema:
+            raise ConfigError("dit_text_freeze with dit_ema: the averaged text encoder saved would not be the one written at the freeze "
+                              "step; set one of them to 0")
         if self.dit_t_shift <= 0:
             raise ConfigError(f"dit_t_shift: {self.dit_t_shift} must be > 0")
         if self.dit_copy_heads < 0 or (self.dit_copy_heads and not self.dit_coord_freqs):
@@ -1198,6 +1224,12 @@ class DemoConfig:
     (9512e89), the VAE bit for bit the same, the toy Wan's flow loss on edits 0.0186 / 0.0196 against 0.0183 / 0.0193 and
     every demo goal met. With the VAE beside the MLLM too (on one thread) it reconstructed a third worse and the toy Wan
     learnt less (recolour 0.739): docs/toyworld_log.md, "The world and stage 1 side by side"."""
+    align_beside_world: bool = True
+    """With ``parallel``: stage 2's distillation warm-up (the steps that train the connector alone onto the toy DiT's
+    own text encoder, ``stage.stop_before_generator``) runs after stage 1 in the same branch, beside the toy DiT's last
+    steps, from the DiT's early snapshot (``<toy_dir>/<family>_early``, written when its text encoder stops training:
+    make_toy's ``dit_text_freeze``); stage 2 then goes on from there on the finished DiT (``resume_generator=folder``).
+    false: all of stage 2 after the world."""
     sft_steps: int = 3000
     """Stage-1 steps. 3000 rather than 1500: the toy MLLM writes more of the step-by-step answers' "Now <object>."
     lines right with the true prefix (docs/toyworld_log.md; docs/dev/toy_sft_lines.py)."""

@@ -553,25 +553,37 @@ class FusedModel(nn.Module):
         self.__dict__["_teacher"] = teacher
         self.__dict__["_teacher_memo"] = {}
 
-    def distill_phase(self) -> tuple[float, float]:
-        """(flow weight, distillation weight) at the current step (``self.step``, set by the trainer).
+    def distill_phase(self, step: int | None = None) -> tuple[float, float]:
+        """(flow weight, distillation weight) at ``step`` (default: the current one, ``self.step``, set by the trainer).
 
         ``stage.distill_steps`` first steps: distillation alone (a warm-up in which the connector learns
         to say what the DiT already reads); afterwards ``1`` and ``stage.distill_weight``."""
         s = self.settings
         steps, weight = int(s.get("distill_steps", 0) or 0), float(s.get("distill_weight", 0.0) or 0.0)
-        if self.step < steps:
+        if (self.step if step is None else step) < steps:
             return 0.0, 1.0
         return 1.0, weight
 
-    def distill_target(self) -> str:
-        """The distillation target at the current step: ``stage.distill_target``, or ``stage.distill_target_late``
-        from step ``stage.distill_target_switch`` on."""
+    def distill_target(self, step: int | None = None) -> str:
+        """The distillation target at ``step`` (default: the current one): ``stage.distill_target``, or
+        ``stage.distill_target_late`` from step ``stage.distill_target_switch`` on."""
         s = self.settings
         late = s.get("distill_target_late")
-        if late and self.step >= int(s.get("distill_target_switch", 0) or 0):
+        if late and (self.step if step is None else step) >= int(s.get("distill_target_switch", 0) or 0):
             return late
         return s.get("distill_target", "velocity")
+
+    def _states_only(self, step: int | None = None) -> bool:
+        """Whether the stage-2 loss at ``step`` is a distillation on the states alone (flow weight 0, no alignment loss): no DiT pass."""
+        w_flow, _ = self.distill_phase(step) if self.teacher is not None else (1.0, 0.0)
+        return w_flow == 0 and self.distill_target(step) in ("states", "set", "aligned") and not getattr(self.connector, "align_weight", 0.0)
+
+    def reads_generator(self, step: int) -> bool:
+        """Whether stage 2's step ``step`` trains on the generator's outputs (the flow loss, the velocity distillation
+        target): what the connector learns then answers this copy of the generator (stage.stop_before_generator,
+        resume_generator). The learned frame head's labels (stage.frame_select=learned) are not counted: they name which
+        earlier picture a request refers to, which a copy part-way through the same pretraining names alike."""
+        return not self._states_only(step)
 
     def _teacher_states(self, request: str):
         """The frozen teacher's (states, mask) of one request, memoised (a data set repeats its requests every epoch)."""
@@ -630,8 +642,7 @@ class FusedModel(nn.Module):
         if (s.get("batching", "packed") == "packed" or self.frame_selector is not None) and not getattr(self.connector, "uses_queries", False):
             samples = self.packed_context_states(samples)  # (the frame selector reads these states too)
         align_w = getattr(self.connector, "align_weight", 0.0)
-        # a warm-up on the states alone (flow weight 0, no alignment loss) needs no DiT pass: only the connector trains
-        states_only = w_flow == 0 and distill_target in ("states", "set", "aligned") and not align_w
+        states_only = self._states_only()  # a warm-up on the states alone needs no DiT pass: only the connector trains
         plans = []
         batched = s.get("dit_batching", "grouped") == "grouped"
         batched_queries = self.queries_from_cache(samples)

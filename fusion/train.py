@@ -91,6 +91,14 @@ def setup_distributed() -> tuple[int, int, str]:
     return rank, world, device
 
 
+def teacher_fingerprint(generator_path: str | Path) -> str:
+    """The distillation teacher's identity: its ``text_encoder/`` and ``tokenizer/`` (every file; a hub id stands for itself)."""
+    from fusion.feature_cache import folder_fingerprint
+
+    root = Path(generator_path)
+    return f"{folder_fingerprint(root / 'text_encoder')}:{folder_fingerprint(root / 'tokenizer')}"
+
+
 def zero_stage_for(ds: DictConfig, world: int) -> int:
     """The ZeRO stage a run uses: as configured, except 1/2 on a single rank without offload (``deepspeed.single_rank_zero0``)."""
     if world == 1 and ds.zero_stage in (1, 2) and ds.offload_optimizer == "none" and ds.get("single_rank_zero0", True):
@@ -350,6 +358,7 @@ class TrainState:
     position: int = 0  # samples of this rank's epoch already consumed
     nonfinite: int = 0  # steps skipped because the loss or a gradient was NaN / Inf
     nonfinite_run: int = 0  # of them, in a row up to now
+    generator_steps: int = 0  # align: steps that ran the generator (FusedModel.reads_generator; resume_generator=folder)
 
 
 # ---------------------------------------------------------------------------- the recipe
@@ -365,6 +374,9 @@ class Trainer:
         self._batch_this_epoch = False  # whether the current epoch has given a usable micro-batch (_next_batch)
         self.distill_convs, self.distill_cache = [], None  # stage.distill_data (_setup_distill_data)
         self.distill_report = SkipReport()
+        self.teacher_id: str | None = None  # fingerprint of the distillation teacher's folders (checkpointed; resume_generator=folder)
+        if cfg.get("resume_generator", "checkpoint") not in ("checkpoint", "folder"):
+            raise ConfigError(f"resume_generator must be checkpoint or folder, got {cfg.resume_generator!r}")
 
     # -- setup ---------------------------------------------------------------------
     def _setup_distributed(self) -> None:
@@ -465,6 +477,7 @@ class Trainer:
 
             teacher = TextEncoder.from_pretrained(cfg.generator.path, device=self.device)
             self.model.set_teacher(teacher)
+            self.teacher_id = teacher_fingerprint(cfg.generator.path)
             if self.is_main:
                 log.info("distillation teacher: %s from %s (%d tokens, padded; reads each target's request text); "
                          "%d warm-up steps, then weight %g on %s", type(teacher.encoder).__name__, cfg.generator.path, teacher.max_length,
@@ -771,6 +784,7 @@ class Trainer:
             log.info("one rank: ZeRO-%d runs as ZeRO-0 (nothing to partition; deepspeed.single_rank_zero0=false keeps it)",
                      self.cfg.deepspeed.zero_stage)
         single = self.world == 1 and ds["zero_optimization"]["stage"] == 0
+        self.master_copies = ds["zero_optimization"]["stage"] > 0 or ds["bf16"]["enabled"]  # weights the optimizer keeps apart
         if single:  # one rank, no partitions: the guarded step clips with the norm it computes anyway (DeepSpeed would walk every
             optimizer.clip_norm, ds["gradient_clipping"] = ds["gradient_clipping"], 0.0  # parameter again for a second norm)
         if ds["bf16"]["enabled"]:
@@ -861,7 +875,7 @@ class Trainer:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         torch.distributed.barrier()
-        client = {"train_state": self.state.__dict__, "report": dict(self.report.counts)}
+        client = {"train_state": self.state.__dict__, "report": dict(self.report.counts), "teacher": self.teacher_id}
         self.engine.save_checkpoint(str(partial), tag="state", client_state=client, save_latest=False)
         if self.ema is not None:
             torch.save(self.ema, partial / f"ema_rank{self.rank}.pt")
@@ -923,6 +937,7 @@ class Trainer:
         meta = json.loads((ckpt / COMPLETE).read_text())
         if meta.get("world_size") != self.world:
             raise CheckpointError(f"resume: {ckpt} was written by {meta.get('world_size')} ranks; this run has {self.world}")
+        keep = self._generator_from_folder(ckpt)
         try:
             _, client = self.engine.load_checkpoint(str(ckpt), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True)
         except RuntimeError as e:
@@ -933,6 +948,8 @@ class Trainer:
                                   f"then also summed over every step); start the run again (resume=never)") from None
         self.state = TrainState(**client["train_state"])
         self.report.counts.update(client.get("report", {}))
+        if keep is not None:
+            self._restore_generator(ckpt, keep, client)
         own = ckpt / f"data_rank{self.rank}.json"
         if own.is_file():  # (checkpoints written before these files: rank 0's place for every rank)
             where = json.loads(own.read_text())
@@ -942,6 +959,57 @@ class Trainer:
             self.ema = torch.load(ckpt / f"ema_rank{self.rank}.pt")
         if self.is_main:
             log.info("resumed from %s at step %d", ckpt, self.state.step)
+
+    def _stop_before_generator(self, why: str) -> dict[str, Any]:
+        """stage.stop_before_generator: this step's checkpoint (none at step 0), and what the summary says."""
+        ckpt = None
+        if self.state.step:  # (save_every may have written this step's already)
+            have = [c for c in self.complete_checkpoints() if c.name == f"{CKPT_PREFIX}{self.state.step:07d}"]
+            ckpt = have[0] if have else self.save_checkpoint()
+        if self.is_main:
+            log.info("stage.stop_before_generator: %s; %s", why,
+                     f"saved {ckpt}; the same command without stop_before_generator goes on from there (resume=auto, and "
+                     f"resume_generator=folder on another copy of the generator)" if ckpt else "nothing to run before it")
+        return {"step": self.state.step, "checkpoint": str(ckpt) if ckpt else None, "reason": "stage.stop_before_generator"}
+
+    def _generator_from_folder(self, ckpt: Path) -> dict[str, torch.Tensor] | None:
+        """resume_generator=folder: the generator's weights as this run loaded them (restored after the checkpoint's), after
+        the checks that this is sound; None with resume_generator=checkpoint."""
+        if self.cfg.get("resume_generator", "checkpoint") != "folder":
+            return None
+        if self.cfg.stage.name != "align" or self.model.generator is None:
+            raise ConfigError("resume_generator=folder is for stage=align (the generator's weights from generator.path)")
+        if self.master_copies:
+            raise ConfigError("resume_generator=folder needs ZeRO stage 0 without bf16 (one rank with deepspeed.single_rank_zero0, or "
+                              "deepspeed.zero_stage=0; deepspeed.bf16=false): the other ZeRO stages and bf16 keep master copies of the "
+                              "weights that the generator's weights from its folder would not reach")
+        step = json.loads((ckpt / COMPLETE).read_text()).get("step", 0)
+        if step > self.cfg.stage.generator_frozen_steps:
+            raise CheckpointError(f"resume_generator=folder: {ckpt} was written at step {step}, after the generator began to train "
+                                  f"(stage.generator_frozen_steps={self.cfg.stage.generator_frozen_steps}): its weights are the "
+                                  f"checkpoint's; resume with resume_generator=checkpoint")
+        return {k: v.detach().clone() for k, v in self.model.generator.transformer.state_dict().items()}
+
+    def _restore_generator(self, ckpt: Path, keep: dict[str, torch.Tensor], client: dict) -> None:
+        if self.state.generator_steps:
+            raise CheckpointError(f"resume_generator=folder: the run that wrote {ckpt} ran its generator in {self.state.generator_steps} "
+                                  f"steps (flow loss, velocity distillation or the frame head): what it learned answers that copy; "
+                                  f"resume with resume_generator=checkpoint")
+        if client.get("teacher") != self.teacher_id:
+            raise CheckpointError(f"resume_generator=folder: the distillation teacher in {self.cfg.generator.path} (text_encoder/, "
+                                  f"tokenizer/) is not the one the run that wrote {ckpt} read: the connector was distilled onto "
+                                  f"another text encoder; start the run again (resume=never)")
+        self.model.generator.transformer.load_state_dict(keep)
+        if self.ema is not None:  # its copies of the generator's weights follow
+            mine = {id(p) for p in self.model.generator.transformer.parameters()}
+            for n, p in self.module.named_parameters():
+                if id(p) in mine and n in self.ema:
+                    self.ema[n] = p.detach().float().clone()
+        if self.is_main:
+            log.info("resume_generator=folder: the generator's weights from %s (the checkpoint's run read another copy of it; "
+                     "the same distillation teacher)%s", self.cfg.generator.path,
+                     "; the frame head's labels of the first %d steps came from that copy" % self.state.step
+                     if self.cfg.stage.get("frame_select") == "learned" else "")
 
     # -- steps ---------------------------------------------------------------------
     def _prepare(self, conv: Conversation | RenderedConversation, generator: torch.Generator | None = None):
@@ -1035,6 +1103,8 @@ class Trainer:
         metrics: dict[str, float] = {}
         step_losses = []
         self.model.step = self.state.step
+        if self.cfg.stage.name == "align" and self.model.reads_generator(self.state.step):
+            self.state.generator_steps += 1
         for micro in range(st.grad_accum):
             batch, it = self._next_batch(it, self._step_generator(micro))
             extra = self._distill_extra(micro, self._step_generator(micro))
@@ -1086,10 +1156,15 @@ class Trainer:
         self._install_stop_handler()
         interrupted = None
         self.gain_history: list[dict[str, float]] = []
-        measure_gain = bool(st.name == "align" and st.gain_every and self.gain_convs)  # every rank: ZeRO-3 gathers in the forward
+        # every rank (ZeRO-3 gathers in the forward); not in a run that stops before the generator trains (stage.stop_before_generator:
+        # the copy of the generator it would measure need not be the one the run goes on with)
+        measure_gain = bool(st.name == "align" and st.gain_every and self.gain_convs and not st.get("stop_before_generator"))
         if measure_gain and self.state.step == 0:
             self._log_gain()
         while self.state.step < st.max_steps:
+            if st.get("stop_before_generator") and self.model.reads_generator(self.state.step):
+                interrupted = self._stop_before_generator(f"step {self.state.step + 1} is the first to run the generator")
+                break
             cpushare.poll()  # make demo's parallel phases (fusion/cpushare.py)
             it, metrics = self._train_step(it)
             losses.append(metrics["loss"])
@@ -1115,6 +1190,8 @@ class Trainer:
                                 self.state.step, ckpt)
                 break
         bar.close()
+        if interrupted is None and st.get("stop_before_generator"):  # the export holds the generator: the next run's to write
+            interrupted = self._stop_before_generator("no step ran the generator")
         final = self.export() if interrupted is None else None
         summary = {"steps": self.state.step, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                    "seconds": round(time.time() - t0, 2), "skipped": dict(self.report.counts), "export": str(final) if final else None,

@@ -58,6 +58,12 @@ def cached(target: Path, want: dict, build: Callable[[Path], dict], summary: Cal
     return stats
 
 
+def _fresh(folder: Path) -> None:
+    """Remove ``folder`` (a part's early snapshot from an earlier build) before the part is built again."""
+    if folder.exists():
+        shutil.rmtree(folder)
+
+
 def make_distill_corpus(cfg: DictConfig, target: Path) -> None:
     """toyworld/distill.jsonl (cfg.n_distill text-only requests), written when missing or of another size."""
     from fusion.toyworld.conversations import write_distill_corpus
@@ -172,8 +178,12 @@ def main(cfg: DictConfig) -> None:
                 want["ema"] = cfg.dit_ema
             if cfg.dit_optimizer != "adamw":
                 want["optimizer"] = cfg.dit_optimizer
+            freeze = int(cfg.dit_text_freeze * cfg.dit_steps)
+            if freeze:
+                want["text_freeze_step"] = freeze
+            early = out / f"{family}_early"  # the DiT part-way, with its final text encoder (stage 2's warm-up reads it)
             cached(out / family, want,
-                   lambda p, f=family: pretrain_dit(f, p, out / "vae", steps=cfg.dit_steps, batch=cfg.dit_batch, lr=cfg.dit_lr,
+                   lambda p, f=family, e=early: _fresh(e) or pretrain_dit(f, p, out / "vae", steps=cfg.dit_steps, batch=cfg.dit_batch, lr=cfg.dit_lr,
                                                      seed=cfg.seed, pool_size=cfg.dit_pool, text_length=cfg.dit_text_length,
                                                      text_layers=cfg.dit_text_layers, eval_n=cfg.dit_eval_n,
                                                      coord_freqs=cfg.dit_coord_freqs, t_sampling=cfg.dit_t_sampling,
@@ -182,7 +192,7 @@ def main(cfg: DictConfig) -> None:
                                                      p_edit=cfg.dit_p_edit, edit_mix=EditMix(cfg.dit_p_recolour, cfg.dit_p_shared_colour,
                                                                                        cfg.dit_p_shared_shape),
                                                      ema_decay=cfg.dit_ema, patch=cfg.dit_patch, image_size=cfg.image_size,
-                                                     optimizer=cfg.dit_optimizer),
+                                                     optimizer=cfg.dit_optimizer, text_freeze_step=freeze, early_dir=e),
                    dit_summary)
 
 

@@ -39,13 +39,18 @@ def main(cfg: DictConfig) -> None:
     from fusion.train import Trainer
 
     summary = Trainer(cfg).train()
-    if summary.get("interrupted"):
-        stop = summary["interrupted"]
+    stop = summary.get("interrupted")
+    if stop and stop.get("reason") == "stage.stop_before_generator":  # asked for: done, not interrupted
+        print(f"stopped before the generator's first step, after step {stop['step']}: checkpoint {stop['checkpoint']}; the same "
+              "command without stage.stop_before_generator goes on (resume_generator=folder on another copy of the generator)")
+        return
+    if stop:
         print(f"interrupted after step {stop['step']}: checkpoint {stop['checkpoint']}; run the same command again to resume",
               file=sys.stderr)
         sys.exit(143)  # 128 + SIGTERM: not finished (a job chain must not go on to the next stage)
-    print(f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} over {summary['steps']} steps; "
-          f"skipped {sum(summary['skipped'].values())}; model: {summary['export']}")
+    ran = (f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}" if summary["first_loss"] is not None
+           else "no step left to run (resumed at the last)")
+    print(f"{ran} over {summary['steps']} steps; skipped {sum(summary['skipped'].values())}; model: {summary['export']}")
 
 
 if __name__ == "__main__":

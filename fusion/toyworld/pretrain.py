@@ -8,6 +8,7 @@ reconstructions back into scenes (the evaluator's reader).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -284,6 +285,30 @@ def save_generator(root: Path, family: str, transformer, vae_dir: Path, text_enc
         from backbones.generator.text_encoder import save_text_encoder
 
         save_text_encoder(root, text_encoder, tokenizer)
+
+
+def save_early_generator(root: Path, family: str, transformer, vae_dir: Path, text_encoder, tokenizer_dir: Path, step: int) -> None:
+    """:func:`save_generator` into ``root`` through a temporary sibling folder renamed at the end (a folder that is
+    there is whole), with ``early.json`` saying at which step (pretrain_dit's ``text_freeze_step``). The tokenizer is
+    the folder already saved (``tokenizer_dir``), copied: a fast tokenizer saved after use records its last padding."""
+    import shutil
+    import tempfile
+
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    try:
+        save_generator(tmp, family, transformer, vae_dir)
+        text_encoder.save_pretrained(tmp / "text_encoder")
+        shutil.copytree(tokenizer_dir, tmp / "tokenizer")
+        shutil.copy2(tokenizer_dir.parent / "model_index.json", tmp / "model_index.json")  # naming the encoder and tokenizer too
+        (tmp / "early.json").write_text(json.dumps({"step": step, "note": "the toy DiT part-way through its pretraining, with "
+                                                    "its text encoder as finally saved (frozen from this step on)"}))
+        if root.exists():
+            shutil.rmtree(root)
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def load_toy_generator(family: str, root: str | Path, image_size: int | None = None):
@@ -588,7 +613,8 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
                  text_layers: int = 2, text_length: int = TEXT_LENGTH, eval_n: int = 32, probe_weight: float = 0.1,
                  fit_n: int = 256, coord_freqs: int = 0, t_sampling: str = "shifted", t_shift: float = 3.0, copy_heads: float = 0.0,
                  p_frames: float = 0.0, p_context: float = 0.0, progress: bool = True, edit_mix: EditMix = EditMix(),
-                 ema_decay: float = 0.0, patch: int = 2, image_size: int = 64, optimizer: str = "adamw") -> dict:
+                 ema_decay: float = 0.0, patch: int = 2, image_size: int = 64, optimizer: str = "adamw",
+                 text_freeze_step: int = 0, early_dir: str | Path | None = None) -> dict:
     """Pretrain a toy DiT of ``family`` together with its own text encoder (the family's class) to draw
     toy scenes from the toy world's requests (padded to ``text_length`` tokens) and to apply edits to a
     clean condition frame; save both (with the VAE, tokenizer and scheduler) in the diffusers layout.
@@ -601,13 +627,22 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     ``ema_decay``: keep an exponential moving average of the DiT's and its encoder's weights
     (diffusers' ``EMAModel``) and save it; the last weights are scored too (``accuracy_last``).
     ``p_frames``: the share of edits with 2-3 condition frames (:func:`frame_edits`; scored as
-    ``edit_first_of_frames`` / ``edit_latest_of_frames``). ``optimizer``: :func:`toy_optimizers`."""
+    ``edit_first_of_frames`` / ``edit_latest_of_frames``). ``optimizer``: :func:`toy_optimizers`.
+    ``text_freeze_step``: from this step on the text encoder no longer trains (its states computed without gradients, the
+    object probe dropped), and the generator folder as it stands then (the DiT so far, the text encoder as it will be
+    saved) is written to ``early_dir`` (atomically): stage 2's distillation reads only the text encoder, so make demo
+    runs its warm-up from there beside the DiT's remaining steps (0: the encoder trains throughout)."""
     from diffusers.training_utils import EMAModel
 
     from backbones.generator.text_encoder import TextEncoder
     from fusion.flow import sample_t
 
     out = Path(out)
+    if text_freeze_step and ema_decay:
+        raise ValueError("text_freeze_step with ema_decay: the saved (averaged) text encoder would differ from the one written at the "
+                         "freeze step; use one or the other")
+    if text_freeze_step and not 0 < text_freeze_step < steps:
+        raise ValueError(f"text_freeze_step must be in (0, steps={steps}), got {text_freeze_step}")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     vae_config = json.loads((Path(vae_dir) / "config.json").read_text())
@@ -636,10 +671,18 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     gen.transformer.train()
     for step in bar:
         cpushare.poll()
+        if text_freeze_step and step == text_freeze_step:
+            text.encoder.eval().requires_grad_(False)  # from here on the encoder is what will be saved
+            for p in text.encoder.parameters():
+                p.grad = None
+            if early_dir is not None:
+                save_early_generator(Path(early_dir), family, gen.transformer, Path(vae_dir), text.encoder, out / "tokenizer", step)
+        frozen_text = bool(text_freeze_step) and step >= text_freeze_step
         loss, probe_loss = 0.0, 0.0
         for target, cond, ids, mask, labels, share in _draw(pool, batch, g):
-            states = text.states(ids, mask)
-            if probe_weight:
+            with torch.no_grad() if frozen_text else contextlib.nullcontext():
+                states = text.states(ids, mask)
+            if probe_weight and not frozen_text:
                 probe_loss = probe_loss + probe.loss(states, labels) * share
             keep = (torch.rand(len(states), generator=g) >= p_drop_text).float()[:, None, None]
             states = states * keep  # a dropped request is all zeros: the null condition of guidance
@@ -673,7 +716,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
              "last_loss": float(np.mean(losses[-50:])), "params": sum(p.numel() for p in gen.transformer.parameters()),
              "text_encoder": type(text.encoder).__name__, "text_encoder_params": sum(p.numel() for p in text.encoder.parameters()),
              "text_length": text_length, "probe_weight": probe_weight, "coord_freqs": coord_freqs if family == "wan" else None,
-             "patch": patch, "image_size": image_size, "optimizer": optimizer, "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads, "p_frames": frames, "p_context": p_context, "p_edit": p_edit,
+             "patch": patch, "image_size": image_size, "optimizer": optimizer, "text_freeze_step": text_freeze_step, "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads, "p_frames": frames, "p_context": p_context, "p_edit": p_edit,
              **{k: v for k, v in asdict(edit_mix).items() if v},
              "last_probe_loss": float(np.mean(probes[-50:])), "accuracy": acc, "fit": fit,
              **({"ema_decay": ema_decay, "accuracy_last": last} if ema is not None else {})}

@@ -520,6 +520,27 @@ def test_toy_dit_with_ema_trains_alike_saves_the_average_and_scores_the_last_wei
         assert any(not torch.equal(a[k], b[k]) for k in a), part  # the average, not the last weights
 
 
+def test_toy_dit_text_encoder_frozen_part_way_writes_an_early_snapshot_with_the_final_encoder(tmp_path, toy_vae):
+    """text_freeze_step: the generator folder written at that step (early_dir) holds, byte for byte, the text encoder and
+    tokenizer finally saved (stage 2's distillation teacher, fusion.train.teacher_fingerprint), a DiT that trained on
+    after it, and an encoder that trained before it (not the one a run without the freeze saves)."""
+    from backbones.generator.text_encoder import TextEncoder
+    from fusion.train import teacher_fingerprint
+
+    kw = dict(steps=4, batch=4, pool_size=16, eval_n=2, fit_n=4, text_length=24, progress=False, coord_freqs=1, optimizer="muon")
+    stats = pretrain_dit("wan", tmp_path / "wan", toy_vae, text_freeze_step=2, early_dir=tmp_path / "wan_early", **kw)
+    plain = pretrain_dit("wan", tmp_path / "plain", toy_vae, **kw)
+    early, final = tmp_path / "wan_early", tmp_path / "wan"
+    assert stats["text_freeze_step"] == 2 and json.loads((early / "early.json").read_text())["step"] == 2
+    assert stats["first_loss"] == plain["first_loss"]  # the same run up to the freeze
+    assert teacher_fingerprint(early) == teacher_fingerprint(final) != teacher_fingerprint(tmp_path / "plain")
+    a, b = (load_toy_generator("wan", r).transformer.state_dict() for r in (early, final))
+    assert any(not torch.equal(a[k], b[k]) for k in a)  # the DiT trained on after the snapshot
+    assert TextEncoder.from_pretrained(early).max_length == 24 and (early / "vae").is_dir() and (early / "scheduler").is_dir()
+    with pytest.raises(ValueError, match="text_freeze_step with ema_decay"):
+        pretrain_dit("wan", tmp_path / "both", toy_vae, text_freeze_step=2, ema_decay=0.5, **kw)
+
+
 def test_object_probe_labels_an_edit_with_the_object_its_words_name():
     """Recolour names the object as it is ("Recolour the yellow triangle to blue." -> a yellow triangle, no
     place); add and move name the target at its new place; remove the removed object, no place."""

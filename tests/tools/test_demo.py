@@ -44,7 +44,12 @@ def test_demo_writes_a_report_with_every_metric(demo):
         assert key in report and 0.0 <= report[key] <= 1.0, key
     assert report["conversations"] == 6
     assert set(report["by_kind"]) == {"t2i", "edit_user", "edit_generated", "steps", "question", "distractor"}
-    assert set(report["seconds"]) == {"data", "vae", "world", "mllm", "sft", "world_and_sft", "align", "evaluate", "total"}  # parallel=true
+    assert set(report["seconds"]) == {"data", "vae", "world", "mllm", "sft", "align_warmup", "world_and_sft", "align", "evaluate",
+                                      "total"}  # parallel=true: stage 2's warm-up in the branch beside the toy DiT
+    log = (root / "out" / "world" / "mllm_sft.log").read_text()
+    assert f"generator.path={root / 'toy' / 'wan_early'}" in p.stdout  # its early snapshot (make_toy's dit_text_freeze)
+    assert "stopped before the generator's first step" in log
+    assert "resume_generator=folder: the generator's weights from" in (root / "out" / "align" / "train.log").read_text()
     assert not list((root / "out" / "world" / "running").iterdir())  # the markers of the branches side by side are gone
     assert "toy MLLM" in (root / "out" / "world" / "mllm_sft.log").read_text()  # the branch beside the DiT wrote its own output
     assert set(report["pretrained_backbones"]) == {"vae", "qwen2_5_vl", "wan"}

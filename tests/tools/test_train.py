@@ -222,6 +222,76 @@ def test_stage2_distillation_warm_up_with_a_frozen_dit_and_the_gain_instrument(t
     assert m.teacher is None  # the teacher is never part of the export
 
 
+def _other_copy(tiny_dir: Path, where: Path, encoder_seed: int | None = None) -> Path:
+    """The tiny Wan folder with its DiT's weights moved (an early snapshot of the same pretraining); ``encoder_seed``: also
+    another text encoder (another teacher)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_dir / "wan", where)
+    weights = where / "transformer" / "diffusion_pytorch_model.safetensors"
+    g = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.05 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in load_file(str(weights)).items()},
+              str(weights))
+    if encoder_seed is not None:
+        enc = where / "text_encoder" / "model.safetensors"
+        save_file({k: v * 1.5 for k, v in load_file(str(enc)).items()}, str(enc))
+    return where
+
+
+def test_stage2_warm_up_on_another_copy_of_the_dit_then_the_rest_on_the_finished_one(tiny, tiny_dir, sft_run, tmp_path):
+    """make demo's split stage 2: the distillation warm-up (connector only) with stage.stop_before_generator on an early
+    copy of the DiT stops, with a checkpoint and no export, before the first step that runs the DiT; the same command with
+    resume_generator=folder on the finished DiT goes on from there and gives the per-step losses and the export of one run
+    on the finished DiT throughout. Resumed with the checkpoint's DiT instead, the first joint step differs."""
+    from safetensors.torch import load_file
+
+    early = _other_copy(tiny_dir, tmp_path / "wan_early")
+    common = [tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", "stage.max_steps=4",
+              "stage.distill_steps=2", "stage.generator_frozen_steps=2", "stage.distill_target=set", "stage.distill_weight=1.0",
+              "stage.warmup_steps=0", "stage.lr=1e-3", "stage.save_every=0", "stage.gain_every=0", "data.seed=2"]
+    train(*common, f"hydra.run.dir={tmp_path / 'one'}")
+    split = tmp_path / "split"
+    train(*common, "stage.stop_before_generator=true", f"generator.path={early}", f"hydra.run.dir={split}")
+    summary = json.loads((split / "summary.json").read_text())
+    assert summary["interrupted"]["reason"] == "stage.stop_before_generator" and summary["steps"] == 2
+    assert not (split / "final").exists() and (split / "checkpoints" / "step-0000002").is_dir()
+    assert "step 3 is the first to run the generator" in (split / "train.log").read_text()
+    import shutil
+
+    shutil.copytree(split, tmp_path / "stale")  # the same checkpoint, resumed with its own (early) DiT below
+    train(*common, "resume_generator=folder", f"hydra.run.dir={split}")
+    assert "resume_generator=folder: the generator's weights from" in (split / "train.log").read_text()
+    one, two = losses(tmp_path / "one"), losses(split)
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    assert all(abs(one[k] - two[k]) < 1e-5 for k in one), (one, two)
+    for part in ("generator/transformer/diffusion_pytorch_model.safetensors", "connector/model.safetensors"):
+        a, b = load_file(str(tmp_path / "one" / "final" / part)), load_file(str(split / "final" / part))
+        assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a), part
+    train(*common, f"hydra.run.dir={tmp_path / 'stale'}")  # resume_generator=checkpoint: the early DiT's weights
+    assert abs(losses(tmp_path / "stale")[3] - one[3]) > 1e-4
+
+
+def test_resume_generator_folder_refuses_another_teacher_and_a_run_that_trained_on_its_generator(tiny, tiny_dir, sft_run, tmp_path):
+    """resume_generator=folder refuses, by name and before any step: a checkpoint distilled onto another text encoder
+    (the connector learnt another teacher's states) and one whose run already trained on its own copy of the generator."""
+    other = _other_copy(tiny_dir, tmp_path / "other", encoder_seed=1)
+    common = [tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", "stage.max_steps=4",
+              "stage.distill_steps=2", "stage.distill_target=set", "stage.distill_weight=1.0", "stage.warmup_steps=0",
+              "stage.save_every=0", "stage.gain_every=0"]
+    run = tmp_path / "teacher"
+    train(*common, "stage.generator_frozen_steps=2", "stage.stop_before_generator=true", f"generator.path={other}", f"hydra.run.dir={run}")
+    p = train(*common, "stage.generator_frozen_steps=2", "resume_generator=folder", f"hydra.run.dir={run}", check=False)
+    assert p.returncode != 0 and "the connector was distilled onto another text encoder" in p.stderr + p.stdout
+    assert "Traceback" not in p.stderr and not (run / "final").exists()
+    run = tmp_path / "ran"  # step 3 runs the DiT (flow loss); its checkpoint, still within generator_frozen_steps
+    train(*common, "stage.generator_frozen_steps=3", "stage.save_every=3", "stage.max_steps=4", f"hydra.run.dir={run}")
+    p = train(*common, "stage.generator_frozen_steps=3", "stage.max_steps=5", "resume=" + str(run / "checkpoints" / "step-0000003"),
+              "resume_generator=folder", f"hydra.run.dir={run}", check=False)
+    assert p.returncode != 0 and "ran its generator in 1 steps" in p.stderr + p.stdout, p.stderr[-2000:]
+
+
 @pytest.mark.slow  # the fast tier resumes after SIGTERM and after a damaged checkpoint (tests/tools/test_faults.py)
 def test_resume_after_sigkill_matches_uninterrupted_run(tiny, sft_run, tmp_path):
     common = [tiny, "stage=align", "generator=tiny_cosmos", "connector=queries", f"init_from={sft_run}", "stage.max_steps=10",
