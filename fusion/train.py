@@ -993,7 +993,7 @@ class Trainer:
     def _restore_generator(self, ckpt: Path, keep: dict[str, torch.Tensor], client: dict) -> None:
         if self.state.generator_steps:
             raise CheckpointError(f"resume_generator=folder: the run that wrote {ckpt} ran its generator in {self.state.generator_steps} "
-                                  f"steps (flow loss, velocity distillation or the frame head): what it learned answers that copy; "
+                                  f"steps (the flow loss or the velocity distillation target): what it learned answers that copy; "
                                   f"resume with resume_generator=checkpoint")
         if client.get("teacher") != self.teacher_id:
             raise CheckpointError(f"resume_generator=folder: the distillation teacher in {self.cfg.generator.path} (text_encoder/, "
