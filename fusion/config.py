@@ -708,8 +708,9 @@ class Config:
     from ``generator.path`` (``folder``): for a checkpoint written while the generator had not yet moved (step <=
     ``stage.generator_frozen_steps``) by a run that never ran it (``stage.stop_before_generator``) and read another copy
     of it, such as ``make demo``'s distillation warm-up beside the toy DiT's pretraining (tools/demo.py). The distillation teacher (``generator.path/text_encoder``)
-    must be the one the checkpoint's run read; ZeRO stage 0 without bf16 only (the other ZeRO stages and bf16 keep
-    master copies of the weights that a swap would not reach)."""
+    must be the one the checkpoint's run read; ZeRO 0-2 (with ZeRO-1/2 and bf16 the optimizer's fp32 master weights are
+    read again from the module's). Past ``stage.generator_frozen_steps`` the checkpoint's weights are the run's own and
+    are kept (so a stopped run goes on with the same command)."""
     stages: list[str] = field(default_factory=lambda: ["sft", "align"])
     """The experiment's stage configs in order (conf/stage/ names): tools/plan.py plans each; tools/train.py runs the one in ``stage``."""
 
@@ -1173,8 +1174,8 @@ class MakeToyConfig:
         if not 0 <= self.dit_text_freeze < 1:
             raise ConfigError(f"dit_text_freeze: {self.dit_text_freeze} must be in [0, 1) (a share of dit_steps; 0: off)")
         if self.dit_text_freeze and self.dit_ema:
-            raise ConfigError("dit_text_freeze with dit_ema: the averaged text encoder saved would not be the one written at the freeze "
-                              "step; set one of them to 0")
+            raise ConfigError("dit_ema with dit_text_freeze (default 0.5): the averaged text encoder saved would not be the one written "
+                              "at the freeze step; set dit_text_freeze=0 to average")
         if self.dit_t_shift <= 0:
             raise ConfigError(f"dit_t_shift: {self.dit_t_shift} must be > 0")
         if self.dit_copy_heads < 0 or (self.dit_copy_heads and not self.dit_coord_freqs):

@@ -784,7 +784,7 @@ class Trainer:
             log.info("one rank: ZeRO-%d runs as ZeRO-0 (nothing to partition; deepspeed.single_rank_zero0=false keeps it)",
                      self.cfg.deepspeed.zero_stage)
         single = self.world == 1 and ds["zero_optimization"]["stage"] == 0
-        self.master_copies = ds["zero_optimization"]["stage"] > 0 or ds["bf16"]["enabled"]  # weights the optimizer keeps apart
+        self.zero_stage, self.bf16 = ds["zero_optimization"]["stage"], ds["bf16"]["enabled"]
         if single:  # one rank, no partitions: the guarded step clips with the norm it computes anyway (DeepSpeed would walk every
             optimizer.clip_norm, ds["gradient_clipping"] = ds["gradient_clipping"], 0.0  # parameter again for a second norm)
         if ds["bf16"]["enabled"]:
@@ -948,8 +948,6 @@ class Trainer:
                                   f"then also summed over every step); start the run again (resume=never)") from None
         self.state = TrainState(**client["train_state"])
         self.report.counts.update(client.get("report", {}))
-        if keep is not None:
-            self._restore_generator(ckpt, keep, client)
         own = ckpt / f"data_rank{self.rank}.json"
         if own.is_file():  # (checkpoints written before these files: rank 0's place for every rank)
             where = json.loads(own.read_text())
@@ -957,6 +955,8 @@ class Trainer:
         self.sampler.epoch, self.sampler.start = self.state.epoch, self.state.position
         if self.ema is not None and (ckpt / f"ema_rank{self.rank}.pt").is_file():
             self.ema = torch.load(ckpt / f"ema_rank{self.rank}.pt")
+        if keep is not None:  # (after the EMA: its copies of the generator's weights follow the folder's)
+            self._restore_generator(ckpt, keep, client)
         if self.is_main:
             log.info("resumed from %s at step %d", ckpt, self.state.step)
 
@@ -973,33 +973,46 @@ class Trainer:
         return {"step": self.state.step, "checkpoint": str(ckpt) if ckpt else None, "reason": "stage.stop_before_generator"}
 
     def _generator_from_folder(self, ckpt: Path) -> dict[str, torch.Tensor] | None:
-        """resume_generator=folder: the generator's weights as this run loaded them (restored after the checkpoint's), after
-        the checks that this is sound; None with resume_generator=checkpoint."""
+        """resume_generator=folder: the generator's weights as this run loaded them (a copy on the CPU, restored after the
+        checkpoint's), after the checks that this is sound; None with resume_generator=checkpoint or where the checkpoint's
+        run has already trained its generator (past stage.generator_frozen_steps: the checkpoint's weights are then the
+        run's own, as after a stop in the steps that go on from such a warm-up)."""
         if self.cfg.get("resume_generator", "checkpoint") != "folder":
             return None
         if self.cfg.stage.name != "align" or self.model.generator is None:
             raise ConfigError("resume_generator=folder is for stage=align (the generator's weights from generator.path)")
-        if self.master_copies:
-            raise ConfigError("resume_generator=folder needs ZeRO stage 0 without bf16 (one rank with deepspeed.single_rank_zero0, or "
-                              "deepspeed.zero_stage=0; deepspeed.bf16=false): the other ZeRO stages and bf16 keep master copies of the "
-                              "weights that the generator's weights from its folder would not reach")
+        if self.zero_stage == 3:
+            raise ConfigError("resume_generator=folder does not support deepspeed.zero_stage=3 (each rank holds a shard of the "
+                              "generator's weights); use ZeRO 0-2")
         step = json.loads((ckpt / COMPLETE).read_text()).get("step", 0)
         if step > self.cfg.stage.generator_frozen_steps:
-            raise CheckpointError(f"resume_generator=folder: {ckpt} was written at step {step}, after the generator began to train "
-                                  f"(stage.generator_frozen_steps={self.cfg.stage.generator_frozen_steps}): its weights are the "
-                                  f"checkpoint's; resume with resume_generator=checkpoint")
-        return {k: v.detach().clone() for k, v in self.model.generator.transformer.state_dict().items()}
+            if self.is_main:
+                log.info("resume_generator=folder: %s was written at step %d, after the generator began to train "
+                         "(stage.generator_frozen_steps=%d): its weights are this run's own, taken from the checkpoint", ckpt, step,
+                         self.cfg.stage.generator_frozen_steps)
+            return None
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.generator.transformer.state_dict().items()}
 
     def _restore_generator(self, ckpt: Path, keep: dict[str, torch.Tensor], client: dict) -> None:
         if self.state.generator_steps:
             raise CheckpointError(f"resume_generator=folder: the run that wrote {ckpt} ran its generator in {self.state.generator_steps} "
                                   f"steps (the flow loss or the velocity distillation target): what it learned answers that copy; "
                                   f"resume with resume_generator=checkpoint")
-        if client.get("teacher") != self.teacher_id:
+        if "teacher" not in client:
+            raise CheckpointError(f"resume_generator=folder: {ckpt} was written before checkpoints recorded their distillation "
+                                  f"teacher, so it cannot be checked against {self.cfg.generator.path}; resume with "
+                                  f"resume_generator=checkpoint or start again (resume=never)")
+        if client["teacher"] != self.teacher_id:
             raise CheckpointError(f"resume_generator=folder: the distillation teacher in {self.cfg.generator.path} (text_encoder/, "
                                   f"tokenizer/) is not the one the run that wrote {ckpt} read: the connector was distilled onto "
                                   f"another text encoder; start the run again (resume=never)")
         self.model.generator.transformer.load_state_dict(keep)
+        refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
+        if self.zero_stage > 0 or self.bf16:
+            if refresh is None:  # a wrapper that keeps master weights but cannot refresh them from the module's
+                raise ConfigError(f"resume_generator=folder: {type(self.engine.optimizer).__name__} keeps its own copy of the weights "
+                                  "and cannot refresh it; use ZeRO 0 without bf16")
+            refresh()  # ZeRO-1/2 and bf16 keep fp32 master weights: read again from the module's, as a fresh run builds them
         if self.ema is not None:  # its copies of the generator's weights follow
             mine = {id(p) for p in self.model.generator.transformer.parameters()}
             for n, p in self.module.named_parameters():
@@ -1191,7 +1204,7 @@ class Trainer:
                 break
         bar.close()
         if interrupted is None and st.get("stop_before_generator"):  # the export holds the generator: the next run's to write
-            interrupted = self._stop_before_generator("no step ran the generator")
+            interrupted = self._stop_before_generator(f"max_steps={st.max_steps} reached")
         final = self.export() if interrupted is None else None
         summary = {"steps": self.state.step, "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                    "seconds": round(time.time() - t0, 2), "skipped": dict(self.report.counts), "export": str(final) if final else None,

@@ -42,12 +42,12 @@ def wait_for_generator(early: Path, final: Path, world_running: Path, stop: thre
     """The toy DiT folder stage 2's warm-up reads: its early snapshot once make_toy has written it (this run removed any
     older one first), or the finished folder once the world phase is over (a cached DiT writes no snapshot)."""
     while True:
+        if stop.is_set():
+            raise PhaseStopped("demo phase 'align_warmup' not started: the phase beside it failed")
         if early.is_dir():
             return early
         if not world_running.exists():
             return final
-        if stop.is_set():
-            raise PhaseStopped("demo phase 'align_warmup' not started: the phase beside it failed")
         time.sleep(2.0)
 
 

@@ -287,7 +287,8 @@ def save_generator(root: Path, family: str, transformer, vae_dir: Path, text_enc
         save_text_encoder(root, text_encoder, tokenizer)
 
 
-def save_early_generator(root: Path, family: str, transformer, vae_dir: Path, text_encoder, tokenizer_dir: Path, step: int) -> None:
+def save_early_generator(root: Path, family: str, transformer, vae_dir: Path, text_encoder, tokenizer_dir: Path, step: int,
+                         image_size: int = 64) -> None:
     """:func:`save_generator` into ``root`` through a temporary sibling folder renamed at the end (a folder that is
     there is whole), with ``early.json`` saying at which step (pretrain_dit's ``text_freeze_step``). The tokenizer is
     the folder already saved (``tokenizer_dir``), copied: a fast tokenizer saved after use records its last padding."""
@@ -303,6 +304,7 @@ def save_early_generator(root: Path, family: str, transformer, vae_dir: Path, te
         shutil.copy2(tokenizer_dir.parent / "model_index.json", tmp / "model_index.json")  # naming the encoder and tokenizer too
         (tmp / "early.json").write_text(json.dumps({"step": step, "note": "the toy DiT part-way through its pretraining, with "
                                                     "its text encoder as finally saved (frozen from this step on)"}))
+        (tmp / "pretrain.json").write_text(json.dumps({"image_size": image_size, "early_step": step}))  # (toy_image_size reads it)
         if root.exists():
             shutil.rmtree(root)
         tmp.rename(root)
@@ -676,7 +678,9 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
             for p in text.encoder.parameters():
                 p.grad = None
             if early_dir is not None:
-                save_early_generator(Path(early_dir), family, gen.transformer, Path(vae_dir), text.encoder, out / "tokenizer", step)
+                save_early_generator(Path(early_dir), family, gen.transformer, Path(vae_dir), text.encoder, out / "tokenizer", step,
+                                     image_size)
+            probe_before_freeze = float(np.mean(probes[-50:])) if probes else 0.0
         frozen_text = bool(text_freeze_step) and step >= text_freeze_step
         loss, probe_loss = 0.0, 0.0
         for target, cond, ids, mask, labels, share in _draw(pool, batch, g):
@@ -718,7 +722,7 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
              "text_length": text_length, "probe_weight": probe_weight, "coord_freqs": coord_freqs if family == "wan" else None,
              "patch": patch, "image_size": image_size, "optimizer": optimizer, "text_freeze_step": text_freeze_step, "t_sampling": t_sampling, "t_shift": t_shift, "copy_heads": copy_heads, "p_frames": frames, "p_context": p_context, "p_edit": p_edit,
              **{k: v for k, v in asdict(edit_mix).items() if v},
-             "last_probe_loss": float(np.mean(probes[-50:])), "accuracy": acc, "fit": fit,
+             "last_probe_loss": probe_before_freeze if text_freeze_step else float(np.mean(probes[-50:])), "accuracy": acc, "fit": fit,
              **({"ema_decay": ema_decay, "accuracy_last": last} if ema is not None else {})}
     gen.transformer.save_pretrained(out / "transformer")
     text.encoder.save_pretrained(out / "text_encoder")

@@ -240,17 +240,20 @@ def _other_copy(tiny_dir: Path, where: Path, encoder_seed: int | None = None) ->
     return where
 
 
-def test_stage2_warm_up_on_another_copy_of_the_dit_then_the_rest_on_the_finished_one(tiny, tiny_dir, sft_run, tmp_path):
+@pytest.mark.parametrize("zero", ["zero0", "zero2"])
+def test_stage2_warm_up_on_another_copy_of_the_dit_then_the_rest_on_the_finished_one(tiny, tiny_dir, sft_run, tmp_path, zero):
     """make demo's split stage 2: the distillation warm-up (connector only) with stage.stop_before_generator on an early
     copy of the DiT stops, with a checkpoint and no export, before the first step that runs the DiT; the same command with
     resume_generator=folder on the finished DiT goes on from there and gives the per-step losses and the export of one run
-    on the finished DiT throughout. Resumed with the checkpoint's DiT instead, the first joint step differs."""
+    on the finished DiT throughout. Resumed with the checkpoint's DiT instead, the first joint step differs. With ZeRO-2 on
+    one rank (deepspeed.single_rank_zero0=false) the optimizer's flat fp32 copy of the weights is read again too."""
     from safetensors.torch import load_file
 
     early = _other_copy(tiny_dir, tmp_path / "wan_early")
     common = [tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", "stage.max_steps=4",
               "stage.distill_steps=2", "stage.generator_frozen_steps=2", "stage.distill_target=set", "stage.distill_weight=1.0",
-              "stage.warmup_steps=0", "stage.lr=1e-3", "stage.save_every=0", "stage.gain_every=0", "data.seed=2"]
+              "stage.warmup_steps=0", "stage.lr=1e-3", "stage.save_every=0", "stage.gain_every=0", "data.seed=2",
+              *(["deepspeed.single_rank_zero0=false"] if zero == "zero2" else [])]
     train(*common, f"hydra.run.dir={tmp_path / 'one'}")
     split = tmp_path / "split"
     train(*common, "stage.stop_before_generator=true", f"generator.path={early}", f"hydra.run.dir={split}")
@@ -290,6 +293,10 @@ def test_resume_generator_folder_refuses_another_teacher_and_a_run_that_trained_
     p = train(*common, "stage.generator_frozen_steps=3", "stage.max_steps=5", "resume=" + str(run / "checkpoints" / "step-0000003"),
               "resume_generator=folder", f"hydra.run.dir={run}", check=False)
     assert p.returncode != 0 and "ran its generator in 1 steps" in p.stderr + p.stdout, p.stderr[-2000:]
+    # past generator_frozen_steps the generator's weights are the run's own: a stopped run goes on with the same command
+    train(*common, "stage.generator_frozen_steps=2", "stage.max_steps=4", "resume=" + str(run / "checkpoints" / "step-0000003"),
+          "resume_generator=folder", f"hydra.run.dir={run}")
+    assert "its weights are this run's own, taken from the checkpoint" in (run / "train.log").read_text()
 
 
 @pytest.mark.slow  # the fast tier resumes after SIGTERM and after a damaged checkpoint (tests/tools/test_faults.py)
