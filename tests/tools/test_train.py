@@ -240,20 +240,21 @@ def _other_copy(tiny_dir: Path, where: Path, encoder_seed: int | None = None) ->
     return where
 
 
-@pytest.mark.parametrize("zero", ["zero0", "zero2"])
+@pytest.mark.parametrize("zero", ["zero0", "zero2", "zero0_ema"])
 def test_stage2_warm_up_on_another_copy_of_the_dit_then_the_rest_on_the_finished_one(tiny, tiny_dir, sft_run, tmp_path, zero):
     """make demo's split stage 2: the distillation warm-up (connector only) with stage.stop_before_generator on an early
     copy of the DiT stops, with a checkpoint and no export, before the first step that runs the DiT; the same command with
     resume_generator=folder on the finished DiT goes on from there and gives the per-step losses and the export of one run
     on the finished DiT throughout. Resumed with the checkpoint's DiT instead, the first joint step differs. With ZeRO-2 on
-    one rank (deepspeed.single_rank_zero0=false) the optimizer's flat fp32 copy of the weights is read again too."""
+    one rank (deepspeed.single_rank_zero0=false) the optimizer's flat fp32 copy of the weights is read again too; with
+    stage.ema_decay the export (the average) holds the finished DiT's average, not the early copy's."""
     from safetensors.torch import load_file
 
     early = _other_copy(tiny_dir, tmp_path / "wan_early")
     common = [tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", "stage.max_steps=4",
               "stage.distill_steps=2", "stage.generator_frozen_steps=2", "stage.distill_target=set", "stage.distill_weight=1.0",
               "stage.warmup_steps=0", "stage.lr=1e-3", "stage.save_every=0", "stage.gain_every=0", "data.seed=2",
-              *(["deepspeed.single_rank_zero0=false"] if zero == "zero2" else [])]
+              *(["deepspeed.single_rank_zero0=false"] if zero == "zero2" else []), *(["stage.ema_decay=0.5"] if zero == "zero0_ema" else [])]
     train(*common, f"hydra.run.dir={tmp_path / 'one'}")
     split = tmp_path / "split"
     train(*common, "stage.stop_before_generator=true", f"generator.path={early}", f"hydra.run.dir={split}")
