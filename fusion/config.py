@@ -356,8 +356,8 @@ class StageConfig:
     max_steps: int = 100
     """Optimizer steps."""
     stop_before_generator: bool = False
-    """align: stop, with a checkpoint, before the first step that runs the generator (the flow loss, the velocity
-    distillation target, the learned frame head): no export; the same command without it goes on from there
+    """align: stop, with a checkpoint, before the first step that trains on the generator's outputs (the flow loss, the
+    velocity distillation target; FusedModel.reads_generator), or at ``max_steps``: no export; the same command without it goes on from there
     (``resume=auto``; the schedule is that of ``max_steps``). With ``resume_generator=folder`` that run may read
     another copy of the generator: ``make demo`` runs stage 2's distillation warm-up (connector only) this way on the
     toy DiT's early snapshot, beside the DiT's last pretraining steps (tools/demo.py). Such a run measures no conditioning
@@ -707,8 +707,8 @@ class Config:
     """stage=align, on resume: the generator's weights from the checkpoint (``checkpoint``) or as this run loaded them
     from ``generator.path`` (``folder``): for a checkpoint written while the generator had not yet moved (step <=
     ``stage.generator_frozen_steps``) by a run that never ran it (``stage.stop_before_generator``) and read another copy
-    of it, such as ``make demo``'s distillation warm-up beside the toy DiT's pretraining (tools/demo.py). The distillation teacher (``generator.path/text_encoder``)
-    must be the one the checkpoint's run read; ZeRO 0-2 (with ZeRO-1/2 and bf16 the optimizer's fp32 master weights are
+    of it, such as ``make demo``'s distillation warm-up beside the toy DiT's pretraining (tools/demo.py). The
+    distillation teacher (``generator.path/text_encoder``) must be the one the checkpoint's run read; ZeRO 0-2 (with ZeRO-1/2 and bf16 the optimizer's fp32 master weights are
     read again from the module's). Past ``stage.generator_frozen_steps`` the checkpoint's weights are the run's own and
     are kept (so a stopped run goes on with the same command)."""
     stages: list[str] = field(default_factory=lambda: ["sft", "align"])

@@ -58,12 +58,6 @@ def cached(target: Path, want: dict, build: Callable[[Path], dict], summary: Cal
     return stats
 
 
-def _fresh(folder: Path) -> None:
-    """Remove ``folder`` (a part's early snapshot from an earlier build) before the part is built again."""
-    if folder.exists():
-        shutil.rmtree(folder)
-
-
 def make_distill_corpus(cfg: DictConfig, target: Path) -> None:
     """toyworld/distill.jsonl (cfg.n_distill text-only requests), written when missing or of another size."""
     from fusion.toyworld.conversations import write_distill_corpus
@@ -183,7 +177,7 @@ def main(cfg: DictConfig) -> None:
                 want["text_freeze_step"] = freeze
             early = out / f"{family}_early"  # the DiT part-way, with its final text encoder (stage 2's warm-up reads it)
             cached(out / family, want,
-                   lambda p, f=family, e=early: _fresh(e) or pretrain_dit(f, p, out / "vae", steps=cfg.dit_steps, batch=cfg.dit_batch, lr=cfg.dit_lr,
+                   lambda p, f=family, e=early: pretrain_dit(f, p, out / "vae", steps=cfg.dit_steps, batch=cfg.dit_batch, lr=cfg.dit_lr,
                                                      seed=cfg.seed, pool_size=cfg.dit_pool, text_length=cfg.dit_text_length,
                                                      text_layers=cfg.dit_text_layers, eval_n=cfg.dit_eval_n,
                                                      coord_freqs=cfg.dit_coord_freqs, t_sampling=cfg.dit_t_sampling,

@@ -640,6 +640,10 @@ def pretrain_dit(family: str, out: str | Path, vae_dir: str | Path, steps: int =
     from fusion.flow import sample_t
 
     out = Path(out)
+    if early_dir is not None and Path(early_dir).exists():  # an earlier build's snapshot: this one writes its own (or none)
+        import shutil
+
+        shutil.rmtree(early_dir)
     if text_freeze_step and ema_decay:
         raise ValueError("text_freeze_step with ema_decay: the saved (averaged) text encoder would differ from the one written at the "
                          "freeze step; use one or the other")
