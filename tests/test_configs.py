@@ -98,6 +98,7 @@ def test_wrong_type_names_the_key():
         (["stage=align", "stage.frame_select_t=0"], "stage.frame_select_t"),
         (["stage=align", "stage.frame_label_draws=0"], "stage.frame_label_draws"),
         (["stage=align", "stage.gain_rows=0"], "stage.gain_rows"),
+        (["stage=sft", "stage.stop_before_generator=true"], "stage.stop_before_generator"),
         (["stage=align", "stage.distill_data=/x.jsonl"], "stage.distill_steps"),
         (["stage=align", "stage.distill_data=/x.jsonl", "stage.distill_steps=5"], "stage.distill_target"),
         (["stage=align", "stage.distill_data=/x.jsonl", "stage.distill_steps=5", "stage.distill_target=aligned",
@@ -114,6 +115,21 @@ def test_evaluate_refuses_no_rows_a_gain_pass():
     cfg = _compose("evaluate", ["model=x", "gain_rows=0", "output_dir=x"])  # tools/evaluate.py checks its schema with OmegaConf.to_object
     with pytest.raises(ConfigError, match="gain_rows"):
         OmegaConf.to_object(cfg)
+
+
+@pytest.mark.parametrize("overrides, key", [(["dit_text_freeze=1.0"], "dit_text_freeze"), (["dit_ema=0.5"], "dit_text_freeze=0")])
+def test_make_toy_refuses_a_freeze_share_out_of_range_and_the_freeze_with_an_average(overrides, key):
+    cfg = _compose("make_toy", overrides)  # tools/make_toy.py checks its schema with OmegaConf.to_object
+    with pytest.raises(ConfigError, match=key):
+        OmegaConf.to_object(cfg)
+    assert OmegaConf.to_object(_compose("make_toy", ["dit_ema=0.5", "dit_text_freeze=0"])).dit_ema == 0.5
+
+
+def test_resume_generator_must_be_checkpoint_or_folder():
+    from fusion.train import Trainer
+
+    with pytest.raises(ConfigError, match="resume_generator must be checkpoint or folder"):
+        Trainer(_compose("config", ["stage=align", "resume_generator=weights", "output_dir=x"]))
 
 
 @pytest.mark.parametrize("seeds", ["[]", "[0,0]"])
