@@ -193,8 +193,8 @@ def erosion_warning(history: Sequence[dict[str, float]], now: dict[str, float], 
     fall, t, peak, step, value = worst
     return (f"the DiT's own-encoder gain at t={t} fell from {peak:.3f} (step {step}) to {value:.3f} ({-fall:+.0%}), past "
             f"stage.erosion_warn={threshold:g}: stage 2 is wearing away the DiT's own conditioning, and the gain ratio "
-            "(fused / own) flatters the connector; lower stage.lr_scale.generator or freeze the DiT longer "
-            "(stage.generator_frozen_steps)")
+            "(fused / own) flatters the connector; lower stage.lr_scale.generator, freeze the DiT longer "
+            "(stage.generator_frozen_steps) or throughout (stage.trainable.generator=frozen)")
 
 
 def summary_line(g: dict[str, float], ts: Sequence[float] = DEFAULT_TS) -> str:

@@ -696,8 +696,9 @@ class FusedModel(nn.Module):
                 kept = self._states_distill(plans, teacher, todo, early)
         if flows:
             flow = torch.stack(flows).mean()
-        else:  # the states-only warm-up: a zero that still reaches every trainable DiT weight (ZeRO expects their gradients)
-            flow = sum((p.reshape(-1)[0] for p in gen.parameters() if p.requires_grad), torch.zeros((), device=dev)) * 0.0
+        else:  # the states-only warm-up: a zero that still reaches every trainable weight (ZeRO expects their gradients; with
+            # the DiT frozen and no sample to distil in a batch, the loss would otherwise have no graph at all)
+            flow = sum((p.reshape(-1)[0] for p in self.parameters() if p.requires_grad), torch.zeros((), device=dev)) * 0.0
         out = {"flow": flow, "drop_text": drops[0], "drop_cond": drops[1]}
         loss = w_flow * flow
         if selection is not None:
@@ -775,7 +776,8 @@ class FusedModel(nn.Module):
         return sample.cond[idx] if idx else None
 
     def _frame_label_memo(self) -> dict | None:
-        """``stage.frame_label_memo``: while the DiT cannot move (the first ``stage.generator_frozen_steps`` steps)
+        """``stage.frame_label_memo``: while the DiT cannot move (the first ``stage.generator_frozen_steps`` steps, or
+        every step with ``stage.trainable.generator=frozen``)
         the frame it prefers for a sample is a function of the sample alone, so each (conversation, condition
         frames) sample's label is computed once, from ``stage.frame_label_draws`` fixed noises through its own
         encoder's states, and reused: the toy world's 6000 distillation steps ran two DiT passes each for these
@@ -783,7 +785,8 @@ class FusedModel(nn.Module):
         the DiT trains, without a teacher, or with the DiT's weights partitioned (ZeRO-3: every rank must run
         the same DiT passes)."""
         s = self.settings
-        if self.step >= int(s.get("generator_frozen_steps", 0) or 0):  # the DiT moves: what it preferred is stale
+        moves = (s.get("trainable") or {}).get("generator", "full") != "frozen"
+        if moves and self.step >= int(s.get("generator_frozen_steps", 0) or 0):  # the DiT moves: what it preferred is stale
             self.__dict__.pop("_frame_labels", None)
             return None
         if not s.get("frame_label_memo", False) or any(hasattr(q, "ds_status") for q in self.generator.parameters()):

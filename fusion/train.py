@@ -976,7 +976,8 @@ class Trainer:
         """resume_generator=folder: the generator's weights as this run loaded them (a copy on the CPU, restored after the
         checkpoint's), after the checks that this is sound; None with resume_generator=checkpoint or where the checkpoint's
         run has already trained its generator (past stage.generator_frozen_steps: the checkpoint's weights are then the
-        run's own, as after a stop in the steps that go on from such a warm-up)."""
+        run's own, as after a stop in the steps that go on from such a warm-up). A generator that never trains
+        (stage.trainable.generator=frozen) is the folder's at every step: see :meth:`_restore_generator`."""
         if self.cfg.get("resume_generator", "checkpoint") != "folder":
             return None
         if self.cfg.stage.name != "align" or self.model.generator is None:
@@ -985,7 +986,7 @@ class Trainer:
             raise ConfigError("resume_generator=folder does not support deepspeed.zero_stage=3 (each rank holds a shard of the "
                               "generator's weights); use ZeRO 0-2")
         step = json.loads((ckpt / COMPLETE).read_text()).get("step", 0)
-        if step > self.cfg.stage.generator_frozen_steps:
+        if self.cfg.stage.trainable.generator != "frozen" and step > self.cfg.stage.generator_frozen_steps:
             if self.is_main:
                 log.info("resume_generator=folder: %s was written at step %d, after the generator began to train "
                          "(stage.generator_frozen_steps=%d): its weights are this run's own, taken from the checkpoint", ckpt, step,
@@ -994,6 +995,13 @@ class Trainer:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.generator.transformer.state_dict().items()}
 
     def _restore_generator(self, ckpt: Path, keep: dict[str, torch.Tensor], client: dict) -> None:
+        if "teacher" in client and client["teacher"] == self.teacher_id:
+            now = self.model.generator.transformer.state_dict()
+            if all(torch.equal(v, now[k].detach().to("cpu")) for k, v in keep.items()):  # e.g. a frozen DiT's run stopped after
+                if self.is_main:  # its own resume from the warm-up: it already reads the folder's generator
+                    log.info("resume_generator=folder: the generator's weights in %s are the ones in %s already", ckpt,
+                             self.cfg.generator.path)
+                return
         if self.state.generator_steps:
             raise CheckpointError(f"resume_generator=folder: the run that wrote {ckpt} ran its generator in {self.state.generator_steps} "
                                   f"steps (the flow loss or the velocity distillation target): what it learned answers that copy; "

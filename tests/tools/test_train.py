@@ -277,6 +277,42 @@ def test_stage2_warm_up_on_another_copy_of_the_dit_then_the_rest_on_the_finished
     assert abs(losses(tmp_path / "stale")[3] - one[3]) > 1e-4
 
 
+def test_stage2_split_with_the_dit_frozen_throughout_reads_the_folders_dit_at_every_resume(tiny, tiny_dir, sft_run, tmp_path):
+    """The toy recipe's stage 2 (stage.trainable.generator=frozen, no stage.generator_frozen_steps): the warm-up on an early
+    copy of the DiT, then resume_generator=folder on the finished one; stopped after a step that ran the DiT and resumed
+    with the same command, it goes on (the checkpoint's DiT is the folder's already). Per-step losses and the export equal
+    one run's on the finished DiT throughout, and the exported DiT is the folder's, bit for bit."""
+    from safetensors.torch import load_file
+
+    early = _other_copy(tiny_dir, tmp_path / "wan_early")
+    common = [tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", "stage.max_steps=4",
+              "stage.distill_steps=2", "stage.trainable.generator=frozen", "stage.distill_target=set", "stage.distill_weight=1.0",
+              "stage.warmup_steps=0", "stage.lr=1e-3", "stage.save_every=0", "stage.gain_every=0", "data.seed=2"]
+    train(*common, f"hydra.run.dir={tmp_path / 'one'}")
+    split = tmp_path / "split"
+    train(*common, "stage.stop_before_generator=true", f"generator.path={early}", f"hydra.run.dir={split}")
+    assert (split / "checkpoints" / "step-0000002").is_dir() and not (split / "final").exists()
+    train(*common, "stage.save_every=3", "resume_generator=folder", f"hydra.run.dir={split}")
+    assert "resume_generator=folder: the generator's weights from" in (split / "train.log").read_text()
+    import shutil
+
+    shutil.rmtree(split / "final")  # stopped after step 3 (its checkpoint), then the same command again
+    (split / "metrics.jsonl").write_text("".join(line + "\n" for line in (split / "metrics.jsonl").read_text().splitlines()
+                                                 if json.loads(line).get("step", 0) <= 3))
+    train(*common, "stage.save_every=3", "resume_generator=folder", "resume=" + str(split / "checkpoints" / "step-0000003"),
+          f"hydra.run.dir={split}")
+    assert "are the ones in" in (split / "train.log").read_text()
+    one, two = losses(tmp_path / "one"), losses(split)
+    assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+    assert all(abs(one[k] - two[k]) < 1e-5 for k in one), (one, two)
+    finished = load_file(str(tiny_dir / "wan" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    for run in (tmp_path / "one", split):
+        dit = load_file(str(run / "final" / "generator" / "transformer" / "diffusion_pytorch_model.safetensors"))
+        assert all(torch.equal(finished[k], dit[k]) for k in finished)
+    a, b = load_file(str(tmp_path / "one" / "final" / "connector" / "model.safetensors")), load_file(str(split / "final" / "connector" / "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
 def test_resume_generator_folder_refuses_another_teacher_and_a_run_that_trained_on_its_generator(tiny, tiny_dir, sft_run, tmp_path):
     """resume_generator=folder refuses, by name and before any step: a checkpoint distilled onto another text encoder
     (the connector learnt another teacher's states) and one whose run already trained on its own copy of the generator."""
@@ -289,11 +325,16 @@ def test_resume_generator_folder_refuses_another_teacher_and_a_run_that_trained_
     p = train(*common, "stage.generator_frozen_steps=2", "resume_generator=folder", f"hydra.run.dir={run}", check=False)
     assert p.returncode != 0 and "the connector was distilled onto another text encoder" in p.stderr + p.stdout
     assert "Traceback" not in p.stderr and not (run / "final").exists()
-    run = tmp_path / "ran"  # step 3 runs the DiT (flow loss); its checkpoint, still within generator_frozen_steps
-    train(*common, "stage.generator_frozen_steps=3", "stage.save_every=3", "stage.max_steps=4", f"hydra.run.dir={run}")
+    run = tmp_path / "ran"  # step 3 runs another copy of the DiT (flow loss); its checkpoint, still within generator_frozen_steps
+    early = _other_copy(tiny_dir, tmp_path / "early")
+    train(*common, "stage.generator_frozen_steps=3", "stage.save_every=3", "stage.max_steps=4", f"generator.path={early}", f"hydra.run.dir={run}")
     p = train(*common, "stage.generator_frozen_steps=3", "stage.max_steps=5", "resume=" + str(run / "checkpoints" / "step-0000003"),
               "resume_generator=folder", f"hydra.run.dir={run}", check=False)
     assert p.returncode != 0 and "ran its generator in 1 steps" in p.stderr + p.stdout, p.stderr[-2000:]
+    # the same checkpoint on the copy it ran: nothing to restore, nothing to refuse
+    train(*common, "stage.generator_frozen_steps=3", "stage.max_steps=5", "resume=" + str(run / "checkpoints" / "step-0000003"),
+          "resume_generator=folder", f"generator.path={early}", f"hydra.run.dir={run}")
+    assert "the generator's weights in" in (run / "train.log").read_text() and "are the ones in" in (run / "train.log").read_text()
     # past generator_frozen_steps the generator's weights are the run's own: a stopped run goes on with the same command
     train(*common, "stage.generator_frozen_steps=2", "stage.max_steps=4", "resume=" + str(run / "checkpoints" / "step-0000003"),
           "resume_generator=folder", f"hydra.run.dir={run}")
