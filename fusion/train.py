@@ -946,6 +946,12 @@ class Trainer:
             raise CheckpointError(f"resume: {ckpt} holds no weights of the learned frame head: it was written by a run without "
                                   f"stage.frame_select=learned, or before the head was checkpointed with the model (its gradients "
                                   f"then also summed over every step); start the run again (resume=never)") from None
+        except ValueError as e:  # torch.optim's load_state_dict: the optimizer's groups are not this run's
+            if "parameter group" not in str(e):
+                raise
+            raise CheckpointError(f"resume: {ckpt}'s optimizer state does not fit this run's ({e}): it was written by a run that "
+                                  f"trained other parts or groups (stage.trainable, LoRA, stage.lr_scale); resume with the same "
+                                  f"settings, or start again from its weights (init_from=<its final export>, resume=never)") from None
         self.state = TrainState(**client["train_state"])
         self.report.counts.update(client.get("report", {}))
         own = ckpt / f"data_rank{self.rank}.json"

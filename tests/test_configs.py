@@ -179,6 +179,9 @@ def test_toy_align_with_each_ablated_connector_composes_and_its_distillation_fit
     # the window after the last image for every connector that reads the context's states (FusedModel.build refuses it
     # to query connectors)
     assert (cfg.stage.connector_span == "since_image") == (not getattr(conn, "uses_queries", False)), connector
+    # the DiT frozen throughout stage 2 for every connector (toy_align; docs/toyworld_log.md, "Stage 2 with the DiT frozen
+    # throughout"): no part of the recipe moves it
+    assert cfg.stage.trainable.generator == "frozen" and cfg.stage.generator_frozen_steps == 0, connector
 
 
 def test_the_toy_recipe_keeps_foreach_adamw_in_stage_1_and_fuses_it_elsewhere():

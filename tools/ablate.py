@@ -79,7 +79,7 @@ def main(cfg: DictConfig) -> None:
                      f"hydra.run.dir={run / 'align'}", *cfg.align_overrides, *cfg.connector_overrides.get(name, []),
                      f"stage.seed={seed}", f"data.seed={seed}"]
             ev = [f"model={run / 'align' / 'final'}", f"data_dir={toy / 'toyworld'}", "split=test", f"steps={cfg.sample_steps}",
-                  f"guidance={cfg.guidance}", "transcripts=2", f"hydra.run.dir={run / 'eval'}"]
+                  f"guidance={cfg.guidance}", "transcripts=2", f"workers={cfg.eval_workers}", f"hydra.run.dir={run / 'eval'}"]
             if cfg.eval_n is not None:
                 ev.append(f"n={cfg.eval_n}")
             want = {"stage1": stage1_id, "align": align, "evaluate": ev, "conf": conf_digest}

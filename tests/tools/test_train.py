@@ -311,6 +311,11 @@ def test_stage2_split_with_the_dit_frozen_throughout_reads_the_folders_dit_at_ev
         assert all(torch.equal(finished[k], dit[k]) for k in finished)
     a, b = load_file(str(tmp_path / "one" / "final" / "connector" / "model.safetensors")), load_file(str(split / "final" / "connector" / "model.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    # resumed by a run that trains the DiT: the optimizer's groups differ, refused by name
+    p = train(*[a for a in common if "trainable.generator" not in a], "resume=" + str(split / "checkpoints" / "step-0000003"),
+              f"hydra.run.dir={tmp_path / 'other'}", check=False)
+    assert p.returncode != 0 and "optimizer state does not fit this run's" in p.stderr + p.stdout, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and not (tmp_path / "other" / "final").exists()
 
 
 def test_resume_generator_folder_refuses_another_teacher_and_a_run_that_trained_on_its_generator(tiny, tiny_dir, sft_run, tmp_path):
