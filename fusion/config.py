@@ -478,7 +478,8 @@ class StageConfig:
     the head's early cross-entropy spikes held the connector back (toy world: distillation loss 0.061
     vs 0.057 at steps 2500-3000), at 0.1 the connector learns as without the head (0.058)."""
     frame_label_memo: bool = False
-    """align, frame_select=learned: while the DiT is frozen (stage.generator_frozen_steps) the frame it prefers for a
+    """align, frame_select=learned: while the DiT is frozen (stage.generator_frozen_steps, or throughout with
+    stage.trainable.generator=frozen) the frame it prefers for a
     sample is computed once per (conversation, condition frames), from stage.frame_label_draws fixed noises, and reused
     (false: two DiT passes every step, with the step's noise). Toy recipe: stage 2 in 1090 s instead of 1294 s, but the
     head picked 6 wrong frames of the test and fresh sets' turns instead of 2 (docs/toyworld_log.md, "Stage 2's frame labels, once
@@ -493,7 +494,7 @@ class StageConfig:
     connector's) has fallen at some t by more than this share of its highest value since the run started (or resumed): stage 2 is
     wearing away what the DiT read before, and the gain ratio (fused / own) then flatters the connector
     (fusion.gain.erosion_warning; toy resampler with the DiT at 2.5e-4: own gain at t=0.5 0.357 -> -0.079, at t=0.7
-    0.736 -> 0.247, while the ratio rose to 0.956 and text-to-image fell; the demo's joint steps at 0.1x: at most
+    0.736 -> 0.247, while the ratio rose to 0.956 and text-to-image fell; an earlier toy recipe's joint steps at 0.1x: at most
     -10%). 0: off. Needs the generator's text encoder."""
 
     def __post_init__(self) -> None:
@@ -710,7 +711,10 @@ class Config:
     of it, such as ``make demo``'s distillation warm-up beside the toy DiT's pretraining (tools/demo.py). The
     distillation teacher (``generator.path/text_encoder``) must be the one the checkpoint's run read; ZeRO 0-2 (with ZeRO-1/2 and bf16 the optimizer's fp32 master weights are
     read again from the module's). Past ``stage.generator_frozen_steps`` the checkpoint's weights are the run's own and
-    are kept (so a stopped run goes on with the same command)."""
+    are kept (so a stopped run goes on with the same command). A generator that never trains
+    (``stage.trainable.generator=frozen``, the toy recipe) is the folder's at every resume; where the checkpoint's weights
+    are the folder's already nothing is restored or refused. The generator's weights are copied to the CPU on each rank
+    for the restore: host memory for a large DiT."""
     stages: list[str] = field(default_factory=lambda: ["sft", "align"])
     """The experiment's stage configs in order (conf/stage/ names): tools/plan.py plans each; tools/train.py runs the one in ``stage``."""
 
@@ -1239,8 +1243,8 @@ class DemoConfig:
     stage 1 side by side" in docs/toyworld_log.md, 1500 drew several objects 0.765 on the test split), then 1000 joint
     steps in which the connector and the learned frame head of toy_align (stage.frame_select) learn from the flow loss
     through the DiT, frozen throughout (against the DiT at 0.1x lr there: several objects 0.882 -> 1.000 and recolour
-    0.875-0.925 -> 0.925 on the test split, the joint steps about 55 s shorter: docs/toyworld_log.md, "Stage 2 with the
-    DiT frozen throughout"). 3000 rather than 6000 distillation steps since the text-only
+    0.875-0.925 -> 0.925 on the test split, the joint steps 149-166 s against 210-215 s: docs/toyworld_log.md, "Stage 2
+    with the DiT frozen throughout"). 3000 rather than 6000 distillation steps since the text-only
     corpus joined them: every goal but the budget met on two seeds either way, stage 2 about 380 s shorter (docs/toyworld_log.md,
     "A shorter distillation warm-up"). 1000 joint steps rather than 1500 since: every goal but the budget met on two
     seeds and both sets, stage 2 about 686 s instead of 911-1066 s (docs/toyworld_log.md, "A shorter joint phase")."""

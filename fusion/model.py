@@ -696,9 +696,8 @@ class FusedModel(nn.Module):
                 kept = self._states_distill(plans, teacher, todo, early)
         if flows:
             flow = torch.stack(flows).mean()
-        else:  # the states-only warm-up: a zero that still reaches every trainable weight (ZeRO expects their gradients; with
-            # the DiT frozen and no sample to distil in a batch, the loss would otherwise have no graph at all)
-            flow = sum((p.reshape(-1)[0] for p in self.parameters() if p.requires_grad), torch.zeros((), device=dev)) * 0.0
+        else:  # the states-only warm-up: a zero that still reaches every trainable DiT weight (ZeRO expects their gradients)
+            flow = sum((p.reshape(-1)[0] for p in gen.parameters() if p.requires_grad), torch.zeros((), device=dev)) * 0.0
         out = {"flow": flow, "drop_text": drops[0], "drop_cond": drops[1]}
         loss = w_flow * flow
         if selection is not None:
@@ -715,6 +714,10 @@ class FusedModel(nn.Module):
             if kept:
                 out["distill_kept"] = torch.stack(kept).mean()
                 loss = loss + w_distill * keep_w * out["distill_kept"]
+        if not loss.requires_grad:  # nothing trainable reached: with the DiT frozen, a micro-batch with nothing to distil or
+            # every request dropped (zero states); a zero through the trainable weights keeps the backward (DeepSpeed's) defined
+            loss = loss + sum((p.reshape(-1)[0] for p in self.parameters() if p.requires_grad and p.numel()),
+                              torch.zeros((), device=dev)) * 0.0
         out["loss"] = loss
         return out
 

@@ -1022,7 +1022,8 @@ class Trainer:
                                   f"another text encoder; start the run again (resume=never)")
         self.model.generator.transformer.load_state_dict(keep)
         refresh = getattr(self.engine.optimizer, "refresh_fp32_params", None)
-        if self.zero_stage > 0 or self.bf16:
+        if (self.zero_stage > 0 or self.bf16) and self.cfg.stage.trainable.generator != "frozen":  # (a frozen DiT has no master
+            # weights, and a refresh would round every other part's to the module's dtype)
             if refresh is None:  # a wrapper that keeps master weights but cannot refresh them from the module's
                 raise ConfigError(f"resume_generator=folder: {type(self.engine.optimizer).__name__} keeps its own copy of the weights "
                                   "and cannot refresh it; use ZeRO 0 without bf16")

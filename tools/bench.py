@@ -251,7 +251,7 @@ def warmup_model(cfg: DictConfig, w: dict, connector: list[str] = ()):
     from fusion.model import FusedModel
 
     recipe = ["stage.frame_select=learned", "stage.distill_steps=1000000", "stage.distill_weight=1.0", "stage.distill_target=aligned",
-              "stage.generator_frozen_steps=1000000", "stage.connector_span=since_image"]
+              "stage.trainable.generator=frozen", "stage.connector_span=since_image"]
     c = compose([*w["overrides"], "stage=align", f"connector={cfg.connector_name}", "stage.target_image=last", *recipe, *connector])
     torch.manual_seed(0)
     model = FusedModel.build(c)

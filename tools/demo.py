@@ -3,7 +3,7 @@
 Phases (each prints its own progress bar; each is its own process, as on a cluster):
     1. world      tools/make_toy.py   toy world + toy-pretrained VAE, MLLM and DiT (cached)
     2. sft        tools/train.py experiment=toy_sft     stage 1: the MLLM learns the conversations
-    3. align      tools/train.py experiment=toy_align   stage 2: connector + DiT, MLLM frozen (feature cache: cache=auto);
+    3. align      tools/train.py experiment=toy_align   stage 2: the connector through the frozen DiT, MLLM frozen (feature cache: cache=auto);
                   its connector-only warm-up beside the toy DiT's last steps (align_beside_world), the rest after
     4. evaluate   tools/evaluate.py                     the test split, scored against its ground truth
 By default (``parallel=true``) the world's data and the toy VAE come first, then the toy MLLM and stage 1 run beside the

@@ -318,6 +318,17 @@ def test_stage2_split_with_the_dit_frozen_throughout_reads_the_folders_dit_at_ev
     assert "Traceback" not in p.stderr and not (tmp_path / "other" / "final").exists()
 
 
+def test_stage2_with_the_dit_frozen_steps_through_micro_batches_that_reach_no_trainable_weight(tiny, sft_run, tmp_path):
+    """stage.trainable.generator=frozen with every request dropped (stage.p_drop_text=1): the warm-up has nothing to distil
+    and the joint steps' flow loss reads zero states through a frozen DiT, so no trainable weight is reached; the loss
+    still carries a (zero) graph and every step runs (DeepSpeed's backward refused a loss without one)."""
+    train(tiny, "stage=align", "generator=tiny_wan", "connector=last_mlp", f"init_from={sft_run}", "stage.max_steps=4",
+          "stage.distill_steps=2", "stage.trainable.generator=frozen", "stage.distill_target=set", "stage.distill_weight=1.0",
+          "stage.p_drop_text=1.0", "stage.warmup_steps=0", "stage.save_every=0", "stage.gain_every=0", f"hydra.run.dir={tmp_path}")
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4]
+    assert (tmp_path / "final").is_dir()
+
+
 def test_resume_generator_folder_refuses_another_teacher_and_a_run_that_trained_on_its_generator(tiny, tiny_dir, sft_run, tmp_path):
     """resume_generator=folder refuses, by name and before any step: a checkpoint distilled onto another text encoder
     (the connector learnt another teacher's states) and one whose run already trained on its own copy of the generator."""
