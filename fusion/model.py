@@ -88,6 +88,12 @@ def set_distill_loss(states: torch.Tensor, mask: torch.Tensor, t_states: torch.T
     return nn.functional.mse_loss(s, target)
 
 
+def _zero_through(params, device) -> torch.Tensor:
+    """0.0 with a graph through one element of each trainable parameter (of those held on this rank): their gradients
+    are then defined, and zero."""
+    return sum((p.reshape(-1)[0] for p in params if p.requires_grad and p.numel()), torch.zeros((), device=device)) * 0.0
+
+
 def _to_container(node: Any) -> Any:
     if not isinstance(node, DictConfig):
         return node
@@ -697,7 +703,7 @@ class FusedModel(nn.Module):
         if flows:
             flow = torch.stack(flows).mean()
         else:  # the states-only warm-up: a zero that still reaches every trainable DiT weight (ZeRO expects their gradients)
-            flow = sum((p.reshape(-1)[0] for p in gen.parameters() if p.requires_grad), torch.zeros((), device=dev)) * 0.0
+            flow = _zero_through(gen.parameters(), dev)
         out = {"flow": flow, "drop_text": drops[0], "drop_cond": drops[1]}
         loss = w_flow * flow
         if selection is not None:
@@ -716,8 +722,7 @@ class FusedModel(nn.Module):
                 loss = loss + w_distill * keep_w * out["distill_kept"]
         if not loss.requires_grad:  # nothing trainable reached: with the DiT frozen, a micro-batch with nothing to distil or
             # every request dropped (zero states); a zero through the trainable weights keeps the backward (DeepSpeed's) defined
-            loss = loss + sum((p.reshape(-1)[0] for p in self.parameters() if p.requires_grad and p.numel()),
-                              torch.zeros((), device=dev)) * 0.0
+            loss = loss + _zero_through(self.parameters(), dev)
         out["loss"] = loss
         return out
 
