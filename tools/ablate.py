@@ -108,8 +108,12 @@ def main(cfg: DictConfig) -> None:
     tmp.write_text(json.dumps(result, indent=2))
     tmp.replace(root / "ablation.json")
     seeds = ", ".join(str(s) for s in cfg.seeds)
-    (root / "ablation.md").write_text(f"# Connector ablation ({cfg.profile}: {cfg.generator}, {cfg.align_steps} stage-2 steps each, "
-                                      f"same stage-1 model, stage-2 seeds {seeds})\n\n" + render_markdown(agg, extra=("final_loss",)))
+    # the connectors' own overrides can change the schedule (e.g. stage.max_steps): say so under the title
+    own = [f"- {name}: {' '.join(cfg.connector_overrides[name])}" for name in cfg.connectors if cfg.connector_overrides.get(name)]
+    own_md = ("Stage-2 overrides of these connectors, after the common ones (they win):\n\n" + "\n".join(own) + "\n\n") if own else ""
+    (root / "ablation.md").write_text(f"# Connector ablation ({cfg.profile}: {cfg.generator}, {cfg.align_steps} stage-2 steps each "
+                                      f"unless overridden below, same stage-1 model, stage-2 seeds {seeds})\n\n" + own_md
+                                      + render_markdown(agg, extra=("final_loss",)))
     table = Table(title=f"connector ablation ({cfg.generator}, {cfg.align_steps} stage-2 steps each, mean over seeds {seeds})")
     table.add_column("metric")
     for name in agg["ranking"]:

@@ -88,6 +88,7 @@ def test_ablation_writes_one_table_for_the_connectors(demo):
     assert "differences" in table
     md = (root / "out" / "ablation" / "ablation.md").read_text()
     assert "| last_mlp |" in md and "| layer_mix |" in md and "## Differences beyond the seed spread" in md
+    assert "overrides of these connectors" not in md  # neither has connector_overrides: the title's schedule is theirs
     assert "reusing" in p.stdout  # the demo's stage-1 run
     # a second call reuses the finished runs (same stage-1 model and arguments) and rewrites the same table
     report = root / "out" / "ablation" / "layer_mix" / "seed0" / "eval" / "report.json"
