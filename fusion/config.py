@@ -1283,7 +1283,9 @@ class DemoConfig:
     rate (2.5e-4 at the switch, cosine to 0 at step 4000), the DiT frozen throughout: the resampler t2i 0.075 / 0.200
     on seeds 0 / 1, where the set target alone drew nothing (t2i 0.000) and set 2000 steps then velocity 1000 in a
     3000-step schedule 0.050; queries t2i 0.000 / 0.325; multiscale_queries the same two phases as queries
-    (docs/toyworld_log.md, "The connector ablation from one command" and "All six connectors")."""
+    (docs/toyworld_log.md, "The connector ablation from one command" and "All six connectors"). On the current recipe
+    (the DiT frozen, not at lr 0): t2i queries 0.400 / 0.475, multiscale_queries 0.250 / 0.475, resampler 0.000 / 0.250
+    (docs/toyworld_log.md, "The connector ablation on the current recipe")."""
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     """tools/ablate.py: stage-2 seeds per connector (stage.seed and data.seed); differences are judged against the spread between seeds."""
     reuse: bool = True
